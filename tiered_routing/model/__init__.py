@@ -1,0 +1,1 @@
+"""Flax (linen) decoder-only MoE transformer with the two-tier router."""
