@@ -1,0 +1,46 @@
+"""Tasks on the embedded UDHR-16 corpus: `tr.sample.{lang}_v1`.
+
+Small enough to train and evaluate on a laptop CPU; the default source of the
+quickstart, the trade-off preset and the tests.
+"""
+
+import seqio
+import tensorflow as tf
+
+from tasks import naming
+from tasks import preprocessors
+from tasks import vocab
+from tiered_routing import data
+from tiered_routing import languages
+
+SOURCE = "sample"
+
+
+def _dataset_fn(code: str):
+    def dataset_fn(split: str, shuffle_files: bool, seed=None):
+        del shuffle_files, seed  # One small in-memory "file"; Task shuffles.
+        text = list(data.split_paragraphs(code, split))
+        return tf.data.Dataset.from_tensor_slices({"text": text})
+    return dataset_fn
+
+
+def register() -> None:
+    """Registers one task per language (idempotent)."""
+    for lang in languages.LANGUAGES:
+        name = naming.task_name(SOURCE, lang.code)
+        if name in seqio.TaskRegistry.names():
+            continue
+        seqio.TaskRegistry.add(
+            name,
+            source=seqio.FunctionDataSource(
+                _dataset_fn(lang.code), splits=data.SPLITS,
+                num_input_examples={
+                    s: len(data.split_paragraphs(lang.code, s))
+                    for s in data.SPLITS}),
+            preprocessors=preprocessors.lm_preprocessors(
+                languages.language_id(lang.code)),
+            output_features=vocab.output_features(),
+            metric_fns=[])
+
+
+register()

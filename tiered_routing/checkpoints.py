@@ -1,0 +1,381 @@
+"""Orbax checkpoints of the train state, and a lock on the model directory.
+
+A checkpoint step holds two items (`ocp.args.Composite`):
+
+  state:    the train state pytree (`StandardSave` / `StandardRestore`); arrays
+            are written per shard, so restoring into an abstract target with
+            other shardings re-lays them out onto a different mesh.
+  metadata: small JSON, e.g. the data-iterator position and the operative gin
+            config, needed to resume exactly where a killed run stopped.
+
+Orbax writes each step into `<step>.orbax-checkpoint-tmp-<ts>` and renames it
+when complete (on GCS it writes a commit marker instead), so a step cut short
+by a kill is never listed; leftovers are deleted when a manager starts.
+"""
+
+import atexit
+import dataclasses
+import os
+import socket
+import time
+from typing import Any, Mapping, Optional
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE = "state"
+METADATA = "metadata"
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `Checkpointer.restore` returns."""
+  step: int
+  state: Any
+  metadata: dict[str, Any]
+
+
+def abstract_like(tree: Any, shardings: Any = None) -> Any:
+  """ShapeDtypeStructs for `tree`'s leaves, with `shardings` if given.
+
+  Args:
+    tree: pytree of arrays or ShapeDtypeStructs (e.g. `jax.eval_shape`).
+    shardings: optional tree of `jax.sharding.Sharding` of the same structure;
+      without it the leaves' own `.sharding` (if any) is kept.
+  """
+  if shardings is None:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, "sharding", None)),
+        tree)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+class Checkpointer:
+  """Periodic, keep-N checkpointing of a train state plus JSON metadata.
+
+  Every process of a multi-host job must construct it and call `save` and
+  `restore` at the same steps (orbax coordinates the writes).
+
+  Usage:
+    with Checkpointer(model_dir / "checkpoints", save_interval_steps=1000,
+                      max_to_keep=3) as ckpt:
+      if ckpt.latest_step() is not None:
+        restored = ckpt.restore(abstract_state)
+      ...
+      ckpt.save(step, state, {"data_step": step})
+  """
+
+  def __init__(self, directory: str | os.PathLike, *,
+               save_interval_steps: int = 1000,
+               max_to_keep: Optional[int] = 3,
+               async_save: bool = True):
+    """Opens (creating if needed) the checkpoint directory.
+
+    Args:
+      directory: where step directories are written (local path or gs://).
+      save_interval_steps: `save` writes only steps that are multiples of
+        this, unless forced; orbax also always writes the first save into an
+        empty directory and saves at a preemption notice (multi-host TPU).
+      max_to_keep: number of newest checkpoints kept; None keeps all.
+      async_save: write in a background thread so training continues.
+    """
+    if save_interval_steps < 1:
+      raise ValueError(
+          f"save_interval_steps={save_interval_steps} must be >= 1.")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(
+          f"max_to_keep={max_to_keep} must be >= 1 or None (keep all).")
+    self.directory = str(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps,
+        max_to_keep=max_to_keep,
+        # Delete `*.orbax-checkpoint-tmp-*` leftovers of killed saves.
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save,
+        create=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       METADATA: ocp.JsonCheckpointHandler()})
+
+  def all_steps(self) -> list[int]:
+    """Steps of the complete checkpoints, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint step, or None if there is none."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any,
+           metadata: Optional[Mapping[str, Any]] = None, *,
+           force: bool = False) -> bool:
+    """Saves `state` and `metadata` at `step` if the interval says so.
+
+    With async saving, the arrays are copied to host memory before this
+    returns and written in the background, so the next step may donate them.
+
+    Args:
+      step: the training step the state is *after*.
+      state: pytree of (possibly sharded) arrays.
+      metadata: JSON-serializable dict.
+      force: save even off the interval (e.g. the final step).
+
+    Returns:
+      Whether a save was started.
+    """
+    args = ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        METADATA: ocp.args.JsonSave(dict(metadata or {})),
+    })
+    return self._manager.save(step, args=args, force=force)
+
+  def _check_step(self, step: Optional[int]) -> int:
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(
+            f"No complete checkpoint in {self.directory}.")
+    elif step not in self.all_steps():
+      raise ValueError(
+          f"step={step} has no complete checkpoint in {self.directory}; "
+          f"available: {self.all_steps()}.")
+    return step
+
+  def restore(self, abstract_state: Any, shardings: Any = None,
+              step: Optional[int] = None) -> Restored:
+    """Restores the state at `step` (default: latest) onto given shardings.
+
+    Args:
+      abstract_state: pytree with the structure, shapes and dtypes of the
+        saved state (arrays or ShapeDtypeStructs, e.g. from `jax.eval_shape`).
+      shardings: tree of shardings for the restored arrays. If None, the
+        `.sharding` of the leaves of `abstract_state` is used. These may
+        differ from the ones the checkpoint was written with (another mesh).
+      step: which step; None for the latest.
+
+    Returns:
+      The step, the state and the metadata dict.
+    """
+    step = self._check_step(step)
+    target = abstract_like(abstract_state, shardings)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(target),
+        METADATA: ocp.args.JsonRestore(),
+    }))
+    return Restored(step, restored[STATE], dict(restored[METADATA] or {}))
+
+  def restore_metadata(self, step: Optional[int] = None) -> dict[str, Any]:
+    """The JSON metadata saved at `step` (default: latest)."""
+    step = self._check_step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        METADATA: ocp.args.JsonRestore()}))
+    return dict(restored[METADATA] or {})
+
+  def restore_params(self, step: Optional[int] = None, *,
+                     key: str = "params",
+                     abstract_params: Any = None) -> Any:
+    """Restores only the `key` subtree of the state (e.g. for analysis).
+
+    The optimizer state is not read. Without `abstract_params` the subtree
+    comes back as host numpy arrays with the saved structure, which needs no
+    mesh or model config.
+
+    Args:
+      step: which step; None for the latest.
+      key: top-level field of the saved state (a dataclass field or dict key).
+      abstract_params: optional abstract tree (ShapeDtypeStructs with
+        shardings) to restore onto devices instead.
+    """
+    step = self._check_step(step)
+    # A read-only manager with the PyTree handler, which (unlike the Standard
+    # one) supports restoring a subset of the saved tree.
+    reader = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0),
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                       METADATA: ocp.JsonCheckpointHandler()})
+    try:
+      saved = reader.item_metadata(step)[STATE].tree
+      if key not in saved:
+        raise ValueError(
+            f"key={key!r} is not a top-level field of the saved state; it has "
+            f"{sorted(saved)}.")
+      if abstract_params is None:
+        item = {key: saved[key]}
+        restore_args = jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+      else:
+        item = {key: abstract_like(abstract_params)}
+        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+      restored = reader.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.PyTreeRestore(
+              item=item, restore_args=restore_args, partial_restore=True)}))
+    finally:
+      reader.close()
+    return restored[STATE][key]
+
+  def wait_until_finished(self) -> None:
+    """Blocks until background saves are written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Exists, owned by another user.
+    return True
+  return True
+
+
+class ModelDirLock:
+  """Refuses a second job writing the same MODEL_DIR.
+
+  Two trainers on one directory would interleave checkpoints and corrupt the
+  resume logic. The lock is a file created atomically (`O_CREAT | O_EXCL`)
+  holding `pid@hostname`. A lock left by a dead process on this host is taken
+  over with a warning; a lock from another host cannot be checked and must be
+  removed by hand. Only process 0 of a multi-host job takes it, and only on
+  local filesystems (O_EXCL has no equivalent on object stores such as gs://,
+  where the lock is skipped with a warning).
+
+  Usage:
+    with ModelDirLock(model_dir):
+      train(...)
+  """
+
+  FILENAME = "LOCK"
+
+  def __init__(self, model_dir: str | os.PathLike,
+               is_primary: Optional[bool] = None):
+    """Prepares (does not take) the lock.
+
+    Args:
+      model_dir: the directory to lock.
+      is_primary: whether this process takes the lock; None means
+        `jax.process_index() == 0` (call `jax.distributed.initialize` first).
+    """
+    self.model_dir = str(model_dir)
+    self._is_primary = is_primary
+    self.path = os.path.join(self.model_dir, self.FILENAME)
+    self._held = False
+
+  @staticmethod
+  def _holder_id() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+  def _try_create(self) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(self._holder_id())
+    return True
+
+  def _read_holder(self) -> str:
+    try:
+      with open(self.path) as f:
+        return f.read().strip()
+    except FileNotFoundError:
+      return ""
+
+  def _is_stale(self, holder: str) -> bool:
+    pid, _, host = holder.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+      return False
+    return not _pid_alive(int(pid))
+
+  def acquire(self) -> "ModelDirLock":
+    """Takes the lock.
+
+    Raises:
+      RuntimeError: if another live process holds it.
+    """
+    if "://" in self.model_dir:
+      logging.warning("Not locking %s: no atomic create on this filesystem.",
+                      self.model_dir)
+      return self
+    is_primary = self._is_primary
+    if is_primary is None:
+      is_primary = jax.process_index() == 0
+    if not is_primary:
+      return self
+    os.makedirs(self.model_dir, exist_ok=True)
+    for _ in range(3):  # Retries only race with a concurrent release.
+      if self._try_create():
+        self._held = True
+        atexit.register(self.release)
+        return self
+      holder = self._read_holder()
+      if holder and not self._is_stale(holder):
+        raise RuntimeError(
+            f"MODEL_DIR {self.model_dir} is in use by {holder} (lock file "
+            f"{self.path}). Stop that job, or delete the lock file if it is "
+            "certainly dead.")
+      if holder:
+        logging.warning("Taking over stale lock %s of dead process %s.",
+                        self.path, holder)
+        self._remove_stale(holder)
+      else:  # Created but not yet written by its holder.
+        time.sleep(0.1)
+    raise RuntimeError(f"Could not acquire {self.path}: it keeps changing.")
+
+  def _remove_stale(self, holder: str) -> None:
+    """Removes the lock file if it still names `holder`.
+
+    Two jobs may find the same stale lock; the second must not delete the
+    fresh lock the first has created meanwhile. Renaming is atomic, so the
+    file is moved aside, checked, and put back (never over a newer lock) if
+    it turns out to be live.
+    """
+    aside = f"{self.path}.stale.{os.getpid()}"
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return
+    with open(aside) as f:
+      moved = f.read().strip()
+    if moved != holder:
+      try:
+        os.link(aside, self.path)
+      except FileExistsError:
+        pass
+    os.remove(aside)
+
+  def release(self) -> None:
+    """Removes the lock file if this object holds it (idempotent)."""
+    if not self._held:
+      return
+    self._held = False
+    atexit.unregister(self.release)
+    if self._read_holder() == self._holder_id():
+      os.remove(self.path)
+
+  @property
+  def held(self) -> bool:
+    return self._held
+
+  def __enter__(self) -> "ModelDirLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()

@@ -1,0 +1,463 @@
+"""Tier-2 routers and the tier-1 partition mask.
+
+Every router maps the T tokens of one group to K expert slots per token and
+returns a token-major `RouterOutput`; `dispatch.moe_mlp` consumes it. Routers
+compute in float32 whatever the activation dtype: Switch Transformer (Fedus et
+al. 2021, "selective precision") found bfloat16 routers unstable.
+
+Conventions shared by all routers:
+  * `expert_mask_TxE` (bool, True = allowed) removes experts per token: their
+    logits become `MASKED_LOGIT`, their probability exactly 0, and they are
+    never given a non-zero combine weight. This one hook serves tier-1
+    partition masking, unlearning by expert masking and forced routing.
+  * `segment_ids_T` (optional): 0 marks padding. Padding tokens are routed
+    nowhere (all combine weights 0), so they use no expert capacity and do not
+    enter the auxiliary losses.
+  * A combine weight of 0.0 marks an unused slot.
+"""
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# exp(MASKED_LOGIT - max) underflows to exactly 0.0 in float32, and unlike
+# -inf it cannot produce NaN (inf - inf) when a whole row is masked.
+MASKED_LOGIT = -1e9
+
+ROUTER_KINDS = ('token_topk', 'expert_choice', 'hash', 'sequence_gate')
+
+
+@flax.struct.dataclass
+class RouterOutput:
+  """Token-choice routing of T tokens over E experts (one group)."""
+  expert_index_TxK: jax.Array      # int32 chosen experts per token
+  combine_weights_TxK: jax.Array   # float32; 0.0 marks an unused slot
+  router_probs_TxE: jax.Array      # float32 probabilities (metrics, balance)
+  router_logits_TxE: jax.Array     # float32, masked entries = MASKED_LOGIT
+  load_balance_loss: jax.Array     # scalar; 1.0 at perfect balance; 0 if N/A
+  z_loss: jax.Array                # scalar mean(logsumexp(logits)^2); 0 if N/A
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{name} must be a positive int, got {value!r}.')
+
+
+def _check_top_k(top_k: Any, num_experts: Any) -> None:
+  _check_positive_int('num_experts', num_experts)
+  _check_positive_int('top_k', top_k)
+  if top_k > num_experts:
+    raise ValueError(
+        f'top_k={top_k} exceeds num_experts={num_experts}; allowed: '
+        f'1 <= top_k <= num_experts.')
+
+
+def _allowed_mask(num_tokens: int, num_experts: int, expert_mask_TxE,
+                  segment_ids_T) -> jax.Array:
+  """Combines the expert mask and padding into one bool [T, E] mask."""
+  allowed_TxE = jnp.ones((num_tokens, num_experts), jnp.bool_)
+  if expert_mask_TxE is not None:
+    if expert_mask_TxE.shape != (num_tokens, num_experts):
+      raise ValueError(
+          f'expert_mask_TxE has shape {expert_mask_TxE.shape}; expected '
+          f'{(num_tokens, num_experts)}.')
+    allowed_TxE &= expert_mask_TxE.astype(jnp.bool_)
+  if segment_ids_T is not None:
+    allowed_TxE &= (segment_ids_T != 0)[:, None]
+  return allowed_TxE
+
+
+def load_balance_loss(probs_TxE: jax.Array, expert_index_TxK: jax.Array,
+                      combine_weights_TxK: jax.Array,
+                      allowed_TxE: jax.Array | None = None) -> jax.Array:
+  """Switch-Transformer auxiliary loss, normalized to 1.0 at perfect balance.
+
+  Switch (Fedus et al. 2021, eq. 4) uses E * sum_e f_e * P_e, where f_e is
+  the fraction of routed slots sent to expert e (so it also works for top-k)
+  and P_e the mean router probability of e; it equals 1.0 when both are
+  uniform. Under an expert mask the uniform distribution is unreachable (a
+  partition-pure group can use only its own experts), so the normalizer 1/E
+  is generalized to sum_e u_e^2, with u_e the mean over tokens of the uniform
+  distribution over each token's allowed experts. Without a mask this is
+  exactly Switch's loss; with one, 1.0 again means "as balanced as the mask
+  permits". Tokens with no allowed expert are ignored.
+
+  Args:
+    probs_TxE: router probabilities (0 for disallowed experts).
+    expert_index_TxK: chosen experts.
+    combine_weights_TxK: slot weights; slots with weight 0 are not routed.
+    allowed_TxE: optional bool mask of allowed experts.
+
+  Returns:
+    Scalar float32 loss (0 when nothing is routed).
+  """
+  num_experts = probs_TxE.shape[-1]
+  routed_TxKxE = jax.nn.one_hot(expert_index_TxK, num_experts) * (
+      combine_weights_TxK != 0)[..., None]
+  counts_E = jax.lax.stop_gradient(routed_TxKxE.sum(axis=(0, 1)))
+  f_E = counts_E / jnp.maximum(counts_E.sum(), 1.0)
+  if allowed_TxE is None:
+    allowed_TxE = jnp.ones(probs_TxE.shape, jnp.bool_)
+  allowed = allowed_TxE.astype(jnp.float32)
+  num_allowed_T = allowed.sum(axis=-1)
+  num_valid = jnp.maximum(jnp.sum(num_allowed_T > 0), 1)
+  p_E = probs_TxE.sum(axis=0) / num_valid
+  uniform_E = (allowed / jnp.maximum(num_allowed_T, 1.0)[:, None]).sum(0)
+  ideal = jnp.sum((uniform_E / num_valid) ** 2)
+  return jnp.where(ideal > 0, jnp.sum(f_E * p_E) / jnp.maximum(ideal, 1e-30),
+                   0.0)
+
+
+def router_z_loss(masked_logits_TxE: jax.Array,
+                  allowed_TxE: jax.Array) -> jax.Array:
+  """ST-MoE router z-loss (Zoph et al. 2022, eq. 5) over routable tokens."""
+  valid_T = allowed_TxE.any(axis=-1)
+  lse_T = jax.nn.logsumexp(masked_logits_TxE, axis=-1)
+  lse_T = jnp.where(valid_T, lse_T, 0.0)
+  return jnp.sum(lse_T ** 2) / jnp.maximum(valid_T.sum(), 1)
+
+
+def _router_logits(module: nn.Module, x_TxD: jax.Array, num_experts: int,
+                   use_bias: bool) -> jax.Array:
+  """float32 logits x @ kernel (+ bias); kernel is [embed, unmodeled]."""
+  # Switch: a 10x smaller init than usual keeps early routing near uniform.
+  init = nn.initializers.variance_scaling(0.1, 'fan_in', 'truncated_normal')
+  kernel = module.param(
+      'kernel', nn.with_logical_partitioning(init, ('embed', 'unmodeled')),
+      (x_TxD.shape[-1], num_experts), jnp.float32)
+  logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), kernel,
+                       precision=jax.lax.Precision.HIGHEST)
+  if use_bias:
+    bias = module.param(
+        'bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                             ('unmodeled',)),
+        (num_experts,), jnp.float32)
+    logits_TxE = logits_TxE + bias
+  return logits_TxE
+
+
+def _masked_softmax(logits_TxE, allowed_TxE):
+  masked_TxE = jnp.where(allowed_TxE, logits_TxE, MASKED_LOGIT)
+  # The final `* allowed` zeroes fully masked rows (softmax would be uniform).
+  probs_TxE = jax.nn.softmax(masked_TxE, axis=-1) * allowed_TxE
+  return masked_TxE, probs_TxE
+
+
+class TokenTopKRouter(nn.Module):
+  """Token-choice top-k softmax router (GShard / Switch / ST-MoE).
+
+  Attributes:
+    num_experts: E.
+    top_k: experts per token, 1 <= top_k <= E.
+    renormalize: rescale the k chosen probabilities to sum to 1 (GShard); if
+      False the raw probabilities are the combine weights (Switch top-1).
+    jitter_noise: Switch multiplicative jitter eps: the router input is scaled
+      by U(1-eps, 1+eps) when not deterministic (rng stream 'jitter').
+    use_bias: add a learned bias to the logits.
+  """
+  num_experts: int
+  top_k: int
+  renormalize: bool = True
+  jitter_noise: float = 0.0
+  use_bias: bool = False
+
+  def __post_init__(self):
+    _check_top_k(self.top_k, self.num_experts)
+    if not 0.0 <= self.jitter_noise < 1.0:
+      raise ValueError(
+          f'jitter_noise={self.jitter_noise!r}; allowed: 0 <= eps < 1.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x_TxD, *, token_ids_T=None, segment_ids_T=None,
+               expert_mask_TxE=None, deterministic=True) -> RouterOutput:
+    del token_ids_T  # Content-based routing only.
+    x_TxD = x_TxD.astype(jnp.float32)
+    if not deterministic and self.jitter_noise > 0:
+      eps = self.jitter_noise
+      x_TxD = x_TxD * jax.random.uniform(
+          self.make_rng('jitter'), x_TxD.shape, jnp.float32, 1 - eps, 1 + eps)
+    logits_TxE = _router_logits(self, x_TxD, self.num_experts, self.use_bias)
+    allowed_TxE = _allowed_mask(x_TxD.shape[0], self.num_experts,
+                                expert_mask_TxE, segment_ids_T)
+    masked_TxE, probs_TxE = _masked_softmax(logits_TxE, allowed_TxE)
+    top_p_TxK, index_TxK = jax.lax.top_k(probs_TxE, self.top_k)
+    if self.renormalize:
+      top_p_TxK = top_p_TxK / jnp.maximum(
+          top_p_TxK.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    return RouterOutput(
+        expert_index_TxK=index_TxK.astype(jnp.int32),
+        combine_weights_TxK=top_p_TxK,
+        router_probs_TxE=probs_TxE,
+        router_logits_TxE=masked_TxE,
+        load_balance_loss=load_balance_loss(probs_TxE, index_TxK, top_p_TxK,
+                                            allowed_TxE),
+        z_loss=router_z_loss(masked_TxE, allowed_TxE))
+
+
+class ExpertChoiceRouter(nn.Module):
+  """Expert-choice routing (Zhou et al. 2022): each expert picks its tokens.
+
+  Expert e takes the C = ceil(T * capacity_factor / E) tokens with the highest
+  softmax probability for e (token-to-expert softmax, as in the paper). The
+  result is token-major with K = E slots: slot e is expert e, weighted by the
+  token's probability for e if e picked the token, else 0. Balanced by
+  construction, so load_balance_loss = 0; z_loss is still reported.
+  Disallowed and padding tokens are picked last and then carry weight 0.
+  """
+  num_experts: int
+  capacity_factor: float = 1.0
+  use_bias: bool = False
+
+  def __post_init__(self):
+    _check_positive_int('num_experts', self.num_experts)
+    if not self.capacity_factor > 0:
+      raise ValueError(
+          f'capacity_factor={self.capacity_factor!r}; allowed: > 0.')
+    super().__post_init__()
+
+  def capacity(self, num_tokens: int) -> int:
+    c = math.ceil(num_tokens * self.capacity_factor / self.num_experts)
+    return max(1, min(num_tokens, c))
+
+  @nn.compact
+  def __call__(self, x_TxD, *, token_ids_T=None, segment_ids_T=None,
+               expert_mask_TxE=None, deterministic=True) -> RouterOutput:
+    del token_ids_T, deterministic
+    num_tokens, num_experts = x_TxD.shape[0], self.num_experts
+    logits_TxE = _router_logits(self, x_TxD, num_experts, self.use_bias)
+    allowed_TxE = _allowed_mask(num_tokens, num_experts, expert_mask_TxE,
+                                segment_ids_T)
+    masked_TxE, probs_TxE = _masked_softmax(logits_TxE, allowed_TxE)
+    scores_ExT = jnp.where(allowed_TxE.T, probs_TxE.T, -1.0)
+    top_ExC, token_ExC = jax.lax.top_k(scores_ExT, self.capacity(num_tokens))
+    expert_ExC = jnp.broadcast_to(
+        jnp.arange(num_experts)[:, None], token_ExC.shape)
+    weights_TxE = jnp.zeros((num_tokens, num_experts), jnp.float32).at[
+        token_ExC, expert_ExC].set(jnp.maximum(top_ExC, 0.0),
+                                   unique_indices=True)
+    return RouterOutput(
+        expert_index_TxK=jnp.broadcast_to(
+            jnp.arange(num_experts, dtype=jnp.int32), weights_TxE.shape),
+        combine_weights_TxK=weights_TxE,
+        router_probs_TxE=probs_TxE,
+        router_logits_TxE=masked_TxE,
+        load_balance_loss=jnp.zeros((), jnp.float32),
+        z_loss=router_z_loss(masked_TxE, allowed_TxE))
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3 32-bit finalizer: a cheap, well-mixing integer hash."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hash_scores(token_ids_T: jax.Array, num_experts: int,
+                seed: int) -> jax.Array:
+  """Fixed pseudo-random int32 score >= 0 for every (token id, expert).
+
+  A stateless hash instead of a stored [vocab, E] table: same semantics (a
+  constant of the seed, not a parameter) without an 8 MB constant in HLO.
+  """
+  ids = token_ids_T.astype(jnp.uint32)[:, None] * jnp.uint32(num_experts)
+  keys = ids + jnp.arange(num_experts, dtype=jnp.uint32)[None, :]
+  keys = keys ^ jnp.uint32((seed * 0x9E3779B9) & 0xFFFFFFFF)
+  return (_fmix32(_fmix32(keys)) >> 1).astype(jnp.int32)
+
+
+def hash_expert_table(vocab_size: int, num_experts: int, top_k: int = 1,
+                      seed: int = 0) -> jax.Array:
+  """The full token-id -> experts table [vocab_size, top_k] (for analysis)."""
+  scores_VxE = hash_scores(jnp.arange(vocab_size), num_experts, seed)
+  return jax.lax.top_k(scores_VxE, top_k)[1].astype(jnp.int32)
+
+
+class HashRouter(nn.Module):
+  """Hash layer routing (Roller et al. 2021): fixed token id -> experts.
+
+  Each token id goes to the top_k experts of a fixed random score (a function
+  of seed only; no parameters), each with weight 1/top_k (1.0 for the default
+  top_k=1). Under an expert mask the same ranking is restricted to the allowed
+  experts, so a token id still always lands on the same allowed experts.
+  """
+  num_experts: int
+  vocab_size: int
+  top_k: int = 1
+  seed: int = 0
+
+  def __post_init__(self):
+    _check_top_k(self.top_k, self.num_experts)
+    _check_positive_int('vocab_size', self.vocab_size)
+    super().__post_init__()
+
+  def __call__(self, x_TxD, *, token_ids_T=None, segment_ids_T=None,
+               expert_mask_TxE=None, deterministic=True) -> RouterOutput:
+    del deterministic
+    if token_ids_T is None:
+      raise ValueError('HashRouter needs token_ids_T (got None).')
+    num_tokens, num_experts = x_TxD.shape[0], self.num_experts
+    allowed_TxE = _allowed_mask(num_tokens, num_experts, expert_mask_TxE,
+                                segment_ids_T)
+    scores_TxE = jnp.where(
+        allowed_TxE, hash_scores(token_ids_T, num_experts, self.seed), -1)
+    top_TxK, index_TxK = jax.lax.top_k(scores_TxE, self.top_k)
+    weights_TxK = jnp.where(top_TxK >= 0, 1.0 / self.top_k, 0.0)
+    probs_TxE = jnp.zeros((num_tokens, num_experts), jnp.float32).at[
+        jnp.arange(num_tokens)[:, None], index_TxK].add(weights_TxK)
+    zero = jnp.zeros((), jnp.float32)
+    return RouterOutput(
+        expert_index_TxK=index_TxK.astype(jnp.int32),
+        combine_weights_TxK=weights_TxK.astype(jnp.float32),
+        router_probs_TxE=probs_TxE,
+        router_logits_TxE=jnp.where(allowed_TxE, 0.0, MASKED_LOGIT),
+        load_balance_loss=zero, z_loss=zero)
+
+
+class SequenceGateRouter(nn.Module):
+  """Sequence-level routing with expert-owned sigmoid gates.
+
+  A sequence (one segment id within the group; 0 = padding, routed nowhere)
+  is represented by the mean of its token activations h. Expert e owns one
+  gate row g_e ([E, D] param 'gates') and scores s_e = sigmoid(g_e . h). All
+  tokens of the sequence go to its top_k experts, weighted by their scores
+  renormalized over the chosen k. Because each score depends only on its own
+  row, appending a row (a new expert) or deleting one leaves the other
+  experts' scores unchanged; see `add_expert_gate` / `remove_expert_gate`.
+  load_balance_loss is Switch's loss on the scores normalized per token
+  (token-weighted, so long sequences count more); z_loss is 0 (no softmax).
+
+  Segment ids must lie in [0, T] (packed ids 1..n do).
+  """
+  num_experts: int
+  top_k: int
+
+  def __post_init__(self):
+    _check_top_k(self.top_k, self.num_experts)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x_TxD, *, token_ids_T=None, segment_ids_T=None,
+               expert_mask_TxE=None, deterministic=True) -> RouterOutput:
+    del token_ids_T, deterministic
+    num_tokens, dim = x_TxD.shape
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal',
+                                            in_axis=-1, out_axis=-2)
+    gates_ExD = self.param(
+        'gates', nn.with_logical_partitioning(init, ('unmodeled', 'embed')),
+        (self.num_experts, dim), jnp.float32)
+    if segment_ids_T is None:
+      segment_ids_T = jnp.ones((num_tokens,), jnp.int32)
+    x_TxD = x_TxD.astype(jnp.float32)
+    seg_sum_SxD = jax.ops.segment_sum(x_TxD, segment_ids_T, num_tokens + 1)
+    seg_len_S = jax.ops.segment_sum(jnp.ones((num_tokens,), jnp.float32),
+                                    segment_ids_T, num_tokens + 1)
+    h_SxD = seg_sum_SxD / jnp.maximum(seg_len_S, 1.0)[:, None]
+    seq_logits_SxE = jnp.dot(h_SxD, gates_ExD.T,
+                             precision=jax.lax.Precision.HIGHEST)
+    logits_TxE = seq_logits_SxE[segment_ids_T]
+    allowed_TxE = _allowed_mask(num_tokens, self.num_experts, expert_mask_TxE,
+                                segment_ids_T)
+    scores_TxE = jax.nn.sigmoid(logits_TxE) * allowed_TxE
+    top_TxK, index_TxK = jax.lax.top_k(
+        jnp.where(allowed_TxE, scores_TxE, -1.0), self.top_k)
+    top_TxK = jnp.maximum(top_TxK, 0.0)
+    weights_TxK = top_TxK / jnp.maximum(top_TxK.sum(-1, keepdims=True),
+                                        jnp.finfo(jnp.float32).tiny)
+    norm_probs_TxE = scores_TxE / jnp.maximum(
+        scores_TxE.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    return RouterOutput(
+        expert_index_TxK=index_TxK.astype(jnp.int32),
+        combine_weights_TxK=weights_TxK,
+        router_probs_TxE=scores_TxE,
+        router_logits_TxE=jnp.where(allowed_TxE, logits_TxE, MASKED_LOGIT),
+        load_balance_loss=load_balance_loss(norm_probs_TxE, index_TxK,
+                                            weights_TxK, allowed_TxE),
+        z_loss=jnp.zeros((), jnp.float32))
+
+
+def _map_gates(params: Mapping[str, Any], fn) -> dict[str, Any]:
+  """Applies fn to the (possibly logically boxed) 'gates' array of params."""
+  if 'gates' not in params:
+    raise ValueError(
+        f'expected a SequenceGateRouter param dict with key "gates"; got keys '
+        f'{sorted(params)}.')
+  gates = params['gates']
+  out = dict(params)
+  if isinstance(gates, nn.meta.AxisMetadata):
+    out['gates'] = gates.replace_boxed(fn(gates.unbox()))
+  else:
+    out['gates'] = fn(gates)
+  return out
+
+
+def add_expert_gate(params: Mapping[str, Any], new_row_D) -> dict[str, Any]:
+  """Returns router params with a gate row appended (new expert index E).
+
+  The module must then be built with num_experts + 1 (and the new expert's
+  weights appended). Existing experts' scores are unchanged.
+  """
+  def append(gates_ExD):
+    row = jnp.asarray(new_row_D, gates_ExD.dtype)
+    if row.shape != gates_ExD.shape[1:]:
+      raise ValueError(f'new_row_D has shape {row.shape}; expected '
+                       f'{gates_ExD.shape[1:]}.')
+    return jnp.concatenate([gates_ExD, row[None]], axis=0)
+  return _map_gates(params, append)
+
+
+def remove_expert_gate(params: Mapping[str, Any], e: int) -> dict[str, Any]:
+  """Returns router params without gate row e; experts above e shift down.
+
+  Sequences that chose e fall back to their next-best experts; the module must
+  be built with num_experts - 1 and expert e's weights removed likewise.
+  """
+  def drop(gates_ExD):
+    num_experts = gates_ExD.shape[0]
+    if not isinstance(e, int) or not 0 <= e < num_experts or num_experts < 2:
+      raise ValueError(f'cannot remove expert {e!r} of {num_experts}; allowed: '
+                       f'an int in [0, {num_experts}) with >= 2 experts.')
+    return jnp.concatenate([gates_ExD[:e], gates_ExD[e + 1:]], axis=0)
+  return _map_gates(params, drop)
+
+
+def partition_expert_mask(partition_ids_T: jax.Array, num_partitions: int,
+                          experts_per_partition: int) -> jax.Array:
+  """Tier-1 constraint for a flat MoE over P * Ep experts.
+
+  Args:
+    partition_ids_T: int partition of each token's sequence. Ids outside
+      [0, P) (e.g. -1 for padding) allow no expert.
+    num_partitions: P.
+    experts_per_partition: Ep.
+
+  Returns:
+    bool [T, P*Ep]: token of partition p may use experts [p*Ep, (p+1)*Ep).
+  """
+  _check_positive_int('num_partitions', num_partitions)
+  _check_positive_int('experts_per_partition', experts_per_partition)
+  owner_E = jnp.arange(num_partitions * experts_per_partition
+                       ) // experts_per_partition
+  return owner_E[None, :] == jnp.asarray(partition_ids_T)[..., None]
+
+
+_ROUTERS = {
+    'token_topk': TokenTopKRouter,
+    'expert_choice': ExpertChoiceRouter,
+    'hash': HashRouter,
+    'sequence_gate': SequenceGateRouter,
+}
+
+
+def make_router(kind: str, **kwargs) -> nn.Module:
+  """Builds a router by kind; kwargs go to its constructor (e.g. name=)."""
+  if kind not in _ROUTERS:
+    raise ValueError(f'unknown router kind {kind!r}; allowed: {ROUTER_KINDS}.')
+  return _ROUTERS[kind](**kwargs)

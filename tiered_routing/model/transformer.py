@@ -1,0 +1,362 @@
+"""Decoder-only MoE transformer with tier-1 partitions (`TieredDecoder`).
+
+Batches arrive grouped by partition, `[P, B/P, L]`: tier 1 (the fixed map
+from a sample's language to one of P partitions) has already been applied by
+the data pipeline. How much the partitions share is `DecoderConfig.sharing`:
+
+  'none'       P fully independent models (strict partitions; exact unlearning
+               by retraining or dropping one partition). The whole decoder is
+               `nn.vmap`ped over partitions, so every parameter has a leading
+               'partition' axis and no gradient crosses partitions.
+  'attention'  shared embeddings, attention and norms (applied to the flat
+               `[P*B/P, L]` batch) with partition-private routers, experts and
+               dense FFNs, like DEMix layers (Gururangan et al. 2022). Only the
+               private parameters carry the leading 'partition' axis.
+  'all'        one MoE over all rows with P * num_experts experts routed by
+               tier 2 alone. Tier 1 can still be imposed as an expert mask
+               (block-diagonal `expert_mask_PxE`).
+
+Layers are pre-norm (RMSNorm) blocks with rotary attention; the feed-forward
+of layer i is MoE when `i % moe_every == moe_every - 1` (so `moe_every=2`
+alternates dense and MoE layers as in GShard / ST-MoE) and dense otherwise.
+"""
+
+import dataclasses
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tiered_routing.model import layers
+from tiered_routing.model import moe
+
+SHARING_LEVELS = ("none", "attention", "all")
+ROUTERS = ("token_topk", "expert_choice", "hash", "sequence_gate")
+DISPATCH_IMPLS = ("auto", "einsum", "sort_gather", "ragged", "reference")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
+          "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Hyper-parameters of `TieredDecoder` (validated on construction).
+
+  Attributes:
+    vocab_size: V.
+    d_model: residual width D.
+    num_heads: attention heads H.
+    head_dim: per-head width K (even: rotary embeddings rotate pairs).
+    num_layers: number of decoder blocks.
+    d_ff: hidden size of the dense feed-forward layers (needed iff some layer
+      is dense).
+    num_experts: experts per partition in every MoE layer; 0 = dense model.
+    expert_d_ff: hidden size of each expert.
+    top_k: experts per token (token-choice, hash and sequence-gate routers).
+    moe_every: layer i is MoE iff i % moe_every == moe_every - 1.
+    shared_expert_d_ff: hidden size of an always-on dense expert added to
+      every MoE layer; 0 = none.
+    num_partitions: P, the number of tier-1 partitions.
+    sharing: 'none', 'attention' or 'all' (see module docstring).
+    router: tier-2 router kind, one of ROUTERS.
+    router_jitter: Switch multiplicative jitter noise (token_topk only).
+    dispatch: dispatch implementation, one of DISPATCH_IMPLS.
+    capacity_factor: expert capacity factor (GShard / Switch).
+    group_size: tokens per routing group (see `moe.group_shape`).
+    gated_mlp: gated (GEGLU-style) dense and expert feed-forwards.
+    activation: feed-forward activation, one of `layers.ACTIVATIONS`.
+    dtype: activation dtype name, one of DTYPES (parameters are float32).
+    tie_embeddings: share the input embedding with the output projection.
+    dropout_rate: dropout on attention probabilities and block outputs.
+    rope_max_wavelength: base of the rotary frequencies.
+  """
+
+  vocab_size: int
+  d_model: int
+  num_heads: int
+  head_dim: int
+  num_layers: int
+  d_ff: int = 0
+  num_experts: int = 0
+  expert_d_ff: int = 0
+  top_k: int = 2
+  moe_every: int = 1
+  shared_expert_d_ff: int = 0
+  num_partitions: int = 1
+  sharing: str = "none"
+  router: str = "token_topk"
+  router_jitter: float = 0.0
+  dispatch: str = "auto"
+  capacity_factor: float = 1.25
+  group_size: int = 4096
+  gated_mlp: bool = True
+  activation: str = "gelu"
+  dtype: str = "float32"
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  rope_max_wavelength: float = 10_000.0
+
+  def __post_init__(self):
+    self._check_choices()
+    self._check_sizes()
+
+  def _check_choices(self):
+    for name, allowed in (("sharing", SHARING_LEVELS), ("router", ROUTERS),
+                          ("dispatch", DISPATCH_IMPLS), ("dtype", tuple(DTYPES)),
+                          ("activation", tuple(layers.ACTIVATIONS))):
+      value = getattr(self, name)
+      if value not in allowed:
+        raise ValueError(
+            f"DecoderConfig.{name}={value!r} is invalid; allowed: {allowed}.")
+
+  def _check_sizes(self):
+    positive = ("vocab_size", "d_model", "num_heads", "head_dim", "num_layers",
+                "moe_every", "num_partitions", "group_size")
+    non_negative = ("d_ff", "num_experts", "expert_d_ff", "shared_expert_d_ff")
+    for name in positive + non_negative:
+      value = getattr(self, name)
+      low = 1 if name in positive else 0
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"DecoderConfig.{name}={value!r} must be an int "
+                         f">= {low}.")
+    if self.head_dim % 2:
+      raise ValueError(f"DecoderConfig.head_dim={self.head_dim} must be even "
+                       "(rotary embeddings rotate pairs of features).")
+    if self.num_experts and not self.expert_d_ff:
+      raise ValueError(f"DecoderConfig.expert_d_ff={self.expert_d_ff} must be "
+                       f"positive when num_experts={self.num_experts}.")
+    if any(not self.is_moe_layer(i) for i in range(self.num_layers)) and (
+        not self.d_ff):
+      raise ValueError(f"DecoderConfig.d_ff={self.d_ff} must be positive: "
+                       "some layers are dense (num_experts="
+                       f"{self.num_experts}, moe_every={self.moe_every}).")
+    if self.num_experts and self.router != "expert_choice" and not (
+        1 <= self.top_k <= self.num_experts):
+      raise ValueError(f"DecoderConfig.top_k={self.top_k} must be in "
+                       f"[1, num_experts={self.num_experts}].")
+    if not self.capacity_factor > 0:
+      raise ValueError(f"DecoderConfig.capacity_factor="
+                       f"{self.capacity_factor} must be positive.")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"DecoderConfig.dropout_rate={self.dropout_rate} must "
+                       "be in [0, 1).")
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer i uses a MoE feed-forward."""
+    return self.num_experts > 0 and i % self.moe_every == self.moe_every - 1
+
+  @property
+  def activation_dtype(self) -> jnp.dtype:
+    return DTYPES[self.dtype]
+
+  @property
+  def experts_per_layer(self) -> int:
+    """Experts one MoE layer holds for the rows it sees ('all': P * E)."""
+    if self.sharing == "all":
+      return self.num_partitions * self.num_experts
+    return self.num_experts
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm block: x + Attn(Norm(x)), then x + FFN(Norm(x)).
+
+  Attributes:
+    config: the model config.
+    use_moe: MoE (True) or dense (False) feed-forward.
+    num_experts: experts of the MoE feed-forward.
+    ffn_partitions: 0 if the feed-forward is shared by all rows; P if it is
+      private per partition (rows are grouped by partition, so the FFN is
+      `nn.vmap`ped over a leading partition axis of size P).
+  """
+
+  config: DecoderConfig
+  use_moe: bool
+  num_experts: int
+  ffn_partitions: int = 0
+
+  @nn.compact
+  def __call__(self, x_BxLxD, token_ids_BxL, segment_ids_BxL, positions_BxL,
+               expert_mask_BxE, deterministic):
+    cfg, dtype = self.config, self.config.activation_dtype
+    dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
+    h = layers.RMSNorm(dtype=dtype, name="pre_attention_norm")(x_BxLxD)
+    h = layers.MultiHeadAttention(
+        cfg.num_heads, cfg.head_dim, dtype, cfg.dropout_rate,
+        cfg.rope_max_wavelength, name="attention")(
+            h, segment_ids_BxL=segment_ids_BxL, positions_BxL=positions_BxL,
+            deterministic=deterministic)
+    x_BxLxD = x_BxLxD + dropout(h, deterministic=deterministic)
+    h = layers.RMSNorm(dtype=dtype, name="pre_mlp_norm")(x_BxLxD)
+    if self.use_moe:
+      h = self._moe(h, token_ids_BxL, segment_ids_BxL, expert_mask_BxE,
+                    deterministic)
+    else:
+      h = self._dense(h)
+    x_BxLxD = x_BxLxD + dropout(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+  def _maybe_private(self, fn):
+    """`fn(module, *arrays)` with the module's parameters private per partition.
+
+    With `ffn_partitions`, `fn` is `nn.vmap`ped over the leading partition
+    axis of its arguments and of the module's variables, whose metadata gains
+    the logical axis name 'partition'.
+    """
+    if not self.ffn_partitions:
+      return fn
+    return nn.vmap(
+        fn, in_axes=0, out_axes=0,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True, "jitter": True},
+        metadata_params={nn.PARTITION_NAME: "partition"})
+
+  def _dense(self, h_BxLxD):
+    cfg, p = self.config, self.ffn_partitions
+    mlp = layers.Mlp(cfg.d_ff, cfg.gated_mlp, cfg.activation,
+                     cfg.activation_dtype, name="mlp")
+    apply = self._maybe_private(lambda module, h: module(h))
+    if not p:
+      return apply(mlp, h_BxLxD)
+    b, l, d = h_BxLxD.shape
+    return apply(mlp, h_BxLxD.reshape(p, b // p, l, d)).reshape(b, l, d)
+
+  def _moe(self, h_BxLxD, token_ids_BxL, segment_ids_BxL, expert_mask_BxE,
+           deterministic):
+    cfg = self.config
+    b, l, d = h_BxLxD.shape
+    p = self.ffn_partitions or 1
+    g, s = moe.group_shape(b // p, l, cfg.group_size)
+    # Rows are grouped by partition, so each partition's groups are contiguous.
+    lead = (p, g) if self.ffn_partitions else (g,)
+    token_ids = token_ids_BxL.reshape(*lead, s)
+    if segment_ids_BxL is None:  # Every row is one sequence.
+      segment_ids_BxL = jnp.ones((b, l), jnp.int32)
+    segment_ids = moe.routing_segment_ids(
+        segment_ids_BxL.reshape(p * g, s), l).reshape(*lead, s)
+    mask = None
+    if expert_mask_BxE is not None:
+      e = expert_mask_BxE.shape[-1]
+      mask = jnp.broadcast_to(expert_mask_BxE[:, None, :], (b, l, e))
+      mask = mask.reshape(*lead, s, e)
+    layer = moe.MoeFeedForward(
+        num_experts=self.num_experts, expert_d_ff=cfg.expert_d_ff,
+        top_k=cfg.top_k, router=cfg.router, router_jitter=cfg.router_jitter,
+        vocab_size=cfg.vocab_size, dispatch=cfg.dispatch,
+        capacity_factor=cfg.capacity_factor, gated=cfg.gated_mlp,
+        activation=cfg.activation, shared_expert_d_ff=cfg.shared_expert_d_ff,
+        dtype=cfg.activation_dtype, name="moe")
+
+    def apply(module, x, ids, seg, mask):
+      return module(x, token_ids_GxS=ids, segment_ids_GxS=seg,
+                    expert_mask_GxSxE=mask, deterministic=deterministic)
+
+    y = self._maybe_private(apply)(layer, h_BxLxD.reshape(*lead, s, d),
+                                   token_ids, segment_ids, mask)
+    return y.reshape(b, l, d)
+
+
+class DecoderStack(nn.Module):
+  """Embedding, blocks, final norm and logits over a flat batch of rows.
+
+  Attributes:
+    config: the model config.
+    num_experts: experts per MoE layer.
+    ffn_partitions: see `DecoderBlock`.
+  """
+
+  config: DecoderConfig
+  num_experts: int
+  ffn_partitions: int = 0
+
+  @nn.compact
+  def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL,
+               expert_mask_BxE, deterministic):
+    cfg, dtype = self.config, self.config.activation_dtype
+    embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype,
+                         name="token_embed")
+    x_BxLxD = embed(tokens_BxL)
+    x_BxLxD = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
+        x_BxLxD, deterministic=deterministic)
+    for i in range(cfg.num_layers):
+      x_BxLxD = DecoderBlock(
+          cfg, cfg.is_moe_layer(i), self.num_experts, self.ffn_partitions,
+          name=f"layers_{i}")(x_BxLxD, tokens_BxL, segment_ids_BxL,
+                              positions_BxL, expert_mask_BxE, deterministic)
+    x_BxLxD = layers.RMSNorm(dtype=dtype, name="decoder_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      return embed.attend(x_BxLxD)
+    w_DxV = self.param(
+        "logits_kernel", nn.with_logical_partitioning(
+            layers.fan_in_init(0, 1), ("embed", "vocab")),
+        (cfg.d_model, cfg.vocab_size), jnp.float32)
+    logits = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class TieredDecoder(nn.Module):
+  """Decoder over partition-grouped batches `[P, B/P, L]` (see module doc)."""
+
+  config: DecoderConfig
+
+  def _check_inputs(self, tokens_PxBxL, expert_mask_PxE, **others):
+    cfg = self.config
+    if tokens_PxBxL.ndim != 3 or tokens_PxBxL.shape[0] != cfg.num_partitions:
+      raise ValueError(
+          f"tokens_PxBxL has shape {tokens_PxBxL.shape}; expected [P, B/P, L] "
+          f"with P = num_partitions = {cfg.num_partitions}.")
+    for name, value in others.items():
+      if value is not None and value.shape != tokens_PxBxL.shape:
+        raise ValueError(f"{name} has shape {value.shape}; expected the "
+                         f"tokens' shape {tokens_PxBxL.shape}.")
+    want = (cfg.num_partitions, cfg.experts_per_layer)
+    if expert_mask_PxE is not None and expert_mask_PxE.shape != want:
+      raise ValueError(
+          f"expert_mask_PxE has shape {expert_mask_PxE.shape}; expected {want} "
+          f"(num_partitions, experts per MoE layer for sharing="
+          f"{cfg.sharing!r}).")
+
+  @nn.compact
+  def __call__(self, tokens_PxBxL: jax.Array, *,
+               segment_ids_PxBxL: Optional[jax.Array] = None,
+               positions_PxBxL: Optional[jax.Array] = None,
+               expert_mask_PxE: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
+    """Returns float32 logits_PxBxLxV.
+
+    Args:
+      tokens_PxBxL: int token ids, rows grouped by tier-1 partition.
+      segment_ids_PxBxL: packing segment ids (0 = padding); None = one
+        sequence per row.
+      positions_PxBxL: positions within segments; None = 0..L-1 per row.
+      expert_mask_PxE: bool, True = expert allowed for partition p's tokens
+        (unlearning by masking, forced routing, tier 1 under sharing 'all').
+      deterministic: disables dropout and router jitter.
+    """
+    cfg = self.config
+    self._check_inputs(tokens_PxBxL, expert_mask_PxE,
+                       segment_ids_PxBxL=segment_ids_PxBxL,
+                       positions_PxBxL=positions_PxBxL)
+    if expert_mask_PxE is not None:
+      expert_mask_PxE = expert_mask_PxE.astype(jnp.bool_)
+    p, b, l = tokens_PxBxL.shape
+    if cfg.sharing == "none":
+      mask_PxBxE = (None if expert_mask_PxE is None else jnp.broadcast_to(
+          expert_mask_PxE[:, None, :], (p, b, expert_mask_PxE.shape[-1])))
+      stack = nn.vmap(
+          DecoderStack, in_axes=(0, 0, 0, 0, None), out_axes=0,
+          variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True, "jitter": True},
+          metadata_params={nn.PARTITION_NAME: "partition"})
+      return stack(cfg, cfg.num_experts, name="decoder")(
+          tokens_PxBxL, segment_ids_PxBxL, positions_PxBxL, mask_PxBxE,
+          deterministic)
+    flat = lambda a: None if a is None else a.reshape(p * b, l)
+    mask_BxE = (None if expert_mask_PxE is None
+                else jnp.repeat(expert_mask_PxE, b, axis=0))
+    ffn_partitions = p if cfg.sharing == "attention" else 0
+    logits = DecoderStack(cfg, cfg.experts_per_layer, ffn_partitions,
+                          name="decoder")(
+                              flat(tokens_PxBxL), flat(segment_ids_PxBxL),
+                              flat(positions_PxBxL), mask_BxE, deterministic)
+    return logits.reshape(p, b, l, cfg.vocab_size)
