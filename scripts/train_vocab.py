@@ -30,75 +30,105 @@ import sentencepiece as spm
 from tiered_routing import data
 from tiered_routing import languages
 
-_OUTPUT = flags.DEFINE_string("output", str(data.VOCAB_PATH),
-                              "Where to write the .model file.")
+_OUTPUT = flags.DEFINE_string(
+    "output", str(data.VOCAB_PATH), "Where to write the .model file."
+)
 _VOCAB_SIZE = flags.DEFINE_integer(
-    "vocab_size", 4096,
-    "Vocabulary size (the sample corpus supports at most ~7000).")
+    "vocab_size",
+    4096,
+    "Vocabulary size (the sample corpus supports at most ~7000).",
+)
 _TASK = flags.DEFINE_string(
-    "mixture_or_task", None,
-    "SeqIO task or mixture to read `text` from; default: the sample corpus.")
+    "mixture_or_task",
+    None,
+    "SeqIO task or mixture to read `text` from; default: the sample corpus.",
+)
 _MODULES = flags.DEFINE_multi_string(
-    "module_import", ["tasks"], "Modules that register the task.")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 1_000_000,
-                                     "Examples to read from the task.")
+    "module_import", ["tasks"], "Modules that register the task."
+)
+_MAX_EXAMPLES = flags.DEFINE_integer(
+    "max_examples", 1_000_000, "Examples to read from the task."
+)
 _THREADS = flags.DEFINE_integer(
-    "num_threads", 1,
-    "Trainer threads; 1 makes the model byte-for-byte reproducible.")
-_COVERAGE = flags.DEFINE_float("character_coverage", 0.9995,
-                               "SentencePiece character coverage.")
+    "num_threads",
+    1,
+    "Trainer threads; 1 makes the model byte-for-byte reproducible.",
+)
+_COVERAGE = flags.DEFINE_float(
+    "character_coverage", 0.9995, "SentencePiece character coverage."
+)
 
 
 def sample_corpus_text():
-    """Train-split paragraphs of all 16 languages, interleaved."""
-    per_lang = [data.split_paragraphs(c, "train") for c in languages.CODES]
-    for group in itertools.zip_longest(*per_lang):
-        yield from (p for p in group if p)
+  """Train-split paragraphs of all 16 languages, interleaved."""
+  per_lang = [data.split_paragraphs(c, "train") for c in languages.CODES]
+  for group in itertools.zip_longest(*per_lang):
+    yield from (p for p in group if p)
 
 
 def task_text(name: str, max_examples: int):
-    """Raw `text` of a SeqIO task or mixture's train split (no tokenizing)."""
-    import seqio  # pylint: disable=g-import-not-at-top
-    for module in _MODULES.value:
-        importlib.import_module(module)
-    provider = seqio.get_mixture_or_task(name)
-    tasks = getattr(provider, "tasks", [provider])
-    per_task = max(1, max_examples // len(tasks))
-    for task in tasks:
-        ds = task.source.get_dataset(split="train", shuffle=False)
-        for ex in ds.take(per_task).as_numpy_iterator():
-            yield ex["text"].decode("utf-8")
+  """Raw `text` of a SeqIO task or mixture's train split (no tokenizing)."""
+  import seqio  # pylint: disable=g-import-not-at-top
+
+  for module in _MODULES.value:
+    importlib.import_module(module)
+  provider = seqio.get_mixture_or_task(name)
+  tasks = getattr(provider, "tasks", [provider])
+  per_task = max(1, max_examples // len(tasks))
+  for task in tasks:
+    ds = task.source.get_dataset(split="train", shuffle=False)
+    for ex in ds.take(per_task).as_numpy_iterator():
+      yield ex["text"].decode("utf-8")
 
 
-def train(sentences, output: str, vocab_size: int, coverage: float,
-          num_threads: int = 1) -> None:
-    """Trains and atomically writes `output` (never a half-written model)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "spm")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_prefix=prefix,
-            vocab_size=vocab_size, model_type="unigram",
-            character_coverage=coverage, byte_fallback=True,
-            pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-            input_sentence_size=10_000_000, shuffle_input_sentence=False,
-            num_threads=num_threads, minloglevel=1)
-        out = pathlib.Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = out.with_suffix(".model.tmp")
-        shutil.copyfile(prefix + ".model", staged)
-        os.replace(staged, out)
+def train(
+    sentences,
+    output: str,
+    vocab_size: int,
+    coverage: float,
+    num_threads: int = 1,
+) -> None:
+  """Trains and atomically writes `output` (never a half-written model)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    prefix = os.path.join(tmp, "spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=prefix,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=coverage,
+        byte_fallback=True,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        input_sentence_size=10_000_000,
+        shuffle_input_sentence=False,
+        num_threads=num_threads,
+        minloglevel=1,
+    )
+    out = pathlib.Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = out.with_suffix(".model.tmp")
+    shutil.copyfile(prefix + ".model", staged)
+    os.replace(staged, out)
 
 
 def main(argv):
-    del argv
-    if _TASK.value:
-        sentences = task_text(_TASK.value, _MAX_EXAMPLES.value)
-    else:
-        sentences = sample_corpus_text()
-    train(sentences, _OUTPUT.value, _VOCAB_SIZE.value, _COVERAGE.value,
-          _THREADS.value)
-    print(f"wrote {_OUTPUT.value} ({_VOCAB_SIZE.value} pieces)")
+  del argv
+  if _TASK.value:
+    sentences = task_text(_TASK.value, _MAX_EXAMPLES.value)
+  else:
+    sentences = sample_corpus_text()
+  train(
+      sentences,
+      _OUTPUT.value,
+      _VOCAB_SIZE.value,
+      _COVERAGE.value,
+      _THREADS.value,
+  )
+  print(f"wrote {_OUTPUT.value} ({_VOCAB_SIZE.value} pieces)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

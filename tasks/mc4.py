@@ -24,64 +24,71 @@ JSON_DIR_ENV_VAR = "TR_MC4_JSON_DIR"
 
 
 def tfds_splits(code: str) -> dict[str, str]:
-    return {"train": code, "validation": f"{code}-validation"}
+  return {"train": code, "validation": f"{code}-validation"}
 
 
 def json_file_patterns(code: str) -> dict[str, str]:
-    """Split -> file pattern, relative to the json directory."""
-    return {"train": f"c4-{code}.tfrecord-*.json.gz",
-            "validation": f"c4-{code}-validation.tfrecord-*.json.gz"}
+  """Split -> file pattern, relative to the json directory."""
+  return {
+      "train": f"c4-{code}.tfrecord-*.json.gz",
+      "validation": f"c4-{code}-validation.tfrecord-*.json.gz",
+  }
 
 
 def _read_gzip_lines(path: tf.Tensor) -> tf.data.Dataset:
-    return tf.data.TextLineDataset(path, compression_type="GZIP")
+  return tf.data.TextLineDataset(path, compression_type="GZIP")
 
 
 class C4JsonDataSource(seqio.FileDataSource):
-    """json.gz shards under a directory chosen at dataset-build time."""
+  """json.gz shards under a directory chosen at dataset-build time."""
 
-    def __init__(self, code: str, data_dir: str | None = None):
-        self._data_dir = data_dir
-        super().__init__(read_file_fn=_read_gzip_lines,
-                         split_to_filepattern=json_file_patterns(code))
+  def __init__(self, code: str, data_dir: str | None = None):
+    self._data_dir = data_dir
+    super().__init__(
+        read_file_fn=_read_gzip_lines,
+        split_to_filepattern=json_file_patterns(code),
+    )
 
-    def data_dir(self) -> str:
-        data_dir = self._data_dir or os.environ.get(JSON_DIR_ENV_VAR)
-        if not data_dir:
-            raise ValueError(
-                f"No mC4 json directory: set ${JSON_DIR_ENV_VAR} to the "
-                "directory holding c4-{lang}.tfrecord-*.json.gz shards")
-        return data_dir
+  def data_dir(self) -> str:
+    data_dir = self._data_dir or os.environ.get(JSON_DIR_ENV_VAR)
+    if not data_dir:
+      raise ValueError(
+          f"No mC4 json directory: set ${JSON_DIR_ENV_VAR} to the "
+          "directory holding c4-{lang}.tfrecord-*.json.gz shards"
+      )
+    return data_dir
 
-    def list_shards(self, split: str):
-        pattern = os.path.join(self.data_dir(),
-                               self._split_to_filepattern[split])
-        return seqio.utils.list_files(pattern)
+  def list_shards(self, split: str):
+    pattern = os.path.join(self.data_dir(), self._split_to_filepattern[split])
+    return seqio.utils.list_files(pattern)
 
 
 def register() -> None:
-    """Registers both mC4 sources for all 16 languages (idempotent)."""
-    registered = set(seqio.TaskRegistry.names())
-    for lang in languages.LANGUAGES:
-        lang_id = languages.language_id(lang.code)
-        name = naming.task_name("mc4", lang.code)
-        if name not in registered:
-            seqio.TaskRegistry.add(
-                name,
-                source=seqio.TfdsDataSource(
-                    TFDS_NAME, splits=tfds_splits(lang.code)),
-                preprocessors=preprocessors.lm_preprocessors(lang_id),
-                output_features=vocab.output_features(),
-                metric_fns=[])
-        name = naming.task_name("mc4_json", lang.code)
-        if name not in registered:
-            seqio.TaskRegistry.add(
-                name,
-                source=C4JsonDataSource(lang.code),
-                preprocessors=[preprocessors.parse_c4_json,
-                               *preprocessors.lm_preprocessors(lang_id)],
-                output_features=vocab.output_features(),
-                metric_fns=[])
+  """Registers both mC4 sources for all 16 languages (idempotent)."""
+  registered = set(seqio.TaskRegistry.names())
+  for lang in languages.LANGUAGES:
+    lang_id = languages.language_id(lang.code)
+    name = naming.task_name("mc4", lang.code)
+    if name not in registered:
+      seqio.TaskRegistry.add(
+          name,
+          source=seqio.TfdsDataSource(TFDS_NAME, splits=tfds_splits(lang.code)),
+          preprocessors=preprocessors.lm_preprocessors(lang_id),
+          output_features=vocab.output_features(),
+          metric_fns=[],
+      )
+    name = naming.task_name("mc4_json", lang.code)
+    if name not in registered:
+      seqio.TaskRegistry.add(
+          name,
+          source=C4JsonDataSource(lang.code),
+          preprocessors=[
+              preprocessors.parse_c4_json,
+              *preprocessors.lm_preprocessors(lang_id),
+          ],
+          output_features=vocab.output_features(),
+          metric_fns=[],
+      )
 
 
 register()

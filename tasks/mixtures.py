@@ -34,57 +34,62 @@ DEFAULT_SCHEMES = (
 
 
 def _check_source(source: str) -> None:
-    if source not in SOURCES:
-        raise ValueError(f"Unknown source {source!r}; allowed: {SOURCES}")
+  if source not in SOURCES:
+    raise ValueError(f"Unknown source {source!r}; allowed: {SOURCES}")
 
 
 def task_names(source: str, codes: Sequence[str]) -> list[str]:
-    _check_source(source)
-    return [naming.task_name(source, c) for c in codes]
+  _check_source(source)
+  return [naming.task_name(source, c) for c in codes]
 
 
 def _add(name: str, tasks: Sequence[str], temperature: float) -> str:
-    if name not in seqio.MixtureRegistry.names():
-        rate = functools.partial(seqio.mixing_rate_num_examples,
-                                 temperature=temperature)
-        seqio.MixtureRegistry.add(name, [(t, rate) for t in tasks])
-    return name
+  if name not in seqio.MixtureRegistry.names():
+    rate = functools.partial(
+        seqio.mixing_rate_num_examples, temperature=temperature
+    )
+    seqio.MixtureRegistry.add(name, [(t, rate) for t in tasks])
+  return name
 
 
-def all_languages_mixture(source: str,
-                          temperature: float | None = None) -> str:
-    """Registers (once) and names the all-16 mixture of `source`."""
-    name = naming.all_languages_name(source, temperature)
-    if temperature is None:
-        temperature = DEFAULT_TEMPERATURE
-    elif temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    return _add(name, task_names(source, languages.CODES), temperature)
+def all_languages_mixture(source: str, temperature: float | None = None) -> str:
+  """Registers (once) and names the all-16 mixture of `source`."""
+  name = naming.all_languages_name(source, temperature)
+  if temperature is None:
+    temperature = DEFAULT_TEMPERATURE
+  elif temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}")
+  return _add(name, task_names(source, languages.CODES), temperature)
 
 
 def partition_mixture_names(
-        source: str, scheme: partitions.PartitionScheme,
-        temperature: float = DEFAULT_TEMPERATURE) -> list[str]:
-    """Registers (once) and names one mixture per partition of `scheme`.
+    source: str,
+    scheme: partitions.PartitionScheme,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> list[str]:
+  """Registers (once) and names one mixture per partition of `scheme`.
 
-    The trainer stacks one batch from each into a [P, B/P, L] batch.
-    """
-    _check_source(source)
-    return [
-        _add(naming.partition_name(source, scheme.name, p),
-             task_names(source, members), temperature)
-        for p, members in enumerate(scheme.partitions)
-    ]
+  The trainer stacks one batch from each into a [P, B/P, L] batch.
+  """
+  _check_source(source)
+  return [
+      _add(
+          naming.partition_name(source, scheme.name, p),
+          task_names(source, members),
+          temperature,
+      )
+      for p, members in enumerate(scheme.partitions)
+  ]
 
 
 def register() -> None:
-    """Registers the default mixtures of every source (idempotent)."""
-    sample.register()
-    mc4.register()
-    for source in SOURCES:
-        all_languages_mixture(source)
-        for scheme in DEFAULT_SCHEMES:
-            partition_mixture_names(source, scheme)
+  """Registers the default mixtures of every source (idempotent)."""
+  sample.register()
+  mc4.register()
+  for source in SOURCES:
+    all_languages_mixture(source)
+    for scheme in DEFAULT_SCHEMES:
+      partition_mixture_names(source, scheme)
 
 
 register()

@@ -16,88 +16,93 @@ import tensorflow as tf
 LANGUAGE_IDS = "language_ids"
 
 
-def split_to_length(dataset: tf.data.Dataset, sequence_length=None
-                    ) -> tf.data.Dataset:
-    """Splits tokenized `targets` into chunks of at most L-1 tokens.
+def split_to_length(
+    dataset: tf.data.Dataset, sequence_length=None
+) -> tf.data.Dataset:
+  """Splits tokenized `targets` into chunks of at most L-1 tokens.
 
-    Long mC4 documents would otherwise be truncated to their first L tokens,
-    wasting most of the text; splitting keeps every token (as T5's
-    `split_tokens` does). Other features are copied to every chunk. SeqIO's
-    packer fills rows greedily in order, so only chunks shorter than a row
-    (short documents and remainders) share rows with their neighbours.
+  Long mC4 documents would otherwise be truncated to their first L tokens,
+  wasting most of the text; splitting keeps every token (as T5's
+  `split_tokens` does). Other features are copied to every chunk. SeqIO's
+  packer fills rows greedily in order, so only chunks shorter than a row
+  (short documents and remainders) share rows with their neighbours.
 
-    Args:
-        dataset: examples with a rank-1 int `targets`.
-        sequence_length: {"targets": L}; None (e.g. raw inspection) leaves
-            examples whole.
-    """
-    if not sequence_length or sequence_length.get("targets") is None:
-        return dataset
-    max_len = sequence_length["targets"] - 1
-    if max_len < 1:
-        raise ValueError(
-            f"targets length must be >= 2 (one token + EOS), got "
-            f"{sequence_length['targets']!r}")
+  Args:
+    dataset: examples with a rank-1 int `targets`.
+    sequence_length: {"targets": L}; None (e.g. raw inspection) leaves
+        examples whole.
+  """
+  if not sequence_length or sequence_length.get("targets") is None:
+    return dataset
+  max_len = sequence_length["targets"] - 1
+  if max_len < 1:
+    raise ValueError(
+        f"targets length must be >= 2 (one token + EOS), got "
+        f"{sequence_length['targets']!r}"
+    )
 
-    def chunks(ex):
-        tokens = ex["targets"]
-        starts = tf.range(0, tf.size(tokens), max_len)
+  def chunks(ex):
+    tokens = ex["targets"]
+    starts = tf.range(0, tf.size(tokens), max_len)
 
-        def one(start):
-            out = dict(ex)
-            out["targets"] = tokens[start:start + max_len]
-            return out
+    def one(start):
+      out = dict(ex)
+      out["targets"] = tokens[start : start + max_len]
+      return out
 
-        return tf.data.Dataset.from_tensor_slices(starts).map(one)
+    return tf.data.Dataset.from_tensor_slices(starts).map(one)
 
-    return dataset.flat_map(chunks)
+  return dataset.flat_map(chunks)
 
 
-def add_language_ids(dataset: tf.data.Dataset, language_id: int
-                     ) -> tf.data.Dataset:
-    """Adds int32 `language_ids` with the shape of `targets`, all `language_id`.
+def add_language_ids(
+    dataset: tf.data.Dataset, language_id: int
+) -> tf.data.Dataset:
+  """Adds int32 `language_ids` with the shape of `targets`, all `language_id`.
 
-    Must run after EOS is appended so the two features have equal lengths.
-    """
+  Must run after EOS is appended so the two features have equal lengths.
+  """
 
-    @seqio.map_over_dataset
-    def add(ex):
-        ex = dict(ex)
-        ex[LANGUAGE_IDS] = tf.fill(tf.shape(ex["targets"]),
-                                   tf.constant(language_id, tf.int32))
-        return ex
+  @seqio.map_over_dataset
+  def add(ex):
+    ex = dict(ex)
+    ex[LANGUAGE_IDS] = tf.fill(
+        tf.shape(ex["targets"]), tf.constant(language_id, tf.int32)
+    )
+    return ex
 
-    return add(dataset)
+  return add(dataset)
 
 
 def lm_preprocessors(language_id: int, text_key: str = "text"):
-    """The preprocessor chain of every per-language LM task."""
+  """The preprocessor chain of every per-language LM task."""
 
-    def with_language(dataset):
-        return add_language_ids(dataset, language_id)
+  def with_language(dataset):
+    return add_language_ids(dataset, language_id)
 
-    return [
-        functools.partial(seqio.preprocessors.rekey,
-                          key_map={"targets": text_key}),
-        seqio.preprocessors.tokenize,
-        split_to_length,
-        seqio.preprocessors.append_eos_after_trim,
-        with_language,
-    ]
+  return [
+      functools.partial(
+          seqio.preprocessors.rekey, key_map={"targets": text_key}
+      ),
+      seqio.preprocessors.tokenize,
+      split_to_length,
+      seqio.preprocessors.append_eos_after_trim,
+      with_language,
+  ]
 
 
 def _json_text(line: bytes) -> bytes:
-    record = json.loads(line)
-    return record["text"].encode("utf-8")
+  record = json.loads(line)
+  return record["text"].encode("utf-8")
 
 
 @seqio.map_over_dataset
 def parse_c4_json(line: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Parses one line of an allenai/c4 json.gz shard into {"text": ...}.
+  """Parses one line of an allenai/c4 json.gz shard into {"text": ...}.
 
-    Each line is a JSON object with `text`, `timestamp` and `url`; only the
-    text is kept. TF has no JSON op for arbitrary objects, so Python parses it.
-    """
-    text = tf.numpy_function(_json_text, [line], tf.string, stateful=False)
-    text.set_shape([])
-    return {"text": text}
+  Each line is a JSON object with `text`, `timestamp` and `url`; only the
+  text is kept. TF has no JSON op for arbitrary objects, so Python parses it.
+  """
+  text = tf.numpy_function(_json_text, [line], tf.string, stateful=False)
+  text.set_shape([])
+  return {"text": text}

@@ -17,30 +17,35 @@ SOURCE = "sample"
 
 
 def _dataset_fn(code: str):
-    def dataset_fn(split: str, shuffle_files: bool, seed=None):
-        del shuffle_files, seed  # One small in-memory "file"; Task shuffles.
-        text = list(data.split_paragraphs(code, split))
-        return tf.data.Dataset.from_tensor_slices({"text": text})
-    return dataset_fn
+  def dataset_fn(split: str, shuffle_files: bool, seed=None):
+    del shuffle_files, seed  # One small in-memory "file"; Task shuffles.
+    text = list(data.split_paragraphs(code, split))
+    return tf.data.Dataset.from_tensor_slices({"text": text})
+
+  return dataset_fn
 
 
 def register() -> None:
-    """Registers one task per language (idempotent)."""
-    for lang in languages.LANGUAGES:
-        name = naming.task_name(SOURCE, lang.code)
-        if name in seqio.TaskRegistry.names():
-            continue
-        seqio.TaskRegistry.add(
-            name,
-            source=seqio.FunctionDataSource(
-                _dataset_fn(lang.code), splits=data.SPLITS,
-                num_input_examples={
-                    s: len(data.split_paragraphs(lang.code, s))
-                    for s in data.SPLITS}),
-            preprocessors=preprocessors.lm_preprocessors(
-                languages.language_id(lang.code)),
-            output_features=vocab.output_features(),
-            metric_fns=[])
+  """Registers one task per language (idempotent)."""
+  for lang in languages.LANGUAGES:
+    name = naming.task_name(SOURCE, lang.code)
+    if name in seqio.TaskRegistry.names():
+      continue
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(
+            _dataset_fn(lang.code),
+            splits=data.SPLITS,
+            num_input_examples={
+                s: len(data.split_paragraphs(lang.code, s)) for s in data.SPLITS
+            },
+        ),
+        preprocessors=preprocessors.lm_preprocessors(
+            languages.language_id(lang.code)
+        ),
+        output_features=vocab.output_features(),
+        metric_fns=[],
+    )
 
 
 register()

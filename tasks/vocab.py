@@ -22,16 +22,17 @@ MT5_SPM_MODEL = "gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model"
 
 @functools.cache
 def get_vocabulary() -> seqio.SentencePieceVocabulary:
-    """The SentencePiece vocabulary named by $TR_SPM_MODEL, else the sample's."""
-    return seqio.SentencePieceVocabulary(os.environ.get(ENV_VAR) or
-                                         data.vocab_path())
+  """The SentencePiece vocabulary named by $TR_SPM_MODEL, else the sample's."""
+  return seqio.SentencePieceVocabulary(
+      os.environ.get(ENV_VAR) or data.vocab_path()
+  )
 
 
 def output_features() -> dict[str, seqio.Feature]:
-    """LM output features: EOS-terminated targets and per-token language ids."""
-    return {
-        "targets": seqio.Feature(get_vocabulary(), add_eos=True,
-                                 dtype="int32"),
-        "language_ids": seqio.Feature(seqio.PassThroughVocabulary(size=0),
-                                      add_eos=False, dtype="int32"),
-    }
+  """LM output features: EOS-terminated targets and per-token language ids."""
+  return {
+      "targets": seqio.Feature(get_vocabulary(), add_eos=True, dtype="int32"),
+      "language_ids": seqio.Feature(
+          seqio.PassThroughVocabulary(size=0), add_eos=False, dtype="int32"
+      ),
+  }

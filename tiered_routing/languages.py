@@ -11,22 +11,22 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Language:
-    """One language of the study.
+  """One language of the study.
 
-    Attributes:
-        code: mC4 / ISO 639-1 code, e.g. "hi".
-        name: English name.
-        family: the study's grouping (not strictly genealogical: Urdu sits with the
-            Arabic-script languages of West and Central Asia, Vietnamese with East
-            Asia, because script and region dominate what a tokenizer and a router
-            see).
-        script: main writing system of the mC4 text.
-    """
+  Attributes:
+    code: mC4 / ISO 639-1 code, e.g. "hi".
+    name: English name.
+    family: the study's grouping (not strictly genealogical: Urdu sits with the
+        Arabic-script languages of West and Central Asia, Vietnamese with East
+        Asia, because script and region dominate what a tokenizer and a router
+        see).
+    script: main writing system of the mC4 text.
+  """
 
-    code: str
-    name: str
-    family: str
-    script: str
+  code: str
+  name: str
+  family: str
+  script: str
 
 
 LANGUAGES: tuple[Language, ...] = (
@@ -49,30 +49,34 @@ LANGUAGES: tuple[Language, ...] = (
 )
 
 CODES: tuple[str, ...] = tuple(lang.code for lang in LANGUAGES)
-FAMILIES: tuple[str, ...] = tuple(dict.fromkeys(lang.family for lang in LANGUAGES))
+FAMILIES: tuple[str, ...] = tuple(
+    dict.fromkeys(lang.family for lang in LANGUAGES)
+)
 NUM_LANGUAGES = len(LANGUAGES)
 
 _BY_CODE = {lang.code: lang for lang in LANGUAGES}
 
 
 def get(code: str) -> Language:
-    """Returns the `Language` for `code`, or raises a ValueError naming it."""
-    try:
-        return _BY_CODE[code]
-    except KeyError:
-        raise ValueError(
-            f"Unknown language {code!r}; allowed: {', '.join(CODES)}") from None
+  """Returns the `Language` for `code`, or raises a ValueError naming it."""
+  try:
+    return _BY_CODE[code]
+  except KeyError:
+    raise ValueError(
+        f"Unknown language {code!r}; allowed: {', '.join(CODES)}"
+    ) from None
 
 
 def language_id(code: str) -> int:
-    """Stable integer id of a language: its index in `LANGUAGES`."""
-    get(code)
-    return CODES.index(code)
+  """Stable integer id of a language: its index in `LANGUAGES`."""
+  get(code)
+  return CODES.index(code)
 
 
 def family_members(family: str) -> tuple[str, ...]:
-    """Codes of the languages in `family`, in canonical order."""
-    if family not in FAMILIES:
-        raise ValueError(
-            f"Unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
-    return tuple(lang.code for lang in LANGUAGES if lang.family == family)
+  """Codes of the languages in `family`, in canonical order."""
+  if family not in FAMILIES:
+    raise ValueError(
+        f"Unknown family {family!r}; allowed: {', '.join(FAMILIES)}"
+    )
+  return tuple(lang.code for lang in LANGUAGES if lang.family == family)

@@ -29,206 +29,253 @@ EOS = 1
 
 
 def test_sample_split_is_fixed_disjoint_and_complete():
-    for code in languages.CODES:
-        train = data.split_paragraphs(code, "train")
-        val = data.split_paragraphs(code, "validation")
-        assert set(train).isdisjoint(val)
-        assert len(train) + len(val) == len(data.paragraphs(code))
-        assert 9 <= len(val) <= 10
-    # Every 6th paragraph, counting from 1, is held out.
-    assert data.split_paragraphs("en", "validation")[0] == data.paragraphs(
-        "en")[5]
-    assert data.paragraphs("en")[5].startswith("Whereas the peoples")
-    with pytest.raises(ValueError, match="'test'"):
-        data.split_paragraphs("en", "test")
+  for code in languages.CODES:
+    train = data.split_paragraphs(code, "train")
+    val = data.split_paragraphs(code, "validation")
+    assert set(train).isdisjoint(val)
+    assert len(train) + len(val) == len(data.paragraphs(code))
+    assert 9 <= len(val) <= 10
+  # Every 6th paragraph, counting from 1, is held out.
+  assert (
+      data.split_paragraphs("en", "validation")[0] == data.paragraphs("en")[5]
+  )
+  assert data.paragraphs("en")[5].startswith("Whereas the peoples")
+  with pytest.raises(ValueError, match="'test'"):
+    data.split_paragraphs("en", "test")
 
 
 @pytest.mark.parametrize("source", mixtures.SOURCES)
 def test_all_tasks_and_default_mixtures_are_registered(source):
-    for code in languages.CODES:
-        assert naming.task_name(source, code) in seqio.TaskRegistry.names()
-    mix = seqio.get_mixture_or_task(f"tr.{source}.all_v1")
-    assert len(mix.tasks) == 16
-    for scheme in mixtures.DEFAULT_SCHEMES:
-        for p in range(scheme.num_partitions):
-            name = naming.partition_name(source, scheme.name, p)
-            members = {t.name for t in seqio.get_mixture_or_task(name).tasks}
-            assert members == {naming.task_name(source, c)
-                               for c in scheme.languages_of(p)}
+  for code in languages.CODES:
+    assert naming.task_name(source, code) in seqio.TaskRegistry.names()
+  mix = seqio.get_mixture_or_task(f"tr.{source}.all_v1")
+  assert len(mix.tasks) == 16
+  for scheme in mixtures.DEFAULT_SCHEMES:
+    for p in range(scheme.num_partitions):
+      name = naming.partition_name(source, scheme.name, p)
+      members = {t.name for t in seqio.get_mixture_or_task(name).tasks}
+      assert members == {
+          naming.task_name(source, c) for c in scheme.languages_of(p)
+      }
 
 
 @pytest.mark.parametrize("code", languages.CODES)
 def test_sample_task_yields_eos_terminated_chunks_with_language_ids(code):
-    task = seqio.get_mixture_or_task(naming.task_name("sample", code))
-    ds = task.get_dataset({"targets": 32}, split="validation", shuffle=False)
-    examples = list(ds.as_numpy_iterator())
-    assert examples
-    for ex in examples:
-        assert ex["targets"].dtype == np.int32 and ex["targets"].ndim == 1
-        assert 1 <= len(ex["targets"]) <= 32
-        np.testing.assert_array_equal(
-            ex["language_ids"],
-            np.full_like(ex["targets"], languages.language_id(code)))
-    # Splitting keeps every token: the chunks re-join to the paragraphs.
-    vocab = task.output_features["targets"].vocabulary
-    joined = np.concatenate([ex["targets"][:-1] for ex in examples])
-    expected = np.concatenate([vocab.encode(p) for p in
-                               data.split_paragraphs(code, "validation")])
-    np.testing.assert_array_equal(joined, expected)
-    assert all(ex["targets"][-1] == EOS for ex in examples)
+  task = seqio.get_mixture_or_task(naming.task_name("sample", code))
+  ds = task.get_dataset({"targets": 32}, split="validation", shuffle=False)
+  examples = list(ds.as_numpy_iterator())
+  assert examples
+  for ex in examples:
+    assert ex["targets"].dtype == np.int32 and ex["targets"].ndim == 1
+    assert 1 <= len(ex["targets"]) <= 32
+    np.testing.assert_array_equal(
+        ex["language_ids"],
+        np.full_like(ex["targets"], languages.language_id(code)),
+    )
+  # Splitting keeps every token: the chunks re-join to the paragraphs.
+  vocab = task.output_features["targets"].vocabulary
+  joined = np.concatenate([ex["targets"][:-1] for ex in examples])
+  expected = np.concatenate(
+      [vocab.encode(p) for p in data.split_paragraphs(code, "validation")]
+  )
+  np.testing.assert_array_equal(joined, expected)
+  assert all(ex["targets"][-1] == EOS for ex in examples)
 
 
 def test_feature_converter_packs_ids_golden():
-    ds = tf.data.Dataset.from_generator(
-        lambda: iter([{"targets": [3, 9, 1], "language_ids": [0, 0, 0]},
-                      {"targets": [4, 1], "language_ids": [13, 13]}]),
-        output_signature={"targets": tf.TensorSpec([None], tf.int32),
-                          "language_ids": tf.TensorSpec([None], tf.int32)})
-    converter = features.PartitionedLMFeatureConverter(partitions.family(4))
-    ex = next(converter(ds, {"targets": 6}).as_numpy_iterator())
-    expected = {
-        "decoder_target_tokens": [3, 9, 1, 4, 1, 0],
-        "decoder_input_tokens": [0, 3, 9, 0, 4, 0],
-        "decoder_loss_weights": [1, 1, 1, 1, 1, 0],
-        # Id 0 (hi, partition 0) must not be mistaken for padding by packing.
-        "decoder_language_ids": [0, 0, 0, 13, 13, 0],
-        "decoder_partition_ids": [0, 0, 0, 3, 3, 0],  # hi -> 0, en -> 3
-        "decoder_segment_ids": [1, 1, 1, 2, 2, 0],
-        "decoder_positions": [0, 1, 2, 0, 1, 0],
-    }
-    assert set(ex) == set(expected)
-    for key, value in expected.items():
-        np.testing.assert_array_equal(ex[key], value, err_msg=key)
+  ds = tf.data.Dataset.from_generator(
+      lambda: iter(
+          [
+              {"targets": [3, 9, 1], "language_ids": [0, 0, 0]},
+              {"targets": [4, 1], "language_ids": [13, 13]},
+          ]
+      ),
+      output_signature={
+          "targets": tf.TensorSpec([None], tf.int32),
+          "language_ids": tf.TensorSpec([None], tf.int32),
+      },
+  )
+  converter = features.PartitionedLMFeatureConverter(partitions.family(4))
+  ex = next(converter(ds, {"targets": 6}).as_numpy_iterator())
+  expected = {
+      "decoder_target_tokens": [3, 9, 1, 4, 1, 0],
+      "decoder_input_tokens": [0, 3, 9, 0, 4, 0],
+      "decoder_loss_weights": [1, 1, 1, 1, 1, 0],
+      # Id 0 (hi, partition 0) must not be mistaken for padding by packing.
+      "decoder_language_ids": [0, 0, 0, 13, 13, 0],
+      "decoder_partition_ids": [0, 0, 0, 3, 3, 0],  # hi -> 0, en -> 3
+      "decoder_segment_ids": [1, 1, 1, 2, 2, 0],
+      "decoder_positions": [0, 1, 2, 0, 1, 0],
+  }
+  assert set(ex) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(ex[key], value, err_msg=key)
 
 
 def test_feature_converter_requires_language_ids():
-    ds = tf.data.Dataset.from_tensors({"targets": tf.constant([3, 1])})
-    converter = features.PartitionedLMFeatureConverter(partitions.family(4))
-    with pytest.raises(ValueError, match="language_ids"):
-        converter(ds, {"targets": 4})
+  ds = tf.data.Dataset.from_tensors({"targets": tf.constant([3, 1])})
+  converter = features.PartitionedLMFeatureConverter(partitions.family(4))
+  with pytest.raises(ValueError, match="language_ids"):
+    converter(ds, {"targets": 4})
 
 
 def test_partition_ids_survive_packing_in_the_all_language_mixture():
-    scheme = partitions.random(4, seed=0)
-    # Rows longer than most paragraphs, so several sequences share a row.
-    ds = inputs.get_dataset("tr.sample.all_v1", scheme=scheme,
-                            sequence_length=256, batch_size=16, seed=3)
-    batch = next(inputs.batch_iterator(ds))
-    table = scheme.language_to_partition_table()
-    used = batch["decoder_loss_weights"] > 0
-    np.testing.assert_array_equal(
-        batch["decoder_partition_ids"][used],
-        table[batch["decoder_language_ids"][used]])
-    mixed_rows = 0
-    for row in range(16):
-        segs = batch["decoder_segment_ids"][row]
-        langs = batch["decoder_language_ids"][row]
-        per_segment = [set(langs[segs == s]) for s in set(segs[used[row]])]
-        assert all(len(s) == 1 for s in per_segment)  # one language a sequence
-        mixed_rows += len(set().union(*per_segment)) > 1
-    assert mixed_rows > 0  # packing really did mix languages in a row
+  scheme = partitions.random(4, seed=0)
+  # Rows longer than most paragraphs, so several sequences share a row.
+  ds = inputs.get_dataset(
+      "tr.sample.all_v1",
+      scheme=scheme,
+      sequence_length=256,
+      batch_size=16,
+      seed=3,
+  )
+  batch = next(inputs.batch_iterator(ds))
+  table = scheme.language_to_partition_table()
+  used = batch["decoder_loss_weights"] > 0
+  np.testing.assert_array_equal(
+      batch["decoder_partition_ids"][used],
+      table[batch["decoder_language_ids"][used]],
+  )
+  mixed_rows = 0
+  for row in range(16):
+    segs = batch["decoder_segment_ids"][row]
+    langs = batch["decoder_language_ids"][row]
+    per_segment = [set(langs[segs == s]) for s in set(segs[used[row]])]
+    assert all(len(s) == 1 for s in per_segment)  # one language a sequence
+    mixed_rows += len(set().union(*per_segment)) > 1
+  assert mixed_rows > 0  # packing really did mix languages in a row
 
 
 def test_partitioned_batches_keep_each_partition_in_its_block():
-    scheme = partitions.family(4)
-    names = mixtures.partition_mixture_names("sample", scheme)
-    ds = inputs.partitioned_dataset(names, global_batch_size=8, scheme=scheme,
-                                    sequence_length=32)
-    for batch in inputs.batch_iterator(ds.take(3)):
-        assert batch["decoder_target_tokens"].shape == (4, 2, 32)
-        for p in range(4):
-            used = batch["decoder_loss_weights"][p] > 0
-            assert set(batch["decoder_partition_ids"][p][used]) == {p}
-            langs = {languages.CODES[i]
-                     for i in batch["decoder_language_ids"][p][used]}
-            assert langs <= set(scheme.languages_of(p))
+  scheme = partitions.family(4)
+  names = mixtures.partition_mixture_names("sample", scheme)
+  ds = inputs.partitioned_dataset(
+      names, global_batch_size=8, scheme=scheme, sequence_length=32
+  )
+  for batch in inputs.batch_iterator(ds.take(3)):
+    assert batch["decoder_target_tokens"].shape == (4, 2, 32)
+    for p in range(4):
+      used = batch["decoder_loss_weights"][p] > 0
+      assert set(batch["decoder_partition_ids"][p][used]) == {p}
+      langs = {
+          languages.CODES[i] for i in batch["decoder_language_ids"][p][used]
+      }
+      assert langs <= set(scheme.languages_of(p))
 
 
 def test_data_order_is_a_function_of_step():
-    scheme = partitions.family(2)
-    names = mixtures.partition_mixture_names("sample", scheme)
+  scheme = partitions.family(2)
+  names = mixtures.partition_mixture_names("sample", scheme)
 
-    def make():
-        return inputs.partitioned_dataset(
-            names, global_batch_size=4, scheme=scheme, sequence_length=16,
-            seed=11)
+  def make():
+    return inputs.partitioned_dataset(
+        names, global_batch_size=4, scheme=scheme, sequence_length=16, seed=11
+    )
 
-    uninterrupted = list(inputs.batch_iterator(make().take(5)))
-    resumed = next(inputs.batch_iterator(make(), start_step=4))
-    for key, value in uninterrupted[4].items():
-        np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+  uninterrupted = list(inputs.batch_iterator(make().take(5)))
+  resumed = next(inputs.batch_iterator(make(), start_step=4))
+  for key, value in uninterrupted[4].items():
+    np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
 def test_temperature_sampling_rates():
-    name = mixtures.all_languages_mixture("sample", temperature=2.0)
-    assert name == "tr.sample.all_t2_v1"
-    mix = seqio.get_mixture_or_task(name)
-    for task in mix.tasks:
-        n = task.num_input_examples("train")
-        assert mix.get_rate(task) == pytest.approx(n ** 0.5)
+  name = mixtures.all_languages_mixture("sample", temperature=2.0)
+  assert name == "tr.sample.all_t2_v1"
+  mix = seqio.get_mixture_or_task(name)
+  for task in mix.tasks:
+    n = task.num_input_examples("train")
+    assert mix.get_rate(task) == pytest.approx(n**0.5)
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: mixtures.all_languages_mixture("wiki"), "'wiki'"),
-    (lambda: mixtures.all_languages_mixture("sample", temperature=0), "0"),
-    (lambda: inputs.partitioned_dataset(
-        ["tr.sample.hi_v1"] * 4, global_batch_size=6,
-        scheme=partitions.family(4), sequence_length=8),
-     "global_batch_size=6"),
-    (lambda: inputs.get_dataset("tr.sample.hi_v1", scheme=partitions.family(4),
-                                sequence_length=1, batch_size=2),
-     "sequence_length=1"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: mixtures.all_languages_mixture("wiki"), "'wiki'"),
+        (lambda: mixtures.all_languages_mixture("sample", temperature=0), "0"),
+        (
+            lambda: inputs.partitioned_dataset(
+                ["tr.sample.hi_v1"] * 4,
+                global_batch_size=6,
+                scheme=partitions.family(4),
+                sequence_length=8,
+            ),
+            "global_batch_size=6",
+        ),
+        (
+            lambda: inputs.get_dataset(
+                "tr.sample.hi_v1",
+                scheme=partitions.family(4),
+                sequence_length=1,
+                batch_size=2,
+            ),
+            "sequence_length=1",
+        ),
+    ],
+)
 def test_bad_input_raises_naming_the_value(build, message):
-    with pytest.raises(ValueError, match=message):
-        build()
+  with pytest.raises(ValueError, match=message):
+    build()
 
 
 def test_mc4_tfds_tasks_under_mock_data():
-    # Under the mock TFDS knows no split sizes (no dataset_info.json), which
-    # SeqIO asks for when building a dataset; report the mock's size.
-    with tfds.testing.mock_data(num_examples=6), mock.patch.object(
-            seqio.TfdsDataSource, "num_input_examples",
-            lambda self, split: 6):
-        task = seqio.get_mixture_or_task("tr.mc4.kk_v1")
-        ex = next(task.get_dataset({"targets": 16}, split="validation",
-                                   shuffle=False).as_numpy_iterator())
-        assert set(ex["language_ids"]) == {languages.language_id("kk")}
-        ds = inputs.get_dataset("tr.mc4.all_v1", scheme=partitions.family(4),
-                                sequence_length=16, batch_size=4)
-        batch = next(inputs.batch_iterator(ds))
-    assert batch["decoder_partition_ids"].shape == (4, 16)
-    assert batch["decoder_target_tokens"].dtype == np.int32
+  # Under the mock TFDS knows no split sizes (no dataset_info.json), which
+  # SeqIO asks for when building a dataset; report the mock's size.
+  with tfds.testing.mock_data(num_examples=6), mock.patch.object(
+      seqio.TfdsDataSource, "num_input_examples", lambda self, split: 6
+  ):
+    task = seqio.get_mixture_or_task("tr.mc4.kk_v1")
+    ex = next(
+        task.get_dataset(
+            {"targets": 16}, split="validation", shuffle=False
+        ).as_numpy_iterator()
+    )
+    assert set(ex["language_ids"]) == {languages.language_id("kk")}
+    ds = inputs.get_dataset(
+        "tr.mc4.all_v1",
+        scheme=partitions.family(4),
+        sequence_length=16,
+        batch_size=4,
+    )
+    batch = next(inputs.batch_iterator(ds))
+  assert batch["decoder_partition_ids"].shape == (4, 16)
+  assert batch["decoder_target_tokens"].dtype == np.int32
 
 
 def test_mc4_json_tasks_read_gzip_shards(tmp_path, monkeypatch):
-    docs = ["Tout être humain a droit à la vie.", "Nul ne sera tenu en "
-            "esclavage."]
-    for split in ("", "-validation"):
-        path = tmp_path / f"c4-de{split}.tfrecord-00000-of-00001.json.gz"
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps({"text": doc, "url": "x",
-                                    "timestamp": "t"}) + "\n")
-    task = seqio.get_mixture_or_task("tr.mc4_json.de_v1")
-    monkeypatch.delenv(mc4.JSON_DIR_ENV_VAR, raising=False)
-    with pytest.raises(ValueError, match=mc4.JSON_DIR_ENV_VAR):
-        task.get_dataset({"targets": 64}, split="validation")
-    monkeypatch.setenv(mc4.JSON_DIR_ENV_VAR, str(tmp_path))
-    examples = list(task.get_dataset({"targets": 64}, split="validation",
-                                     shuffle=False).as_numpy_iterator())
-    vocab = task.output_features["targets"].vocabulary
-    assert [vocab.decode(ex["targets"].tolist()) for ex in examples] == docs
+  docs = [
+      "Tout être humain a droit à la vie.",
+      "Nul ne sera tenu en " "esclavage.",
+  ]
+  for split in ("", "-validation"):
+    path = tmp_path / f"c4-de{split}.tfrecord-00000-of-00001.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      for doc in docs:
+        f.write(json.dumps({"text": doc, "url": "x", "timestamp": "t"}) + "\n")
+  task = seqio.get_mixture_or_task("tr.mc4_json.de_v1")
+  monkeypatch.delenv(mc4.JSON_DIR_ENV_VAR, raising=False)
+  with pytest.raises(ValueError, match=mc4.JSON_DIR_ENV_VAR):
+    task.get_dataset({"targets": 64}, split="validation")
+  monkeypatch.setenv(mc4.JSON_DIR_ENV_VAR, str(tmp_path))
+  examples = list(
+      task.get_dataset(
+          {"targets": 64}, split="validation", shuffle=False
+      ).as_numpy_iterator()
+  )
+  vocab = task.output_features["targets"].vocabulary
+  assert [vocab.decode(ex["targets"].tolist()) for ex in examples] == docs
 
 
 def test_train_vocab_rebuilds_the_shipped_vocabulary(tmp_path):
-    out = tmp_path / "spm.model"
-    subprocess.run([sys.executable, str(REPO / "scripts/train_vocab.py"),
-                    f"--output={out}"], check=True, capture_output=True)
-    rebuilt = spm.SentencePieceProcessor(model_file=str(out))
-    shipped = spm.SentencePieceProcessor(model_file=data.vocab_path())
-    assert rebuilt.get_piece_size() == shipped.get_piece_size() == 4096
-    for i in range(0, 4096, 7):
-        assert rebuilt.id_to_piece(i) == shipped.id_to_piece(i)
-        assert rebuilt.get_score(i) == shipped.get_score(i)
-    assert (shipped.pad_id(), shipped.eos_id(), shipped.unk_id()) == (0, 1, 2)
+  out = tmp_path / "spm.model"
+  subprocess.run(
+      [sys.executable, str(REPO / "scripts/train_vocab.py"), f"--output={out}"],
+      check=True,
+      capture_output=True,
+  )
+  rebuilt = spm.SentencePieceProcessor(model_file=str(out))
+  shipped = spm.SentencePieceProcessor(model_file=data.vocab_path())
+  assert rebuilt.get_piece_size() == shipped.get_piece_size() == 4096
+  for i in range(0, 4096, 7):
+    assert rebuilt.id_to_piece(i) == shipped.id_to_piece(i)
+    assert rebuilt.get_score(i) == shipped.get_score(i)
+  assert (shipped.pad_id(), shipped.eos_id(), shipped.unk_id()) == (0, 1, 2)

@@ -22,26 +22,29 @@ VALIDATION_EVERY = 6
 
 @functools.cache
 def paragraphs(code: str) -> tuple[str, ...]:
-    """All non-empty paragraphs of language `code`, in corpus order."""
-    languages.get(code)
-    text = (CORPUS_DIR / f"{code}.txt").read_text(encoding="utf-8")
-    return tuple(line.strip() for line in text.splitlines() if line.strip())
+  """All non-empty paragraphs of language `code`, in corpus order."""
+  languages.get(code)
+  text = (CORPUS_DIR / f"{code}.txt").read_text(encoding="utf-8")
+  return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def split_paragraphs(code: str, split: str) -> tuple[str, ...]:
-    """The deterministic train/validation split of one language."""
-    if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; allowed: {SPLITS}")
-    held_out = split == "validation"
-    return tuple(
-        p for i, p in enumerate(paragraphs(code))
-        if ((i + 1) % VALIDATION_EVERY == 0) == held_out)
+  """The deterministic train/validation split of one language."""
+  if split not in SPLITS:
+    raise ValueError(f"Unknown split {split!r}; allowed: {SPLITS}")
+  held_out = split == "validation"
+  return tuple(
+      p
+      for i, p in enumerate(paragraphs(code))
+      if ((i + 1) % VALIDATION_EVERY == 0) == held_out
+  )
 
 
 def vocab_path() -> str:
-    """Path of the SentencePiece model trained on the train split."""
-    if not VOCAB_PATH.exists():
-        raise FileNotFoundError(
-            f"{VOCAB_PATH} is missing; rebuild it with "
-            "`python scripts/train_vocab.py`")
-    return str(VOCAB_PATH)
+  """Path of the SentencePiece model trained on the train split."""
+  if not VOCAB_PATH.exists():
+    raise FileNotFoundError(
+        f"{VOCAB_PATH} is missing; rebuild it with "
+        "`python scripts/train_vocab.py`"
+    )
+  return str(VOCAB_PATH)
