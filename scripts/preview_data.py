@@ -8,6 +8,7 @@ decoded text of the first sequence, and the [P, B/P, L] partitioned layout.
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 import tasks  # pylint: disable=unused-import  (registers tasks)
@@ -46,6 +47,7 @@ def _show(title: str, batch) -> None:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.ERROR)  # SeqIO's per-task caching notes.
   scheme = partitions.make_scheme(_SCHEME.value, _N.value)
   common = dict(
       scheme=scheme, sequence_length=_LENGTH.value, shuffle=True, seed=0
