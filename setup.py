@@ -21,6 +21,7 @@ setuptools.setup(
     install_requires=[
         "absl-py==2.5.1",
         "clu==0.0.12",
+        "etils==1.15.0",
         "flax==0.12.8",
         "gin-config==0.5.0",
         f"jax=={JAX_VERSION}",
@@ -29,6 +30,7 @@ setuptools.setup(
         "numpy==2.4.6",
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
+        "scipy==1.17.1",
         "sentencepiece==0.2.3",
         "seqio==0.0.20",
         "tensorflow==2.21.0",
