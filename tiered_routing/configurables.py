@@ -7,7 +7,18 @@ configurable from gin files under the `tiered_routing.` prefix, e.g.
 
 import gin
 
+from tiered_routing import optimizers
+from tiered_routing import partitioning
+from tiered_routing import trainer
 from tiered_routing.model import transformer
 
 DecoderConfig = gin.external_configurable(
     transformer.DecoderConfig, module="tiered_routing")
+
+# Trainer (tiered_routing.train / eval binaries).
+OptimizerConfig = gin.external_configurable(
+    optimizers.OptimizerConfig, module="tiered_routing")
+TrainConfig = gin.external_configurable(
+    trainer.TrainConfig, module="tiered_routing")
+MeshConfig = gin.external_configurable(
+    partitioning.MeshConfig, module="tiered_routing")

@@ -3,30 +3,24 @@ r"""Parameter counts of a `DecoderConfig`: total and active per token.
 Shapes come from `jax.eval_shape` of the model's `init`, so nothing is
 allocated and full-size configs are counted in seconds.
 
-Usage:
+Usage (the gin flags are the train/eval binaries', see `gin_flags`):
   python -m tiered_routing.params --gin_file=gin/models/n16.gin \
-      [--gin_bindings="NUM_PARTITIONS = 8"]
+      [--gin_bindings="SHARING = 'attention'"] [--gin.VOCAB_SIZE=250112]
 """
 
 import dataclasses
 from typing import Sequence
 
 from absl import app
-from absl import flags
 import flax.linen as nn
-import gin
 import jax
 import jax.numpy as jnp
 
 from tiered_routing import configurables
+from tiered_routing import gin_flags
 from tiered_routing.model import transformer
 
-_GIN_FILES = flags.DEFINE_multi_string(
-    "gin_file", [], "gin files to parse, in order.")
-_GIN_BINDINGS = flags.DEFINE_multi_string(
-    "gin_bindings", [], "Individual gin bindings, applied after the files.")
-_GIN_SEARCH_PATHS = flags.DEFINE_list(
-    "gin_search_paths", ["."], "Directories gin file names are resolved in.")
+FLAGS = gin_flags.FLAGS
 
 # Leaf-path substrings that name each parameter category (first match wins).
 _CATEGORIES = (("expert", "experts"), ("router", "routers"),
@@ -138,11 +132,10 @@ def format_table(config: transformer.DecoderConfig) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  for path in _GIN_SEARCH_PATHS.value:
-    gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value)
+  gin_flags.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings,
+                      FLAGS.gin_search_paths)
   print(format_table(configurables.DecoderConfig()))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=gin_flags.parse_flags)

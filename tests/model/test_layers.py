@@ -9,6 +9,14 @@ import pytest
 from tiered_routing.model import layers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fast_cpu_rng_compile():
+  # XLA:CPU compiles partitionable threefry for multi-dimensional shapes ~6x
+  # slower; these single-device tests do not need sharding-invariant draws.
+  with jax.threefry_partitionable(False):
+    yield
+
+
 def _names(variables):
   """{path: logical axis names} of boxed params."""
   flat = jax.tree_util.tree_flatten_with_path(

@@ -8,6 +8,14 @@ import pytest
 
 from tiered_routing.model import moe
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_cpu_rng_compile():
+  # XLA:CPU compiles partitionable threefry for multi-dimensional shapes ~6x
+  # slower; these single-device tests do not need sharding-invariant draws.
+  with jax.threefry_partitionable(False):
+    yield
+
 D, E, F = 8, 4, 6
 
 
@@ -68,17 +76,15 @@ def _hand_moe(params, x_SxD):
   probs = jax.nn.softmax(x_SxD @ params["router"]["kernel"])
   w, idx = jax.lax.top_k(probs, 2)
   w = w / w.sum(-1, keepdims=True)
-  ex = params["expert"]
+  ex, sh = params["expert"], params["shared_mlp"]
   y = []
   for t in range(x_SxD.shape[0]):
-    out = 0.0
+    x = x_SxD[t]
+    out = jax.nn.gelu(x @ sh["wi"]) * (x @ sh["wi_gate"]) @ sh["wo"]
     for k in range(2):
-      e = int(idx[t, k])
-      h = jax.nn.gelu(x_SxD[t] @ ex["wi"][e]) * (x_SxD[t] @ ex["wi_gate"][e])
-      out = out + w[t, k] * (h @ ex["wo"][e])
-    sh = params["shared_mlp"]
-    h = jax.nn.gelu(x_SxD[t] @ sh["wi"]) * (x_SxD[t] @ sh["wi_gate"])
-    y.append(out + h @ sh["wo"])
+      wi, gate, wo = (ex[n][idx[t, k]] for n in ("wi", "wi_gate", "wo"))
+      out = out + w[t, k] * ((jax.nn.gelu(x @ wi) * (x @ gate)) @ wo)
+    y.append(out)
   return jnp.stack(y)
 
 
@@ -86,9 +92,8 @@ def test_matches_hand_computation(topk):
   _, variables, x, apply = topk
   y, _ = apply(variables, x, None)
   params = nn.unbox(variables)["params"]
-  for g in range(x.shape[0]):
-    np.testing.assert_allclose(y[g], _hand_moe(params, x[g]), rtol=2e-4,
-                               atol=2e-5)
+  want = jax.jit(jax.vmap(_hand_moe, in_axes=(None, 0)))(params, x)
+  np.testing.assert_allclose(y, want, rtol=2e-4, atol=2e-5)
 
 
 def test_sown_metrics(topk):
@@ -128,38 +133,42 @@ def test_groups_are_independent(topk):
   np.testing.assert_allclose(y[:1], y0, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["einsum", "sort_gather", "ragged"])
-def test_dispatch_impls_agree_with_reference_when_nothing_drops(impl):
+def test_dispatch_impls_agree_with_reference_when_nothing_drops():
   x = _x(g=2, s=6, seed=3)
-  ref = _moe(capacity_factor=4.0)
-  variables = jax.jit(ref.init)(jax.random.PRNGKey(4), x)
-  fast = _moe(dispatch=impl, capacity_factor=4.0)
-  want = jax.jit(ref.apply)(variables, x)
-  got = jax.jit(fast.apply)(variables, x)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  impls = ("reference", "auto", "einsum")
+  variables = jax.jit(_moe().init)(jax.random.PRNGKey(4), x)
+  outs = jax.jit(lambda v, x: [
+      _moe(dispatch=impl, capacity_factor=4.0).apply(v, x) for impl in impls
+  ])(variables, x)
+  for impl, got in zip(impls[1:], outs[1:]):
+    np.testing.assert_allclose(got, outs[0], rtol=1e-4, atol=1e-5, err_msg=impl)
 
 
-@pytest.mark.parametrize("router", ["expert_choice", "hash", "sequence_gate"])
-def test_other_routers_run(router):
-  layer = _moe(router=router, top_k=1, dispatch="sort_gather",
-               dtype=jnp.bfloat16)
+def test_other_routers_run_in_bfloat16():
+  routers = ("expert_choice", "hash", "sequence_gate")
   x = _x()
   ids = jnp.arange(10).reshape(2, 5)
   seg = jnp.array([[1, 1, 2, 2, 0], [1, 1, 1, 1, 1]])
-  fn = jax.jit(lambda x: layer.init_with_output(
-      jax.random.PRNGKey(0), x, token_ids_GxS=ids, segment_ids_GxS=seg,
-      mutable=["params", "intermediates"]))
-  y, variables = fn(x)
-  assert y.shape == x.shape and y.dtype == jnp.bfloat16
-  assert all(p.dtype == jnp.float32
-             for p in jax.tree.leaves(nn.unbox(variables["params"])))
-  assert np.isfinite(np.asarray(y, np.float32)).all()
-  sown = variables["intermediates"]
-  if router == "expert_choice":  # Capacity equals the router's: no drops.
-    assert float(sown["dropped_fraction"][0]) == 0.0
-  # Padding (segment 0) is routed nowhere, so its MoE output is exactly 0.
-  if router != "hash":
-    np.testing.assert_array_equal(np.asarray(y[0, 4], np.float32), 0.0)
+
+  def init_all(x):
+    return {router: _moe(router=router, top_k=1, dispatch="sort_gather",
+                         dtype=jnp.bfloat16).init_with_output(
+                             jax.random.PRNGKey(0), x, token_ids_GxS=ids,
+                             segment_ids_GxS=seg,
+                             mutable=["params", "intermediates"])
+            for router in routers}
+
+  for router, (y, variables) in jax.jit(init_all)(x).items():
+    assert y.shape == x.shape and y.dtype == jnp.bfloat16, router
+    assert all(p.dtype == jnp.float32
+               for p in jax.tree.leaves(nn.unbox(variables["params"])))
+    assert np.isfinite(np.asarray(y, np.float32)).all(), router
+    sown = variables["intermediates"]
+    if router == "expert_choice":  # Capacity equals the router's: no drops.
+      assert float(sown["dropped_fraction"][0]) == 0.0
+    # Padding (segment 0) is routed nowhere, so its MoE output is exactly 0.
+    if router != "hash":
+      np.testing.assert_array_equal(np.asarray(y[0, 4], np.float32), 0.0)
 
 
 def test_rejects_bad_inputs():

@@ -28,7 +28,8 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def fan_in_init(in_axis, out_axis, batch_axis=()) -> nn.initializers.Initializer:
+def fan_in_init(in_axis, out_axis,
+                batch_axis=()) -> nn.initializers.Initializer:
   """Truncated-normal init with variance 1/fan_in (T5 / Mesh TF default)."""
   return nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
@@ -70,11 +71,12 @@ class Embed(nn.Module):
     logits_BxLxV = jnp.einsum(
         "bld,vd->blv", x_BxLxD, self.embedding.astype(self.dtype),
         preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BxLxV, ("batch", "length", "vocab"))
+    return nn.with_logical_constraint(logits_BxLxV,
+                                      ("batch", "length", "vocab"))
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32."""
+  """Root-mean-square layer norm (Zhang & Sennrich 2019), in float32."""
 
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
@@ -114,7 +116,7 @@ def apply_rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array,
 def causal_segment_mask(length: int,
                         segment_ids_BxL: Optional[jax.Array] = None,
                         batch: int = 1) -> jax.Array:
-  """Boolean mask [B, 1, L, L]: query i may see key j iff j <= i (and same segment).
+  """Bool mask [B, 1, L, L]: query i sees key j iff j <= i (and same segment).
 
   With packing (several sequences per row, T5 "pack" feature converter) a token
   must attend only to earlier tokens of its own segment.
@@ -144,9 +146,9 @@ class MultiHeadAttention(nn.Module):
   rope_max_wavelength: float = 10_000.0
 
   def _kernel(self, name, shape, axes, in_axis, out_axis):
-    return self.param(
-        name, nn.with_logical_partitioning(fan_in_init(in_axis, out_axis), axes),
-        shape, jnp.float32).astype(self.dtype)
+    init = fan_in_init(in_axis, out_axis)
+    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.float32).astype(self.dtype)
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, *,

@@ -70,12 +70,19 @@ def routing_segment_ids(segment_ids_GxS: jax.Array, length: int) -> jax.Array:
 
 
 def _normalized_entropy(probs_TxE: jax.Array) -> jax.Array:
-  """Mean over tokens of H(p)/log(E): 1 = uniform routing, 0 = one-hot."""
+  """Mean of H(p)/log(E) over routed tokens: 1 = uniform, 0 = one-hot.
+
+  Padding tokens (all probabilities 0) are left out of the mean.
+  """
   e = probs_TxE.shape[-1]
   if e == 1:
     return jnp.zeros((), jnp.float32)
-  plogp = jnp.where(probs_TxE > 0, probs_TxE * jnp.log(probs_TxE), 0.0)
-  return jnp.mean(-jnp.sum(plogp, axis=-1)) / math.log(e)
+  safe_TxE = jnp.where(probs_TxE > 0, probs_TxE, 1.0)
+  entropy_T = -jnp.sum(probs_TxE * jnp.log(safe_TxE), axis=-1)
+  routed_T = jnp.sum(probs_TxE, axis=-1) > 0
+  mean = jnp.sum(jnp.where(routed_T, entropy_T, 0.0)) / jnp.maximum(
+      jnp.sum(routed_T), 1)
+  return mean / math.log(e)
 
 
 class ExpertWeights(nn.Module):
@@ -147,9 +154,8 @@ class MoeFeedForward(nn.Module):
     elif kind == "sequence_gate":
       kwargs = dict(num_experts=e, top_k=self.top_k)
     else:
-      raise ValueError(
-          f"Unknown router {kind!r}; choose one of 'token_topk', "
-          "'expert_choice', 'hash', 'sequence_gate'.")
+      raise ValueError(f"Unknown router {kind!r}; choose one of "
+                       f"{routing.ROUTER_KINDS}.")
     return routing.make_router(kind, name="router", **kwargs)
 
   def _route(self, x_GxSxD, token_ids_GxS, segment_ids_GxS, expert_mask_GxSxE,

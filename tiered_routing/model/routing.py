@@ -5,15 +5,12 @@ returns a token-major `RouterOutput`; `dispatch.moe_mlp` consumes it. Routers
 compute in float32 whatever the activation dtype: Switch Transformer (Fedus et
 al. 2021, "selective precision") found bfloat16 routers unstable.
 
-Conventions shared by all routers:
-  * `expert_mask_TxE` (bool, True = allowed) removes experts per token: their
-    logits become `MASKED_LOGIT`, their probability exactly 0, and they are
-    never given a non-zero combine weight. This one hook serves tier-1
-    partition masking, unlearning by expert masking and forced routing.
-  * `segment_ids_T` (optional): 0 marks padding. Padding tokens are routed
-    nowhere (all combine weights 0), so they use no expert capacity and do not
-    enter the auxiliary losses.
-  * A combine weight of 0.0 marks an unused slot.
+Shared conventions: `expert_mask_TxE` (bool, True = allowed) removes experts
+per token (logit `MASKED_LOGIT`, probability exactly 0, never a non-zero
+combine weight); this one hook serves tier-1 partition masking, unlearning by
+expert masking and forced routing. `segment_ids_T` 0 marks padding, routed
+nowhere (no capacity used, not in the auxiliary losses). A combine weight of
+0.0 marks an unused slot.
 """
 
 import math
@@ -41,6 +38,14 @@ class RouterOutput:
   router_logits_TxE: jax.Array     # float32, masked entries = MASKED_LOGIT
   load_balance_loss: jax.Array     # scalar; 1.0 at perfect balance; 0 if N/A
   z_loss: jax.Array                # scalar mean(logsumexp(logits)^2); 0 if N/A
+
+
+def _output(index_TxK, weights_TxK, probs_TxE, logits_TxE, balance_loss=0.0,
+            z_loss=0.0) -> RouterOutput:
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return RouterOutput(index_TxK.astype(jnp.int32), f32(weights_TxK),
+                      f32(probs_TxE), f32(logits_TxE), f32(balance_loss),
+                      f32(z_loss))
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -77,29 +82,16 @@ def load_balance_loss(probs_TxE: jax.Array, expert_index_TxK: jax.Array,
                       allowed_TxE: jax.Array | None = None) -> jax.Array:
   """Switch-Transformer auxiliary loss, normalized to 1.0 at perfect balance.
 
-  Switch (Fedus et al. 2021, eq. 4) uses E * sum_e f_e * P_e, where f_e is
-  the fraction of routed slots sent to expert e (so it also works for top-k)
-  and P_e the mean router probability of e; it equals 1.0 when both are
-  uniform. Under an expert mask the uniform distribution is unreachable (a
-  partition-pure group can use only its own experts), so the normalizer 1/E
-  is generalized to sum_e u_e^2, with u_e the mean over tokens of the uniform
-  distribution over each token's allowed experts. Without a mask this is
-  exactly Switch's loss; with one, 1.0 again means "as balanced as the mask
-  permits". Tokens with no allowed expert are ignored.
-
-  Args:
-    probs_TxE: router probabilities (0 for disallowed experts).
-    expert_index_TxK: chosen experts.
-    combine_weights_TxK: slot weights; slots with weight 0 are not routed.
-    allowed_TxE: optional bool mask of allowed experts.
-
-  Returns:
-    Scalar float32 loss (0 when nothing is routed).
+  Switch (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e, f_e the fraction of
+  routed (non-zero weight) slots sent to e, P_e the mean probability of e.
+  Under a mask uniform use is unreachable (a partition-pure group sees only
+  its own experts), so the normalizer 1/E becomes sum_e u_e^2, u_e the mean
+  over tokens of the uniform distribution over the token's allowed experts.
+  Without a mask this is exactly Switch's loss; with one, 1.0 again means "as
+  balanced as the mask permits". Tokens with no allowed expert are ignored.
   """
-  num_experts = probs_TxE.shape[-1]
-  routed_TxKxE = jax.nn.one_hot(expert_index_TxK, num_experts) * (
-      combine_weights_TxK != 0)[..., None]
-  counts_E = jax.lax.stop_gradient(routed_TxKxE.sum(axis=(0, 1)))
+  counts_E = jnp.zeros(probs_TxE.shape[-1]).at[expert_index_TxK].add(
+      (combine_weights_TxK != 0).astype(jnp.float32))
   f_E = counts_E / jnp.maximum(counts_E.sum(), 1.0)
   if allowed_TxE is None:
     allowed_TxE = jnp.ones(probs_TxE.shape, jnp.bool_)
@@ -109,16 +101,14 @@ def load_balance_loss(probs_TxE: jax.Array, expert_index_TxK: jax.Array,
   p_E = probs_TxE.sum(axis=0) / num_valid
   uniform_E = (allowed / jnp.maximum(num_allowed_T, 1.0)[:, None]).sum(0)
   ideal = jnp.sum((uniform_E / num_valid) ** 2)
-  return jnp.where(ideal > 0, jnp.sum(f_E * p_E) / jnp.maximum(ideal, 1e-30),
-                   0.0)
+  return jnp.sum(f_E * p_E) / jnp.maximum(ideal, 1e-30)
 
 
 def router_z_loss(masked_logits_TxE: jax.Array,
                   allowed_TxE: jax.Array) -> jax.Array:
   """ST-MoE router z-loss (Zoph et al. 2022, eq. 5) over routable tokens."""
   valid_T = allowed_TxE.any(axis=-1)
-  lse_T = jax.nn.logsumexp(masked_logits_TxE, axis=-1)
-  lse_T = jnp.where(valid_T, lse_T, 0.0)
+  lse_T = jnp.where(valid_T, jax.nn.logsumexp(masked_logits_TxE, -1), 0.0)
   return jnp.sum(lse_T ** 2) / jnp.maximum(valid_T.sum(), 1)
 
 
@@ -169,8 +159,7 @@ class TokenTopKRouter(nn.Module):
   def __post_init__(self):
     _check_top_k(self.top_k, self.num_experts)
     if not 0.0 <= self.jitter_noise < 1.0:
-      raise ValueError(
-          f'jitter_noise={self.jitter_noise!r}; allowed: 0 <= eps < 1.')
+      raise ValueError(f'jitter_noise={self.jitter_noise!r}; allowed: [0, 1).')
     super().__post_init__()
 
   @nn.compact
@@ -190,14 +179,10 @@ class TokenTopKRouter(nn.Module):
     if self.renormalize:
       top_p_TxK = top_p_TxK / jnp.maximum(
           top_p_TxK.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-    return RouterOutput(
-        expert_index_TxK=index_TxK.astype(jnp.int32),
-        combine_weights_TxK=top_p_TxK,
-        router_probs_TxE=probs_TxE,
-        router_logits_TxE=masked_TxE,
-        load_balance_loss=load_balance_loss(probs_TxE, index_TxK, top_p_TxK,
-                                            allowed_TxE),
-        z_loss=router_z_loss(masked_TxE, allowed_TxE))
+    return _output(
+        index_TxK, top_p_TxK, probs_TxE, masked_TxE,
+        load_balance_loss(probs_TxE, index_TxK, top_p_TxK, allowed_TxE),
+        router_z_loss(masked_TxE, allowed_TxE))
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -241,22 +226,15 @@ class ExpertChoiceRouter(nn.Module):
     weights_TxE = jnp.zeros((num_tokens, num_experts), jnp.float32).at[
         token_ExC, expert_ExC].set(jnp.maximum(top_ExC, 0.0),
                                    unique_indices=True)
-    return RouterOutput(
-        expert_index_TxK=jnp.broadcast_to(
-            jnp.arange(num_experts, dtype=jnp.int32), weights_TxE.shape),
-        combine_weights_TxK=weights_TxE,
-        router_probs_TxE=probs_TxE,
-        router_logits_TxE=masked_TxE,
-        load_balance_loss=jnp.zeros((), jnp.float32),
-        z_loss=router_z_loss(masked_TxE, allowed_TxE))
+    index_TxE = jnp.broadcast_to(jnp.arange(num_experts), weights_TxE.shape)
+    return _output(index_TxE, weights_TxE, probs_TxE, masked_TxE,
+                   z_loss=router_z_loss(masked_TxE, allowed_TxE))
 
 
 def _fmix32(h: jax.Array) -> jax.Array:
   """MurmurHash3 32-bit finalizer: a cheap, well-mixing integer hash."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
+  for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+    h = (h ^ (h >> shift)) * jnp.uint32(multiplier)
   return h ^ (h >> 16)
 
 
@@ -312,13 +290,8 @@ class HashRouter(nn.Module):
     weights_TxK = jnp.where(top_TxK >= 0, 1.0 / self.top_k, 0.0)
     probs_TxE = jnp.zeros((num_tokens, num_experts), jnp.float32).at[
         jnp.arange(num_tokens)[:, None], index_TxK].add(weights_TxK)
-    zero = jnp.zeros((), jnp.float32)
-    return RouterOutput(
-        expert_index_TxK=index_TxK.astype(jnp.int32),
-        combine_weights_TxK=weights_TxK.astype(jnp.float32),
-        router_probs_TxE=probs_TxE,
-        router_logits_TxE=jnp.where(allowed_TxE, 0.0, MASKED_LOGIT),
-        load_balance_loss=zero, z_loss=zero)
+    return _output(index_TxK, weights_TxK, probs_TxE,
+                   jnp.where(allowed_TxE, 0.0, MASKED_LOGIT))
 
 
 class SequenceGateRouter(nn.Module):
@@ -373,29 +346,21 @@ class SequenceGateRouter(nn.Module):
                                         jnp.finfo(jnp.float32).tiny)
     norm_probs_TxE = scores_TxE / jnp.maximum(
         scores_TxE.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-    return RouterOutput(
-        expert_index_TxK=index_TxK.astype(jnp.int32),
-        combine_weights_TxK=weights_TxK,
-        router_probs_TxE=scores_TxE,
-        router_logits_TxE=jnp.where(allowed_TxE, logits_TxE, MASKED_LOGIT),
-        load_balance_loss=load_balance_loss(norm_probs_TxE, index_TxK,
-                                            weights_TxK, allowed_TxE),
-        z_loss=jnp.zeros((), jnp.float32))
+    return _output(
+        index_TxK, weights_TxK, scores_TxE,
+        jnp.where(allowed_TxE, logits_TxE, MASKED_LOGIT),
+        load_balance_loss(norm_probs_TxE, index_TxK, weights_TxK, allowed_TxE))
 
 
 def _map_gates(params: Mapping[str, Any], fn) -> dict[str, Any]:
   """Applies fn to the (possibly logically boxed) 'gates' array of params."""
   if 'gates' not in params:
-    raise ValueError(
-        f'expected a SequenceGateRouter param dict with key "gates"; got keys '
-        f'{sorted(params)}.')
+    raise ValueError('expected a SequenceGateRouter param dict with key '
+                     f'"gates"; got keys {sorted(params)}.')
   gates = params['gates']
-  out = dict(params)
-  if isinstance(gates, nn.meta.AxisMetadata):
-    out['gates'] = gates.replace_boxed(fn(gates.unbox()))
-  else:
-    out['gates'] = fn(gates)
-  return out
+  boxed = isinstance(gates, nn.meta.AxisMetadata)
+  new = fn(gates.unbox() if boxed else gates)
+  return {**params, 'gates': gates.replace_boxed(new) if boxed else new}
 
 
 def add_expert_gate(params: Mapping[str, Any], new_row_D) -> dict[str, Any]:

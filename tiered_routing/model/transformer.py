@@ -28,12 +28,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tiered_routing.model import dispatch as dispatch_lib
 from tiered_routing.model import layers
 from tiered_routing.model import moe
+from tiered_routing.model import routing
 
 SHARING_LEVELS = ("none", "attention", "all")
-ROUTERS = ("token_topk", "expert_choice", "hash", "sequence_gate")
-DISPATCH_IMPLS = ("auto", "einsum", "sort_gather", "ragged", "reference")
+ROUTERS = routing.ROUTER_KINDS
+DISPATCH_IMPLS = dispatch_lib.IMPLS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
           "float16": jnp.float16}
 
@@ -102,7 +104,8 @@ class DecoderConfig:
 
   def _check_choices(self):
     for name, allowed in (("sharing", SHARING_LEVELS), ("router", ROUTERS),
-                          ("dispatch", DISPATCH_IMPLS), ("dtype", tuple(DTYPES)),
+                          ("dispatch", DISPATCH_IMPLS),
+                          ("dtype", tuple(DTYPES)),
                           ("activation", tuple(layers.ACTIVATIONS))):
       value = getattr(self, name)
       if value not in allowed:
