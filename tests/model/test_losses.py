@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tiered_routing.model import losses
+from tiered_routing.model import routing
 from tiered_routing.model import transformer
 
 
@@ -77,6 +78,32 @@ def test_collect_router_losses_sums_layers_and_averages_partitions():
   assert float(dense["router_z_loss"]) == 0.0
 
 
+def _with_captures(tree):
+  """`_sown_tree` plus outputs as `capture_intermediates` records them."""
+  big = jnp.array([100.0, 100.0])
+  captured = routing.RouterOutput(
+      jnp.zeros((2, 3, 1), jnp.int32), jnp.ones((2, 3, 1)),
+      jnp.ones((2, 3, 2)), jnp.ones((2, 3, 2)), big, big)
+  moe = tree["intermediates"]["decoder"]["layers_1"]["moe"]
+  moe["router"] = {"__call__": (captured,)}
+  moe["__call__"] = ({"load_balance_loss": big, "router_entropy": big},)
+  return tree
+
+
+def test_captured_outputs_are_not_collected():
+  plain, captured = _sown_tree(), _with_captures(_sown_tree())
+  for tree in (captured, captured["intermediates"]):
+    got = losses.collect_router_losses(tree)
+    want = losses.collect_router_losses(plain)
+    assert {k: float(v) for k, v in got.items()} == {
+        k: float(v) for k, v in want.items()}
+  got = losses.router_metrics(captured)
+  want = losses.router_metrics(plain)
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_total_loss_weights_router_losses():
   logits, targets = jnp.array([[1.0, 2.0, 3.0]]), jnp.array([2])
   ce, _ = _ce([1.0, 2.0, 3.0], 2)
@@ -123,3 +150,36 @@ def test_losses_from_a_real_model():
   for i in (0, 1):
     usage = metrics[f"decoder/layers_{i}/moe/expert_usage_E"]
     np.testing.assert_allclose(usage.sum(), 1.0, rtol=1e-5)
+
+
+def test_capture_intermediates_leaves_router_losses_unchanged():
+  config = transformer.DecoderConfig(
+      vocab_size=32, d_model=16, num_heads=2, head_dim=8, num_layers=2,
+      num_experts=4, expert_d_ff=8, num_partitions=2, sharing="attention",
+      dispatch="sort_gather")
+  model = transformer.TieredDecoder(config)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 2, 8), 0, 32)
+
+  @jax.jit
+  def run(tokens):
+    variables = model.init(jax.random.PRNGKey(1), tokens)
+    out = []
+    for capture in (False, True):  # True records every module's output.
+      _, state = model.apply(variables, tokens, mutable=["intermediates"],
+                             capture_intermediates=capture)
+      out.append((state, losses.collect_router_losses(state),
+                  losses.router_metrics(state)))
+    return out
+
+  with jax.threefry_partitionable(False):  # Faster to compile on CPU.
+    (_, plain, plain_metrics), (state, captured, captured_metrics) = run(
+        tokens)
+  # The captured RouterOutputs carry the loss values under the same names.
+  router = state["intermediates"]["decoder"]["layers_0"]["moe"]["router"]
+  assert isinstance(router["__call__"][0], routing.RouterOutput)
+  assert float(plain["load_balance_loss"]) > 0.0
+  for name in ("load_balance_loss", "router_z_loss"):
+    assert float(captured[name]) == float(plain[name]), name
+  assert set(captured_metrics) == set(plain_metrics)
+  for name, value in plain_metrics.items():
+    np.testing.assert_array_equal(captured_metrics[name], value, name)

@@ -11,6 +11,7 @@ import pytest
 from tiered_routing.model import layers
 from tiered_routing.model import losses
 from tiered_routing.model import transformer
+from tiered_routing.unlearning import token_routing
 
 P, B, L, V = 2, 2, 8, 32
 SEGMENTS = jnp.array([1, 1, 1, 2, 2, 2, 2, 0])
@@ -222,6 +223,80 @@ def test_masked_expert_gets_zero_gradient(partition0_grads):
       assert float(jnp.abs(g[0, :, 1]).max()) == 0.0, name
 
 
+# Per-layer masks: 4 layers with moe_every=2 make layers 1 and 3 the MoE
+# layers m = 0 and m = 1. Expert E_OFF is removed for partition 0 in MoE layer
+# 1 only; m != p, so a vmap slicing the wrong mask axis would mask partition 1.
+E_OFF = 1
+
+
+def _per_layer_mask(config):
+  mask = np.ones((2, P, config.experts_per_layer), bool)
+  mask[1, 0, E_OFF] = False
+  return jnp.asarray(mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _per_layer_run(sharing: str):
+  """Routing and partition-0 gradients under `_per_layer_mask`."""
+  model = transformer.TieredDecoder(_config(sharing=sharing, num_layers=4))
+  variables = _random_variables(model)
+  tokens, mask = _tokens(4), _per_layer_mask(model.config)
+
+  def loss(params):
+    logits, route, inter = token_routing.apply_with_routing(
+        model, {"params": params}, tokens, expert_mask_MxPxE=mask)
+    ce, _, _ = losses.cross_entropy_loss(logits[0, :, :-1], tokens[0, :, 1:])
+    if sharing != "all":  # Partition 0's own router losses.
+      ce += sum(v[0] for path, v in _flat(inter).items()
+                if path.endswith(("load_balance_loss/0", "router_z_loss/0")))
+    return ce, (logits, route)
+
+  def run(params):
+    (_, (logits, route)), grads = jax.value_and_grad(loss, has_aux=True)(
+        params)
+    # The same mask in both layers, given in either form.
+    both = jnp.broadcast_to(mask[1], mask.shape)
+    same = (model.apply({"params": params}, tokens, expert_mask_PxE=mask[1]),
+            model.apply({"params": params}, tokens, expert_mask_MxPxE=both))
+    return logits, route, grads, same
+
+  logits, route, grads, same = jax.jit(run)(variables["params"])
+  return model, logits, route, nn.unbox(grads), same
+
+
+@pytest.mark.parametrize("sharing", ["none", "attention", "all"])
+def test_per_layer_mask_routing(sharing):
+  model, logits, route, _, (via_pxe, via_mxpxe) = _per_layer_run(sharing)
+  assert route.layer_names == ("decoder/layers_1/moe", "decoder/layers_3/moe")
+  pid = np.asarray(token_routing.token_partition_ids((P, B, L)))
+  used = np.asarray(route.combine_weights_LxTxK) > 0
+  uses_e = (used & (np.asarray(route.expert_index_LxTxK) == E_OFF)).any(-1)
+  assert not uses_e[1, pid == 0].any()  # Masked: MoE layer 1, partition 0.
+  assert uses_e[0, pid == 0].any()      # Same expert index, other layer.
+  assert uses_e[1, pid == 1].any()      # Same layer, other partition.
+  # Only partition 0's MoE layer 1 lost an expert: slots are still all used.
+  assert used.sum() == used.size
+  assert np.isfinite(np.asarray(logits)).all()
+  np.testing.assert_array_equal(via_pxe, via_mxpxe)
+
+
+@pytest.mark.parametrize("sharing", ["none", "attention", "all"])
+def test_per_layer_mask_zero_gradient_in_that_layer_only(sharing):
+  _, _, _, grads, _ = _per_layer_run(sharing)
+  # Expert weights of partition 0 ([P, E, ...]; [P * E, ...] for 'all').
+  p0 = (lambda g: g[0]) if sharing != "all" else (lambda g: g)
+  moe = grads["decoder"]
+  for name in ("wi", "wi_gate", "wo"):
+    masked = p0(moe["layers_3"]["moe"]["expert"][name])
+    other_layer = p0(moe["layers_1"]["moe"]["expert"][name])
+    assert float(jnp.abs(masked[E_OFF]).max()) == 0.0, name
+    assert float(jnp.abs(masked[E_OFF - 1]).max()) > 0.0, name
+    assert float(jnp.abs(other_layer[E_OFF]).max()) > 0.0, name
+  kernel = lambda i: p0(moe[f"layers_{i}"]["moe"]["router"]["kernel"])
+  assert float(jnp.abs(kernel(3)[:, E_OFF]).max()) == 0.0
+  assert float(jnp.abs(kernel(1)[:, E_OFF]).max()) > 0.0
+
+
 def test_rejects_bad_input_shapes():
   model = transformer.TieredDecoder(_config(sharing="all"))
   key = jax.random.PRNGKey(0)
@@ -229,6 +304,14 @@ def test_rejects_bad_input_shapes():
     model.init(key, jnp.zeros((3, B, L), jnp.int32))
   with pytest.raises(ValueError, match=r"expected \(2, 8\)"):
     model.init(key, _tokens(), expert_mask_PxE=jnp.ones((P, 4), bool))
+  # One MoE layer (layer 1): the per-layer mask is [1, P, P * E].
+  with pytest.raises(ValueError, match=r"expected \(1, 2, 8\).*\(1,\)"):
+    model.init(key, _tokens(), expert_mask_MxPxE=jnp.ones((2, P, 8), bool))
+  with pytest.raises(ValueError, match="expert_mask_MxPxE"):
+    model.init(key, _tokens(), expert_mask_PxE=jnp.ones((1, P, 8), bool))
+  with pytest.raises(ValueError, match="at most one"):
+    model.init(key, _tokens(), expert_mask_PxE=jnp.ones((P, 8), bool),
+               expert_mask_MxPxE=jnp.ones((1, P, 8), bool))
   with pytest.raises(ValueError, match="segment_ids_PxBxL"):
     model.init(key, _tokens(), segment_ids_PxBxL=jnp.ones((P, B), jnp.int32))
 

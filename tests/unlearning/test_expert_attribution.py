@@ -126,6 +126,11 @@ def test_router_mask_and_shared_layer_mask():
     ea.router_mask(crit, 3, None, base)
   with pytest.raises(ValueError, match=r"partitions \[0\] no expert"):
     ea.shared_layer_mask(np.array([[[1, 0]], [[0, 1]]], bool))
+  np.testing.assert_array_equal(
+      ea.decoder_mask_kwargs(allowed)["expert_mask_MxPxE"], allowed
+  )
+  with pytest.raises(ValueError, match=r"\[L, P, E\]"):
+    ea.decoder_mask_kwargs(allowed[0])
 
 
 P, B, L, E = 2, 2, 6, 4  # The conftest's tiny model.
@@ -198,15 +203,27 @@ def test_attribution_end_to_end_masks_critical_experts(tiny_model):
   np.testing.assert_array_equal(
       crit.argmax(-1), np.asarray(f_counts).argmax(-1)
   )
+  # The layers disagree (seed-dependent), so per-layer and shared masks differ.
+  assert (crit[0] != crit[1]).any()
   allowed = ea.router_mask(crit, P, partitions=[0])
-  shared = ea.shared_layer_mask(allowed)
+  # Default: each MoE layer loses only its own critical experts.
+  kwargs = ea.decoder_mask_kwargs(allowed)
+  assert set(kwargs) == {"expert_mask_MxPxE"}
   _, masked, _ = tiny.apply_with_routing(
-      tiny.variables,
-      tiny.tokens,
-      segment_ids_PxBxL=seg,
-      expert_mask_PxE=jnp.asarray(shared),
+      tiny.variables, tiny.tokens, segment_ids_PxBxL=seg, **kwargs
   )
-  counts, _ = ea.routing_counts(masked, E, forget_mask)
+  counts = np.asarray(ea.routing_counts(masked, E, forget_mask)[0])
+  np.testing.assert_array_equal(counts[crit], 0.0)
+  # Top-2 routing over the 3 experts left: each is still used somewhere.
+  assert (counts[~crit] > 0).all()
+  # The explicit shared option removes the union in every layer.
+  kwargs = ea.decoder_mask_kwargs(allowed, per_layer=False)
+  shared = kwargs["expert_mask_PxE"]
+  np.testing.assert_array_equal(shared, ea.shared_layer_mask(allowed))
+  _, masked, _ = tiny.apply_with_routing(
+      tiny.variables, tiny.tokens, segment_ids_PxBxL=seg, **kwargs
+  )
+  counts = np.asarray(ea.routing_counts(masked, E, forget_mask)[0])
   removed = ~shared[0]
-  assert removed.any()
-  np.testing.assert_array_equal(np.asarray(counts)[:, removed], 0.0)
+  assert removed.sum() == crit.any(0).sum()
+  np.testing.assert_array_equal(counts[:, removed], 0.0)

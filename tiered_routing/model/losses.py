@@ -6,7 +6,10 @@ into the 'intermediates' collection (names in `moe.SOWN_NAMES`):
                      eq. 4), 1.0 at perfect balance.
   router_z_loss      ST-MoE router z-loss (Zoph et al. 2022, eq. 5).
 Under a partition vmap each sown value has a leading partition axis; losses
-are averaged over it and summed over layers.
+are averaged over it and summed over layers. Only values at the exact place
+`sow` puts them are read, so the same collection may also hold outputs
+recorded by `capture_intermediates` (e.g. the routers' `RouterOutput`s, whose
+fields are named like the losses) without counting anything twice.
 """
 
 from typing import Any, Optional
@@ -55,31 +58,41 @@ def cross_entropy_loss(
   return jnp.sum(per_token), jnp.sum(weights), per_token
 
 
-def _path_names(path) -> list[str]:
-  names = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-  return names
+def _sown_layer(path, name: str) -> Optional[str]:
+  """The layer path if `path` is where `Module.sow` put a value `name`.
+
+  `sow` appends to a tuple at '<module path>/<name>', so a sown leaf sits at
+  exactly '<module path>/<name>/<i>': dict keys, then one tuple index. Values
+  recorded by `capture_intermediates` sit under a method name instead: a
+  captured `RouterOutput` puts its field `load_balance_loss` at
+  '<router path>/__call__/0/load_balance_loss', which must not count again.
+  """
+  *scopes, index = path
+  if not isinstance(index, jax.tree_util.SequenceKey) or not scopes:
+    return None
+  if not all(isinstance(k, jax.tree_util.DictKey) for k in scopes):
+    return None
+  names = [str(k.key) for k in scopes]
+  if names[-1] != name:
+    return None
+  layer = names[:-1]
+  if layer and layer[0] == "intermediates":
+    layer = layer[1:]
+  return "/".join(layer)
 
 
 def _sown(intermediates: Any, name: str) -> list[tuple[str, jax.Array]]:
-  """(layer path, value) for every sown value called `name`, in tree order.
+  """(layer path, value) for every value sown as `name`, in tree order.
 
   A module sows a tuple (one entry per call), so several entries under one
-  layer path are all returned.
+  layer path are all returned. Captured method outputs are ignored.
   """
   found = []
   leaves = jax.tree_util.tree_flatten_with_path(intermediates)[0]
   for path, value in leaves:
-    names = _path_names(path)
-    if name in names:
-      layer = names[:names.index(name)]
-      if layer and layer[0] == "intermediates":
-        layer = layer[1:]
-      found.append(("/".join(layer), jnp.asarray(value, jnp.float32)))
+    layer = _sown_layer(path, name)
+    if layer is not None:
+      found.append((layer, jnp.asarray(value, jnp.float32)))
   return found
 
 
@@ -88,7 +101,8 @@ def collect_router_losses(intermediates: Any) -> dict[str, jax.Array]:
 
   Args:
     intermediates: the 'intermediates' collection returned by `apply(...,
-      mutable=['intermediates'])` (with or without the outer key).
+      mutable=['intermediates'])` (with or without the outer key; captured
+      intermediates are ignored).
 
   Returns:
     {'load_balance_loss': scalar, 'router_z_loss': scalar}; zeros for a dense

@@ -28,6 +28,8 @@ from tiered_routing.model import layers
 from tiered_routing.model import routing
 
 # Names of the per-layer values sown into the 'intermediates' collection.
+# `losses` reads them only at '<layer path>/<name>/<i>', where `sow` puts
+# them, so outputs recorded there by `capture_intermediates` do not count.
 SOWN_NAMES = ("load_balance_loss", "router_z_loss", "expert_usage_E",
               "dropped_fraction", "router_entropy")
 

@@ -16,6 +16,10 @@ the data pipeline. How much the partitions share is `DecoderConfig.sharing`:
                tier 2 alone. Tier 1 can still be imposed as an expert mask
                (block-diagonal `expert_mask_PxE`).
 
+Expert masks (bool, True = allowed) are `expert_mask_PxE`, used in every MoE
+layer, or `expert_mask_MxPxE`, one per MoE layer: unlearning removes a
+forget-critical expert only in the layer where it was found.
+
 Layers are pre-norm (RMSNorm) blocks with rotary attention; the feed-forward
 of layer i is MoE when `i % moe_every == moe_every - 1` (so `moe_every=2`
 alternates dense and MoE layers as in GShard / ST-MoE) and dense otherwise.
@@ -149,6 +153,11 @@ class DecoderConfig:
     return self.num_experts > 0 and i % self.moe_every == self.moe_every - 1
 
   @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Indices of the MoE layers in order; entry m is MoE layer m of masks."""
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+  @property
   def activation_dtype(self) -> jnp.dtype:
     return DTYPES[self.dtype]
 
@@ -273,18 +282,21 @@ class DecoderStack(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL,
-               expert_mask_BxE, deterministic):
+               expert_mask_MxBxE, deterministic):
+    """Returns logits_BxLxV; `expert_mask_MxBxE[m]` masks MoE layer m."""
     cfg, dtype = self.config, self.config.activation_dtype
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype,
                          name="token_embed")
     x_BxLxD = embed(tokens_BxL)
     x_BxLxD = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(
         x_BxLxD, deterministic=deterministic)
+    mask_of = {i: None if expert_mask_MxBxE is None else expert_mask_MxBxE[m]
+               for m, i in enumerate(cfg.moe_layers)}
     for i in range(cfg.num_layers):
       x_BxLxD = DecoderBlock(
           cfg, cfg.is_moe_layer(i), self.num_experts, self.ffn_partitions,
           name=f"layers_{i}")(x_BxLxD, tokens_BxL, segment_ids_BxL,
-                              positions_BxL, expert_mask_BxE, deterministic)
+                              positions_BxL, mask_of.get(i), deterministic)
     x_BxLxD = layers.RMSNorm(dtype=dtype, name="decoder_norm")(x_BxLxD)
     if cfg.tie_embeddings:
       return embed.attend(x_BxLxD)
@@ -302,7 +314,7 @@ class TieredDecoder(nn.Module):
 
   config: DecoderConfig
 
-  def _check_inputs(self, tokens_PxBxL, expert_mask_PxE, **others):
+  def _check_inputs(self, tokens_PxBxL, **others):
     cfg = self.config
     if tokens_PxBxL.ndim != 3 or tokens_PxBxL.shape[0] != cfg.num_partitions:
       raise ValueError(
@@ -312,18 +324,37 @@ class TieredDecoder(nn.Module):
       if value is not None and value.shape != tokens_PxBxL.shape:
         raise ValueError(f"{name} has shape {value.shape}; expected the "
                          f"tokens' shape {tokens_PxBxL.shape}.")
+
+  def _expert_masks(self, expert_mask_PxE, expert_mask_MxPxE):
+    """Validates either mask form; returns bool [M, P, E] or None."""
+    cfg = self.config
+    if expert_mask_PxE is not None and expert_mask_MxPxE is not None:
+      raise ValueError("Got both expert_mask_PxE and expert_mask_MxPxE; "
+                       "allowed: at most one.")
     want = (cfg.num_partitions, cfg.experts_per_layer)
-    if expert_mask_PxE is not None and expert_mask_PxE.shape != want:
-      raise ValueError(
-          f"expert_mask_PxE has shape {expert_mask_PxE.shape}; expected {want} "
-          f"(num_partitions, experts per MoE layer for sharing="
-          f"{cfg.sharing!r}).")
+    where = (f"P = num_partitions, E = experts per MoE layer for sharing="
+             f"{cfg.sharing!r}")
+    if expert_mask_PxE is not None:
+      if expert_mask_PxE.shape != want:
+        raise ValueError(
+            f"expert_mask_PxE has shape {expert_mask_PxE.shape}; expected "
+            f"{want} ({where}); a per-layer mask goes in expert_mask_MxPxE.")
+      expert_mask_MxPxE = jnp.broadcast_to(
+          expert_mask_PxE[None], (len(cfg.moe_layers),) + want)
+    elif expert_mask_MxPxE is not None:
+      want = (len(cfg.moe_layers),) + want
+      if expert_mask_MxPxE.shape != want:
+        raise ValueError(
+            f"expert_mask_MxPxE has shape {expert_mask_MxPxE.shape}; expected "
+            f"{want} (M = MoE layers {cfg.moe_layers} in order; {where}).")
+    return None if expert_mask_MxPxE is None else expert_mask_MxPxE.astype(bool)
 
   @nn.compact
   def __call__(self, tokens_PxBxL: jax.Array, *,
                segment_ids_PxBxL: Optional[jax.Array] = None,
                positions_PxBxL: Optional[jax.Array] = None,
                expert_mask_PxE: Optional[jax.Array] = None,
+               expert_mask_MxPxE: Optional[jax.Array] = None,
                deterministic: bool = True) -> jax.Array:
     """Returns float32 logits_PxBxLxV.
 
@@ -332,34 +363,38 @@ class TieredDecoder(nn.Module):
       segment_ids_PxBxL: packing segment ids (0 = padding); None = one
         sequence per row.
       positions_PxBxL: positions within segments; None = 0..L-1 per row.
-      expert_mask_PxE: bool, True = expert allowed for partition p's tokens
-        (unlearning by masking, forced routing, tier 1 under sharing 'all').
+      expert_mask_PxE: bool [P, E], True = expert allowed for partition p's
+        tokens in every MoE layer (forced routing, tier 1 under sharing
+        'all'); E = `config.experts_per_layer`.
+      expert_mask_MxPxE: bool [M, P, E], entry m for MoE layer m, i.e. layer
+        `config.moe_layers[m]` (unlearning by masking per-layer experts).
+        At most one of the two masks may be given.
       deterministic: disables dropout and router jitter.
     """
     cfg = self.config
-    self._check_inputs(tokens_PxBxL, expert_mask_PxE,
-                       segment_ids_PxBxL=segment_ids_PxBxL,
+    self._check_inputs(tokens_PxBxL, segment_ids_PxBxL=segment_ids_PxBxL,
                        positions_PxBxL=positions_PxBxL)
-    if expert_mask_PxE is not None:
-      expert_mask_PxE = expert_mask_PxE.astype(jnp.bool_)
+    mask_MxPxE = self._expert_masks(expert_mask_PxE, expert_mask_MxPxE)
     p, b, l = tokens_PxBxL.shape
+    # Row r of the flat, partition-major batch belongs to partition r // b.
+    mask_MxBxE = (None if mask_MxPxE is None
+                  else jnp.repeat(mask_MxPxE, b, axis=1))
     if cfg.sharing == "none":
-      mask_PxBxE = (None if expert_mask_PxE is None else jnp.broadcast_to(
-          expert_mask_PxE[:, None, :], (p, b, expert_mask_PxE.shape[-1])))
+      # Masks go in as [M, P, B/P, E]: their partition axis is axis 1.
+      mask_MxPxBxE = (None if mask_MxBxE is None else mask_MxBxE.reshape(
+          mask_MxBxE.shape[:1] + (p, b) + mask_MxBxE.shape[2:]))
       stack = nn.vmap(
-          DecoderStack, in_axes=(0, 0, 0, 0, None), out_axes=0,
+          DecoderStack, in_axes=(0, 0, 0, 1, None), out_axes=0,
           variable_axes={"params": 0, "intermediates": 0},
           split_rngs={"params": True, "dropout": True, "jitter": True},
           metadata_params={nn.PARTITION_NAME: "partition"})
       return stack(cfg, cfg.num_experts, name="decoder")(
-          tokens_PxBxL, segment_ids_PxBxL, positions_PxBxL, mask_PxBxE,
+          tokens_PxBxL, segment_ids_PxBxL, positions_PxBxL, mask_MxPxBxE,
           deterministic)
     flat = lambda a: None if a is None else a.reshape(p * b, l)
-    mask_BxE = (None if expert_mask_PxE is None
-                else jnp.repeat(expert_mask_PxE, b, axis=0))
     ffn_partitions = p if cfg.sharing == "attention" else 0
     logits = DecoderStack(cfg, cfg.experts_per_layer, ffn_partitions,
                           name="decoder")(
                               flat(tokens_PxBxL), flat(segment_ids_PxBxL),
-                              flat(positions_PxBxL), mask_BxE, deterministic)
+                              flat(positions_PxBxL), mask_MxBxE, deterministic)
     return logits.reshape(p, b, l, cfg.vocab_size)

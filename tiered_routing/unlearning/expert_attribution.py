@@ -25,7 +25,12 @@ share of the forget routing. A selection may never remove every expert of a
 layer.
 
 Masks follow the router convention (bool, True = allowed) with shape
-[L, P, E]: row p applies to tokens of tier-1 partition p.
+[L, P, E], L the MoE layers in order (the layers of `TokenRouting`): row p
+applies to tokens of tier-1 partition p. That is the decoder's per-layer
+`expert_mask_MxPxE`, so each layer loses only its own critical experts
+(`decoder_mask_kwargs`); `shared_layer_mask` collapses the layers into one
+`expert_mask_PxE` for callers that want a single mask, at the price of
+over-masking.
 """
 
 import dataclasses
@@ -247,6 +252,9 @@ def router_mask(
 ) -> np.ndarray:
   """bool [L, P, E] router masks (True = allowed) without critical experts.
 
+  The result is `TieredDecoder`'s `expert_mask_MxPxE` (entry l masks MoE
+  layer l); see `decoder_mask_kwargs`.
+
   Args:
     critical_LxE: experts to remove, per MoE layer.
     num_partitions: P.
@@ -292,11 +300,11 @@ def router_mask(
 def shared_layer_mask(allowed_LxPxE) -> np.ndarray:
   """bool [P, E]: one mask for all layers, allowing what every layer allows.
 
-  `TieredDecoder` takes a single `expert_mask_PxE` for all MoE layers, so
-  per-layer selections are combined by intersection: expert e is removed in
-  every layer if it is critical in any. This over-masks when layers disagree
-  (expert e of layer 1 and of layer 3 are unrelated networks); a per-layer
-  mask needs a per-layer decoder input.
+  An explicit alternative to the per-layer mask, for a caller that needs one
+  `expert_mask_PxE` (e.g. to compare with per-layer masking). Layers are
+  combined by intersection: expert e is removed in every layer if it is
+  critical in any, which over-masks when layers disagree (expert e of layer 1
+  and of layer 3 are unrelated networks).
   """
   allowed = np.asarray(allowed_LxPxE, bool)
   if allowed.ndim != 3:
@@ -312,3 +320,22 @@ def shared_layer_mask(allowed_LxPxE) -> np.ndarray:
         "mask per layer."
     )
   return shared
+
+
+def decoder_mask_kwargs(allowed_LxPxE, per_layer: bool = True) -> dict:
+  """Keyword arguments that apply a `router_mask` result to `TieredDecoder`.
+
+  Args:
+    allowed_LxPxE: bool [L, P, E] from `router_mask`.
+    per_layer: True (the default) masks each MoE layer with its own row,
+      `{'expert_mask_MxPxE': allowed}`; False applies `shared_layer_mask`
+      in every layer, `{'expert_mask_PxE': ...}`.
+  """
+  allowed = np.asarray(allowed_LxPxE, bool)
+  if not per_layer:
+    return {"expert_mask_PxE": shared_layer_mask(allowed)}
+  if allowed.ndim != 3:
+    raise ValueError(
+        f"allowed_LxPxE must be [L, P, E], got shape {allowed.shape}."
+    )
+  return {"expert_mask_MxPxE": allowed}

@@ -13,10 +13,11 @@ experts, partition) axes that `nn.vmap` adds in front:
 Every MoE layer groups tokens by a plain row-major reshape of the
 `[P, B/P, L]` batch (`moe.group_shape`), so flattening the captured leading
 axes gives token t = the t-th token of `tokens_PxBxL.reshape(-1)`, for all
-three sharing levels.
+three sharing levels. The captured outputs share the 'intermediates'
+collection with the sown router metrics; `losses` reads only the sown values,
+so the collection can go to `losses.total_loss` as it is.
 """
 
-from collections.abc import Mapping
 import re
 from typing import Any
 
@@ -140,8 +141,9 @@ def apply_with_routing(
   """Runs `model.apply` and also returns every token's routing.
 
   Returns:
-    (model output, TokenRouting, the sown 'intermediates' without the captured
-    router outputs, ready for `losses.total_loss`).
+    (model output, TokenRouting, the 'intermediates' collection: the sown
+    router metrics, ready for `losses.total_loss`, plus the captured router
+    outputs, which `losses` ignores).
   """
   out, state = model.apply(
       variables,
@@ -151,16 +153,4 @@ def apply_with_routing(
       **kwargs,
   )
   intermediates = state["intermediates"]
-  return out, token_routing(intermediates), without_captures(intermediates)
-
-
-def without_captures(tree: Any) -> Any:
-  """Drops the captured '__call__' outputs from an intermediates tree.
-
-  The captured `RouterOutput`s have fields named like the sown losses
-  ('load_balance_loss', 'z_loss'); left in, `losses.collect_router_losses`
-  would count them a second time.
-  """
-  if isinstance(tree, Mapping):
-    return {k: without_captures(v) for k, v in tree.items() if k != "__call__"}
-  return tree
+  return out, token_routing(intermediates), intermediates

@@ -1,0 +1,216 @@
+"""End-to-end tests of the train and eval binaries (8 simulated devices).
+
+The resume test runs `python -m tiered_routing.train` in a subprocess, kills
+it with SIGKILL after its first checkpoint, runs the same command again, and
+compares the result with an uninterrupted run bitwise.
+"""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+import seqio
+
+from tiered_routing import checkpoints
+from tiered_routing import eval as eval_lib
+from tiered_routing import gin_flags
+from tiered_routing import languages
+from tiered_routing import metrics_writer
+from tiered_routing import train as train_lib
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_STEPS = 40
+SAVE_EVERY = 5
+GIN_FILES = ["gin/models/tiny.gin", "gin/runs/pretrain.gin"]
+BINDINGS = [
+    "NUM_PARTITIONS = 2", "VOCAB_SIZE = 4096", f"TRAIN_STEPS = {TRAIN_STEPS}",
+    "BATCH_SIZE = 8", "TASK_FEATURE_LENGTHS = {'targets': 32}",
+    f"SAVE_EVERY_STEPS = {SAVE_EVERY}", "LOG_EVERY_STEPS = 5",
+    "WARMUP_STEPS = 2", "LEARNING_RATE = 0.01",
+    "tiered_routing.MeshConfig.partition = 2",
+    "tiered_routing.MeshConfig.data = 2",
+    "tiered_routing.MeshConfig.expert = 2",
+]
+
+
+def _bindings(model_dir):
+  return BINDINGS + [f"MODEL_DIR = '{model_dir}'"]
+
+
+def _command(model_dir):
+  """The train binary, using the --gin.NAME=VALUE shorthand for MODEL_DIR."""
+  return ([sys.executable, "-m", "tiered_routing.train"]
+          + [f"--gin_file={f}" for f in GIN_FILES]
+          + [f"--gin_bindings={b}" for b in BINDINGS]
+          + [f"--gin.MODEL_DIR='{model_dir}'"])
+
+
+def _parse(model_dir, extra_files=()):
+  gin.clear_config()
+  gin_flags.parse_gin(GIN_FILES + list(extra_files), _bindings(model_dir),
+                      [REPO_ROOT], train_lib.REQUIRED_MACROS)
+
+
+@pytest.fixture
+def clean_gin():
+  yield
+  gin.clear_config()
+
+
+def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.isdir(os.path.join(ckpt_dir, str(step))):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"train exited with {proc.returncode} before "
+                           f"checkpoint {step}.")
+    time.sleep(0.02)
+  raise AssertionError(f"No checkpoint {step} after {timeout}s.")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """(uninterrupted dir, resumed dir, checkpoint step at the kill, output).
+
+  The three runs share a persistent XLA compilation cache, so only the first
+  compiles; a cached executable is the same code, so the comparison is as
+  strict as with fresh compiles.
+  """
+  root = tmp_path_factory.mktemp("runs")
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  uninterrupted, resumed = str(root / "uninterrupted"), str(root / "resumed")
+  first = subprocess.run(_command(uninterrupted), cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, check=False)
+  assert first.returncode == 0, first.stdout + first.stderr
+  _parse(resumed)  # Ready for the second-job check below.
+  log = open(root / "killed.log", "w+")
+  proc = subprocess.Popen(_command(resumed), cwd=REPO_ROOT, env=env,
+                          stdout=log, stderr=subprocess.STDOUT)
+  ckpt_dir = os.path.join(resumed, "checkpoints")
+  try:
+    _wait_for_checkpoint(proc, ckpt_dir, SAVE_EVERY)
+    # While the job runs, a second job on its MODEL_DIR must refuse.
+    with pytest.raises(RuntimeError, match="is in use by"):
+      train_lib.run()
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    gin.clear_config()
+    proc.kill()
+    proc.wait()
+  killed_at = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  assert killed_at < TRAIN_STEPS
+  rerun = subprocess.run(_command(resumed), cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, check=False)
+  assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+  return uninterrupted, resumed, killed_at, rerun.stdout + rerun.stderr
+
+
+def _restore(model_dir, key):
+  with checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints")) as c:
+    assert c.latest_step() == TRAIN_STEPS
+    return c.restore_params(key=key)
+
+
+def test_resume_after_sigkill_is_bitwise_identical(runs):
+  uninterrupted, resumed, killed_at, output = runs
+  assert f"Resuming from step {killed_at}" in output
+  for key in ("step", "params", "opt_state"):
+    a = jax.tree.leaves(_restore(uninterrupted, key))
+    b = jax.tree.leaves(_restore(resumed, key))
+    assert a and len(a) == len(b)
+    for x, y in zip(a, b):
+      assert x.dtype == y.dtype
+      np.testing.assert_array_equal(x, y)
+
+
+def test_operative_config_and_metrics(runs):
+  model_dir = runs[1]
+  with open(os.path.join(model_dir, "config.gin")) as f:
+    config = f.read()
+  assert f"MODEL_DIR = '{model_dir}'" in config
+  assert f"TRAIN_STEPS = {TRAIN_STEPS}" in config
+  assert "num_experts = 4" in config
+  assert not [n for n in os.listdir(model_dir) if ".tmp" in n]
+  records = metrics_writer.read_jsonl(
+      os.path.join(model_dir, "train", metrics_writer.JSONL_NAME))
+  assert sorted(records) == list(range(5, TRAIN_STEPS + 1, 5))
+  assert records[TRAIN_STEPS]["loss"] < records[5]["loss"]
+
+
+def test_eval_binary_reports_every_language(runs, clean_gin):
+  model_dir = runs[1]
+  _parse(model_dir, ["gin/runs/eval.gin"])
+  results = eval_lib.run()
+  for code in languages.CODES:
+    assert results[f"{code}/num_tokens"] > 0, code
+    assert math.isfinite(results[f"{code}/bits_per_byte"]), code
+    assert results[f"{code}/perplexity"] == pytest.approx(
+        math.exp(results[f"{code}/loss"]))
+  total_tokens = sum(results[f"{c}/num_tokens"] for c in languages.CODES)
+  assert results["all/num_tokens"] == total_tokens
+  path = os.path.join(model_dir, "eval", f"validation_step_{TRAIN_STEPS}.json")
+  assert os.path.exists(path)
+
+
+def test_bytes_per_language_counts_detokenized_text():
+  vocab = seqio.SentencePieceVocabulary(
+      os.path.join(REPO_ROOT, "tiered_routing/data/udhr16_spm.model"))
+  texts = {"en": "All human beings are born free.", "hi": "सभी मनुष्य"}
+  ids = {c: vocab.encode(t) + [1] for c, t in texts.items()}  # 1 = EOS.
+  n_en, n_hi = len(ids["en"]), len(ids["hi"])
+  length = n_en + n_hi + 3
+  row = np.zeros((2, length), np.int32)
+  row[0, :n_en], row[0, n_en:n_en + n_hi] = ids["en"], ids["hi"]
+  segments = np.zeros_like(row)
+  segments[0, :n_en], segments[0, n_en:n_en + n_hi] = 1, 2
+  langs = np.zeros_like(row)
+  langs[0, :n_en] = languages.CODES.index("en")
+  langs[0, n_en:n_en + n_hi] = languages.CODES.index("hi")
+  batch = {"decoder_target_tokens": row[None], "decoder_loss_weights":
+           (segments > 0).astype(np.int32)[None], "decoder_language_ids":
+           langs[None], "decoder_segment_ids": segments[None]}
+  out = eval_lib.bytes_per_language(batch, vocab)
+  assert out[languages.CODES.index("en")] == len(texts["en"].encode())
+  assert out[languages.CODES.index("hi")] == len(texts["hi"].encode())
+  assert out.sum() == sum(len(t.encode()) for t in texts.values())
+
+
+def test_missing_macro_names_it(clean_gin):
+  gin.clear_config()
+  bindings = [b for b in BINDINGS if not b.startswith("TRAIN_STEPS")]
+  with pytest.raises(ValueError, match=r"macro TRAIN_STEPS is required.*"
+                     r"--gin.TRAIN_STEPS="):
+    gin_flags.parse_gin(GIN_FILES, bindings + ["MODEL_DIR = '/tmp/x'"],
+                        [REPO_ROOT], train_lib.REQUIRED_MACROS)
+  gin.clear_config()
+  with pytest.raises(ValueError, match="macro MODEL_DIR is required"):
+    gin_flags.parse_gin(["gin/models/tiny.gin"], [], [REPO_ROOT],
+                        train_lib.REQUIRED_MACROS)
+
+
+def test_rewrite_gin_args():
+  argv = ["train", "--gin.MODEL_DIR='/tmp/a'", "--gin_file=x.gin",
+          "--gin.TASK_FEATURE_LENGTHS={'targets': 8}"]
+  assert gin_flags.rewrite_gin_args(argv) == [
+      "train", "--gin_bindings=MODEL_DIR = '/tmp/a'", "--gin_file=x.gin",
+      "--gin_bindings=TASK_FEATURE_LENGTHS = {'targets': 8}"]
+  with pytest.raises(Exception, match="--gin.NAME=VALUE"):
+    gin_flags.rewrite_gin_args(["--gin.MODEL_DIR"])
+
+
+def test_mixture_names_must_match_partitions():
+  assert gin_flags.mixture_names("a", 1) == ["a"]
+  with pytest.raises(ValueError, match="list of num_partitions=2 names"):
+    gin_flags.mixture_names("a", 2)
+  with pytest.raises(ValueError, match="TASK_FEATURE_LENGTHS"):
+    gin_flags.task_feature_length({"inputs": 4, "targets": 4})

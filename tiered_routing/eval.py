@@ -1,0 +1,210 @@
+r"""Per-language validation loss, perplexity and bits per byte of a checkpoint.
+
+  python -m tiered_routing.eval --gin_file=gin/quickstart.gin \
+      --gin_file=gin/runs/eval.gin --gin.MODEL_DIR="'/tmp/tr_quickstart'"
+
+Give the gin files of the training run first (model, data, BATCH_SIZE,
+TASK_FEATURE_LENGTHS), then gin/runs/eval.gin. Every language of every
+partition's mixture is evaluated on its whole SeqIO `split` (no sampling):
+partition p's tasks fill row block p of the [P, B/P, L] batches, so each
+language goes through its own partition's parameters. Bits per byte divide
+the summed loss (in bits) by the UTF-8 bytes of the detokenized evaluated
+tokens, which makes models with different vocabularies comparable.
+
+Writes MODEL_DIR/eval/<split>_step_<N>.json and TensorBoard scalars plus
+metrics.jsonl in MODEL_DIR/eval.
+"""
+
+import functools
+import json
+import os
+from typing import Any, Iterator, Mapping, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from tiered_routing import checkpoints
+from tiered_routing import configurables  # pylint: disable=unused-import
+from tiered_routing import features
+from tiered_routing import gin_flags
+from tiered_routing import languages
+from tiered_routing import metrics_writer
+from tiered_routing import partitioning
+from tiered_routing import partitions
+from tiered_routing import train  # pylint: disable=unused-import
+from tiered_routing import train_state
+from tiered_routing import trainer
+from tiered_routing.evaluation import metrics
+from tiered_routing.model import transformer
+
+FLAGS = flags.FLAGS
+REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "BATCH_SIZE",
+                   "TASK_FEATURE_LENGTHS")
+
+
+def _tasks_of(name: str) -> list[seqio.Task]:
+  """The tasks of a mixture (or the task itself)."""
+  provider = seqio.get_mixture_or_task(name)
+  if isinstance(provider, seqio.Mixture):
+    return list(provider.tasks)
+  return [provider]
+
+
+def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
+  """Pads a final short batch with all-zero rows (loss weight 0)."""
+  return {k: np.pad(v, [(0, rows - v.shape[0])] + [(0, 0)] * (v.ndim - 1))
+          for k, v in batch.items()}
+
+
+def _partition_batches(name, scheme, length, rows, split,
+                       pack) -> Iterator[dict]:
+  """All of `split` of one partition's tasks, in [rows, L] batches."""
+  dataset = None
+  for task in _tasks_of(name):
+    if split not in task.splits:
+      raise ValueError(f"Task {task.name!r} has no split {split!r}; it has "
+                       f"{list(task.splits)}.")
+    ds = task.get_dataset({"targets": length}, split=split, shuffle=False,
+                          num_epochs=1)
+    dataset = ds if dataset is None else dataset.concatenate(ds)
+  # One converter for all tasks: packing may put two languages in one row,
+  # which the per-token language ids keep apart.
+  converter = features.PartitionedLMFeatureConverter(scheme, pack=pack)
+  dataset = converter(dataset, {"targets": length})
+  for batch in dataset.batch(rows).as_numpy_iterator():
+    yield _pad_rows(batch, rows)
+
+
+def eval_batches(names, scheme, length, rows, split="validation",
+                 pack=True) -> Iterator[dict[str, np.ndarray]]:
+  """[P, rows, L] batches covering every partition's split exactly once.
+
+  Partitions with fewer batches are padded with all-zero blocks.
+  """
+  streams = [_partition_batches(n, scheme, length, rows, split, pack)
+             for n in names]
+  while True:
+    blocks = [next(s, None) for s in streams]
+    if all(b is None for b in blocks):
+      return
+    template = next(b for b in blocks if b is not None)
+    yield {k: np.stack([np.zeros_like(v) if b is None else b[k]
+                        for b in blocks]) for k, v in template.items()}
+
+
+def bytes_per_language(batch: Mapping[str, np.ndarray],
+                       vocabulary: seqio.Vocabulary) -> np.ndarray:
+  """UTF-8 bytes of the detokenized scored tokens, per language id.
+
+  Each packed segment (a row when unpacked) is decoded on its own; only
+  tokens with a non-zero loss weight count.
+  """
+  out = np.zeros(languages.NUM_LANGUAGES, np.int64)
+  targets = batch["decoder_target_tokens"].reshape(-1, batch[
+      "decoder_target_tokens"].shape[-1])
+  weights = batch["decoder_loss_weights"].reshape(targets.shape)
+  langs = batch["decoder_language_ids"].reshape(targets.shape)
+  segments = batch.get("decoder_segment_ids")
+  segments = (weights > 0).astype(np.int32) if segments is None else (
+      segments.reshape(targets.shape))
+  for row in range(targets.shape[0]):
+    for seg in np.unique(segments[row][segments[row] > 0]):
+      mask = (segments[row] == seg) & (weights[row] > 0)
+      if mask.any():
+        text = vocabulary.decode(targets[row][mask].tolist())
+        out[langs[row][mask][0]] += len(text.encode("utf-8"))
+  return out
+
+
+def _restore_params(model_dir, model, mesh, batch_shape, step):
+  _, abstract, shardings = train_state.param_layout(model, mesh, batch_shape)
+  with checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                async_save=False) as ckpt:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {model_dir}/checkpoints.")
+    params = ckpt.restore_params(
+        step, abstract_params=checkpoints.abstract_like(abstract, shardings))
+  return step, params
+
+
+def _write_results(model_dir: str, split: str, step: int,
+                   results: Mapping[str, Any]) -> str:
+  out_dir = os.path.join(model_dir, "eval")
+  writer = metrics_writer.MetricsWriter(out_dir)
+  writer.write(step, {f"{split}/{k}": v for k, v in results.items()})
+  writer.close()
+  path = os.path.join(out_dir, f"{split}_step_{step}.json")
+  if jax.process_index() == 0:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      json.dump({"step": step, "split": split, **results}, f, indent=1,
+                sort_keys=True)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  return path
+
+
+@gin.configurable("evaluate", module="eval_script")
+def run(*, model_dir: str = gin.REQUIRED,
+        mixture_or_task_name: Any = gin.REQUIRED,
+        task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+        batch_size: int = gin.REQUIRED,
+        scheme: partitions.PartitionScheme = gin.REQUIRED,
+        model_config: transformer.DecoderConfig = gin.REQUIRED,
+        mesh_config: Optional[partitioning.MeshConfig] = None,
+        checkpoint_step: Optional[int] = None, split: str = "validation",
+        pack: bool = True) -> dict[str, float]:
+  """Evaluates a checkpoint of model_dir (default: the newest).
+
+  Returns:
+    Flat metrics '{code}/loss', '{code}/perplexity', '{code}/bits_per_byte',
+    '{code}/num_tokens', '{code}/num_bytes', the pooled 'all/...' and the
+    unweighted language mean 'macro/...'.
+  """
+  p = model_config.num_partitions
+  if scheme.num_partitions != p or batch_size % p:
+    raise ValueError(f"Need scheme.num_partitions == num_partitions == {p} "
+                     f"and BATCH_SIZE={batch_size} a multiple of {p}.")
+  names = gin_flags.mixture_names(mixture_or_task_name, p)
+  length = gin_flags.task_feature_length(task_feature_lengths)
+  rows = batch_size // p
+  mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig())
+  model = transformer.TieredDecoder(model_config)
+  vocabulary = _tasks_of(names[0])[0].output_features["targets"].vocabulary
+  accumulator = metrics.LanguageLossAccumulator()
+  with partitioning.with_sharding_rules(mesh):
+    step, params = _restore_params(model_dir, model, mesh, (p, rows, length),
+                                   checkpoint_step)
+    step_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
+    for batch in eval_batches(names, scheme, length, rows, split, pack):
+      sums = jax.device_get(step_fn(params, trainer.to_global_batch(
+          batch, mesh)))
+      num_bytes = bytes_per_language(batch, vocabulary)
+      for i in np.flatnonzero(sums["weight_sum_N"]):
+        accumulator.add(languages.CODES[i], sums["loss_sum_N"][i],
+                        sums["weight_sum_N"][i], num_bytes[i])
+  results = accumulator.results()
+  path = _write_results(model_dir, split, step, results)
+  logging.info("Step %d %s: all/loss %.4f, all/bits_per_byte %.4f -> %s",
+               step, split, results["all/loss"],
+               results["all/bits_per_byte"], path)
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  gin_flags.maybe_initialize_distributed()
+  gin_flags.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings,
+                      FLAGS.gin_search_paths, REQUIRED_MACROS)
+  run()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.parse_flags)
