@@ -26,21 +26,28 @@ import statistics
 import sys
 import time
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
+from absl import logging
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmarking  # pylint: disable=g-import-not-at-top
-from tiered_routing import optimizers  # pylint: disable=g-import-not-at-top
-from tiered_routing import params as params_lib  # pylint: disable=g-import-not-at-top
-from tiered_routing import partitioning  # pylint: disable=g-import-not-at-top
-from tiered_routing import train_state  # pylint: disable=g-import-not-at-top
-from tiered_routing import trainer  # pylint: disable=g-import-not-at-top
-from tiered_routing.model import transformer  # pylint: disable=g-import-not-at-top
+import benchmarking
+from tasks import mixtures  # Registers the SeqIO tasks.
+from tiered_routing import inputs
+from tiered_routing import optimizers
+from tiered_routing import params as params_lib
+from tiered_routing import partitioning
+from tiered_routing import partitions
+from tiered_routing import train_state
+from tiered_routing import trainer
+from tiered_routing.model import transformer
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 SHARING = transformer.SHARING_LEVELS
 VOCAB_SIZE = 4096  # The embedded SentencePiece vocabulary of the sample data.
@@ -62,8 +69,8 @@ FAMILIES = {
         batch_size=32, length=256),
 }
 PRESETS = {
-    "smoke": dict(families=["tiny"], partitions=[1, 2], sharing=["none"],
-                  steps=2, batch_size=4, length=16),
+    "smoke": dict(families=["tiny"], partitions=[2], sharing=["none"],
+                  steps=1, batch_size=4, length=16),
     "quick": dict(families=["tiny"], partitions=[1, 4, 16], sharing=SHARING,
                   steps=5, batch_size=None, length=None),
     "full": dict(families=["tiny", "small"], partitions=[1, 4, 16],
@@ -184,10 +191,6 @@ def time_train_step(model_config, batch_size, length, steps, warmup):
 
 def time_input_pipeline(n, batch_size, length, steps):
   """Median seconds per batch of the SeqIO pipeline incl. device transfer."""
-  import tasks  # pylint: disable=g-import-not-at-top,unused-import
-  from tasks import mixtures  # pylint: disable=g-import-not-at-top
-  from tiered_routing import inputs  # pylint: disable=g-import-not-at-top
-  from tiered_routing import partitions  # pylint: disable=g-import-not-at-top
   scheme = partitions.make_scheme("family", n)
   names = mixtures.partition_mixture_names("sample", scheme)
   dataset = inputs.partitioned_dataset(
@@ -230,6 +233,7 @@ def _measure(family, n, sharing, opts, input_cache):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # SeqIO logs every task it loads.
   opts = {k: _setting(k) for k in ("families", "partitions", "sharing",
                                     "steps", "batch_size", "length")}
   bad = ([f for f in opts["families"] if f not in FAMILIES]
@@ -257,5 +261,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  jnp.zeros(())  # Start the backend before TensorFlow can claim threads.
   app.run(main)

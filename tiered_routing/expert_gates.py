@@ -56,47 +56,61 @@ def _check_sequence_gates(config: transformer.DecoderConfig) -> None:
     raise ValueError(
         f"Experts can be added or removed only with router='sequence_gate' "
         f"(got router={config.router!r}, num_experts={config.num_experts}): "
-        "other routers normalize scores over all experts.")
+        "other routers normalize scores over all experts."
+    )
 
 
-def resized_config(config: transformer.DecoderConfig,
-                   num_experts: int) -> transformer.DecoderConfig:
+def resized_config(
+    config: transformer.DecoderConfig, num_experts: int
+) -> transformer.DecoderConfig:
   """`config` with `num_experts` experts per partition.
 
   The capacity factor is rescaled so that the per-expert capacity
   ceil(cf * T * K / E) of the capacity dispatches stays the same.
   """
   if num_experts < config.top_k:
-    raise ValueError(f"num_experts={num_experts} is below top_k="
-                     f"{config.top_k}; remove fewer experts.")
+    raise ValueError(
+        f"num_experts={num_experts} is below top_k="
+        f"{config.top_k}; remove fewer experts."
+    )
   scale = num_experts / config.num_experts
-  return dataclasses.replace(config, num_experts=num_experts,
-                             capacity_factor=config.capacity_factor * scale)
+  return dataclasses.replace(
+      config,
+      num_experts=num_experts,
+      capacity_factor=config.capacity_factor * scale,
+  )
 
 
 def _per_layer_partition(values, config, name) -> np.ndarray:
   """Broadcasts an int or [L] or [L, P] array of expert ids to int [L, P]."""
-  shape = (len(config.moe_layers),
-           config.num_partitions)
+  shape = (len(config.moe_layers), config.num_partitions)
   ids = np.asarray(values)
   if ids.ndim == 1:
     ids = ids[:, None]
   try:
     ids = np.broadcast_to(ids, shape)
   except ValueError:
-    raise ValueError(f"{name} has shape {np.shape(values)}; expected an int, "
-                     f"[L={shape[0]}] or [L, P]={shape}.") from None
-  if not np.issubdtype(ids.dtype, np.integer) or (
-      (ids < 0) | (ids >= config.num_experts)).any():
-    raise ValueError(f"{name}={values!r}; allowed: ints in "
-                     f"[0, {config.num_experts}).")
+    raise ValueError(
+        f"{name} has shape {np.shape(values)}; expected an int, "
+        f"[L={shape[0]}] or [L, P]={shape}."
+    ) from None
+  if (
+      not np.issubdtype(ids.dtype, np.integer)
+      or ((ids < 0) | (ids >= config.num_experts)).any()
+  ):
+    raise ValueError(
+        f"{name}={values!r}; allowed: ints in " f"[0, {config.num_experts})."
+    )
   return ids
 
 
-def add_expert(params: Any, config: transformer.DecoderConfig, *,
-               source_experts: Any = 0,
-               gate_rows_LxPxD: Optional[Any] = None
-               ) -> tuple[Any, transformer.DecoderConfig]:
+def add_expert(
+    params: Any,
+    config: transformer.DecoderConfig,
+    *,
+    source_experts: Any = 0,
+    gate_rows_LxPxD: Optional[Any] = None,
+) -> tuple[Any, transformer.DecoderConfig]:
   """Appends one expert to every partition of every MoE layer.
 
   The new expert has index Ep (the old Ep experts keep theirs) and starts as
@@ -120,12 +134,15 @@ def add_expert(params: Any, config: transformer.DecoderConfig, *,
 
   def append(names, info, x_PxE):
     if info.is_router:
-      rows = (jnp.zeros((p,) + x_PxE.shape[2:], x_PxE.dtype)
-              if gate_rows_LxPxD is None
-              else jnp.asarray(gate_rows_LxPxD, x_PxE.dtype)[info.moe_layer])
+      rows = (
+          jnp.zeros((p,) + x_PxE.shape[2:], x_PxE.dtype)
+          if gate_rows_LxPxD is None
+          else jnp.asarray(gate_rows_LxPxD, x_PxE.dtype)[info.moe_layer]
+      )
       # The router's own helper (per partition) checks the row's shape.
-      return jax.vmap(lambda g, r: routing.add_expert_gate(
-          {"gates": g}, r)["gates"])(x_PxE, rows)
+      return jax.vmap(
+          lambda g, r: routing.add_expert_gate({"gates": g}, r)["gates"]
+      )(x_PxE, rows)
     new = x_PxE[np.arange(p), source[info.moe_layer]]
     return jnp.concatenate([x_PxE, new[:, None]], axis=1)
 
@@ -133,8 +150,9 @@ def add_expert(params: Any, config: transformer.DecoderConfig, *,
   return new_params, resized_config(config, config.num_experts + 1)
 
 
-def remove_expert(params: Any, config: transformer.DecoderConfig,
-                  experts: Any) -> tuple[Any, transformer.DecoderConfig]:
+def remove_expert(
+    params: Any, config: transformer.DecoderConfig, experts: Any
+) -> tuple[Any, transformer.DecoderConfig]:
   """Deletes one expert per MoE layer (the same index in every partition).
 
   Experts above the removed one shift down by one. The removed expert's gate
@@ -151,17 +169,20 @@ def remove_expert(params: Any, config: transformer.DecoderConfig,
   _check_sequence_gates(config)
   ids = _per_layer_partition(experts, config, "experts")
   if (ids != ids[:, :1]).any():
-    raise ValueError("remove_expert removes the same index in every "
-                     f"partition; got {experts!r}.")
+    raise ValueError(
+        "remove_expert removes the same index in every "
+        f"partition; got {experts!r}."
+    )
   ids = ids[:, 0]
   new_config = resized_config(config, config.num_experts - 1)
 
   def drop(names, info, x_PxE):
     e = int(ids[info.moe_layer])
     if info.is_router:
-      return jax.vmap(lambda g: routing.remove_expert_gate(
-          {"gates": g}, e)["gates"])(x_PxE)
-    return jnp.concatenate([x_PxE[:, :e], x_PxE[:, e + 1:]], axis=1)
+      return jax.vmap(
+          lambda g: routing.remove_expert_gate({"gates": g}, e)["gates"]
+      )(x_PxE)
+    return jnp.concatenate([x_PxE[:, :e], x_PxE[:, e + 1 :]], axis=1)
 
   return expert_params.map_experts(params, config, drop), new_config
 
@@ -169,23 +190,28 @@ def remove_expert(params: Any, config: transformer.DecoderConfig,
 def _check_owners(owners: Sequence[int], num_partitions: int) -> tuple:
   owners = tuple(owners)
   if not owners or any(not 0 <= o < num_partitions for o in owners):
-    raise ValueError(f"owners={owners!r}; allowed: a non-empty list of "
-                     f"partitions in [0, {num_partitions}).")
+    raise ValueError(
+        f"owners={owners!r}; allowed: a non-empty list of "
+        f"partitions in [0, {num_partitions})."
+    )
   return owners
 
 
-def new_expert_selection(config: transformer.DecoderConfig,
-                         owners: Sequence[int] = (0,)) -> np.ndarray:
+def new_expert_selection(
+    config: transformer.DecoderConfig, owners: Sequence[int] = (0,)
+) -> np.ndarray:
   """bool [L, P, Ep]: the last expert (the added one) of the owners."""
   owners = _check_owners(owners, config.num_partitions)
-  selected = np.zeros((len(config.moe_layers),
-                       config.num_partitions, config.num_experts), bool)
+  selected = np.zeros(
+      (len(config.moe_layers), config.num_partitions, config.num_experts), bool
+  )
   selected[:, list(owners), -1] = True
   return selected
 
 
-def owner_expert_mask(config: transformer.DecoderConfig,
-                      owners: Sequence[int] = (0,)) -> Optional[np.ndarray]:
+def owner_expert_mask(
+    config: transformer.DecoderConfig, owners: Sequence[int] = (0,)
+) -> Optional[np.ndarray]:
   """expert_mask_PxE keeping non-owner partitions off the added expert.
 
   Returns None when every partition owns it (no mask needed).
@@ -199,7 +225,7 @@ def owner_expert_mask(config: transformer.DecoderConfig,
   mask_PxP[owners, owners] = True
   if config.sharing == "all":
     allowed = ~np.broadcast_to(new_PxE.reshape(1, p * e), (p, p * e)).copy()
-    allowed[:, e - 1::e] |= mask_PxP
+    allowed[:, e - 1 :: e] |= mask_PxP
     return allowed
   return ~new_PxE | np.isin(np.arange(p), owners)[:, None]
 
@@ -211,11 +237,13 @@ def new_expert_ids(config: transformer.DecoderConfig) -> jax.Array:
   return p * e + e - 1 if config.sharing == "all" else jnp.full_like(p, e - 1)
 
 
-def uses_expert(routing_: token_routing.TokenRouting,
-                expert_T: jax.Array) -> jax.Array:
+def uses_expert(
+    routing_: token_routing.TokenRouting, expert_T: jax.Array
+) -> jax.Array:
   """bool [T]: whether token t is sent to expert expert_T[t] in any layer."""
   hit = (routing_.expert_index_LxTxK == expert_T[None, :, None]) & (
-      routing_.combine_weights_LxTxK != 0)
+      routing_.combine_weights_LxTxK != 0
+  )
   return hit.any(axis=(0, 2))
 
 
@@ -223,10 +251,12 @@ def _router_logits(intermediates: Any) -> list[jax.Array]:
   """Each MoE layer's captured router logits, flattened to [T, E]."""
   out = []
   leaves = jax.tree_util.tree_flatten_with_path(
-      intermediates, is_leaf=lambda x: isinstance(x, routing.RouterOutput))[0]
+      intermediates, is_leaf=lambda x: isinstance(x, routing.RouterOutput)
+  )[0]
   for path, leaf in leaves:
     if isinstance(leaf, routing.RouterOutput) and "__call__" in (
-        expert_params.path_names(path)):
+        expert_params.path_names(path)
+    ):
       logits = leaf.router_logits_TxE
       out.append(logits.reshape(-1, logits.shape[-1]))
   return out
@@ -246,14 +276,19 @@ class NewExpertConfig:
 
   def __post_init__(self):
     if not self.gate_loss_weight >= 0:
-      raise ValueError(f"gate_loss_weight={self.gate_loss_weight!r} must be "
-                       ">= 0.")
+      raise ValueError(
+          f"gate_loss_weight={self.gate_loss_weight!r} must be " ">= 0."
+      )
 
 
-def new_expert_loss(params: Any, batch: Mapping[str, jax.Array], *,
-                    model: transformer.TieredDecoder,
-                    config: NewExpertConfig,
-                    expert_mask_PxE: Optional[jax.Array] = None):
+def new_expert_loss(
+    params: Any,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: transformer.TieredDecoder,
+    config: NewExpertConfig,
+    expert_mask_PxE: Optional[jax.Array] = None,
+):
   """New-language cross-entropy + gate loss, and metrics.
 
   Returns:
@@ -263,20 +298,25 @@ def new_expert_loss(params: Any, batch: Mapping[str, jax.Array], *,
   """
   tokens = batch["decoder_input_tokens"]
   logits, state = model.apply(
-      {"params": params}, tokens,
+      {"params": params},
+      tokens,
       segment_ids_PxBxL=batch.get("decoder_segment_ids"),
       positions_PxBxL=batch.get("decoder_positions"),
       expert_mask_PxE=expert_mask_PxE,
       capture_intermediates=token_routing.is_router_call,
-      mutable=["intermediates"])
+      mutable=["intermediates"],
+  )
   weights = batch["decoder_loss_weights"].astype(jnp.float32)
   is_new = (batch["decoder_language_ids"] == config.language_id).astype(
-      jnp.float32)
+      jnp.float32
+  )
   ce_sum, new_weight, _ = losses.cross_entropy_loss(
-      logits, batch["decoder_target_tokens"], weights * is_new)
+      logits, batch["decoder_target_tokens"], weights * is_new
+  )
   lm_loss = ce_sum / jnp.maximum(new_weight, 1.0)
   ids_T = new_expert_ids(model.config)[
-      token_routing.token_partition_ids(tokens.shape)]
+      token_routing.token_partition_ids(tokens.shape)
+  ]
   w_T, new_T = weights.reshape(-1), is_new.reshape(-1)
   gate_terms, correct = [], []
   for logits_TxE in _router_logits(state["intermediates"]):
@@ -289,32 +329,47 @@ def new_expert_loss(params: Any, batch: Mapping[str, jax.Array], *,
   used_T = uses_expert(routed, ids_T).astype(jnp.float32)
   old_T = (1.0 - new_T) * w_T
   metrics = {
-      "lm_loss": lm_loss, "gate_loss": gate_loss,
-      "gate_accuracy": jnp.mean(jnp.stack(
-          [(c * w_T).sum() / norm for c in correct])),
-      "new_expert_use": (used_T * new_T * w_T).sum() / jnp.maximum(
-          (new_T * w_T).sum(), 1.0),
+      "lm_loss": lm_loss,
+      "gate_loss": gate_loss,
+      "gate_accuracy": jnp.mean(
+          jnp.stack([(c * w_T).sum() / norm for c in correct])
+      ),
+      "new_expert_use": (
+          (used_T * new_T * w_T).sum() / jnp.maximum((new_T * w_T).sum(), 1.0)
+      ),
       "old_expert_use": (used_T * old_T).sum() / jnp.maximum(old_T.sum(), 1.0),
   }
   return lm_loss + config.gate_loss_weight * gate_loss, metrics
 
 
-def new_expert_step(state: TrainState, batch: Mapping[str, jax.Array], *,
-                    model: transformer.TieredDecoder,
-                    tx: optax.GradientTransformation, config: NewExpertConfig,
-                    expert_mask_PxE: Optional[jax.Array] = None
-                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+def new_expert_step(
+    state: TrainState,
+    batch: Mapping[str, jax.Array],
+    *,
+    model: transformer.TieredDecoder,
+    tx: optax.GradientTransformation,
+    config: NewExpertConfig,
+    expert_mask_PxE: Optional[jax.Array] = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on `new_expert_loss` (bind keywords before `jit`).
 
   `tx` should be `expert_params.freeze(optimizer, mask)` with the mask of
   `new_expert_selection`, so that only the added expert moves.
   """
-  grad_fn = jax.grad(functools.partial(
-      new_expert_loss, model=model, config=config,
-      expert_mask_PxE=expert_mask_PxE), has_aux=True)
+  grad_fn = jax.grad(
+      functools.partial(
+          new_expert_loss,
+          model=model,
+          config=config,
+          expert_mask_PxE=expert_mask_PxE,
+      ),
+      has_aux=True,
+  )
   grads, metrics = grad_fn(state.params, batch)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-  return state.replace(step=state.step + 1, params=params,
-                       opt_state=opt_state), metrics
+  return (
+      state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+      metrics,
+  )

@@ -60,7 +60,8 @@ def path_names(path) -> tuple[str, ...]:
   """Key names of a `tree_flatten_with_path` path."""
   return tuple(
       str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-      for k in path)
+      for k in path
+  )
 
 
 def _expert_leaf(names, ndim, config) -> Optional[ExpertLeaf]:
@@ -78,12 +79,14 @@ def _expert_leaf(names, ndim, config) -> Optional[ExpertLeaf]:
     axis, is_router = ndim + _ROUTER_EXPERT_AXIS[last], True
   else:
     return None
-  return ExpertLeaf(moe_layers.index(layer[0]), axis,
-                    config.sharing != "all", is_router)
+  return ExpertLeaf(
+      moe_layers.index(layer[0]), axis, config.sharing != "all", is_router
+  )
 
 
-def expert_leaves(params: Any,
-                  config: transformer.DecoderConfig) -> dict[tuple, ExpertLeaf]:
+def expert_leaves(
+    params: Any, config: transformer.DecoderConfig
+) -> dict[tuple, ExpertLeaf]:
   """{path names: ExpertLeaf} of every expert-indexed parameter.
 
   Args:
@@ -98,13 +101,16 @@ def expert_leaves(params: Any,
     if info is not None:
       out[names] = info
   if not out and config.num_experts:
-    raise ValueError("No expert parameters found; are these the unboxed "
-                     "parameters of a TieredDecoder with this config?")
+    raise ValueError(
+        "No expert parameters found; are these the unboxed "
+        "parameters of a TieredDecoder with this config?"
+    )
   return out
 
 
-def to_partition_expert(x: jax.Array, info: ExpertLeaf,
-                        num_partitions: int) -> jax.Array:
+def to_partition_expert(
+    x: jax.Array, info: ExpertLeaf, num_partitions: int
+) -> jax.Array:
   """The canonical view [P, Ep, rest...] of an expert-indexed array."""
   if info.private:
     return jnp.moveaxis(x, info.expert_axis, 1)
@@ -138,8 +144,11 @@ def map_experts(params: Any, config: transformer.DecoderConfig, fn) -> Any:
   return jax.tree_util.tree_map_with_path(visit, params)
 
 
-def check_selection(selected_LxPxE, config: transformer.DecoderConfig,
-                    num_experts: Optional[int] = None) -> np.ndarray:
+def check_selection(
+    selected_LxPxE,
+    config: transformer.DecoderConfig,
+    num_experts: Optional[int] = None,
+) -> np.ndarray:
   """Validates a bool [L MoE layers, P, Ep] selection of experts."""
   selected = np.asarray(selected_LxPxE)
   num_experts = config.num_experts if num_experts is None else num_experts
@@ -147,14 +156,16 @@ def check_selection(selected_LxPxE, config: transformer.DecoderConfig,
   if selected.shape != want:
     raise ValueError(
         f"expert selection has shape {selected.shape}; expected {want} "
-        "(MoE layers, partitions, experts per partition).")
+        "(MoE layers, partitions, experts per partition)."
+    )
   if selected.dtype != np.bool_:
     raise ValueError(f"expert selection must be bool, got {selected.dtype}.")
   return selected
 
 
-def _broadcast_mask(selected_PxE: np.ndarray, info: ExpertLeaf,
-                    ndim: int) -> np.ndarray:
+def _broadcast_mask(
+    selected_PxE: np.ndarray, info: ExpertLeaf, ndim: int
+) -> np.ndarray:
   """bool mask broadcastable to the leaf (size 1 on unindexed axes)."""
   if info.private:
     shape = [1] * ndim
@@ -165,9 +176,14 @@ def _broadcast_mask(selected_PxE: np.ndarray, info: ExpertLeaf,
   return selected_PxE.reshape(shape)
 
 
-def trainable_mask(params: Any, config: transformer.DecoderConfig,
-                   selected_LxPxE, *, include_router: bool = False,
-                   others: Any = False) -> Any:
+def trainable_mask(
+    params: Any,
+    config: transformer.DecoderConfig,
+    selected_LxPxE,
+    *,
+    include_router: bool = False,
+    others: Any = False,
+) -> Any:
   """Which entries of `params` are trainable: the selected experts only.
 
   Args:
@@ -201,12 +217,15 @@ def count_trainable(params: Any, mask: Any) -> int:
   """Number of parameter entries a `trainable_mask` lets train."""
   sizes = jax.tree.map(
       lambda x, m: int(np.broadcast_to(np.asarray(m), np.shape(x)).sum()),
-      params, mask)
+      params,
+      mask,
+  )
   return int(sum(jax.tree.leaves(sizes)))
 
 
-def freeze(inner: optax.GradientTransformation,
-           mask: Any) -> optax.GradientTransformation:
+def freeze(
+    inner: optax.GradientTransformation, mask: Any
+) -> optax.GradientTransformation:
   """`inner` restricted to the entries where `mask` is True.
 
   Gradients of frozen entries are zeroed *before* `inner`, so clipping norms
@@ -222,8 +241,9 @@ def freeze(inner: optax.GradientTransformation,
   """
 
   def keep(tree):
-    return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)),
-                        tree, mask)
+    return jax.tree.map(
+        lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), tree, mask
+    )
 
   def init_fn(params):
     return inner.init(params)

@@ -42,9 +42,12 @@ RELEVANCE = ("token", "gate")
 LORA_TARGETS = ("kernel", "gates")  # Token-choice kernels, sequence gates.
 
 
-def collect_routing(model: Any, params: Any,
-                    batches: Iterable[Mapping[str, np.ndarray]],
-                    **apply_kwargs) -> routing_stats.RoutingCounts:
+def collect_routing(
+    model: Any,
+    params: Any,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    **apply_kwargs,
+) -> routing_stats.RoutingCounts:
   """Per-language expert use of every MoE layer over `batches`.
 
   Args:
@@ -64,16 +67,22 @@ def collect_routing(model: Any, params: Any,
   @jax.jit
   def route(params, batch):
     _, routed, _ = token_routing.apply_with_routing(
-        model, {"params": params}, batch["decoder_input_tokens"],
+        model,
+        {"params": params},
+        batch["decoder_input_tokens"],
         segment_ids_PxBxL=batch.get("decoder_segment_ids"),
-        positions_PxBxL=batch.get("decoder_positions"), **apply_kwargs)
+        positions_PxBxL=batch.get("decoder_positions"),
+        **apply_kwargs,
+    )
     return routed.expert_index_LxTxK, routed.combine_weights_LxTxK
 
-  counts = routing_stats.RoutingCounts(len(config.moe_layers),
-                                       config.experts_per_layer)
+  counts = routing_stats.RoutingCounts(
+      len(config.moe_layers), config.experts_per_layer
+  )
   for batch in batches:
-    index, weights = jax.device_get(route(params, {
-        k: jnp.asarray(v) for k, v in batch.items()}))
+    index, weights = jax.device_get(
+        route(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    )
     language_T = np.asarray(batch["decoder_language_ids"]).reshape(-1)
     valid_T = np.asarray(batch["decoder_loss_weights"]).reshape(-1) > 0
     for layer in range(index.shape[0]):
@@ -81,8 +90,11 @@ def collect_routing(model: Any, params: Any,
   return counts
 
 
-def expert_relevance(counts: routing_stats.RoutingCounts,
-                     codes: Sequence[str], score: str = "token") -> np.ndarray:
+def expert_relevance(
+    counts: routing_stats.RoutingCounts,
+    codes: Sequence[str],
+    score: str = "token",
+) -> np.ndarray:
   """float64 [L, E]: relevance of each expert to the languages `codes`.
 
   'token' = ESFT-Token (routed slots / tokens), 'gate' = ESFT-Gate (summed
@@ -94,8 +106,10 @@ def expert_relevance(counts: routing_stats.RoutingCounts,
   source = counts.assignments_NxLxE if score == "token" else counts.mass_NxLxE
   tokens_L = counts.tokens_NxL[rows].sum(axis=0)
   if not (tokens_L > 0).all():
-    raise ValueError(f"No routed tokens of {list(codes)} in some MoE layer; "
-                     "collect routing on their data first.")
+    raise ValueError(
+        f"No routed tokens of {list(codes)} in some MoE layer; "
+        "collect routing on their data first."
+    )
   return source[rows].sum(axis=0) / tokens_L[:, None]
 
 
@@ -108,13 +122,16 @@ def select_experts(relevance_LxE, coverage: float) -> np.ndarray:
   """
   relevance = np.asarray(relevance_LxE, np.float64)
   if relevance.ndim != 2 or (relevance < 0).any():
-    raise ValueError(f"relevance must be a non-negative [L, E] array; got "
-                     f"shape {relevance.shape}.")
+    raise ValueError(
+        f"relevance must be a non-negative [L, E] array; got "
+        f"shape {relevance.shape}."
+    )
   if not 0 < coverage <= 1:
     raise ValueError(f"coverage={coverage!r}; allowed: (0, 1].")
   order = np.argsort(-relevance, axis=-1, kind="stable")
   share = np.take_along_axis(relevance, order, -1) / np.maximum(
-      relevance.sum(-1, keepdims=True), 1e-30)
+      relevance.sum(-1, keepdims=True), 1e-30
+  )
   before = np.cumsum(share, axis=-1) - share
   take = before < coverage - 1e-12
   take[:, 0] = True
@@ -123,8 +140,9 @@ def select_experts(relevance_LxE, coverage: float) -> np.ndarray:
   return selected
 
 
-def to_selection(selected_LxE, config: transformer.DecoderConfig,
-                 partitions: Sequence[int]) -> np.ndarray:
+def to_selection(
+    selected_LxE, config: transformer.DecoderConfig, partitions: Sequence[int]
+) -> np.ndarray:
   """bool [L, P, Ep] (see `expert_params`) from a layer-level [L, E] choice.
 
   Args:
@@ -138,8 +156,10 @@ def to_selection(selected_LxE, config: transformer.DecoderConfig,
   selected = np.asarray(selected_LxE, bool)
   m, p, e = len(config.moe_layers), config.num_partitions, config.num_experts
   if selected.shape != (m, config.experts_per_layer):
-    raise ValueError(f"selected_LxE has shape {selected.shape}; expected "
-                     f"{(m, config.experts_per_layer)}.")
+    raise ValueError(
+        f"selected_LxE has shape {selected.shape}; expected "
+        f"{(m, config.experts_per_layer)}."
+    )
   if config.sharing == "all":
     return selected.reshape(m, p, e)
   out = np.zeros((m, p, e), bool)
@@ -150,13 +170,16 @@ def to_selection(selected_LxE, config: transformer.DecoderConfig,
 def _check_partitions(partitions: Sequence[int], p: int) -> list[int]:
   parts = list(partitions)
   if not parts or any(not 0 <= q < p for q in parts):
-    raise ValueError(f"partitions={partitions!r}; allowed: a non-empty list "
-                     f"of partitions in [0, {p}).")
+    raise ValueError(
+        f"partitions={partitions!r}; allowed: a non-empty list "
+        f"of partitions in [0, {p})."
+    )
   return parts
 
 
-def forced_routing_mask(selected_LxE, config: transformer.DecoderConfig,
-                        partitions: Sequence[int]) -> np.ndarray:
+def forced_routing_mask(
+    selected_LxE, config: transformer.DecoderConfig, partitions: Sequence[int]
+) -> np.ndarray:
   """expert_mask_MxPxE sending `partitions`' tokens to chosen experts only.
 
   Rows of other partitions allow every expert.
@@ -164,16 +187,20 @@ def forced_routing_mask(selected_LxE, config: transformer.DecoderConfig,
   selected = np.asarray(selected_LxE, bool)
   m, e = len(config.moe_layers), config.experts_per_layer
   if selected.shape != (m, e) or not selected.any(-1).all():
-    raise ValueError(f"selected_LxE must be bool {(m, e)} with at least one "
-                     f"expert per layer; got shape {selected.shape}.")
+    raise ValueError(
+        f"selected_LxE must be bool {(m, e)} with at least one "
+        f"expert per layer; got shape {selected.shape}."
+    )
   mask = np.ones((m, config.num_partitions, e), bool)
-  mask[:, _check_partitions(partitions, config.num_partitions)] = (
-      selected[:, None])
+  mask[:, _check_partitions(partitions, config.num_partitions)] = selected[
+      :, None
+  ]
   return mask
 
 
-def trainable_mask(params: Any, config: transformer.DecoderConfig,
-                   selected_LxPxE) -> Any:
+def trainable_mask(
+    params: Any, config: transformer.DecoderConfig, selected_LxPxE
+) -> Any:
   """ESFT: only the selected experts train (routers frozen)."""
   return expert_params.trainable_mask(params, config, selected_LxPxE)
 
@@ -183,10 +210,15 @@ def trainable_mask(params: Any, config: transformer.DecoderConfig,
 
 def _router_leaves(params: Any, config) -> dict[tuple, jax.Array]:
   leaves = expert_params.expert_leaves(params, config)
-  flat = dict((expert_params.path_names(p), x) for p, x in
-              jax.tree_util.tree_flatten_with_path(params)[0])
-  return {names: flat[names] for names, info in leaves.items()
-          if info.is_router and names[-1] in LORA_TARGETS}
+  flat = dict(
+      (expert_params.path_names(p), x)
+      for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  )
+  return {
+      names: flat[names]
+      for names, info in leaves.items()
+      if info.is_router and names[-1] in LORA_TARGETS
+  }
 
 
 def _set_path(tree: dict, names: tuple, value) -> None:
@@ -195,8 +227,9 @@ def _set_path(tree: dict, names: tuple, value) -> None:
   tree[names[-1]] = value
 
 
-def init_router_lora(params: Any, config: transformer.DecoderConfig,
-                     rank: int, rng: jax.Array) -> dict:
+def init_router_lora(
+    params: Any, config: transformer.DecoderConfig, rank: int, rng: jax.Array
+) -> dict:
   """LoRA adapters for every router: {path...: {'lora_a', 'lora_b'}}.
 
   For a router kernel [..., D, E] (gates [..., E, D]): lora_a [..., D, r]
@@ -213,16 +246,23 @@ def init_router_lora(params: Any, config: transformer.DecoderConfig,
     if names[-1] == "gates":
       kernel = jnp.swapaxes(kernel, -1, -2)
     *batch, d, e = kernel.shape
-    a = jax.random.normal(jax.random.fold_in(rng, i), (*batch, d, rank),
-                          jnp.float32) * d**-0.5
-    _set_path(lora, names, {"lora_a": a,
-                            "lora_b": jnp.zeros((*batch, rank, e),
-                                                jnp.float32)})
+    a = (
+        jax.random.normal(
+            jax.random.fold_in(rng, i), (*batch, d, rank), jnp.float32
+        )
+        * d**-0.5
+    )
+    _set_path(
+        lora,
+        names,
+        {"lora_a": a, "lora_b": jnp.zeros((*batch, rank, e), jnp.float32)},
+    )
   return lora
 
 
-def merge_router_lora(params: Any, lora: Mapping[str, Any],
-                      alpha: float) -> Any:
+def merge_router_lora(
+    params: Any, lora: Mapping[str, Any], alpha: float
+) -> Any:
   """params with every adapted router kernel replaced by W + A B alpha / r."""
 
   def merge(path, x):
@@ -243,8 +283,12 @@ def merge_router_lora(params: Any, lora: Mapping[str, Any],
 def lora_param_count(config: transformer.DecoderConfig, rank: int) -> int:
   """Adapter parameters: rank * (D + E) per router (per partition if private)."""
   copies = 1 if config.sharing == "all" else config.num_partitions
-  return (len(config.moe_layers) * copies * rank
-          * (config.d_model + config.experts_per_layer))
+  return (
+      len(config.moe_layers)
+      * copies
+      * rank
+      * (config.d_model + config.experts_per_layer)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,13 +321,16 @@ class FinetuneModel:
 
   def apply(self, variables: Mapping[str, Any], *args, **kwargs):
     if self.expert_mask_MxPxE is not None:
-      kwargs.setdefault("expert_mask_MxPxE",
-                        jnp.asarray(self.expert_mask_MxPxE))
+      kwargs.setdefault(
+          "expert_mask_MxPxE", jnp.asarray(self.expert_mask_MxPxE)
+      )
     variables = {**variables, "params": self.base_params(variables["params"])}
     return self.base.apply(variables, *args, **kwargs)
 
 
 def lora_trainable_mask(params: Mapping[str, Any]) -> dict:
   """For {'base', 'lora'} parameters: only the adapters train."""
-  return {"base": jax.tree.map(lambda _: np.asarray(False), params["base"]),
-          "lora": jax.tree.map(lambda _: np.asarray(True), params["lora"])}
+  return {
+      "base": jax.tree.map(lambda _: np.asarray(False), params["base"]),
+      "lora": jax.tree.map(lambda _: np.asarray(True), params["lora"]),
+  }

@@ -19,12 +19,8 @@ active per token and that co-activating units can be grouped. The recipe:
      learned router predicts those scores from the FFN input (the paper's
      "MLP selection"; here a ridge-regression linear map, `fit_router`).
 
-The converted model is evaluated inside the unchanged `TieredDecoder`:
-`moefied` intercepts every dense `layers.Mlp` call and computes the top-k
-expert mixture from the module's own (permuted) parameters. That evaluation
-computes every expert and masks (it measures quality, not speed); a fast path
-would dispatch the [N, D, F/N] experts with `dispatch.moe_mlp`, which needs a
-router whose combine weights are 1 (the model's routers normalize them).
+This module works on one FFN's parameters; `moefication_model` applies it
+to every dense FFN of a `TieredDecoder`.
 """
 
 import contextlib
@@ -65,8 +61,9 @@ class MoeficationConfig:
     for name in ("num_experts", "kmeans_iterations"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"MoeficationConfig.{name}={value!r} must be an "
-                         "int >= 1.")
+        raise ValueError(
+            f"MoeficationConfig.{name}={value!r} must be an " "int >= 1."
+        )
 
 
 def neuron_features(mlp: Mapping[str, Any]) -> np.ndarray:
@@ -75,8 +72,7 @@ def neuron_features(mlp: Mapping[str, Any]) -> np.ndarray:
   if "wi_gate" in mlp:
     cols.append(np.asarray(mlp["wi_gate"], np.float64))
   feats = np.concatenate(cols, axis=0).T
-  return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True),
-                            1e-12)
+  return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 
 def balanced_assignment(dist_FxN: np.ndarray) -> np.ndarray:
@@ -95,14 +91,16 @@ def balanced_assignment(dist_FxN: np.ndarray) -> np.ndarray:
   return labels
 
 
-def balanced_kmeans(points_FxC, num_clusters: int, iterations: int = 30,
-                    seed: int = 0) -> np.ndarray:
+def balanced_kmeans(
+    points_FxC, num_clusters: int, iterations: int = 30, seed: int = 0
+) -> np.ndarray:
   """Balanced k-means labels [F]: every cluster has exactly F/N points."""
   points = np.asarray(points_FxC, np.float64)
   f = points.shape[0]
   if not 1 <= num_clusters <= f or f % num_clusters:
-    raise ValueError(f"num_clusters={num_clusters} must divide the number of "
-                     f"points {f}.")
+    raise ValueError(
+        f"num_clusters={num_clusters} must divide the number of " f"points {f}."
+    )
   rng = np.random.default_rng(seed)
   centroids = points[rng.choice(f, num_clusters, replace=False)]
   labels = None
@@ -112,8 +110,9 @@ def balanced_kmeans(points_FxC, num_clusters: int, iterations: int = 30,
     if labels is not None and (new == labels).all():
       break
     labels = new
-    centroids = np.stack([points[labels == c].mean(0)
-                          for c in range(num_clusters)])
+    centroids = np.stack(
+        [points[labels == c].mean(0) for c in range(num_clusters)]
+    )
   return labels
 
 
@@ -125,8 +124,11 @@ def cluster_permutation(labels_F) -> np.ndarray:
 def permute_hidden(mlp: Mapping[str, Any], perm_F) -> dict[str, Any]:
   """The same FFN with hidden unit j moved to position perm^-1(j)."""
   perm = np.asarray(perm_F)
-  out = {**mlp, "wi": jnp.asarray(mlp["wi"])[:, perm],
-         "wo": jnp.asarray(mlp["wo"])[perm]}
+  out = {
+      **mlp,
+      "wi": jnp.asarray(mlp["wi"])[:, perm],
+      "wo": jnp.asarray(mlp["wo"])[perm],
+  }
   if "wi_gate" in mlp:
     out["wi_gate"] = jnp.asarray(mlp["wi_gate"])[:, perm]
   return out
@@ -138,17 +140,21 @@ def split_experts(mlp: Mapping[str, Any], num_experts: int) -> dict:
   if f % num_experts:
     raise ValueError(f"num_experts={num_experts} must divide d_ff={f}.")
   m = f // num_experts
-  split_in = lambda w: jnp.asarray(w).reshape(d, num_experts, m).transpose(
-      1, 0, 2)
-  out = {"wi": split_in(mlp["wi"]),
-         "wo": jnp.asarray(mlp["wo"]).reshape(num_experts, m, d)}
+  split_in = (
+      lambda w: jnp.asarray(w).reshape(d, num_experts, m).transpose(1, 0, 2)
+  )
+  out = {
+      "wi": split_in(mlp["wi"]),
+      "wo": jnp.asarray(mlp["wo"]).reshape(num_experts, m, d),
+  }
   if "wi_gate" in mlp:
     out["wi_gate"] = split_in(mlp["wi_gate"])
   return out
 
 
-def expert_hidden(x_TxD: jax.Array, experts: Mapping[str, jax.Array],
-                  activation: str = "gelu") -> jax.Array:
+def expert_hidden(
+    x_TxD: jax.Array, experts: Mapping[str, jax.Array], activation: str = "gelu"
+) -> jax.Array:
   """Hidden activations h [T, N, F/N] of every expert (float32)."""
   x = x_TxD.astype(jnp.float32)
   act = layers.get_activation(activation)
@@ -172,13 +178,22 @@ def top_k_mask(scores_TxN: jax.Array, top_k: int) -> jax.Array:
   if not 1 <= top_k <= n:
     raise ValueError(f"top_k={top_k} must be in [1, {n}].")
   index = jax.lax.top_k(scores_TxN, top_k)[1]
-  return jnp.zeros(scores_TxN.shape, bool).at[
-      jnp.arange(scores_TxN.shape[0])[:, None], index].set(True)
+  return (
+      jnp.zeros(scores_TxN.shape, bool)
+      .at[jnp.arange(scores_TxN.shape[0])[:, None], index]
+      .set(True)
+  )
 
 
-def moe_ffn(x_TxD: jax.Array, experts: Mapping[str, jax.Array], top_k: int, *,
-            activation: str = "gelu", score: str = "positive",
-            router: Optional[Mapping[str, jax.Array]] = None) -> jax.Array:
+def moe_ffn(
+    x_TxD: jax.Array,
+    experts: Mapping[str, jax.Array],
+    top_k: int,
+    *,
+    activation: str = "gelu",
+    score: str = "positive",
+    router: Optional[Mapping[str, jax.Array]] = None,
+) -> jax.Array:
   """y [T, D] = sum over the top-k experts of their outputs (weight 1).
 
   Experts are chosen by the oracle scores of `partition_scores`, or by a
@@ -201,177 +216,29 @@ def fit_router(x_TxD, targets_TxN, l2: float = 1e-3) -> dict[str, np.ndarray]:
   x = np.asarray(x_TxD, np.float64)
   y = np.asarray(targets_TxN, np.float64)
   if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-    raise ValueError(f"x {x.shape} and targets {y.shape} must be [T, D] and "
-                     "[T, N] with the same T.")
+    raise ValueError(
+        f"x {x.shape} and targets {y.shape} must be [T, D] and "
+        "[T, N] with the same T."
+    )
   mean_x, mean_y = x.mean(0), y.mean(0)
   xc, yc = x - mean_x, y - mean_y
   gram = xc.T @ xc
   reg = l2 * max(np.trace(gram) / gram.shape[0], 1e-12)
   kernel = np.linalg.solve(gram + reg * np.eye(gram.shape[0]), xc.T @ yc)
-  return {"kernel": kernel.astype(np.float32),
-          "bias": (mean_y - mean_x @ kernel).astype(np.float32)}
+  return {
+      "kernel": kernel.astype(np.float32),
+      "bias": (mean_y - mean_x @ kernel).astype(np.float32),
+  }
 
 
-def moefy_mlp(mlp: Mapping[str, Any],
-              config: MoeficationConfig) -> tuple[dict, np.ndarray]:
+def moefy_mlp(
+    mlp: Mapping[str, Any], config: MoeficationConfig
+) -> tuple[dict, np.ndarray]:
   """(permuted FFN with contiguous clusters, cluster label of each unit)."""
-  labels = balanced_kmeans(neuron_features(mlp), config.num_experts,
-                           config.kmeans_iterations, config.seed)
+  labels = balanced_kmeans(
+      neuron_features(mlp),
+      config.num_experts,
+      config.kmeans_iterations,
+      config.seed,
+  )
   return permute_hidden(mlp, cluster_permutation(labels)), labels
-
-
-def _is_dense_mlp(names: tuple[str, ...]) -> bool:
-  return len(names) >= 2 and names[-2] == MLP_NAME and names[-1] == "wi"
-
-
-def _map_dense_mlps(params: Any, fn) -> Any:
-  """Replaces every dense FFN dict `mlp` of params by fn(names, mlp)."""
-  if not isinstance(params, Mapping):
-    return params
-  out = {}
-  for key, value in params.items():
-    if key == MLP_NAME and isinstance(value, Mapping) and "wi" in value:
-      out[key] = fn(value)
-    else:
-      out[key] = _map_dense_mlps(value, fn)
-  return out
-
-
-def _per_slice(mlp: Mapping[str, Any], fn) -> dict:
-  """Applies fn to each [D, F] slice of FFN params with leading axes."""
-  lead = np.shape(mlp["wi"])[:-2]
-  slices = [fn({k: np.asarray(v)[idx] for k, v in mlp.items()})
-            for idx in np.ndindex(*lead)]
-  return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape),
-                      *slices)
-
-
-def moefy_params(params: Any, config: MoeficationConfig) -> Any:
-  """Clusters and permutes every dense FFN (per partition if private)."""
-  if not any(_is_dense_mlp(expert_params.path_names(p)) for p, _ in
-             jax.tree_util.tree_flatten_with_path(params)[0]):
-    raise ValueError("No dense FFN ('mlp' with 'wi') in params.")
-  return _map_dense_mlps(params, lambda mlp: _per_slice(
-      mlp, lambda s: moefy_mlp(s, config)[0]))
-
-
-def _is_mlp_call(context) -> bool:
-  return (isinstance(context.module, layers.Mlp)
-          and context.module.name == MLP_NAME
-          and context.method_name == "__call__")
-
-
-@contextlib.contextmanager
-def moefied(num_experts: int, top_k: int, *, routing: str = "oracle",
-            score: str = "positive"):
-  """Inside: every dense decoder FFN computes its top-k expert mixture.
-
-  Use around tracing (e.g. inside a jitted function) of a model whose
-  parameters went through `moefy_params` (and `fit_routers` for 'learned').
-  """
-  if routing not in ROUTINGS:
-    raise ValueError(f"routing={routing!r} is invalid; allowed: {ROUTINGS}.")
-
-  def interceptor(next_fun, args, kwargs, context):
-    if not _is_mlp_call(context):
-      return next_fun(*args, **kwargs)
-    module, x = context.module, args[0]
-    mlp = module.variables["params"]
-    router = None
-    if routing == "learned":
-      if ROUTER_NAME not in mlp:
-        raise ValueError(f"{module.path}: no '{ROUTER_NAME}'; fit_routers "
-                         "first.")
-      router = mlp[ROUTER_NAME]
-    experts = split_experts(
-        {k: v for k, v in mlp.items() if k != ROUTER_NAME}, num_experts)
-    y = moe_ffn(x.reshape(-1, x.shape[-1]), experts, top_k,
-                activation=module.activation, score=score, router=router)
-    return y.reshape(x.shape).astype(module.dtype)
-
-  with nn.intercept_methods(interceptor):
-    yield
-
-
-def collect_mlp_inputs(model: nn.Module, params: Any,
-                       batches: Iterable[Mapping[str, np.ndarray]]) -> dict:
-  """Inputs of every dense FFN on the scored tokens of `batches`.
-
-  Returns:
-    {FFN path: float32 [..., T, D]} with the leading axes of the FFN's
-    parameters (partition-private FFNs keep their partitions apart).
-  """
-
-  def interceptor(next_fun, args, kwargs, context):
-    if _is_mlp_call(context):
-      context.module.sow("intermediates", "moefication_input", args[0])
-    return next_fun(*args, **kwargs)
-
-  @jax.jit
-  def run(params, tokens):
-    with nn.intercept_methods(interceptor):
-      _, state = model.apply({"params": params}, tokens,
-                             mutable=["intermediates"])
-    return state["intermediates"]
-
-  found: dict[tuple, list] = {}
-  for batch in batches:
-    sown = run(params, jnp.asarray(batch["decoder_input_tokens"]))
-    valid = np.asarray(batch["decoder_loss_weights"]) > 0
-    for path, x in jax.tree_util.tree_flatten_with_path(sown)[0]:
-      names = expert_params.path_names(path)
-      key = names[:names.index("moefication_input")]
-      x = np.asarray(x)
-      lead = x.shape[:-3] if x.ndim == valid.ndim + 1 else ()
-      keep = valid.reshape(lead + (-1,))
-      flat = x.reshape(lead + (-1, x.shape[-1]))
-      found.setdefault(key, []).append((flat, keep))
-  return {k: _stack_valid(v) for k, v in found.items()}
-
-
-def _stack_valid(chunks) -> np.ndarray:
-  """Concatenates the valid tokens of each chunk along T, per leading index."""
-  lead = chunks[0][0].shape[:-2]
-  per = [np.concatenate([x[idx][keep[idx]] for x, keep in chunks])
-         for idx in np.ndindex(*lead)]
-  size = min(len(p) for p in per)  # Same T for every partition.
-  return np.stack([p[:size] for p in per]).reshape(
-      lead + (size, chunks[0][0].shape[-1]))
-
-
-def fit_routers(params: Any, inputs: Mapping[tuple, np.ndarray],
-                num_experts: int, *, activation: str = "gelu",
-                score: str = "positive", l2: float = 1e-3) -> Any:
-  """Adds a learned router next to every converted FFN in `inputs`.
-
-  Each router is fitted to the oracle scores of its FFN (per partition for
-  private FFNs) on the inputs from `collect_mlp_inputs`, and stored as
-  `<ffn path>/moefication_router/{kernel, bias}`.
-  """
-
-  def fit(mlp, x):
-    experts = split_experts(mlp, num_experts)
-    targets = partition_scores(expert_hidden(jnp.asarray(x), experts,
-                                             activation), score)
-    return fit_router(x, np.asarray(targets), l2)
-
-  def visit(tree, prefix):
-    if not isinstance(tree, Mapping):
-      return tree
-    if prefix in inputs:
-      x = inputs[prefix]
-      mlp = {k: v for k, v in tree.items() if k != ROUTER_NAME}
-      lead = np.shape(mlp["wi"])[:-2]
-      fits = [fit({k: np.asarray(v)[i] for k, v in mlp.items()}, x[i])
-              for i in np.ndindex(*lead)]
-      router = jax.tree.map(
-          lambda *r: jnp.asarray(np.stack(r).reshape(lead + r[0].shape)),
-          *fits)
-      return {**mlp, ROUTER_NAME: router}
-    return {k: visit(v, prefix + (k,)) for k, v in tree.items()}
-
-  missing = [k for k in inputs if not k or k[-1] != MLP_NAME]
-  if missing or not inputs:
-    raise ValueError(f"inputs must map dense FFN paths to activations; got "
-                     f"{sorted(inputs)}.")
-  return visit(params, ())

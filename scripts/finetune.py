@@ -1,0 +1,307 @@
+r"""Fine-tunes a MoE checkpoint on one language: full, ESFT and router LoRA.
+
+  python -m tiered_routing.train --gin_file=gin/experiments/esft.gin \
+      --gin.MODEL_DIR="'/tmp/rm_esft'"
+  python scripts/finetune.py --gin_file=gin/experiments/esft.gin \
+      --gin_file=gin/experiments/finetune.gin \
+      --gin.MODEL_DIR="'/tmp/rm_esft'"
+
+Starting from the newest checkpoint of MODEL_DIR, each method trains for
+FINETUNE_STEPS on the training split of TARGET_LANGUAGE only
+(`tiered_routing.finetune`):
+
+  full            every parameter.
+  esft_token      ESFT with token-selection-ratio relevance (Wang et al.
+                  2024): only the experts that cover a share p of the
+                  language's routing per layer; everything else frozen.
+  esft_gate       the same with mean-gate-weight relevance.
+  esft_forced     esft_token plus forced routing: the language's tokens may
+                  use the chosen experts only (during training and eval).
+  router_lora     rank-r LoRA adapters on the router kernels only.
+
+The table reports the target language's validation loss, the mean of the
+other languages' (forgetting), and the number of trainable parameters; it
+goes to stdout and OUTPUT (default MODEL_DIR/finetune.md).
+"""
+
+import functools
+import os
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import method_runs  # pylint: disable=g-import-not-at-top
+
+from tasks import naming
+from tiered_routing import configurables  # pylint: disable=unused-import
+from tiered_routing import expert_params
+from tiered_routing import finetune
+from tiered_routing import gin_flags
+from tiered_routing import inputs
+from tiered_routing import languages
+from tiered_routing import optimizers
+from tiered_routing import partitioning
+from tiered_routing import partitions
+from tiered_routing import train  # pylint: disable=unused-import
+from tiered_routing import train_state
+from tiered_routing import trainer
+from tiered_routing.model import transformer
+
+FLAGS = flags.FLAGS
+REQUIRED_MACROS = (
+    "MODEL_DIR",
+    "MIXTURE_OR_TASK_NAME",
+    "BATCH_SIZE",
+    "TASK_FEATURE_LENGTHS",
+)
+METHODS = ("full", "esft_token", "esft_gate", "esft_forced", "router_lora")
+COLUMNS = (
+    "method",
+    "trainable_params",
+    "experts_per_layer",
+    "target_loss",
+    "other_loss",
+    "target_gain",
+    "other_change",
+)
+
+
+def _target_batches(task, scheme, partition, p, rows, length, seed):
+  """[P, rows, L] batches whose partition-`partition` block is the task."""
+  names = [task] * p  # Other blocks are zeroed (loss weight 0) below.
+  dataset = inputs.partitioned_dataset(
+      names,
+      global_batch_size=p * rows,
+      scheme=scheme,
+      sequence_length=length,
+      seed=seed,
+  )
+  for batch in inputs.batch_iterator(dataset):
+    keep = (np.arange(p) == partition)[:, None, None]
+    batch = dict(batch)
+    batch["decoder_loss_weights"] = batch["decoder_loss_weights"] * keep
+    yield batch
+
+
+def _train(model, params, tx, batches, steps, train_config):
+  step_fn = jax.jit(
+      functools.partial(
+          trainer.train_step, model=model, tx=tx, config=train_config
+      )
+  )
+  state = trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+  )
+  for i in range(steps):
+    state, metrics = step_fn(state, next(batches), jax.random.key(0))
+    if (i + 1) % max(steps // 5, 1) == 0:
+      logging.info("step %d loss %.4f", i + 1, float(metrics["loss"]))
+  return state.params
+
+
+def _method(name, model, params, boxed, config, selection, lora_rank, alpha):
+  """(model stand-in, initial params, trainable mask, partitioned flags)."""
+  partitioned = optimizers.partitioned_mask(boxed)
+  if name == "full":
+    return model, params, jax.tree.map(lambda _: True, params), partitioned
+  if name == "router_lora":
+    lora = finetune.init_router_lora(
+        params, config, lora_rank, jax.random.key(7)
+    )
+    both = {"base": params, "lora": lora}
+    flags_ = {
+        "base": partitioned,
+        "lora": jax.tree.map(lambda _: config.sharing != "all", lora),
+    }
+    return (
+        finetune.FinetuneModel(model, lora_alpha=alpha),
+        both,
+        finetune.lora_trainable_mask(both),
+        flags_,
+    )
+  chosen_LxE, forced_mask = selection[name]
+  stand_in = finetune.FinetuneModel(model, expert_mask_MxPxE=forced_mask)
+  return (
+      stand_in,
+      params,
+      finetune.trainable_mask(params, config, chosen_LxE),
+      partitioned,
+  )
+
+
+def _selections(model, params, config, batches, code, partition, coverage):
+  """ESFT expert choices (bool [L, P, Ep]) and forced masks per method."""
+  counts = finetune.collect_routing(model, params, batches)
+  out = {}
+  for name, score in (
+      ("esft_token", "token"),
+      ("esft_gate", "gate"),
+      ("esft_forced", "token"),
+  ):
+    chosen = finetune.select_experts(
+        finetune.expert_relevance(counts, [code], score), coverage
+    )
+    forced = (
+        finetune.forced_routing_mask(chosen, config, [partition])
+        if name == "esft_forced"
+        else None
+    )
+    out[name] = (finetune.to_selection(chosen, config, [partition]), forced)
+  return out
+
+
+@gin.configurable("run", module="finetune_script")
+def run(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: Any = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    scheme: partitions.PartitionScheme = gin.REQUIRED,
+    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    target_language: str = "ur",
+    steps: int = 100,
+    learning_rate: float = 1e-3,
+    coverage: float = 0.5,
+    lora_rank: int = 4,
+    lora_alpha: float = 8.0,
+    routing_batches: int = 4,
+    methods: Sequence[str] = METHODS,
+    output: Optional[str] = None,
+) -> list[dict]:
+  """Fine-tunes MODEL_DIR's newest checkpoint with each method (see top)."""
+  bad = [m for m in methods if m not in METHODS]
+  if bad:
+    raise ValueError(f"Unknown methods {bad}; allowed: {METHODS}.")
+  p, length = model_config.num_partitions, gin_flags.task_feature_length(
+      task_feature_lengths
+  )
+  rows, partition = batch_size // p, scheme.partition_of(target_language)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  model = transformer.TieredDecoder(model_config)
+  task = naming.task_name("sample", target_language)
+  opt = optimizers.OptimizerConfig(
+      learning_rate=learning_rate, warmup_steps=0, schedule="constant"
+  )
+  train_config = trainer.TrainConfig(train_steps=steps)
+  with partitioning.with_sharding_rules(mesh):
+    step, params = method_runs.restore_params(
+        model_dir, model_config, mesh, (p, rows, length)
+    )
+    boxed = train_state.param_layout(model, mesh, (p, rows, length))[0]
+    evaluator = method_runs.Evaluator(
+        gin_flags.mixture_names(mixture_or_task_name, p), scheme, length, rows
+    )
+    batches = _target_batches(task, scheme, partition, p, rows, length, 0)
+    selection = _selections(
+        model,
+        params,
+        model_config,
+        [next(batches) for _ in range(routing_batches)],
+        target_language,
+        partition,
+        coverage,
+    )
+    base = evaluator.evaluate(model, params)
+    results = [_row("base", base, base, target_language, 0, "-")]
+    for name in methods:
+      stand_in, init, mask, flags_ = _method(
+          name,
+          model,
+          params,
+          boxed,
+          model_config,
+          selection,
+          lora_rank,
+          lora_alpha,
+      )
+      tx = expert_params.freeze(
+          optimizers.make_optimizer(opt, steps, flags_), mask
+      )
+      tuned = _train(
+          stand_in,
+          init,
+          tx,
+          _target_batches(task, scheme, partition, p, rows, length, 1),
+          steps,
+          train_config,
+      )
+      experts = (
+          "-"
+          if name not in selection
+          else "/".join(
+              str(int(n)) for n in selection[name][0].sum(axis=(1, 2))
+          )
+      )
+      results.append(
+          _row(
+              name,
+              evaluator.evaluate(stand_in, tuned),
+              base,
+              target_language,
+              expert_params.count_trainable(init, mask),
+              experts,
+          )
+      )
+  return _report(
+      results,
+      model_dir,
+      step,
+      target_language,
+      steps,
+      learning_rate,
+      coverage,
+      lora_rank,
+      output,
+  )
+
+
+def _row(name, res, base, code, trainable, experts):
+  others = [c for c in languages.CODES if c != code and f"{c}/loss" in res]
+  target, other = res[f"{code}/loss"], method_runs.mean_loss(res, others)
+  return {
+      "method": name,
+      "trainable_params": trainable,
+      "experts_per_layer": experts,
+      "target_loss": target,
+      "other_loss": other,
+      "target_gain": base[f"{code}/loss"] - target,
+      "other_change": other - method_runs.mean_loss(base, others),
+  }
+
+
+def _report(rows, model_dir, step, code, steps, lr, coverage, rank, output):
+  header = (
+      f"Fine-tuning {model_dir} (step {step}) on {code} for {steps} "
+      f"steps (AdamW, constant lr {lr}); ESFT coverage p={coverage}; "
+      f"router LoRA rank {rank}. Validation loss in nats/token; "
+      "other = mean over the other languages; gain = base - tuned.\n\n"
+  )
+  text = header + method_runs.markdown_table(rows, COLUMNS) + "\n"
+  print(text)
+  method_runs.write_text(output or os.path.join(model_dir, "finetune.md"), text)
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  gin_flags.parse_gin(
+      FLAGS.gin_file,
+      FLAGS.gin_bindings,
+      FLAGS.gin_search_paths,
+      REQUIRED_MACROS,
+  )
+  run()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.parse_flags)

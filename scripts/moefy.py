@@ -1,0 +1,170 @@
+r"""MoEfies a dense checkpoint and reports validation loss at several k.
+
+  python scripts/moefy.py --gin_file=gin/experiments/moefication.gin \
+      --gin_file=gin/experiments/moefy.gin \
+      --gin.MODEL_DIR="'/tmp/rm_moefication'"
+
+Give the dense training run's gin files first, then gin/experiments/moefy.gin.
+Every dense FFN of the newest checkpoint is clustered into N experts
+(`tiered_routing.moefication`); each token then computes only its top-k
+experts, chosen by the oracle partition activation ('positive': sum of
+positive hidden activations, the paper's criterion; 'abs': sum of |h|) or by
+a linear router fitted to the 'positive' scores on training batches. The
+whole validation split of every language is evaluated; the table (Markdown)
+goes to stdout and to OUTPUT (default MODEL_DIR/moefication.md).
+"""
+
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import method_runs  # pylint: disable=g-import-not-at-top
+
+from tiered_routing import configurables  # pylint: disable=unused-import
+from tiered_routing import gin_flags
+from tiered_routing import inputs
+from tiered_routing import moefication
+from tiered_routing import partitioning
+from tiered_routing import partitions
+from tiered_routing import train  # pylint: disable=unused-import
+from tiered_routing.model import transformer
+
+FLAGS = flags.FLAGS
+REQUIRED_MACROS = (
+    "MODEL_DIR",
+    "MIXTURE_OR_TASK_NAME",
+    "BATCH_SIZE",
+    "TASK_FEATURE_LENGTHS",
+)
+COLUMNS = (
+    "k",
+    "active_ffn",
+    "oracle_positive",
+    "oracle_abs",
+    "learned_router",
+    "dense",
+)
+
+
+def _router_inputs(
+    model, params, names, scheme, batch_size, length, num_batches
+):
+  """FFN inputs on `num_batches` training batches (for the routers)."""
+  dataset = inputs.partitioned_dataset(
+      names,
+      global_batch_size=batch_size,
+      scheme=scheme,
+      sequence_length=length,
+      seed=1234,
+  )
+  iterator = inputs.batch_iterator(dataset)
+  batches = [next(iterator) for _ in range(num_batches)]
+  return moefication.collect_mlp_inputs(model, params, batches)
+
+
+def _rows(evaluator, model, params, routed, num_experts, top_ks, dense):
+  rows = []
+  for k in top_ks:
+    row = {"k": k, "active_ffn": f"{k}/{num_experts}", "dense": dense}
+    for column, routing, score, p in (
+        ("oracle_positive", "oracle", "positive", params),
+        ("oracle_abs", "oracle", "abs", params),
+        ("learned_router", "learned", "positive", routed),
+    ):
+      context = lambda: moefication.moefied(
+          num_experts, k, routing=routing, score=score
+      )
+      row[column] = evaluator.evaluate(model, p, context)["macro/loss"]
+      logging.info("k=%d %s: %.4f", k, column, row[column])
+    rows.append(row)
+  return rows
+
+
+@gin.configurable("run", module="moefy_script")
+def run(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: Any = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    scheme: partitions.PartitionScheme = gin.REQUIRED,
+    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    num_experts: int = 8,
+    top_ks: Sequence[int] = (8, 4, 2, 1),
+    router_batches: int = 8,
+    kmeans_iterations: int = 30,
+    seed: int = 0,
+    output: Optional[str] = None,
+) -> list[dict]:
+  """Converts MODEL_DIR's newest checkpoint and evaluates it (see top)."""
+  if model_config.num_experts:
+    raise ValueError(
+        f"MoEfication needs a dense model; num_experts="
+        f"{model_config.num_experts}."
+    )
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  p = model_config.num_partitions
+  names = gin_flags.mixture_names(mixture_or_task_name, p)
+  length = gin_flags.task_feature_length(task_feature_lengths)
+  model = transformer.TieredDecoder(model_config)
+  with partitioning.with_sharding_rules(mesh):
+    step, params = method_runs.restore_params(
+        model_dir, model_config, mesh, (p, batch_size // p, length)
+    )
+    params = jax.device_get(params)
+    evaluator = method_runs.Evaluator(names, scheme, length, batch_size // p)
+    dense = evaluator.evaluate(model, params)["macro/loss"]
+    start = time.time()
+    moefied = moefication.moefy_params(
+        params,
+        moefication.MoeficationConfig(num_experts, kmeans_iterations, seed),
+    )
+    logging.info("Clustered in %.1f s.", time.time() - start)
+    permuted = evaluator.evaluate(model, moefied)["macro/loss"]
+    routed = moefication.fit_routers(
+        moefied,
+        _router_inputs(
+            model, moefied, names, scheme, batch_size, length, router_batches
+        ),
+        num_experts,
+        activation=model_config.activation,
+        score="positive",
+    )
+    rows = _rows(evaluator, model, moefied, routed, num_experts, top_ks, dense)
+  header = (
+      f"MoEfication of {model_dir} (step {step}), N={num_experts} "
+      f"experts of {model_config.d_ff // num_experts} units per dense "
+      f"FFN; activation={model_config.activation}, gated="
+      f"{model_config.gated_mlp}. Validation loss (nats/token, mean over "
+      f"languages); permuted dense model: {permuted:.4f}.\n\n"
+  )
+  text = header + method_runs.markdown_table(rows, COLUMNS) + "\n"
+  print(text)
+  method_runs.write_text(
+      output or os.path.join(model_dir, "moefication.md"), text
+  )
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  gin_flags.parse_gin(
+      FLAGS.gin_file,
+      FLAGS.gin_bindings,
+      FLAGS.gin_search_paths,
+      REQUIRED_MACROS,
+  )
+  run()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.parse_flags)
