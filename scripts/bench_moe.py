@@ -126,7 +126,8 @@ def _inputs(tokens, group_size, d_model, dtype, seed=0):
 
 def _compiled_module(module, x, dy, *, is_moe):
   """(compiled fwd+bwd, its args, compile seconds) of a layer module."""
-  params = module.init(jax.random.key(1), x)["params"]
+  # Eager init would dispatch (and compile) every initializer op by op.
+  params = jax.jit(module.init)(jax.random.key(1), x)["params"]
   fn = _layer_grad_fn(module, is_moe)
   args = (params, x, dy)
   compiled, compile_s = benchmarking.compile_jitted(fn, args)

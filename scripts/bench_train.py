@@ -125,12 +125,17 @@ def scaled_config(base: transformer.DecoderConfig, n: int, sharing: str,
       d_ff=round(base.d_ff * scale), dispatch=_DISPATCH.value)
 
 
+@functools.lru_cache(maxsize=None)
+def _total(config: transformer.DecoderConfig) -> int:
+  return params_lib.count_params(config).total
+
+
 def equal_total_config(base, n, sharing):
-  """Smallest multiple of 8 as d_model whose total reaches base's total."""
-  target = params_lib.count_params(dataclasses.replace(
-      base, dispatch=_DISPATCH.value)).total
-  total = lambda d: params_lib.count_params(
-      scaled_config(base, n, sharing, d)).total
+  """The member whose total (multiple-of-8 d_model) is closest to base's."""
+  if n == 1:  # Every sharing level is the same model for one partition.
+    return scaled_config(base, 1, sharing, base.d_model)
+  target = _total(scaled_config(base, 1, sharing, base.d_model))
+  total = lambda d: _total(scaled_config(base, n, sharing, d))
   lo, hi = 1, 2 * base.d_model // 8  # In units of 8.
   while lo < hi:  # The total grows with d_model.
     mid = (lo + hi) // 2

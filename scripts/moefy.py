@@ -6,14 +6,16 @@ r"""MoEfies a dense checkpoint and reports validation loss at several k.
 
 Give the dense training run's gin files first, then gin/experiments/moefy.gin.
 Every dense FFN of the newest checkpoint is clustered into N experts
-(`tiered_routing.moefication`); each token then computes only its top-k
+(`tiered_routing.moefication_model`); each token then computes only its top-k
 experts, chosen by the oracle partition activation ('positive': sum of
 positive hidden activations, the paper's criterion; 'abs': sum of |h|) or by
-a linear router fitted to the 'positive' scores on training batches. The
-whole validation split of every language is evaluated; the table (Markdown)
+a linear router fitted to the 'positive' scores on training batches;
+'unclustered' splits the hidden units in their trained order instead of by
+k-means (the paper's ablation of the clustering). The whole validation split of every language is evaluated; the table (Markdown)
 goes to stdout and to OUTPUT (default MODEL_DIR/moefication.md).
 """
 
+import functools
 import os
 import sys
 import time
@@ -32,6 +34,7 @@ from tiered_routing import configurables  # pylint: disable=unused-import
 from tiered_routing import gin_flags
 from tiered_routing import inputs
 from tiered_routing import moefication
+from tiered_routing import moefication_model
 from tiered_routing import partitioning
 from tiered_routing import partitions
 from tiered_routing import train  # pylint: disable=unused-import
@@ -47,6 +50,7 @@ REQUIRED_MACROS = (
 COLUMNS = (
     "k",
     "active_ffn",
+    "unclustered_positive",
     "oracle_positive",
     "oracle_abs",
     "learned_router",
@@ -67,20 +71,28 @@ def _router_inputs(
   )
   iterator = inputs.batch_iterator(dataset)
   batches = [next(iterator) for _ in range(num_batches)]
-  return moefication.collect_mlp_inputs(model, params, batches)
+  return moefication_model.collect_mlp_inputs(model, params, batches)
 
 
-def _rows(evaluator, model, params, routed, num_experts, top_ks, dense):
+def _rows(
+    evaluator, model, dense_params, params, routed, num_experts, top_ks, dense
+):
+  """One table row per k: loss of every routing variant."""
   rows = []
   for k in top_ks:
     row = {"k": k, "active_ffn": f"{k}/{num_experts}", "dense": dense}
     for column, routing, score, p in (
+        ("unclustered_positive", "oracle", "positive", dense_params),
         ("oracle_positive", "oracle", "positive", params),
         ("oracle_abs", "oracle", "abs", params),
         ("learned_router", "learned", "positive", routed),
     ):
-      context = lambda: moefication.moefied(
-          num_experts, k, routing=routing, score=score
+      context = functools.partial(
+          moefication_model.moefied,
+          num_experts,
+          k,
+          routing=routing,
+          score=score,
       )
       row[column] = evaluator.evaluate(model, p, context)["macro/loss"]
       logging.info("k=%d %s: %.4f", k, column, row[column])
@@ -123,13 +135,13 @@ def run(
     evaluator = method_runs.Evaluator(names, scheme, length, batch_size // p)
     dense = evaluator.evaluate(model, params)["macro/loss"]
     start = time.time()
-    moefied = moefication.moefy_params(
+    moefied = moefication_model.moefy_params(
         params,
         moefication.MoeficationConfig(num_experts, kmeans_iterations, seed),
     )
     logging.info("Clustered in %.1f s.", time.time() - start)
     permuted = evaluator.evaluate(model, moefied)["macro/loss"]
-    routed = moefication.fit_routers(
+    routed = moefication_model.fit_routers(
         moefied,
         _router_inputs(
             model, moefied, names, scheme, batch_size, length, router_batches
@@ -138,7 +150,9 @@ def run(
         activation=model_config.activation,
         score="positive",
     )
-    rows = _rows(evaluator, model, moefied, routed, num_experts, top_ks, dense)
+    rows = _rows(
+        evaluator, model, params, moefied, routed, num_experts, top_ks, dense
+    )
   header = (
       f"MoEfication of {model_dir} (step {step}), N={num_experts} "
       f"experts of {model_config.d_ff // num_experts} units per dense "

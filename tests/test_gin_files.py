@@ -27,8 +27,10 @@ from tiered_routing.model import transformer
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(
     os.path.relpath(p, REPO_ROOT)
-    for p in glob.glob(os.path.join(REPO_ROOT, "gin", "**", "*.gin"),
-                       recursive=True))
+    for p in glob.glob(
+        os.path.join(REPO_ROOT, "gin", "**", "*.gin"), recursive=True
+    )
+)
 BASE = "gin/quickstart.gin"
 REGISTERED_SCRIPTS = ("train_script", "eval_script")
 
@@ -41,8 +43,9 @@ def _read(path):
 def _self_contained(path):
   text = _read(path)
   return path.startswith("gin/models/") or (
-      "include 'gin/models/" in text or "include 'gin/runs/pretrain.gin'"
-      in text)
+      "include 'gin/models/" in text
+      or "include 'gin/runs/pretrain.gin'" in text
+  )
 
 
 def _unknown_script_configurables(paths):
@@ -50,8 +53,7 @@ def _unknown_script_configurables(paths):
   names = set()
   for path in paths:
     names.update(re.findall(r"^(\w+_script\.\w+)\.", _read(path), re.M))
-  return sorted(n for n in names
-                if n.split(".")[0] not in REGISTERED_SCRIPTS)
+  return sorted(n for n in names if n.split(".")[0] not in REGISTERED_SCRIPTS)
 
 
 @pytest.fixture(autouse=True)
@@ -65,26 +67,32 @@ def _parse(files, bindings=()):
   for path in (".", REPO_ROOT):
     gin.add_config_file_search_path(path)
   gin.parse_config_files_and_bindings(
-      files, list(bindings), finalize_config=False,
-      skip_unknown=_unknown_script_configurables(files))
+      files,
+      list(bindings),
+      finalize_config=False,
+      skip_unknown=_unknown_script_configurables(files),
+  )
 
 
 def _build_model(config: transformer.DecoderConfig):
   """Abstract parameters and shardings on one device (no allocation)."""
   model = transformer.TieredDecoder(config)
-  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1),
-                                devices=jax.devices()[:1])
+  mesh = partitioning.make_mesh(
+      partitioning.MeshConfig(data=1), devices=jax.devices()[:1]
+  )
   seq = min(config.group_size, 64)
-  return train_state.param_layout(model, mesh,
-                                  (config.num_partitions, 1, seq))
+  return train_state.param_layout(model, mesh, (config.num_partitions, 1, seq))
 
 
 def test_found_the_gin_files():
   assert "gin/quickstart.gin" in GIN_FILES
   assert {"gin/runs/pretrain.gin", "gin/runs/eval.gin"} <= set(GIN_FILES)
-  levels = {re.search(r"^SHARING = '(\w+)'", _read(p), re.M).group(1)
-            for p in GIN_FILES if p.startswith("gin/experiments/sample_")
-            and re.search(r"^SHARING = ", _read(p), re.M)}
+  levels = {
+      re.search(r"^SHARING = '(\w+)'", _read(p), re.M).group(1)
+      for p in GIN_FILES
+      if p.startswith("gin/experiments/sample_")
+      and re.search(r"^SHARING = ", _read(p), re.M)
+  }
   assert {"none", "attention", "all"} <= levels
 
 
@@ -115,8 +123,10 @@ def test_parses_and_builds_model(path):
     assert args["batch_size"] % config.num_partitions == 0
 
 
-@pytest.mark.parametrize("path", [p for p in GIN_FILES if "include 'gin/runs/"
-                                  "pretrain.gin'" in _read(p)])
+@pytest.mark.parametrize(
+    "path",
+    [p for p in GIN_FILES if "include 'gin/runs/" "pretrain.gin'" in _read(p)],
+)
 def test_runnable_files_need_only_model_dir(path):
   _parse([path], ["MODEL_DIR = '/tmp/unused'"])
   gin.finalize()

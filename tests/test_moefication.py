@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tiered_routing import moefication
+from tiered_routing import moefication_model
 from tiered_routing import train_state
 from tiered_routing.model import layers
 from tiered_routing.model import transformer
@@ -138,22 +139,24 @@ def test_moefied_decoder_matches_dense_at_k_equal_n():
   params = train_state._strip_boxes(
       jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
   )
-  moefied = moefication.moefy_params(params, moefication.MoeficationConfig(N))
+  moefied = moefication_model.moefy_params(
+      params, moefication.MoeficationConfig(N)
+  )
   # Partition-private FFNs are clustered separately.
   assert moefied["decoder"]["layers_0"]["mlp"]["wi"].shape == (2, D, F)
   batch = {
       "decoder_input_tokens": np.asarray(tokens),
       "decoder_loss_weights": np.ones(tokens.shape, np.float32),
   }
-  inputs = moefication.collect_mlp_inputs(model, moefied, [batch])
+  inputs = moefication_model.collect_mlp_inputs(model, moefied, [batch])
   assert inputs[("decoder", "layers_1", "mlp")].shape == (2, 32, D)
-  routed = moefication.fit_routers(moefied, inputs, N)
-  assert routed["decoder"]["layers_0"]["mlp"][moefication.ROUTER_NAME][
+  routed = moefication_model.fit_routers(moefied, inputs, N)
+  assert routed["decoder"]["layers_0"]["mlp"][moefication_model.ROUTER_NAME][
       "kernel"
   ].shape == (2, D, N)
 
   def logits(params, top_k, routing):
-    with moefication.moefied(N, top_k, routing=routing):
+    with moefication_model.moefied(N, top_k, routing=routing):
       return model.apply({"params": params}, tokens)
 
   run = jax.jit(logits, static_argnums=(1, 2))

@@ -26,14 +26,19 @@ from tiered_routing import metrics_writer
 from tiered_routing import train as train_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_STEPS = 40
-SAVE_EVERY = 5
+TRAIN_STEPS = 24
+SAVE_EVERY = 4
 GIN_FILES = ["gin/models/tiny.gin", "gin/runs/pretrain.gin"]
 BINDINGS = [
-    "NUM_PARTITIONS = 2", "VOCAB_SIZE = 4096", f"TRAIN_STEPS = {TRAIN_STEPS}",
-    "BATCH_SIZE = 8", "TASK_FEATURE_LENGTHS = {'targets': 32}",
-    f"SAVE_EVERY_STEPS = {SAVE_EVERY}", "LOG_EVERY_STEPS = 5",
-    "WARMUP_STEPS = 2", "LEARNING_RATE = 0.01",
+    "NUM_PARTITIONS = 2",
+    "VOCAB_SIZE = 4096",
+    f"TRAIN_STEPS = {TRAIN_STEPS}",
+    "BATCH_SIZE = 8",
+    "TASK_FEATURE_LENGTHS = {'targets': 32}",
+    f"SAVE_EVERY_STEPS = {SAVE_EVERY}",
+    f"LOG_EVERY_STEPS = {SAVE_EVERY}",
+    "WARMUP_STEPS = 2",
+    "LEARNING_RATE = 0.01",
     "tiered_routing.MeshConfig.partition = 2",
     "tiered_routing.MeshConfig.data = 2",
     "tiered_routing.MeshConfig.expert = 2",
@@ -46,16 +51,22 @@ def _bindings(model_dir):
 
 def _command(model_dir):
   """The train binary, using the --gin.NAME=VALUE shorthand for MODEL_DIR."""
-  return ([sys.executable, "-m", "tiered_routing.train"]
-          + [f"--gin_file={f}" for f in GIN_FILES]
-          + [f"--gin_bindings={b}" for b in BINDINGS]
-          + [f"--gin.MODEL_DIR='{model_dir}'"])
+  return (
+      [sys.executable, "-m", "tiered_routing.train"]
+      + [f"--gin_file={f}" for f in GIN_FILES]
+      + [f"--gin_bindings={b}" for b in BINDINGS]
+      + [f"--gin.MODEL_DIR='{model_dir}'"]
+  )
 
 
 def _parse(model_dir, extra_files=()):
   gin.clear_config()
-  gin_flags.parse_gin(GIN_FILES + list(extra_files), _bindings(model_dir),
-                      [REPO_ROOT], train_lib.REQUIRED_MACROS)
+  gin_flags.parse_gin(
+      GIN_FILES + list(extra_files),
+      _bindings(model_dir),
+      [REPO_ROOT],
+      train_lib.REQUIRED_MACROS,
+  )
 
 
 @pytest.fixture
@@ -70,8 +81,9 @@ def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=600):
     if os.path.isdir(os.path.join(ckpt_dir, str(step))):
       return
     if proc.poll() is not None:
-      raise AssertionError(f"train exited with {proc.returncode} before "
-                           f"checkpoint {step}.")
+      raise AssertionError(
+          f"train exited with {proc.returncode} before " f"checkpoint {step}."
+      )
     time.sleep(0.02)
   raise AssertionError(f"No checkpoint {step} after {timeout}s.")
 
@@ -85,16 +97,30 @@ def runs(tmp_path_factory):
   strict as with fresh compiles.
   """
   root = tmp_path_factory.mktemp("runs")
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(
+      os.environ,
+      JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   uninterrupted, resumed = str(root / "uninterrupted"), str(root / "resumed")
-  first = subprocess.run(_command(uninterrupted), cwd=REPO_ROOT, env=env,
-                         capture_output=True, text=True, check=False)
+  first = subprocess.run(
+      _command(uninterrupted),
+      cwd=REPO_ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      check=False,
+  )
   assert first.returncode == 0, first.stdout + first.stderr
   _parse(resumed)  # Ready for the second-job check below.
   log = open(root / "killed.log", "w+")
-  proc = subprocess.Popen(_command(resumed), cwd=REPO_ROOT, env=env,
-                          stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+      _command(resumed),
+      cwd=REPO_ROOT,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+  )
   ckpt_dir = os.path.join(resumed, "checkpoints")
   try:
     _wait_for_checkpoint(proc, ckpt_dir, SAVE_EVERY)
@@ -109,8 +135,14 @@ def runs(tmp_path_factory):
     proc.wait()
   killed_at = max(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
   assert killed_at < TRAIN_STEPS
-  rerun = subprocess.run(_command(resumed), cwd=REPO_ROOT, env=env,
-                         capture_output=True, text=True, check=False)
+  rerun = subprocess.run(
+      _command(resumed),
+      cwd=REPO_ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      check=False,
+  )
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
   return uninterrupted, resumed, killed_at, rerun.stdout + rerun.stderr
 
@@ -142,9 +174,10 @@ def test_operative_config_and_metrics(runs):
   assert "num_experts = 4" in config
   assert not [n for n in os.listdir(model_dir) if ".tmp" in n]
   records = metrics_writer.read_jsonl(
-      os.path.join(model_dir, "train", metrics_writer.JSONL_NAME))
-  assert sorted(records) == list(range(5, TRAIN_STEPS + 1, 5))
-  assert records[TRAIN_STEPS]["loss"] < records[5]["loss"]
+      os.path.join(model_dir, "train", metrics_writer.JSONL_NAME)
+  )
+  assert sorted(records) == list(range(SAVE_EVERY, TRAIN_STEPS + 1, SAVE_EVERY))
+  assert records[TRAIN_STEPS]["loss"] < records[SAVE_EVERY]["loss"]
 
 
 def test_eval_binary_reports_every_language(runs, clean_gin):
@@ -155,7 +188,8 @@ def test_eval_binary_reports_every_language(runs, clean_gin):
     assert results[f"{code}/num_tokens"] > 0, code
     assert math.isfinite(results[f"{code}/bits_per_byte"]), code
     assert results[f"{code}/perplexity"] == pytest.approx(
-        math.exp(results[f"{code}/loss"]))
+        math.exp(results[f"{code}/loss"])
+    )
   total_tokens = sum(results[f"{c}/num_tokens"] for c in languages.CODES)
   assert results["all/num_tokens"] == total_tokens
   path = os.path.join(model_dir, "eval", f"validation_step_{TRAIN_STEPS}.json")
@@ -164,21 +198,25 @@ def test_eval_binary_reports_every_language(runs, clean_gin):
 
 def test_bytes_per_language_counts_detokenized_text():
   vocab = seqio.SentencePieceVocabulary(
-      os.path.join(REPO_ROOT, "tiered_routing/data/udhr16_spm.model"))
+      os.path.join(REPO_ROOT, "tiered_routing/data/udhr16_spm.model")
+  )
   texts = {"en": "All human beings are born free.", "hi": "सभी मनुष्य"}
   ids = {c: vocab.encode(t) + [1] for c, t in texts.items()}  # 1 = EOS.
   n_en, n_hi = len(ids["en"]), len(ids["hi"])
   length = n_en + n_hi + 3
   row = np.zeros((2, length), np.int32)
-  row[0, :n_en], row[0, n_en:n_en + n_hi] = ids["en"], ids["hi"]
+  row[0, :n_en], row[0, n_en : n_en + n_hi] = ids["en"], ids["hi"]
   segments = np.zeros_like(row)
-  segments[0, :n_en], segments[0, n_en:n_en + n_hi] = 1, 2
+  segments[0, :n_en], segments[0, n_en : n_en + n_hi] = 1, 2
   langs = np.zeros_like(row)
   langs[0, :n_en] = languages.CODES.index("en")
-  langs[0, n_en:n_en + n_hi] = languages.CODES.index("hi")
-  batch = {"decoder_target_tokens": row[None], "decoder_loss_weights":
-           (segments > 0).astype(np.int32)[None], "decoder_language_ids":
-           langs[None], "decoder_segment_ids": segments[None]}
+  langs[0, n_en : n_en + n_hi] = languages.CODES.index("hi")
+  batch = {
+      "decoder_target_tokens": row[None],
+      "decoder_loss_weights": (segments > 0).astype(np.int32)[None],
+      "decoder_language_ids": langs[None],
+      "decoder_segment_ids": segments[None],
+  }
   out = eval_lib.bytes_per_language(batch, vocab)
   assert out[languages.CODES.index("en")] == len(texts["en"].encode())
   assert out[languages.CODES.index("hi")] == len(texts["hi"].encode())
@@ -188,22 +226,35 @@ def test_bytes_per_language_counts_detokenized_text():
 def test_missing_macro_names_it(clean_gin):
   gin.clear_config()
   bindings = [b for b in BINDINGS if not b.startswith("TRAIN_STEPS")]
-  with pytest.raises(ValueError, match=r"macro TRAIN_STEPS is required.*"
-                     r"--gin.TRAIN_STEPS="):
-    gin_flags.parse_gin(GIN_FILES, bindings + ["MODEL_DIR = '/tmp/x'"],
-                        [REPO_ROOT], train_lib.REQUIRED_MACROS)
+  with pytest.raises(
+      ValueError, match=r"macro TRAIN_STEPS is required.*" r"--gin.TRAIN_STEPS="
+  ):
+    gin_flags.parse_gin(
+        GIN_FILES,
+        bindings + ["MODEL_DIR = '/tmp/x'"],
+        [REPO_ROOT],
+        train_lib.REQUIRED_MACROS,
+    )
   gin.clear_config()
   with pytest.raises(ValueError, match="macro MODEL_DIR is required"):
-    gin_flags.parse_gin(["gin/models/tiny.gin"], [], [REPO_ROOT],
-                        train_lib.REQUIRED_MACROS)
+    gin_flags.parse_gin(
+        ["gin/models/tiny.gin"], [], [REPO_ROOT], train_lib.REQUIRED_MACROS
+    )
 
 
 def test_rewrite_gin_args():
-  argv = ["train", "--gin.MODEL_DIR='/tmp/a'", "--gin_file=x.gin",
-          "--gin.TASK_FEATURE_LENGTHS={'targets': 8}"]
+  argv = [
+      "train",
+      "--gin.MODEL_DIR='/tmp/a'",
+      "--gin_file=x.gin",
+      "--gin.TASK_FEATURE_LENGTHS={'targets': 8}",
+  ]
   assert gin_flags.rewrite_gin_args(argv) == [
-      "train", "--gin_bindings=MODEL_DIR = '/tmp/a'", "--gin_file=x.gin",
-      "--gin_bindings=TASK_FEATURE_LENGTHS = {'targets': 8}"]
+      "train",
+      "--gin_bindings=MODEL_DIR = '/tmp/a'",
+      "--gin_file=x.gin",
+      "--gin_bindings=TASK_FEATURE_LENGTHS = {'targets': 8}",
+  ]
   with pytest.raises(Exception, match="--gin.NAME=VALUE"):
     gin_flags.rewrite_gin_args(["--gin.MODEL_DIR"])
 

@@ -44,8 +44,12 @@ from tiered_routing.evaluation import metrics
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
-REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "BATCH_SIZE",
-                   "TASK_FEATURE_LENGTHS")
+REQUIRED_MACROS = (
+    "MODEL_DIR",
+    "MIXTURE_OR_TASK_NAME",
+    "BATCH_SIZE",
+    "TASK_FEATURE_LENGTHS",
+)
 
 
 def _tasks_of(name: str) -> list[seqio.Task]:
@@ -58,20 +62,26 @@ def _tasks_of(name: str) -> list[seqio.Task]:
 
 def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
   """Pads a final short batch with all-zero rows (loss weight 0)."""
-  return {k: np.pad(v, [(0, rows - v.shape[0])] + [(0, 0)] * (v.ndim - 1))
-          for k, v in batch.items()}
+  return {
+      k: np.pad(v, [(0, rows - v.shape[0])] + [(0, 0)] * (v.ndim - 1))
+      for k, v in batch.items()
+  }
 
 
-def _partition_batches(name, scheme, length, rows, split,
-                       pack) -> Iterator[dict]:
+def _partition_batches(
+    name, scheme, length, rows, split, pack
+) -> Iterator[dict]:
   """All of `split` of one partition's tasks, in [rows, L] batches."""
   dataset = None
   for task in _tasks_of(name):
     if split not in task.splits:
-      raise ValueError(f"Task {task.name!r} has no split {split!r}; it has "
-                       f"{list(task.splits)}.")
-    ds = task.get_dataset({"targets": length}, split=split, shuffle=False,
-                          num_epochs=1)
+      raise ValueError(
+          f"Task {task.name!r} has no split {split!r}; it has "
+          f"{list(task.splits)}."
+      )
+    ds = task.get_dataset(
+        {"targets": length}, split=split, shuffle=False, num_epochs=1
+    )
     dataset = ds if dataset is None else dataset.concatenate(ds)
   # One converter for all tasks: packing may put two languages in one row,
   # which the per-token language ids keep apart.
@@ -81,38 +91,47 @@ def _partition_batches(name, scheme, length, rows, split,
     yield _pad_rows(batch, rows)
 
 
-def eval_batches(names, scheme, length, rows, split="validation",
-                 pack=True) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    names, scheme, length, rows, split="validation", pack=True
+) -> Iterator[dict[str, np.ndarray]]:
   """[P, rows, L] batches covering every partition's split exactly once.
 
   Partitions with fewer batches are padded with all-zero blocks.
   """
-  streams = [_partition_batches(n, scheme, length, rows, split, pack)
-             for n in names]
+  streams = [
+      _partition_batches(n, scheme, length, rows, split, pack) for n in names
+  ]
   while True:
     blocks = [next(s, None) for s in streams]
     if all(b is None for b in blocks):
       return
     template = next(b for b in blocks if b is not None)
-    yield {k: np.stack([np.zeros_like(v) if b is None else b[k]
-                        for b in blocks]) for k, v in template.items()}
+    yield {
+        k: np.stack([np.zeros_like(v) if b is None else b[k] for b in blocks])
+        for k, v in template.items()
+    }
 
 
-def bytes_per_language(batch: Mapping[str, np.ndarray],
-                       vocabulary: seqio.Vocabulary) -> np.ndarray:
+def bytes_per_language(
+    batch: Mapping[str, np.ndarray], vocabulary: seqio.Vocabulary
+) -> np.ndarray:
   """UTF-8 bytes of the detokenized scored tokens, per language id.
 
   Each packed segment (a row when unpacked) is decoded on its own; only
   tokens with a non-zero loss weight count.
   """
   out = np.zeros(languages.NUM_LANGUAGES, np.int64)
-  targets = batch["decoder_target_tokens"].reshape(-1, batch[
-      "decoder_target_tokens"].shape[-1])
+  targets = batch["decoder_target_tokens"].reshape(
+      -1, batch["decoder_target_tokens"].shape[-1]
+  )
   weights = batch["decoder_loss_weights"].reshape(targets.shape)
   langs = batch["decoder_language_ids"].reshape(targets.shape)
   segments = batch.get("decoder_segment_ids")
-  segments = (weights > 0).astype(np.int32) if segments is None else (
-      segments.reshape(targets.shape))
+  segments = (
+      (weights > 0).astype(np.int32)
+      if segments is None
+      else (segments.reshape(targets.shape))
+  )
   for row in range(targets.shape[0]):
     for seg in np.unique(segments[row][segments[row] > 0]):
       mask = (segments[row] == seg) & (weights[row] > 0)
@@ -124,18 +143,21 @@ def bytes_per_language(batch: Mapping[str, np.ndarray],
 
 def _restore_params(model_dir, model, mesh, batch_shape, step):
   _, abstract, shardings = train_state.param_layout(model, mesh, batch_shape)
-  with checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints"),
-                                async_save=False) as ckpt:
+  with checkpoints.Checkpointer(
+      os.path.join(model_dir, "checkpoints"), async_save=False
+  ) as ckpt:
     step = ckpt.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {model_dir}/checkpoints.")
     params = ckpt.restore_params(
-        step, abstract_params=checkpoints.abstract_like(abstract, shardings))
+        step, abstract_params=checkpoints.abstract_like(abstract, shardings)
+    )
   return step, params
 
 
-def _write_results(model_dir: str, split: str, step: int,
-                   results: Mapping[str, Any]) -> str:
+def _write_results(
+    model_dir: str, split: str, step: int, results: Mapping[str, Any]
+) -> str:
   out_dir = os.path.join(model_dir, "eval")
   writer = metrics_writer.MetricsWriter(out_dir)
   writer.write(step, {f"{split}/{k}": v for k, v in results.items()})
@@ -144,22 +166,27 @@ def _write_results(model_dir: str, split: str, step: int,
   if jax.process_index() == 0:
     tmp = f"{path}.tmp-{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "w") as f:
-      json.dump({"step": step, "split": split, **results}, f, indent=1,
-                sort_keys=True)
+      json.dump(
+          {"step": step, "split": split, **results}, f, indent=1, sort_keys=True
+      )
     tf.io.gfile.rename(tmp, path, overwrite=True)
   return path
 
 
 @gin.configurable("evaluate", module="eval_script")
-def run(*, model_dir: str = gin.REQUIRED,
-        mixture_or_task_name: Any = gin.REQUIRED,
-        task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-        batch_size: int = gin.REQUIRED,
-        scheme: partitions.PartitionScheme = gin.REQUIRED,
-        model_config: transformer.DecoderConfig = gin.REQUIRED,
-        mesh_config: Optional[partitioning.MeshConfig] = None,
-        checkpoint_step: Optional[int] = None, split: str = "validation",
-        pack: bool = True) -> dict[str, float]:
+def run(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: Any = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    scheme: partitions.PartitionScheme = gin.REQUIRED,
+    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    mesh_config: Optional[partitioning.MeshConfig] = None,
+    checkpoint_step: Optional[int] = None,
+    split: str = "validation",
+    pack: bool = True,
+) -> dict[str, float]:
   """Evaluates a checkpoint of model_dir (default: the newest).
 
   Returns:
@@ -169,8 +196,10 @@ def run(*, model_dir: str = gin.REQUIRED,
   """
   p = model_config.num_partitions
   if scheme.num_partitions != p or batch_size % p:
-    raise ValueError(f"Need scheme.num_partitions == num_partitions == {p} "
-                     f"and BATCH_SIZE={batch_size} a multiple of {p}.")
+    raise ValueError(
+        f"Need scheme.num_partitions == num_partitions == {p} "
+        f"and BATCH_SIZE={batch_size} a multiple of {p}."
+    )
   names = gin_flags.mixture_names(mixture_or_task_name, p)
   length = gin_flags.task_feature_length(task_feature_lengths)
   rows = batch_size // p
@@ -179,21 +208,32 @@ def run(*, model_dir: str = gin.REQUIRED,
   vocabulary = _tasks_of(names[0])[0].output_features["targets"].vocabulary
   accumulator = metrics.LanguageLossAccumulator()
   with partitioning.with_sharding_rules(mesh):
-    step, params = _restore_params(model_dir, model, mesh, (p, rows, length),
-                                   checkpoint_step)
+    step, params = _restore_params(
+        model_dir, model, mesh, (p, rows, length), checkpoint_step
+    )
     step_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
     for batch in eval_batches(names, scheme, length, rows, split, pack):
-      sums = jax.device_get(step_fn(params, trainer.to_global_batch(
-          batch, mesh)))
+      sums = jax.device_get(
+          step_fn(params, trainer.to_global_batch(batch, mesh))
+      )
       num_bytes = bytes_per_language(batch, vocabulary)
       for i in np.flatnonzero(sums["weight_sum_N"]):
-        accumulator.add(languages.CODES[i], sums["loss_sum_N"][i],
-                        sums["weight_sum_N"][i], num_bytes[i])
+        accumulator.add(
+            languages.CODES[i],
+            sums["loss_sum_N"][i],
+            sums["weight_sum_N"][i],
+            num_bytes[i],
+        )
   results = accumulator.results()
   path = _write_results(model_dir, split, step, results)
-  logging.info("Step %d %s: all/loss %.4f, all/bits_per_byte %.4f -> %s",
-               step, split, results["all/loss"],
-               results["all/bits_per_byte"], path)
+  logging.info(
+      "Step %d %s: all/loss %.4f, all/bits_per_byte %.4f -> %s",
+      step,
+      split,
+      results["all/loss"],
+      results["all/bits_per_byte"],
+      path,
+  )
   return results
 
 
@@ -201,8 +241,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   gin_flags.maybe_initialize_distributed()
-  gin_flags.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings,
-                      FLAGS.gin_search_paths, REQUIRED_MACROS)
+  gin_flags.parse_gin(
+      FLAGS.gin_file,
+      FLAGS.gin_bindings,
+      FLAGS.gin_search_paths,
+      REQUIRED_MACROS,
+  )
   run()
 
 

@@ -281,7 +281,7 @@ def merge_router_lora(
 
 
 def lora_param_count(config: transformer.DecoderConfig, rank: int) -> int:
-  """Adapter parameters: rank * (D + E) per router (per partition if private)."""
+  """Adapter parameter count: rank * (D + E) per router (and partition)."""
   copies = 1 if config.sharing == "all" else config.num_partitions
   return (
       len(config.moe_layers)

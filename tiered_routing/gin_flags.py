@@ -1,12 +1,12 @@
 """T5X-style gin flags shared by the `train` and `eval` binaries.
 
-  --gin_file=gin/quickstart.gin          (repeatable; later files win)
-  --gin_bindings="TRAIN_STEPS = 100"     (repeatable; applied after files)
-  --gin_search_paths=.,/path/to/repo     (where `--gin_file` and `include`
-                                          paths are looked up)
-  --gin.MODEL_DIR="'/tmp/run'"           (shorthand for a binding; the value
-                                          is a gin literal, so strings need
-                                          their own quotes)
+--gin_file=gin/quickstart.gin          (repeatable; later files win)
+--gin_bindings="TRAIN_STEPS = 100"     (repeatable; applied after files)
+--gin_search_paths=.,/path/to/repo     (where `--gin_file` and `include`
+                                        paths are looked up)
+--gin.MODEL_DIR="'/tmp/run'"           (shorthand for a binding; the value
+                                        is a gin literal, so strings need
+                                        their own quotes)
 """
 
 import os
@@ -23,19 +23,30 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GIN_PREFIX = "--gin."
 _UNSET_REQUIRED = re.compile(
     r"(\w+)/macro\.value set to `%gin\.REQUIRED` but not subsequently "
-    r"overridden")
+    r"overridden"
+)
 
 flags.DEFINE_multi_string("gin_file", [], "gin config files, in order.")
-flags.DEFINE_multi_string("gin_bindings", [],
-                          "Individual gin bindings, applied after the files.")
-flags.DEFINE_list("gin_search_paths", [".", REPO_ROOT],
-                  "Directories searched for gin files and includes.")
-flags.DEFINE_bool("multi_host", False,
-                  "Call jax.distributed.initialize() first (TPU pod slices "
-                  "and multi-process GPU jobs; on TPU VMs it needs no other "
-                  "flags).")
-flags.DEFINE_string("coordinator_address", None,
-                    "jax.distributed coordinator host:port (not on TPU).")
+flags.DEFINE_multi_string(
+    "gin_bindings", [], "Individual gin bindings, applied after the files."
+)
+flags.DEFINE_list(
+    "gin_search_paths",
+    [".", REPO_ROOT],
+    "Directories searched for gin files and includes.",
+)
+flags.DEFINE_bool(
+    "multi_host",
+    False,
+    "Call jax.distributed.initialize() first (TPU pod slices "
+    "and multi-process GPU jobs; on TPU VMs it needs no other "
+    "flags).",
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "jax.distributed coordinator host:port (not on TPU).",
+)
 flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
 
@@ -47,11 +58,12 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   out = []
   for arg in argv:
     if arg.startswith(_GIN_PREFIX):
-      name, sep, value = arg[len(_GIN_PREFIX):].partition("=")
+      name, sep, value = arg[len(_GIN_PREFIX) :].partition("=")
       if not sep or not name:
         raise app.UsageError(
             f"{arg!r} must look like --gin.NAME=VALUE, e.g. "
-            "--gin.MODEL_DIR=\"'/tmp/run'\".")
+            "--gin.MODEL_DIR=\"'/tmp/run'\"."
+        )
       out.append(f"--gin_bindings={name} = {value}")
     else:
       out.append(arg)
@@ -68,14 +80,20 @@ def maybe_initialize_distributed() -> None:
   if not FLAGS.multi_host:
     return
   import jax  # pylint: disable=g-import-not-at-top
-  jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                             num_processes=FLAGS.num_processes,
-                             process_id=FLAGS.process_id)
+
+  jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+  )
 
 
-def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
-              search_paths: Sequence[str],
-              required_macros: Sequence[str] = ()) -> None:
+def parse_gin(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str],
+    search_paths: Sequence[str],
+    required_macros: Sequence[str] = (),
+) -> None:
   """Parses gin files and bindings; names missing macros clearly.
 
   Args:
@@ -93,8 +111,9 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   for path in search_paths:
     gin.add_config_file_search_path(path)
   try:
-    gin.parse_config_files_and_bindings(gin_files, gin_bindings,
-                                        finalize_config=False)
+    gin.parse_config_files_and_bindings(
+        gin_files, gin_bindings, finalize_config=False
+    )
     gin.finalize()
   except ValueError as e:
     match = _UNSET_REQUIRED.search(str(e))
@@ -109,13 +128,19 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
 
 
 def _missing_message(name: str) -> str:
-  example = {"MODEL_DIR": "\"'/tmp/my_run'\"", "TRAIN_STEPS": "1000",
-             "BATCH_SIZE": "64",
-             "TASK_FEATURE_LENGTHS": "\"{'targets': 512}\"",
-             "MIXTURE_OR_TASK_NAME": "\"['tr.sample.family2.p0_v1', "
-                                     "'tr.sample.family2.p1_v1']\""}
-  return (f"The gin macro {name} is required but not set. Set it in a gin "
-          f"file or with --gin.{name}={example.get(name, 'VALUE')}.")
+  example = {
+      "MODEL_DIR": "\"'/tmp/my_run'\"",
+      "TRAIN_STEPS": "1000",
+      "BATCH_SIZE": "64",
+      "TASK_FEATURE_LENGTHS": "\"{'targets': 512}\"",
+      "MIXTURE_OR_TASK_NAME": (
+          "\"['tr.sample.family2.p0_v1', " "'tr.sample.family2.p1_v1']\""
+      ),
+  }
+  return (
+      f"The gin macro {name} is required but not set. Set it in a gin "
+      f"file or with --gin.{name}={example.get(name, 'VALUE')}."
+  )
 
 
 def write_config(model_dir: str, filename: str = "config.gin") -> str:
@@ -128,6 +153,7 @@ def write_config(model_dir: str, filename: str = "config.gin") -> str:
     The config text.
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   text = gin.operative_config_str()
   if jax.process_index() != 0:
     return text
@@ -152,22 +178,23 @@ def mixture_names(mixture_or_task_name, num_partitions: int) -> list[str]:
     names = [mixture_or_task_name]
   else:
     names = list(mixture_or_task_name)
-  if len(names) != num_partitions or not all(
-      isinstance(n, str) for n in names):
+  if len(names) != num_partitions or not all(isinstance(n, str) for n in names):
     raise ValueError(
         f"MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} must be a list of "
         f"num_partitions={num_partitions} names (one mixture per partition, "
         "e.g. @tasks.mixtures.partition_mixture_names()); a single name "
-        "works only with one partition.")
+        "works only with one partition."
+    )
   return names
 
 
 def task_feature_length(task_feature_lengths) -> int:
   """L from TASK_FEATURE_LENGTHS = {'targets': L} (decoder-only)."""
   if not isinstance(task_feature_lengths, dict) or set(
-      task_feature_lengths) != {"targets"}:
+      task_feature_lengths
+  ) != {"targets"}:
     raise ValueError(
         f"TASK_FEATURE_LENGTHS={task_feature_lengths!r} must be "
-        "{'targets': L} for this decoder-only model.")
+        "{'targets': L} for this decoder-only model."
+    )
   return int(task_feature_lengths["targets"])
-

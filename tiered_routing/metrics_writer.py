@@ -29,7 +29,8 @@ JSONL_NAME = "metrics.jsonl"
 # values written with the core `tf.summary.write` as ordinary scalars.
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
     plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-    data_class=summary_pb2.DATA_CLASS_SCALAR)
+    data_class=summary_pb2.DATA_CLASS_SCALAR,
+)
 
 
 def _to_python(value: Any) -> Any:
@@ -78,8 +79,12 @@ class MetricsWriter:
       with tf.io.gfile.GFile(self.jsonl_path) as f:
         self._lines = f.read().splitlines()
 
-  def write(self, step: int, scalars: Mapping[str, Any],
-            extra: Optional[Mapping[str, Any]] = None) -> None:
+  def write(
+      self,
+      step: int,
+      scalars: Mapping[str, Any],
+      extra: Optional[Mapping[str, Any]] = None,
+  ) -> None:
     """Writes scalars (TensorBoard + JSON) and `extra` (JSON only) at `step`.
 
     Non-finite scalars are written as they are (NaN / Infinity in JSON).
@@ -89,8 +94,12 @@ class MetricsWriter:
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
     with self._summary.as_default():
       for name, value in scalars.items():
-        tf.summary.write(name, tf.constant(value, tf.float32), step=step,
-                         metadata=_SCALAR_METADATA)
+        tf.summary.write(
+            name,
+            tf.constant(value, tf.float32),
+            step=step,
+            metadata=_SCALAR_METADATA,
+        )
     self._summary.flush()
     record = {"step": int(step), **scalars, **_to_python(dict(extra or {}))}
     self._append(json.dumps(record, sort_keys=True))
@@ -136,11 +145,14 @@ def summarize(step_metrics: list[Mapping[str, Any]]) -> tuple[dict, dict]:
   """
   total = lambda k: float(sum(np.sum(m[k]) for m in step_metrics))
   mean = lambda k: float(np.mean([m[k] for m in step_metrics]))
-  scalars = {"loss": mean("loss"), "tokens": total("weight_sum"),
-             "cross_entropy": total("cross_entropy_sum") / max(
-                 total("weight_sum"), 1.0)}
-  for key in ("load_balance_loss", "router_z_loss", "grad_norm",
-              "param_norm"):
+  scalars = {
+      "loss": mean("loss"),
+      "tokens": total("weight_sum"),
+      "cross_entropy": (
+          total("cross_entropy_sum") / max(total("weight_sum"), 1.0)
+      ),
+  }
+  for key in ("load_balance_loss", "router_z_loss", "grad_norm", "param_norm"):
     scalars[key] = mean(key)
   lang_loss = sum(m["loss_sum_N"] for m in step_metrics)
   lang_weight = sum(m["weight_sum_N"] for m in step_metrics)
@@ -148,9 +160,17 @@ def summarize(step_metrics: list[Mapping[str, Any]]) -> tuple[dict, dict]:
     if weight > 0:
       scalars[f"cross_entropy/{code}"] = float(loss / weight)
   extra = {}
-  router_keys = set(step_metrics[0]) - set(scalars) - {
-      "cross_entropy_sum", "weight_sum", "loss_sum_N", "weight_sum_N",
-      "finite"}
+  router_keys = (
+      set(step_metrics[0])
+      - set(scalars)
+      - {
+          "cross_entropy_sum",
+          "weight_sum",
+          "loss_sum_N",
+          "weight_sum_N",
+          "finite",
+      }
+  )
   for key in sorted(router_keys):
     value = np.mean([m[key] for m in step_metrics], axis=0)
     if np.ndim(value) == 0:
@@ -158,7 +178,8 @@ def summarize(step_metrics: list[Mapping[str, Any]]) -> tuple[dict, dict]:
     else:  # Expert usage: 1.0 = perfectly balanced experts.
       extra[f"router/{key}"] = value.tolist()
       scalars[f"router/{key}_max_over_mean"] = float(
-          np.max(value) / max(np.mean(value), 1e-12))
+          np.max(value) / max(np.mean(value), 1e-12)
+      )
   return scalars, extra
 
 
@@ -178,14 +199,17 @@ class Throughput:
     """{'tokens_per_second', 'steps_per_second'} since the last call."""
     now = time.perf_counter()
     elapsed = max(now - self._time, 1e-9)
-    out = {"tokens_per_second": self._tokens / elapsed,
-           "steps_per_second": self._steps / elapsed}
+    out = {
+        "tokens_per_second": self._tokens / elapsed,
+        "steps_per_second": self._steps / elapsed,
+    }
     self._time, self._tokens, self._steps = now, 0.0, 0
     return out
 
 
-def progress_line(step: int, total_steps: int,
-                  scalars: Mapping[str, float]) -> str:
+def progress_line(
+    step: int, total_steps: int, scalars: Mapping[str, float]
+) -> str:
   """One console line, e.g. 'step 120/300 | loss 5.12 | 9,876 tok/s | ...'."""
   parts = [f"step {step:>{len(str(total_steps))}}/{total_steps}"]
   if "loss" in scalars:
@@ -204,8 +228,9 @@ def progress_line(step: int, total_steps: int,
   return " | ".join(parts)
 
 
-def log_progress(step: int, total_steps: int,
-                 scalars: Mapping[str, float]) -> None:
+def log_progress(
+    step: int, total_steps: int, scalars: Mapping[str, float]
+) -> None:
   """Logs `progress_line` (absl INFO) on process 0."""
   if jax.process_index() == 0:
     logging.info("%s", progress_line(step, total_steps, scalars))
@@ -220,8 +245,9 @@ class TrainMetricsLog:
   finite, so a diverged state is never checkpointed.
   """
 
-  def __init__(self, writer: MetricsWriter, schedule, total_steps: int,
-               ckpt_dir: str):
+  def __init__(
+      self, writer: MetricsWriter, schedule, total_steps: int, ckpt_dir: str
+  ):
     self._writer, self._schedule = writer, schedule
     self._total_steps = total_steps
     self._ckpt_dir = ckpt_dir
@@ -251,7 +277,8 @@ class TrainMetricsLog:
             f"step {step - 1}): loss={float(m['loss'])}, grad_norm="
             f"{float(m['grad_norm'])}, param_norm={float(m['param_norm'])}. "
             f"Training stopped; nothing after step {step - 1} was saved. Last"
-            f" good checkpoint: step {last_good} in {self._ckpt_dir}.")
+            f" good checkpoint: step {last_good} in {self._ckpt_dir}."
+        )
       self._throughput.add(float(m["weight_sum"]))
     self._since_write.extend(host)
 

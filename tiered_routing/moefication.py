@@ -23,24 +23,18 @@ This module works on one FFN's parameters; `moefication_model` applies it
 to every dense FFN of a `TieredDecoder`.
 """
 
-import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import optimize
 
-from tiered_routing import expert_params
 from tiered_routing.model import layers
 
 SCORES = ("positive", "abs")
-ROUTINGS = ("oracle", "learned")
-ROUTER_NAME = "moefication_router"  # Extra params next to a converted Mlp.
-MLP_NAME = "mlp"  # Dense FFNs of decoder blocks (not MoE 'shared_mlp').
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +61,7 @@ class MoeficationConfig:
 
 
 def neuron_features(mlp: Mapping[str, Any]) -> np.ndarray:
-  """[F, D] (or [F, 2D] if gated): each hidden unit's input weights, unit norm."""
+  """[F, D] ([F, 2D] if gated): each hidden unit's input weights, unit norm."""
   cols = [np.asarray(mlp["wi"], np.float64)]
   if "wi_gate" in mlp:
     cols.append(np.asarray(mlp["wi_gate"], np.float64))
@@ -135,7 +129,7 @@ def permute_hidden(mlp: Mapping[str, Any], perm_F) -> dict[str, Any]:
 
 
 def split_experts(mlp: Mapping[str, Any], num_experts: int) -> dict:
-  """Stacked experts of a permuted FFN: wi/wi_gate [N, D, F/N], wo [N, F/N, D]."""
+  """Experts of a permuted FFN: wi, wi_gate [N, D, F/N] and wo [N, F/N, D]."""
   d, f = np.shape(mlp["wi"])
   if f % num_experts:
     raise ValueError(f"num_experts={num_experts} must divide d_ff={f}.")

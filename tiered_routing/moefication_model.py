@@ -1,6 +1,7 @@
 """MoEfication (`moefication`) of every dense FFN of a `TieredDecoder`.
 
-  params = moefy_params(params, MoeficationConfig(num_experts=8))
+  config = moefication.MoeficationConfig(num_experts=8)
+  params = moefy_params(params, config)
   params = fit_routers(params, collect_mlp_inputs(model, params, batches), 8)
   with moefied(num_experts=8, top_k=2, routing='learned'):
     logits = model.apply({'params': params}, tokens)  # Trace inside.
@@ -26,9 +27,7 @@ import numpy as np
 
 from tiered_routing import expert_params
 from tiered_routing.model import layers
-from tiered_routing.moefication import (  # pylint: disable=g-importing-member
-    MoeficationConfig, expert_hidden, fit_router, moe_ffn, moefy_mlp,
-    partition_scores, split_experts)
+from tiered_routing import moefication
 
 ROUTINGS = ("oracle", "learned")
 ROUTER_NAME = "moefication_router"  # Extra params next to a converted Mlp.
@@ -64,7 +63,7 @@ def _per_slice(mlp: Mapping[str, Any], fn) -> dict:
   )
 
 
-def moefy_params(params: Any, config: MoeficationConfig) -> Any:
+def moefy_params(params: Any, config: moefication.MoeficationConfig) -> Any:
   """Clusters and permutes every dense FFN (per partition if private)."""
   if not any(
       _is_dense_mlp(expert_params.path_names(p))
@@ -72,7 +71,10 @@ def moefy_params(params: Any, config: MoeficationConfig) -> Any:
   ):
     raise ValueError("No dense FFN ('mlp' with 'wi') in params.")
   return _map_dense_mlps(
-      params, lambda mlp: _per_slice(mlp, lambda s: moefy_mlp(s, config)[0])
+      params,
+      lambda mlp: _per_slice(
+          mlp, lambda s: moefication.moefy_mlp(s, config)[0]
+      ),
   )
 
 
@@ -112,10 +114,10 @@ def moefied(
             f"{module.path}: no '{ROUTER_NAME}'; fit_routers " "first."
         )
       router = mlp[ROUTER_NAME]
-    experts = split_experts(
+    experts = moefication.split_experts(
         {k: v for k, v in mlp.items() if k != ROUTER_NAME}, num_experts
     )
-    y = moe_ffn(
+    y = moefication.moe_ffn(
         x.reshape(-1, x.shape[-1]),
         experts,
         top_k,
@@ -197,11 +199,11 @@ def fit_routers(
   """
 
   def fit(mlp, x):
-    experts = split_experts(mlp, num_experts)
-    targets = partition_scores(
-        expert_hidden(jnp.asarray(x), experts, activation), score
+    experts = moefication.split_experts(mlp, num_experts)
+    targets = moefication.partition_scores(
+        moefication.expert_hidden(jnp.asarray(x), experts, activation), score
     )
-    return fit_router(x, np.asarray(targets), l2)
+    return moefication.fit_router(x, np.asarray(targets), l2)
 
   def visit(tree, prefix):
     if not isinstance(tree, Mapping):

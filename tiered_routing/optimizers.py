@@ -69,26 +69,35 @@ class OptimizerConfig:
   def __post_init__(self):
     for field, allowed in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
       if getattr(self, field) not in allowed:
-        raise ValueError(f"OptimizerConfig.{field}={getattr(self, field)!r} "
-                         f"is invalid; allowed: {allowed}.")
+        raise ValueError(
+            f"OptimizerConfig.{field}={getattr(self, field)!r} "
+            f"is invalid; allowed: {allowed}."
+        )
     if not self.learning_rate > 0:  # Also rejects NaN.
-      raise ValueError(f"OptimizerConfig.learning_rate={self.learning_rate!r}"
-                       " must be > 0.")
+      raise ValueError(
+          f"OptimizerConfig.learning_rate={self.learning_rate!r}"
+          " must be > 0."
+      )
     if self.warmup_steps < 0:
-      raise ValueError(f"OptimizerConfig.warmup_steps={self.warmup_steps!r} "
-                       "must be >= 0.")
+      raise ValueError(
+          f"OptimizerConfig.warmup_steps={self.warmup_steps!r} " "must be >= 0."
+      )
     if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
       raise ValueError(
           f"OptimizerConfig.decay_steps={self.decay_steps!r} must exceed "
-          f"warmup_steps={self.warmup_steps!r} (or be None).")
+          f"warmup_steps={self.warmup_steps!r} (or be None)."
+      )
     for field in ("weight_decay", "clip_norm", "final_learning_rate_fraction"):
       if not getattr(self, field) >= 0:
-        raise ValueError(f"OptimizerConfig.{field}={getattr(self, field)!r} "
-                         "must be >= 0.")
+        raise ValueError(
+            f"OptimizerConfig.{field}={getattr(self, field)!r} " "must be >= 0."
+        )
     for field in ("b1", "b2"):
       if not 0 <= getattr(self, field) < 1:
-        raise ValueError(f"OptimizerConfig.{field}={getattr(self, field)!r} "
-                         "must be in [0, 1).")
+        raise ValueError(
+            f"OptimizerConfig.{field}={getattr(self, field)!r} "
+            "must be in [0, 1)."
+        )
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -99,9 +108,12 @@ def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
   if config.schedule == "cosine":
     decay_steps = config.decay_steps or max(total_steps, warmup + 1)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup,
         decay_steps=decay_steps,
-        end_value=peak * config.final_learning_rate_fraction)
+        end_value=peak * config.final_learning_rate_fraction,
+    )
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -126,27 +138,40 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _base_transform(config: OptimizerConfig,
-                    schedule: optax.Schedule) -> optax.GradientTransformation:
+def _base_transform(
+    config: OptimizerConfig, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   """Clipping followed by the optimizer proper, for one model's parameters."""
   parts = []
   if config.clip_norm:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
   if config.name == "adamw":
-    parts.append(optax.adamw(
-        schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-        weight_decay=config.weight_decay, mask=_decay_mask))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=_decay_mask,
+        )
+    )
   else:
-    parts.append(optax.adafactor(
-        schedule, min_dim_size_to_factor=config.min_dim_size_to_factor,
-        decay_rate=config.adafactor_decay_rate,
-        weight_decay_rate=config.weight_decay or None,
-        weight_decay_mask=_decay_mask))
+    parts.append(
+        optax.adafactor(
+            schedule,
+            min_dim_size_to_factor=config.min_dim_size_to_factor,
+            decay_rate=config.adafactor_decay_rate,
+            weight_decay_rate=config.weight_decay or None,
+            weight_decay_mask=_decay_mask,
+        )
+    )
   return optax.chain(*parts)
 
 
 def partitionwise(
-    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformation:
   """Applies `inner` separately to every slice of a leading partition axis.
 
   Every leaf of the parameters, updates and optimizer state handled by the
@@ -166,8 +191,8 @@ def partitionwise(
 
 
 def make_optimizer(
-    config: OptimizerConfig, total_steps: int,
-    partitioned: Any = None) -> optax.GradientTransformation:
+    config: OptimizerConfig, total_steps: int, partitioned: Any = None
+) -> optax.GradientTransformation:
   """Builds the optimizer.
 
   Args:
@@ -187,10 +212,10 @@ def make_optimizer(
     return inner
   if all(flags):
     return partitionwise(inner)
-  labels = jax.tree.map(lambda p: "partitioned" if p else "shared",
-                        partitioned)
+  labels = jax.tree.map(lambda p: "partitioned" if p else "shared", partitioned)
   return optax.multi_transform(
-      {"partitioned": partitionwise(inner), "shared": inner}, labels)
+      {"partitioned": partitionwise(inner), "shared": inner}, labels
+  )
 
 
 def partitioned_mask(boxed_params: Any) -> Any:
@@ -209,5 +234,8 @@ def partitioned_mask(boxed_params: Any) -> Any:
     names = getattr(leaf, "names", None)
     return bool(names) and names[0] == "partition"
 
-  return jax.tree.map(is_partitioned, boxed_params,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(
+      is_partitioned,
+      boxed_params,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )

@@ -34,8 +34,13 @@ from tiered_routing import trainer
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
-REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TRAIN_STEPS",
-                   "BATCH_SIZE", "TASK_FEATURE_LENGTHS")
+REQUIRED_MACROS = (
+    "MODEL_DIR",
+    "MIXTURE_OR_TASK_NAME",
+    "TRAIN_STEPS",
+    "BATCH_SIZE",
+    "TASK_FEATURE_LENGTHS",
+)
 
 
 def _check_consistency(model_config, scheme, batch_size, train_config):
@@ -44,27 +49,34 @@ def _check_consistency(model_config, scheme, batch_size, train_config):
     raise ValueError(
         f"The partition scheme {scheme.name!r} has {scheme.num_partitions} "
         f"partitions but the model has num_partitions={p}; set "
-        "NUM_PARTITIONS once for both.")
+        "NUM_PARTITIONS once for both."
+    )
   if batch_size % p:
-    raise ValueError(f"BATCH_SIZE={batch_size} must be a multiple of "
-                     f"num_partitions={p}.")
+    raise ValueError(
+        f"BATCH_SIZE={batch_size} must be a multiple of " f"num_partitions={p}."
+    )
   if (batch_size // p) % train_config.num_microbatches:
     raise ValueError(
         f"num_microbatches={train_config.num_microbatches} must divide the "
-        f"per-partition batch BATCH_SIZE / P = {batch_size // p}.")
+        f"per-partition batch BATCH_SIZE / P = {batch_size // p}."
+    )
 
 
 @gin.configurable("train", module="train_script")
-def run(*, model_dir: str = gin.REQUIRED,
-        mixture_or_task_name: Any = gin.REQUIRED,
-        task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-        batch_size: int = gin.REQUIRED,
-        scheme: partitions.PartitionScheme = gin.REQUIRED,
-        model_config: transformer.DecoderConfig = gin.REQUIRED,
-        train_config: trainer.TrainConfig = gin.REQUIRED,
-        optimizer_config: Optional[optimizers.OptimizerConfig] = None,
-        mesh_config: Optional[partitioning.MeshConfig] = None,
-        data_seed: int = 0, pack: bool = True) -> trainer.TrainState:
+def run(
+    *,
+    model_dir: str = gin.REQUIRED,
+    mixture_or_task_name: Any = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    scheme: partitions.PartitionScheme = gin.REQUIRED,
+    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    train_config: trainer.TrainConfig = gin.REQUIRED,
+    optimizer_config: Optional[optimizers.OptimizerConfig] = None,
+    mesh_config: Optional[partitioning.MeshConfig] = None,
+    data_seed: int = 0,
+    pack: bool = True,
+) -> trainer.TrainState:
   """Builds data, mesh and model from the arguments (gin) and trains.
 
   Args:
@@ -92,27 +104,49 @@ def run(*, model_dir: str = gin.REQUIRED,
   with checkpoints.ModelDirLock(model_dir):
     mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig())
     dataset = inputs.partitioned_dataset(
-        names, global_batch_size=batch_size, scheme=scheme,
-        sequence_length=length, seed=data_seed, pack=pack)
-    logging.info("Mesh %s; partitions %s; mixtures %s", dict(mesh.shape),
-                 scheme.partitions, names)
+        names,
+        global_batch_size=batch_size,
+        scheme=scheme,
+        sequence_length=length,
+        seed=data_seed,
+        pack=pack,
+    )
+    logging.info(
+        "Mesh %s; partitions %s; mixtures %s",
+        dict(mesh.shape),
+        scheme.partitions,
+        names,
+    )
     config_text = gin_flags.write_config(model_dir)
     return trainer.train(
-        model_dir=model_dir, model_config=model_config,
-        optimizer_config=optimizer_config, config=train_config,
+        model_dir=model_dir,
+        model_config=model_config,
+        optimizer_config=optimizer_config,
+        config=train_config,
         batches=lambda start: inputs.batch_iterator(dataset, start),
-        batch_shape=(p, batch_size // p, length), mesh=mesh,
-        metadata={"gin_config": config_text}, lock_model_dir=False)
+        batch_shape=(p, batch_size // p, length),
+        mesh=mesh,
+        metadata={"gin_config": config_text},
+        lock_model_dir=False,
+    )
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   gin_flags.maybe_initialize_distributed()
-  gin_flags.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings,
-                      FLAGS.gin_search_paths, REQUIRED_MACROS)
-  logging.info("Devices: %d (%d local) on %d processes", jax.device_count(),
-               jax.local_device_count(), jax.process_count())
+  gin_flags.parse_gin(
+      FLAGS.gin_file,
+      FLAGS.gin_bindings,
+      FLAGS.gin_search_paths,
+      REQUIRED_MACROS,
+  )
+  logging.info(
+      "Devices: %d (%d local) on %d processes",
+      jax.device_count(),
+      jax.local_device_count(),
+      jax.process_count(),
+  )
   run()
 
 
