@@ -29,7 +29,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmarking  # pylint: disable=g-import-not-at-top
@@ -39,62 +38,86 @@ from tiered_routing.model import losses  # pylint: disable=g-import-not-at-top
 from tiered_routing.model import moe  # pylint: disable=g-import-not-at-top
 
 IMPLS = ("sort_gather", "einsum", "ragged")
-PRESETS = {
+SETTINGS = tuple(
+    "experts top_k tokens d_model expert_d_ff repeats max_case_seconds".split()
+)
+_FULL_TOKENS = [1024, 2048, 4096, 8192, 16384, 32768]
+PRESETS = {  # Values of SETTINGS.
     # The test's end-to-end run: seconds.
-    "smoke": dict(experts=[4, 8], top_k=[2], tokens=[128, 256], impls=IMPLS,
-                  d_model=32, expert_d_ff=32, repeats=2, group_size=4096),
-    # A few minutes on 2 CPU cores.
-    "quick": dict(experts=[8, 32, 128], top_k=[2],
-                  tokens=[1024, 2048, 4096, 8192], impls=IMPLS, d_model=256,
-                  expert_d_ff=512, repeats=3, group_size=4096),
+    "smoke": ([4, 8], [2], [128, 256], 32, 32, 2, 60.0),
+    # A few minutes on 2 idle CPU cores.
+    "quick": ([8, 32, 128], [2], [1024, 2048, 4096, 8192], 256, 512, 3, 20.0),
     # The whole sweep (meant for accelerators; hours on a CPU).
-    "full": dict(experts=[8, 32, 128, 512], top_k=[1, 2, 4],
-                 tokens=[1024, 2048, 4096, 8192, 16384, 32768], impls=IMPLS,
-                 d_model=256, expert_d_ff=512, repeats=5, group_size=4096),
+    "full": ([8, 32, 128, 512], [1, 2, 4], _FULL_TOKENS, 256, 512, 5, 120.0),
 }
-COLUMNS = ("impl", "experts", "top_k", "tokens", "ms", "dense_ms",
-           "moe_over_dense", "gflops", "mfu_vs_matmul", "dense_mfu_vs_matmul",
-           "matmul_gflops", "repeats", "compile_s", "note")
+COLUMNS = tuple(
+    "impl experts top_k tokens ms dense_ms moe_over_dense gflops mfu_vs_matmul"
+    " dense_mfu_vs_matmul matmul_gflops repeats compile_s note".split()
+)
 
-_PRESET = flags.DEFINE_enum("preset", "quick", list(PRESETS),
-                            "Default sweep; the flags below override it.")
+_PRESET = flags.DEFINE_enum(
+    "preset",
+    "quick",
+    list(PRESETS),
+    "Default sweep; the flags below override it.",
+)
 _EXPERTS = flags.DEFINE_list("experts", None, "Numbers of experts E.")
 _TOP_K = flags.DEFINE_list("top_k", None, "Experts per token k.")
 _TOKENS = flags.DEFINE_list("tokens", None, "Tokens T per layer call.")
-_IMPLS = flags.DEFINE_list("impls", None, f"Dispatch impls, from {IMPLS}.")
+_IMPLS = flags.DEFINE_list("impls", list(IMPLS), "Dispatch impls to time.")
 _D_MODEL = flags.DEFINE_integer("d_model", None, "Model width D.")
 _EXPERT_D_FF = flags.DEFINE_integer("expert_d_ff", None, "Expert width F.")
 _GROUP_SIZE = flags.DEFINE_integer(
-    "group_size", None, "Routing group size (as DecoderConfig); 0 = one "
-    "group of all T tokens.")
+    "group_size",
+    4096,
+    "Routing group size (DecoderConfig's default); 0 = "
+    "one group of all T tokens.",
+)
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed repeats (median).")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
-_CAPACITY_FACTOR = flags.DEFINE_float("capacity_factor", 1.25,
-                                      "Capacity factor (einsum, sort_gather).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "Activation dtype (parameters are float32).")
-_BUDGET = flags.DEFINE_float(
-    "max_case_seconds", 60.0, "Per-case time budget: fewer repeats when the "
+_CAPACITY_FACTOR = flags.DEFINE_float(
+    "capacity_factor", 1.25, "Capacity factor (einsum, sort_gather)."
+)
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "Activation dtype (parameters are float32).",
+)
+flags.DEFINE_float(
+    "max_case_seconds",
+    None,
+    "Per-case time budget: fewer repeats when the "
     "warm-up run shows they would not fit, and a case is skipped when an "
     "extrapolation from the same impl at fewer tokens predicts one run "
-    "takes longer.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
-                                  "Writes bench_moe.csv and bench_moe.md.")
+    "takes longer.",
+)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Writes bench_moe.csv and bench_moe.md."
+)
 
 
 def _setting(name: str):
   """The flag's value if given on the command line, else the preset's."""
   flag = flags.FLAGS[name]
-  value = flag.value if flag.present else PRESETS[_PRESET.value][name]
+  if flag.present:
+    value = flag.value
+  else:
+    value = PRESETS[_PRESET.value][SETTINGS.index(name)]
   if name in ("experts", "top_k", "tokens"):
     value = [int(v) for v in value]
     if not value or min(value) < 1:
       raise ValueError(f"--{name}={value}: need positive integers.")
-  if name == "impls":
-    bad = [v for v in value if v not in IMPLS]
-    if bad or not value:
-      raise ValueError(f"--impls={value}: unknown {bad}; allowed: {IMPLS}.")
   return value
+
+
+def _impls() -> list[str]:
+  bad = [v for v in _IMPLS.value if v not in IMPLS]
+  if bad or not _IMPLS.value:
+    raise ValueError(
+        f"--impls={_IMPLS.value}: unknown {bad}; allowed: " f"{IMPLS}."
+    )
+  return _IMPLS.value
 
 
 def _groups(tokens: int, group_size: int) -> tuple[int, int]:
@@ -109,8 +132,9 @@ def _layer_grad_fn(module, with_router_losses: bool):
     value = jnp.vdot(y.astype(jnp.float32), dy)
     if with_router_losses:  # The ST-MoE coefficients, as in training.
       router = losses.collect_router_losses(state.get("intermediates", {}))
-      value += (1e-2 * router["load_balance_loss"]
-                + 1e-3 * router["router_z_loss"])
+      value += (
+          1e-2 * router["load_balance_loss"] + 1e-3 * router["router_z_loss"]
+      )
     return value
 
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -152,8 +176,10 @@ def _predicted_seconds(impl, history, tokens, group_size):
   if not history:
     return 0.0
   last_tokens, last_s = history[-1]
-  (g0, s0), (g1, s1) = (_groups(last_tokens, group_size),
-                        _groups(tokens, group_size))
+  (g0, s0), (g1, s1) = (
+      _groups(last_tokens, group_size),
+      _groups(tokens, group_size),
+  )
   power = 2 if impl == "einsum" else 1
   return last_s * (g1 / g0) * (s1 / s0) ** power
 
@@ -163,13 +189,21 @@ def _baselines(k, tokens, cfg):
   width = k * cfg["expert_d_ff"]
   x, dy = _inputs(tokens, cfg["group_size"], cfg["d_model"], cfg["dtype"])
   dense, dense_args, _ = _compiled_module(
-      layers.Mlp(d_ff=width, gated=True, dtype=cfg["dtype"]), x, dy,
-      is_moe=False)
+      layers.Mlp(d_ff=width, gated=True, dtype=cfg["dtype"]),
+      x,
+      dy,
+      is_moe=False,
+  )
   matmul = _compiled_matmul(tokens, cfg["d_model"], width, cfg["dtype"])
   flops = 2.0 * tokens * cfg["d_model"] * width
   # Useful FLOPs of fwd + bwd of a gated FFN: 3 matmuls, each 3 times.
-  return dict(calls=[matmul, (dense, dense_args)], matmul_flops=flops,
-              useful_flops=9 * flops, x=x, dy=dy)
+  return dict(
+      calls=[matmul, (dense, dense_args)],
+      matmul_flops=flops,
+      useful_flops=9 * flops,
+      x=x,
+      dy=dy,
+  )
 
 
 def _row(impl, e, k, tokens, timings, base, compile_s, note=""):
@@ -180,12 +214,17 @@ def _row(impl, e, k, tokens, timings, base, compile_s, note=""):
   matmul_s, dense_s, moe_s = (t.median_s for t in timings)
   peak = base["matmul_flops"] / matmul_s
   useful = base["useful_flops"]
-  row.update(ms=1e3 * moe_s, dense_ms=1e3 * dense_s,
-             moe_over_dense=moe_s / dense_s, gflops=useful / moe_s / 1e9,
-             mfu_vs_matmul=useful / moe_s / peak,
-             dense_mfu_vs_matmul=useful / dense_s / peak,
-             matmul_gflops=peak / 1e9, repeats=timings[-1].repeats,
-             compile_s=compile_s)
+  row.update(
+      ms=1e3 * moe_s,
+      dense_ms=1e3 * dense_s,
+      moe_over_dense=moe_s / dense_s,
+      gflops=useful / moe_s / 1e9,
+      mfu_vs_matmul=useful / moe_s / peak,
+      dense_mfu_vs_matmul=useful / dense_s / peak,
+      matmul_gflops=peak / 1e9,
+      repeats=timings[-1].repeats,
+      compile_s=compile_s,
+  )
   return row
 
 
@@ -202,22 +241,42 @@ def _moe_cases(e, k, tokens, base, cfg, history):
     past = history.setdefault((impl, e, k), [])
     guess = _predicted_seconds(impl, past, tokens, cfg["group_size"])
     if guess > cfg["budget_s"]:
-      rows.append(_row(impl, e, k, tokens, None, base, 0.0,
-                       f"skipped: ~{guess:.0f} s/run predicted"))
+      rows.append(
+          _row(
+              impl,
+              e,
+              k,
+              tokens,
+              None,
+              base,
+              0.0,
+              f"skipped: ~{guess:.0f} s/run predicted",
+          )
+      )
       continue
     module = moe.MoeFeedForward(
-        num_experts=e, expert_d_ff=cfg["expert_d_ff"], top_k=k,
-        dispatch=impl, capacity_factor=cfg["capacity_factor"], gated=True,
-        dtype=cfg["dtype"])
-    compiled, args, compile_s = _compiled_module(module, base["x"],
-                                                 base["dy"], is_moe=True)
+        num_experts=e,
+        expert_d_ff=cfg["expert_d_ff"],
+        top_k=k,
+        dispatch=impl,
+        capacity_factor=cfg["capacity_factor"],
+        gated=True,
+        dtype=cfg["dtype"],
+    )
+    compiled, args, compile_s = _compiled_module(
+        module, base["x"], base["dy"], is_moe=True
+    )
     timings = benchmarking.time_interleaved(
-        base["calls"] + [(compiled, args)], warmup=_WARMUP.value,
-        repeats=cfg["repeats"], budget_s=cfg["budget_s"])
+        base["calls"] + [(compiled, args)],
+        warmup=_WARMUP.value,
+        repeats=cfg["repeats"],
+        budget_s=cfg["budget_s"],
+    )
     past.append((tokens, timings[-1].median_s))
     rows.append(_row(impl, e, k, tokens, timings, base, compile_s))
-    print(benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1],
-          flush=True)
+    print(
+        benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True
+    )
   return rows
 
 
@@ -250,21 +309,29 @@ def summarize(rows, backend) -> list[str]:
   for r in best.values():
     wins[r["impl"]] = wins.get(r["impl"], 0) + 1
   auto = dispatch_lib.resolve_impl("auto")
-  lines.append(f"fastest impl per (E, k, T) on {backend}: {wins}; "
-               f"dispatch='auto' resolves to {auto!r}.")
+  lines.append(
+      f"fastest impl per (E, k, T) on {backend}: {wins}; "
+      f"dispatch='auto' resolves to {auto!r}."
+  )
   for (e, k, t), r in sorted(best.items()):
-    lines.append(f"best at E={e} k={k} T={t}: {r['impl']} "
-                 f"{r['moe_over_dense']:.2f}x dense")
+    lines.append(
+        f"best at E={e} k={k} T={t}: {r['impl']} "
+        f"{r['moe_over_dense']:.2f}x dense"
+    )
   by_impl = {}
   for r in _measured(rows):
     by_impl.setdefault((r["impl"], r["experts"], r["top_k"]), []).append(r)
   for (impl, e, k), rs in sorted(by_impl.items()):
     rs.sort(key=lambda r: r["tokens"])
     if len(rs) > 1:
-      exps = [math.log(b["ms"] / a["ms"]) / math.log(b["tokens"] / a["tokens"])
-              for a, b in zip(rs, rs[1:])]
-      lines.append(f"time ~ T^p, {impl} E={e} k={k}: p per doubling = "
-                   + ", ".join(f"{p:.2f}" for p in exps))
+      exps = [
+          math.log(b["ms"] / a["ms"]) / math.log(b["tokens"] / a["tokens"])
+          for a, b in zip(rs, rs[1:])
+      ]
+      lines.append(
+          f"time ~ T^p, {impl} E={e} k={k}: p per doubling = "
+          + ", ".join(f"{p:.2f}" for p in exps)
+      )
   lines += _expert_scaling(by_impl)
   return lines
 
@@ -277,39 +344,51 @@ def _expert_scaling(by_impl) -> list[str]:
     es = sorted(e for i, e, kk in by_impl if i == impl and kk == k)
     ref = {r["tokens"]: r["ms"] for r in by_impl[(impl, es[0], k)]}
     for e in es[1:]:
-      ratios = [f"T={r['tokens']}: {r['ms'] / ref[r['tokens']]:.2f}"
-                for r in by_impl[(impl, e, k)] if r["tokens"] in ref]
+      ratios = [
+          f"T={r['tokens']}: {r['ms'] / ref[r['tokens']]:.2f}"
+          for r in by_impl[(impl, e, k)]
+          if r["tokens"] in ref
+      ]
       if ratios:
-        lines.append(f"{impl} k={k}: time(E={e}) / time(E={es[0]}) "
-                     + ", ".join(ratios))
+        lines.append(
+            f"{impl} k={k}: time(E={e}) / time(E={es[0]}) " + ", ".join(ratios)
+        )
   return lines
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cfg = {name: _setting(name) for name in (
-      "experts", "top_k", "tokens", "impls", "d_model", "expert_d_ff",
-      "repeats", "group_size")}
-  cfg.update(dtype=jnp.dtype(_DTYPE.value), budget_s=_BUDGET.value,
-             capacity_factor=_CAPACITY_FACTOR.value)
-  header = (f"bench_moe: {benchmarking.machine_description()}\n"
-            f"D={cfg['d_model']} F={cfg['expert_d_ff']} (gated) "
-            f"group_size={cfg['group_size']} capacity_factor="
-            f"{cfg['capacity_factor']} dtype={_DTYPE.value} "
-            f"repeats={cfg['repeats']} (median)\n"
-            f"command: {' '.join(sys.argv)}")
+  cfg = {name: _setting(name) for name in SETTINGS}
+  cfg.update(
+      impls=_impls(),
+      group_size=_GROUP_SIZE.value,
+      dtype=jnp.dtype(_DTYPE.value),
+      budget_s=cfg["max_case_seconds"],
+      capacity_factor=_CAPACITY_FACTOR.value,
+  )
+  header = (
+      f"bench_moe: {benchmarking.machine_description()}\n"
+      f"D={cfg['d_model']} F={cfg['expert_d_ff']} (gated) "
+      f"group_size={cfg['group_size']} capacity_factor="
+      f"{cfg['capacity_factor']} dtype={_DTYPE.value} "
+      f"repeats={cfg['repeats']} (median)\n"
+      f"command: {' '.join(sys.argv)}"
+  )
   print(header)
   rows = run_sweep(cfg)
   print("\n" + benchmarking.text_table(rows, COLUMNS))
   summary = summarize(rows, jax.default_backend())
   print("\n" + "\n".join(summary))
   for path in benchmarking.write_outputs(
-      _OUTPUT_DIR.value, "bench_moe", rows, COLUMNS,
-      header=header.replace("\n", "  \n") + "\n\n" + "  \n".join(summary)):
+      _OUTPUT_DIR.value,
+      "bench_moe",
+      rows,
+      COLUMNS,
+      header=header.replace("\n", "  \n") + "\n\n" + "  \n".join(summary),
+  ):
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=3)
   app.run(main)

@@ -47,6 +47,7 @@ from tiered_routing import partitions
 from tiered_routing import train_state
 from tiered_routing import trainer
 from tiered_routing.model import transformer
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 SHARING = transformer.SHARING_LEVELS
@@ -57,55 +58,92 @@ VOCAB_SIZE = 4096  # The embedded SentencePiece vocabulary of the sample data.
 FAMILIES = {
     "tiny": dict(
         model=transformer.DecoderConfig(
-            vocab_size=VOCAB_SIZE, d_model=64, num_heads=4, head_dim=16,
-            num_layers=2, d_ff=128, moe_every=2, num_experts=32,
-            expert_d_ff=64, group_size=256),
-        batch_size=32, length=128),
+            vocab_size=VOCAB_SIZE,
+            d_model=64,
+            num_heads=4,
+            head_dim=16,
+            num_layers=2,
+            d_ff=128,
+            moe_every=2,
+            num_experts=32,
+            expert_d_ff=64,
+            group_size=256,
+        ),
+        batch_size=32,
+        length=128,
+    ),
     "small": dict(
         model=transformer.DecoderConfig(
-            vocab_size=VOCAB_SIZE, d_model=512, num_heads=8, head_dim=64,
-            num_layers=4, moe_every=1, num_experts=64, expert_d_ff=64,
-            group_size=4096),
-        batch_size=32, length=256),
+            vocab_size=VOCAB_SIZE,
+            d_model=512,
+            num_heads=8,
+            head_dim=64,
+            num_layers=4,
+            moe_every=1,
+            num_experts=64,
+            expert_d_ff=64,
+            group_size=4096,
+        ),
+        batch_size=32,
+        length=256,
+    ),
 }
-PRESETS = {
-    "smoke": dict(families=["tiny"], partitions=[2], sharing=["none"],
-                  steps=1, batch_size=4, length=16),
-    "quick": dict(families=["tiny"], partitions=[1, 4, 16], sharing=SHARING,
-                  steps=5, batch_size=None, length=None),
-    "full": dict(families=["tiny", "small"], partitions=[1, 4, 16],
-                 sharing=SHARING, steps=10, batch_size=None, length=None),
+SETTINGS = (
+    "families",
+    "partitions",
+    "sharing",
+    "steps",
+    "batch_size",
+    "length",
+)
+PRESETS = {  # Values of SETTINGS; None = the family's own batch and length.
+    "smoke": (["tiny"], [2], ["none"], 1, 4, 16),  # The test's run.
+    "quick": (["tiny"], [1, 4, 16], SHARING, 5, None, None),
+    "full": (["tiny", "small"], [1, 4, 16], SHARING, 10, None, None),
 }
-COLUMNS = ("family", "sharing", "partitions", "d_model", "experts_per_part",
-           "expert_d_ff", "total_params_M", "active_params_M", "batch",
-           "length", "step_ms", "tokens_per_s", "input_ms", "input_over_step",
-           "compile_s")
+COLUMNS = tuple(
+    "family sharing partitions d_model experts_per_part expert_d_ff"
+    " total_params_M active_params_M batch length step_ms tokens_per_s"
+    " input_ms input_over_step compile_s".split()
+)
 
-_PRESET = flags.DEFINE_enum("preset", "quick", list(PRESETS),
-                            "Default sweep; the flags below override it.")
+_PRESET = flags.DEFINE_enum(
+    "preset",
+    "quick",
+    list(PRESETS),
+    "Default sweep; the flags below override it.",
+)
 _FAMILIES = flags.DEFINE_list("families", None, f"From {list(FAMILIES)}.")
 _PARTITIONS = flags.DEFINE_list("partitions", None, "Numbers of partitions n.")
 _SHARING = flags.DEFINE_list("sharing", None, f"Sharing levels {SHARING}.")
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps (median).")
 _WARMUP = flags.DEFINE_integer("warmup_steps", 1, "Untimed steps first.")
-_BATCH = flags.DEFINE_integer("batch_size", None,
-                              "Global batch B (default: the family's).")
-_LENGTH = flags.DEFINE_integer("length", None,
-                               "Sequence length L (default: the family's).")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "Global batch B (default: the family's)."
+)
+_LENGTH = flags.DEFINE_integer(
+    "length", None, "Sequence length L (default: the family's)."
+)
 _DISPATCH = flags.DEFINE_string("dispatch", "auto", "Dispatch impl.")
-_INPUT = flags.DEFINE_bool("input_pipeline", True,
-                           "Also time the SeqIO input pipeline.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
-                                  "Writes bench_train.csv and bench_train.md.")
+_INPUT = flags.DEFINE_bool(
+    "input_pipeline", True, "Also time the SeqIO input pipeline."
+)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Writes bench_train.csv and bench_train.md."
+)
 
 
 def _setting(name):
+  """The flag's value if given on the command line, else the preset's."""
   flag = flags.FLAGS[name]
-  return flag.value if flag.present else PRESETS[_PRESET.value][name]
+  if flag.present:
+    return flag.value
+  return PRESETS[_PRESET.value][SETTINGS.index(name)]
 
 
-def scaled_config(base: transformer.DecoderConfig, n: int, sharing: str,
-                  d_model: int) -> transformer.DecoderConfig:
+def scaled_config(
+    base: transformer.DecoderConfig, n: int, sharing: str, d_model: int
+) -> transformer.DecoderConfig:
   """The family member with n partitions and the given d_model.
 
   Experts per partition are base.num_experts / n; the expert width keeps
@@ -113,16 +151,23 @@ def scaled_config(base: transformer.DecoderConfig, n: int, sharing: str,
   with d_model.
   """
   if base.num_experts % n or base.num_experts // n < base.top_k:
-    raise ValueError(f"n={n} partitions do not split the family's "
-                     f"{base.num_experts} experts into groups of at least "
-                     f"top_k={base.top_k}.")
+    raise ValueError(
+        f"n={n} partitions do not split the family's "
+        f"{base.num_experts} experts into groups of at least "
+        f"top_k={base.top_k}."
+    )
   scale = d_model / base.d_model
   return dataclasses.replace(
-      base, num_partitions=n, sharing=sharing, d_model=d_model,
+      base,
+      num_partitions=n,
+      sharing=sharing,
+      d_model=d_model,
       num_experts=base.num_experts // n,
       num_heads=max(1, round(base.num_heads * scale)),
       expert_d_ff=max(1, round(base.expert_d_ff / scale)),
-      d_ff=round(base.d_ff * scale), dispatch=_DISPATCH.value)
+      d_ff=round(base.d_ff * scale),
+      dispatch=_DISPATCH.value,
+  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,8 +185,7 @@ def equal_total_config(base, n, sharing):
   while lo < hi:  # The total grows with d_model.
     mid = (lo + hi) // 2
     lo, hi = (mid + 1, hi) if total(8 * mid) < target else (lo, mid)
-  best = min((8 * lo, 8 * max(1, lo - 1)), key=lambda d: abs(total(d) -
-                                                               target))
+  best = min((8 * lo, 8 * max(1, lo - 1)), key=lambda d: abs(total(d) - target))
   return scaled_config(base, n, sharing, best)
 
 
@@ -156,8 +200,9 @@ def synthetic_batch(p, b, length, vocab_size, seed=0):
       "decoder_loss_weights": np.ones(shape, np.int32),
       "decoder_language_ids": rng.integers(0, 16, shape, dtype=np.int32),
       "decoder_segment_ids": np.ones(shape, np.int32),
-      "decoder_positions": np.broadcast_to(
-          np.arange(length, dtype=np.int32), shape).copy(),
+      "decoder_positions": (
+          np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy()
+      ),
   }
 
 
@@ -167,18 +212,26 @@ def time_train_step(model_config, batch_size, length, steps, warmup):
   p = model_config.num_partitions
   shape = (p, batch_size // p, length)
   config = trainer.TrainConfig(train_steps=1000)
-  s = train_state.setup(model_config, optimizers.OptimizerConfig(),
-                        config.train_steps, mesh, shape)
+  s = train_state.setup(
+      model_config,
+      optimizers.OptimizerConfig(),
+      config.train_steps,
+      mesh,
+      shape,
+  )
   with partitioning.with_sharding_rules(mesh):
     state = train_state.init_state(s, jax.random.key(0), shape)
     batch = trainer.to_global_batch(
-        synthetic_batch(p, batch_size, length, model_config.vocab_size), mesh)
+        synthetic_batch(p, batch_size, length, model_config.vocab_size), mesh
+    )
     rng = jax.random.key(1)
     step_fn = jax.jit(
-        functools.partial(trainer.train_step, model=s.model, tx=s.tx,
-                          config=config),
+        functools.partial(
+            trainer.train_step, model=s.model, tx=s.tx, config=config
+        ),
         out_shardings=(s.shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=0)
+        donate_argnums=0,
+    )
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
@@ -199,8 +252,13 @@ def time_input_pipeline(n, batch_size, length, steps):
   scheme = partitions.make_scheme("family", n)
   names = mixtures.partition_mixture_names("sample", scheme)
   dataset = inputs.partitioned_dataset(
-      names, global_batch_size=batch_size, scheme=scheme,
-      sequence_length=length, seed=0, pack=True)
+      names,
+      global_batch_size=batch_size,
+      scheme=scheme,
+      sequence_length=length,
+      seed=0,
+      pack=True,
+  )
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   iterator = inputs.batch_iterator(dataset)
   times = []
@@ -218,20 +276,32 @@ def _measure(family, n, sharing, opts, input_cache):
   length = opts["length"] or spec["length"]
   config = equal_total_config(spec["model"], n, sharing)
   count = params_lib.count_params(config)
-  step_s, compile_s = time_train_step(config, b, length, opts["steps"],
-                                      _WARMUP.value)
-  row = dict(family=family, sharing=sharing, partitions=n,
-             d_model=config.d_model, experts_per_part=config.num_experts,
-             expert_d_ff=config.expert_d_ff, total_params_M=count.total / 1e6,
-             active_params_M=count.active / 1e6, batch=b, length=length,
-             step_ms=1e3 * step_s, tokens_per_s=b * length / step_s,
-             compile_s=compile_s)
+  step_s, compile_s = time_train_step(
+      config, b, length, opts["steps"], _WARMUP.value
+  )
+  row = dict(
+      family=family,
+      sharing=sharing,
+      partitions=n,
+      d_model=config.d_model,
+      experts_per_part=config.num_experts,
+      expert_d_ff=config.expert_d_ff,
+      total_params_M=count.total / 1e6,
+      active_params_M=count.active / 1e6,
+      batch=b,
+      length=length,
+      step_ms=1e3 * step_s,
+      tokens_per_s=b * length / step_s,
+      compile_s=compile_s,
+  )
   if _INPUT.value:
     key = (n, b, length)
     if key not in input_cache:
       input_cache[key] = time_input_pipeline(n, b, length, opts["steps"])
-    row.update(input_ms=1e3 * input_cache[key],
-               input_over_step=input_cache[key] / step_s)
+    row.update(
+        input_ms=1e3 * input_cache[key],
+        input_over_step=input_cache[key] / step_s,
+    )
   return row
 
 
@@ -239,16 +309,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # SeqIO logs every task it loads.
-  opts = {k: _setting(k) for k in ("families", "partitions", "sharing",
-                                    "steps", "batch_size", "length")}
-  bad = ([f for f in opts["families"] if f not in FAMILIES]
-         + [s for s in opts["sharing"] if s not in SHARING])
+  opts = {k: _setting(k) for k in SETTINGS}
+  bad = [f for f in opts["families"] if f not in FAMILIES] + [
+      s for s in opts["sharing"] if s not in SHARING
+  ]
   if bad:
-    raise app.UsageError(f"Unknown families/sharing {bad}; allowed: "
-                         f"{list(FAMILIES)} / {SHARING}.")
-  header = (f"bench_train: {benchmarking.machine_description()}\n"
-            f"trainer.train_step (AdamW), synthetic batches on device; "
-            f"median of {opts['steps']} steps\ncommand: {' '.join(sys.argv)}")
+    raise app.UsageError(
+        f"Unknown families/sharing {bad}; allowed: "
+        f"{list(FAMILIES)} / {SHARING}."
+    )
+  header = (
+      f"bench_train: {benchmarking.machine_description()}\n"
+      f"trainer.train_step (AdamW), synthetic batches on device; "
+      f"median of {opts['steps']} steps\ncommand: {' '.join(sys.argv)}"
+  )
   print(header)
   print(benchmarking.text_table([], COLUMNS), flush=True)
   rows, input_cache = [], {}
@@ -256,12 +330,18 @@ def main(argv):
     for n in [int(v) for v in opts["partitions"]]:
       for sharing in opts["sharing"]:
         rows.append(_measure(family, n, sharing, opts, input_cache))
-        print(benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1],
-              flush=True)
+        print(
+            benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1],
+            flush=True,
+        )
   print("\n" + benchmarking.text_table(rows, COLUMNS))
-  for path in benchmarking.write_outputs(_OUTPUT_DIR.value, "bench_train",
-                                         rows, COLUMNS,
-                                         header.replace("\n", "  \n")):
+  for path in benchmarking.write_outputs(
+      _OUTPUT_DIR.value,
+      "bench_train",
+      rows,
+      COLUMNS,
+      header.replace("\n", "  \n"),
+  ):
     print(f"wrote {path}")
 
 

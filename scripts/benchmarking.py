@@ -29,6 +29,7 @@ class Timing:
     repeats: number of timed repeats (after warm-up).
     compile_s: lowering plus compilation.
   """
+
   median_s: float
   min_s: float
   repeats: int
@@ -41,17 +42,22 @@ def _run(fn: Callable[..., Any], args: Sequence[Any]) -> float:
   return time.perf_counter() - start
 
 
-def compile_jitted(fn: Callable[..., Any],
-                   args: Sequence[Any]) -> tuple[Callable[..., Any], float]:
+def compile_jitted(
+    fn: Callable[..., Any], args: Sequence[Any]
+) -> tuple[Callable[..., Any], float]:
   """(compiled fn, seconds spent lowering and compiling) for `args`."""
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   return compiled, time.perf_counter() - start
 
 
-def time_interleaved(calls: Sequence[tuple[Callable[..., Any], Sequence[Any]]],
-                     *, warmup: int, repeats: int,
-                     budget_s: float = math.inf) -> list[Timing]:
+def time_interleaved(
+    calls: Sequence[tuple[Callable[..., Any], Sequence[Any]]],
+    *,
+    warmup: int,
+    repeats: int,
+    budget_s: float = math.inf,
+) -> list[Timing]:
   """Times compiled functions round-robin: f0, f1, ..., f0, f1, ...
 
   On a shared machine the load drifts; interleaving gives every function
@@ -70,8 +76,9 @@ def time_interleaved(calls: Sequence[tuple[Callable[..., Any], Sequence[Any]]],
     One Timing per call (compile_s = 0; see `compile_jitted`).
   """
   if repeats < 1 or warmup < 0:
-    raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} "
-                     ">= 0.")
+    raise ValueError(
+        f"repeats={repeats} must be >= 1 and warmup={warmup} " ">= 0."
+    )
   for _ in range(max(1, warmup)):
     round_s = sum(_run(fn, args) for fn, args in calls)
   rounds = repeats
@@ -81,16 +88,30 @@ def time_interleaved(calls: Sequence[tuple[Callable[..., Any], Sequence[Any]]],
   for _ in range(rounds):
     for i, (fn, args) in enumerate(calls):
       times[i].append(_run(fn, args))
-  return [Timing(median_s=statistics.median(t), min_s=min(t), repeats=rounds,
-                 compile_s=0.0) for t in times]
+  return [
+      Timing(
+          median_s=statistics.median(t),
+          min_s=min(t),
+          repeats=rounds,
+          compile_s=0.0,
+      )
+      for t in times
+  ]
 
 
-def time_jitted(fn: Callable[..., Any], args: Sequence[Any], *, warmup: int,
-                repeats: int, budget_s: float = math.inf) -> Timing:
+def time_jitted(
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    *,
+    warmup: int,
+    repeats: int,
+    budget_s: float = math.inf,
+) -> Timing:
   """Compiles jitted `fn` for `args` and times it (see `time_interleaved`)."""
   compiled, compile_s = compile_jitted(fn, args)
-  timing, = time_interleaved([(compiled, args)], warmup=warmup,
-                             repeats=repeats, budget_s=budget_s)
+  (timing,) = time_interleaved(
+      [(compiled, args)], warmup=warmup, repeats=repeats, budget_s=budget_s
+  )
   return dataclasses.replace(timing, compile_s=compile_s)
 
 
@@ -109,31 +130,41 @@ def format_value(value: Any) -> str:
   return str(value)
 
 
-def text_table(rows: Sequence[Mapping[str, Any]],
-               columns: Sequence[str]) -> str:
+def text_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+) -> str:
   """Rows as an aligned plain-text table (header line first)."""
   cells = [[format_value(row.get(c)) for c in columns] for row in rows]
-  widths = [max([len(c)] + [len(r[i]) for r in cells])
-            for i, c in enumerate(columns)]
+  widths = [
+      max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)
+  ]
   lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
   lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
   return "\n".join(lines)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]],
-                   columns: Sequence[str]) -> str:
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+) -> str:
   """Rows as a GitHub Markdown table."""
-  lines = ["| " + " | ".join(columns) + " |",
-           "|" + "|".join("---:" for _ in columns) + "|"]
+  lines = [
+      "| " + " | ".join(columns) + " |",
+      "|" + "|".join("---:" for _ in columns) + "|",
+  ]
   for row in rows:
-    lines.append("| " + " | ".join(format_value(row.get(c)) for c in columns)
-                 + " |")
+    lines.append(
+        "| " + " | ".join(format_value(row.get(c)) for c in columns) + " |"
+    )
   return "\n".join(lines)
 
 
-def write_outputs(output_dir: Optional[str], name: str,
-                  rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                  header: str = "") -> list[str]:
+def write_outputs(
+    output_dir: Optional[str],
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    header: str = "",
+) -> list[str]:
   """Writes `name`.csv (full precision) and `name`.md; returns the paths.
 
   Args:
@@ -148,8 +179,7 @@ def write_outputs(output_dir: Optional[str], name: str,
   os.makedirs(output_dir, exist_ok=True)
   csv_path = os.path.join(output_dir, f"{name}.csv")
   with open(csv_path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(columns),
-                            extrasaction="ignore")
+    writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
   md_path = os.path.join(output_dir, f"{name}.md")
@@ -163,6 +193,8 @@ def write_outputs(output_dir: Optional[str], name: str,
 def machine_description() -> str:
   """Backend, device kind and count, host CPU count (for result headers)."""
   devices = jax.devices()
-  return (f"backend={jax.default_backend()} devices={len(devices)}x"
-          f"{devices[0].device_kind} host_cpus={os.cpu_count()} "
-          f"jax={jax.__version__}")
+  return (
+      f"backend={jax.default_backend()} devices={len(devices)}x"
+      f"{devices[0].device_kind} host_cpus={os.cpu_count()} "
+      f"jax={jax.__version__}"
+  )

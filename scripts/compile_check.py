@@ -38,10 +38,15 @@ def _requested_devices(argv) -> int:
     return 64  # absl reports the malformed flag later.
 
 
-_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                os.environ.get("XLA_FLAGS", ""))
-os.environ["XLA_FLAGS"] = (f"{_flags} --xla_force_host_platform_device_count="
-                           f"{_requested_devices(sys.argv)}").strip()
+_flags = re.sub(
+    r"--xla_force_host_platform_device_count=\d+",
+    "",
+    os.environ.get("XLA_FLAGS", ""),
+)
+os.environ["XLA_FLAGS"] = (
+    f"{_flags} --xla_force_host_platform_device_count="
+    f"{_requested_devices(sys.argv)}"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -65,34 +70,48 @@ from tiered_routing import params as params_lib
 from tiered_routing import partitioning
 from tiered_routing import train_state
 from tiered_routing import trainer
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 GIB = 2**30
 # HBM per chip (GiB). Slice names count TensorCores for v4/v5p (2 per chip:
 # v4-32 has 16 chips) and chips for v5e (v5litepod-16 has 16).
 TPU_HBM_GIB = {"v5e": 16, "v4": 32, "v5p": 95}
-COLUMNS = ("model", "devices", "mesh", "dispatch", "batch", "length",
-           "total_params_M", "params_gib", "opt_state_gib", "batch_gib",
-           "temp_gib", "peak_gib", "fits", "compile_s")
+COLUMNS = tuple(
+    "model devices mesh dispatch dtype batch length total_params_M params_gib"
+    " opt_state_gib batch_gib temp_gib peak_gib fits compile_s".split()
+)
 
-_MODELS = flags.DEFINE_list("models", ["n1", "n16"],
-                            "Model gin files (gin/models/<name>.gin).")
+_MODELS = flags.DEFINE_list(
+    "models", ["n1", "n16"], "Model gin files (gin/models/<name>.gin)."
+)
 _DEVICES = flags.DEFINE_list("devices", ["16", "64"], "Mesh sizes.")
 _LAYOUTS = flags.DEFINE_list(
-    "layouts", ["auto"], "Mesh layouts: 'auto' (partition = n, the rest "
-    "'data'), 'expert<k>' (like auto but k-way 'expert' parallelism inside a "
-    "partition), or explicit 'P:D:E:M' axis sizes (-1 = the rest).")
+    "layouts",
+    ["auto"],
+    "Mesh layouts: 'auto' (partition = n, the rest 'data'), 'expert<k>' (like"
+    " auto but k-way 'expert' parallelism inside a partition), or explicit "
+    "'P:D:E:M' axis sizes (-1 = the rest).",
+)
 _BATCH = flags.DEFINE_integer(
-    "rows_per_data_shard", 8, "Sequences per (partition x data) shard; the "
-    "global batch is this times partition * data.")
+    "rows_per_data_shard",
+    8,
+    "Sequences per (partition x data) shard; the global batch is this times"
+    " partition * data.",
+)
 _LENGTH = flags.DEFINE_integer("length", 1024, "Sequence length L.")
-_DISPATCH = flags.DEFINE_string("dispatch", "sort_gather",
-                                "Dispatch impl compiled (see bench_moe).")
+_DISPATCH = flags.DEFINE_string(
+    "dispatch", "sort_gather", "Dispatch impl compiled (see bench_moe)."
+)
 _LAYERS = flags.DEFINE_integer(
-    "num_layers", None, "Override the number of layers (to reduce compile "
-    "time; rows are labelled).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
-                                  "Writes compile_check.csv / .md.")
+    "num_layers",
+    None,
+    "Override the number of layers (to reduce compile time; rows are "
+    "labelled).",
+)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Writes compile_check.csv / .md."
+)
 
 
 def load_model_config(name: str):
@@ -103,10 +122,12 @@ def load_model_config(name: str):
   gin.clear_config()
   # --gin_bindings is gin_flags' flag (the binaries'), applied to every model.
   bindings = [f"DISPATCH = {_DISPATCH.value!r}"] + list(
-      flags.FLAGS.gin_bindings)
+      flags.FLAGS.gin_bindings
+  )
   if _LAYERS.value:
     bindings.append(
-        f"tiered_routing.DecoderConfig.num_layers = {_LAYERS.value}")
+        f"tiered_routing.DecoderConfig.num_layers = {_LAYERS.value}"
+    )
   gin.parse_config_files_and_bindings([path], bindings)
   return configurables.DecoderConfig()
 
@@ -114,24 +135,28 @@ def load_model_config(name: str):
 def mesh_config(layout: str, n: int, devices: int) -> partitioning.MeshConfig:
   """MeshConfig for a layout name (see --layouts)."""
   if devices % n:
-    raise ValueError(f"{devices} devices cannot hold n={n} partitions "
-                     "evenly; use a multiple of n.")
+    raise ValueError(
+        f"{devices} devices cannot hold n={n} partitions evenly; use a "
+        "multiple of n."
+    )
   if layout == "auto":
     return partitioning.MeshConfig(partition=n, data=-1)
   if layout.startswith("expert"):
-    k = int(layout[len("expert"):])
+    k = int(layout[len("expert") :])
     return partitioning.MeshConfig(partition=n, data=-1, expert=k)
   sizes = [int(v) for v in layout.split(":")]
   if len(sizes) != 4:
-    raise ValueError(f"layout {layout!r}: need 'auto', 'expert<k>' or "
-                     "'P:D:E:M'.")
+    raise ValueError(
+        f"layout {layout!r}: need 'auto', 'expert<k>' or 'P:D:E:M'."
+    )
   return partitioning.MeshConfig(*sizes)
 
 
 def _per_device_bytes(abstract_tree, shardings) -> int:
   total = 0
-  for leaf, sharding in zip(jax.tree.leaves(abstract_tree),
-                            jax.tree.leaves(shardings)):
+  for leaf, sharding in zip(
+      jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)
+  ):
     shard = sharding.shard_shape(leaf.shape)
     total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
   return total
@@ -145,7 +170,7 @@ def _abstract_batch(mesh, shape):
   return out
 
 
-def compile_case(model_config, devices: int, layout: str) -> dict:
+def compile_case(name: str, model_config, devices: int, layout: str) -> dict:
   """Compiles train_step for one case; returns the table row."""
   mc = mesh_config(layout, model_config.num_partitions, devices)
   mesh = partitioning.make_mesh(mc, jax.devices()[:devices])
@@ -154,48 +179,68 @@ def compile_case(model_config, devices: int, layout: str) -> dict:
   batch = _BATCH.value * data
   shape = (p, batch // p, _LENGTH.value)
   config = trainer.TrainConfig(train_steps=100_000)
-  s = train_state.setup(model_config, optimizers.OptimizerConfig(),
-                        config.train_steps, mesh, shape)
-  with_sharding = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                     sharding=sh)
+  s = train_state.setup(
+      model_config,
+      optimizers.OptimizerConfig(),
+      config.train_steps,
+      mesh,
+      shape,
+  )
+  with_sharding = lambda a, sh: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=sh
+  )
   state = jax.tree.map(with_sharding, s.abstract_state, s.shardings)
   abstract_batch = _abstract_batch(mesh, shape)
   replicated = NamedSharding(mesh, PartitionSpec())
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
   step = jax.jit(
-      functools.partial(trainer.train_step, model=s.model, tx=s.tx,
-                        config=config),
-      out_shardings=(s.shardings, replicated), donate_argnums=0)
+      functools.partial(
+          trainer.train_step, model=s.model, tx=s.tx, config=config
+      ),
+      out_shardings=(s.shardings, replicated),
+      donate_argnums=0,
+  )
   start = time.perf_counter()
   with partitioning.with_sharding_rules(mesh):
     compiled = step.lower(state, abstract_batch, rng).compile()
   compile_s = time.perf_counter() - start
-  return _row(model_config, mesh, shape, s, abstract_batch, compiled,
-              compile_s)
+  row = _row(model_config, mesh, shape, s, abstract_batch, compiled)
+  return dict(row, model=name, compile_s=compile_s)
 
 
-def _row(model_config, mesh, shape, s, abstract_batch, compiled, compile_s):
+def _row(model_config, mesh, shape, s, abstract_batch, compiled):
   stats = compiled.memory_analysis()
   params_b = _per_device_bytes(s.abstract_state.params, s.shardings.params)
-  opt_b = _per_device_bytes(s.abstract_state.opt_state,
-                            s.shardings.opt_state)
-  batch_b = _per_device_bytes(abstract_batch, [
-      a.sharding for a in jax.tree.leaves(abstract_batch)])
+  opt_b = _per_device_bytes(s.abstract_state.opt_state, s.shardings.opt_state)
+  batch_b = _per_device_bytes(
+      abstract_batch, [a.sharding for a in jax.tree.leaves(abstract_batch)]
+  )
   # Donated state buffers are reused for the new state (alias), so the live
   # peak is arguments + temporaries + the outputs that are not aliased.
-  peak = (stats.argument_size_in_bytes + stats.temp_size_in_bytes
-          + stats.output_size_in_bytes - stats.alias_size_in_bytes)
+  peak = (
+      stats.argument_size_in_bytes
+      + stats.temp_size_in_bytes
+      + stats.output_size_in_bytes
+      - stats.alias_size_in_bytes
+  )
   fits = [name for name, hbm in TPU_HBM_GIB.items() if peak < hbm * GIB]
   sizes = "x".join(str(mesh.shape[a]) for a in partitioning.MESH_AXES)
   return dict(
-      model=model_config.num_layers, devices=mesh.size,
-      mesh=f"{sizes} (P x D x E x M)", dispatch=model_config.dispatch,
-      batch=shape[0] * shape[1], length=shape[2],
+      devices=mesh.size,
+      mesh=f"{sizes} (P x D x E x M)",
+      dispatch=model_config.dispatch,
+      dtype=model_config.dtype,
+      batch=shape[0] * shape[1],
+      length=shape[2],
       total_params_M=params_lib.count_params(model_config).total / 1e6,
-      params_gib=params_b / GIB, opt_state_gib=opt_b / GIB,
-      batch_gib=batch_b / GIB, temp_gib=stats.temp_size_in_bytes / GIB,
-      peak_gib=peak / GIB, fits=",".join(fits) or "none",
-      compile_s=compile_s, argument_gib=stats.argument_size_in_bytes / GIB)
+      params_gib=params_b / GIB,
+      opt_state_gib=opt_b / GIB,
+      batch_gib=batch_b / GIB,
+      temp_gib=stats.temp_size_in_bytes / GIB,
+      peak_gib=peak / GIB,
+      fits=",".join(fits) or "none",
+      argument_gib=stats.argument_size_in_bytes / GIB,
+  )
 
 
 def main(argv):
@@ -203,31 +248,40 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   devices = [int(d) for d in _DEVICES.value]
   if max(devices) > jax.device_count():
-    raise app.UsageError(f"--devices={devices} exceeds the {jax.device_count()}"
-                         " simulated devices.")
-  layers_note = (f"; num_layers overridden to {_LAYERS.value}"
-                 if _LAYERS.value else "")
-  header = (f"compile_check: {benchmarking.machine_description()}\n"
-            f"trainer.train_step (AdamW), bfloat16 activations, float32 "
-            f"params{layers_note}; per-device bytes; fits = peak < HBM of "
-            f"{TPU_HBM_GIB} GiB\ncommand: {' '.join(sys.argv)}")
+    raise app.UsageError(
+        f"--devices={devices} exceeds the {jax.device_count()}"
+        " simulated devices."
+    )
+  layers_note = (
+      f"; num_layers overridden to {_LAYERS.value}" if _LAYERS.value else ""
+  )
+  header = (
+      f"compile_check: {benchmarking.machine_description()}\n"
+      f"trainer.train_step (AdamW; float32 parameters and moments)"
+      f"{layers_note}; per-device bytes; fits = peak < HBM of "
+      f"{TPU_HBM_GIB} GiB\ncommand: {' '.join(sys.argv)}"
+  )
   print(header)
   print(benchmarking.text_table([], COLUMNS), flush=True)
   rows = []
   for name in _MODELS.value:
     config = load_model_config(name)
+    label = name + (f" ({config.num_layers} layers)" if _LAYERS.value else "")
     for n_dev in devices:
       for layout in _LAYOUTS.value:
-        row = compile_case(config, n_dev, layout)
-        row["model"] = name + (f" ({config.num_layers} layers)"
-                               if _LAYERS.value else "")
-        rows.append(row)
-        print(benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1],
-              flush=True)
+        rows.append(compile_case(label, config, n_dev, layout))
+        print(
+            benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1],
+            flush=True,
+        )
   print("\n" + benchmarking.text_table(rows, COLUMNS))
-  for path in benchmarking.write_outputs(_OUTPUT_DIR.value, "compile_check",
-                                         rows, COLUMNS,
-                                         header.replace("\n", "  \n")):
+  for path in benchmarking.write_outputs(
+      _OUTPUT_DIR.value,
+      "compile_check",
+      rows,
+      COLUMNS,
+      header.replace("\n", "  \n"),
+  ):
     print(f"wrote {path}")
 
 

@@ -100,6 +100,19 @@ def _mixed_batches(new_task, old_mixture, scheme, new_rows, old_rows, length):
     yield {k: np.concatenate([a[k], b[k]], axis=1) for k in a}
 
 
+def pad_as_segment(batch: Mapping[str, np.ndarray]) -> dict:
+  """Gives each row's padding (segment id 0) a segment id of its own.
+
+  Workaround for NaN gradients of `SequenceGateRouter`'s load-balance loss
+  on padding tokens (see .notes/related_methods.md); padding keeps loss
+  weight 0, so only routing statistics see it. Remove once the router is
+  fixed.
+  """
+  seg = np.asarray(batch["decoder_segment_ids"])
+  fresh = seg.max(axis=-1, keepdims=True) + 1
+  return {**batch, "decoder_segment_ids": np.where(seg == 0, fresh, seg)}
+
+
 def _train_base(
     model_dir, config, opt, scheme, mixture, steps, batch_size, length, mesh
 ):
@@ -119,7 +132,9 @@ def _train_base(
           save_every_steps=steps,
           log_every_steps=max(steps // 8, 1),
       ),
-      batches=lambda start: inputs.batch_iterator(dataset, start),
+      batches=lambda start: map(
+          pad_as_segment, inputs.batch_iterator(dataset, start)
+      ),
       batch_shape=(1, batch_size, length),
       mesh=mesh,
   )

@@ -20,11 +20,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 
 RUNS = {
-    "bench_moe": ["--preset=smoke", "--experts=4", "--tokens=64,128",
-                  "--repeats=1"],
+    "bench_moe": [
+        "--preset=smoke",
+        "--experts=4",
+        "--tokens=64,128",
+        "--repeats=1",
+    ],
     "bench_train": ["--preset=smoke", "--noinput_pipeline"],
-    "compile_check": ["--models=tiny", "--devices=2", "--length=16",
-                      "--rows_per_data_shard=1", "--num_layers=1"],
+    "compile_check": [
+        "--models=tiny",
+        "--devices=2",
+        "--length=16",
+        "--rows_per_data_shard=1",
+        "--num_layers=1",
+    ],
 }
 
 
@@ -35,11 +44,20 @@ def outputs(tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
   procs = {}
   for name, args in RUNS.items():
-    cmd = [sys.executable, str(SCRIPTS / f"{name}.py"), *args,
-           f"--output_dir={out_dir / name}"]
-    procs[name] = subprocess.Popen(cmd, cwd=REPO, env=env, text=True,
-                                   stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / f"{name}.py"),
+        *args,
+        f"--output_dir={out_dir / name}",
+    ]
+    procs[name] = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
   results = {}
   for name, proc in procs.items():
     stdout, stderr = proc.communicate(timeout=300)
@@ -59,12 +77,20 @@ def test_bench_moe_table(outputs):
   stdout, rows, md = outputs["bench_moe"]
   # One row per (impl, T) at E=4, k=2.
   assert sorted((r["impl"], r["tokens"]) for r in rows) == sorted(
-      (impl, t) for impl in ("sort_gather", "einsum", "ragged")
-      for t in ("64", "128"))
+      (impl, t)
+      for impl in ("sort_gather", "einsum", "ragged")
+      for t in ("64", "128")
+  )
   for row in rows:
     assert row["experts"] == "4" and row["top_k"] == "2"
-    for column in ("ms", "dense_ms", "moe_over_dense", "mfu_vs_matmul",
-                   "dense_mfu_vs_matmul", "matmul_gflops"):
+    for column in (
+        "ms",
+        "dense_ms",
+        "moe_over_dense",
+        "mfu_vs_matmul",
+        "dense_mfu_vs_matmul",
+        "matmul_gflops",
+    ):
       assert _positive(row[column]), (column, row)
   assert md.count("\n| sort_gather |") == 2
   assert "dispatch='auto' resolves to 'sort_gather'" in stdout
@@ -76,7 +102,10 @@ def test_bench_train_table(outputs):
   assert len(rows) == 1
   row = rows[0]
   assert (row["family"], row["sharing"], row["partitions"]) == (
-      "tiny", "none", "2")
+      "tiny",
+      "none",
+      "2",
+  )
   # The n = 2 member keeps the n = 1 total within a few percent.
   assert int(row["experts_per_part"]) == 16
   for column in ("step_ms", "tokens_per_s", "total_params_M", "compile_s"):
@@ -94,7 +123,9 @@ def test_compile_check_table(outputs):
     assert _positive(row[column]), (column, row)
   # AdamW keeps two moments per parameter, all float32 like the params.
   assert float(row["opt_state_gib"]) == pytest.approx(
-      2 * float(row["params_gib"]), rel=0.01)
+      2 * float(row["params_gib"]), rel=0.01
+  )
   assert float(row["peak_gib"]) >= float(row["params_gib"]) + float(
-      row["opt_state_gib"])
+      row["opt_state_gib"]
+  )
   assert set(row["fits"].split(",")) == {"v5e", "v4", "v5p"}

@@ -6,6 +6,12 @@ in the same directory, so results can be read without TensorBoard. A run that
 is resumed after a kill appends again from its last checkpoint, so a step may
 appear more than once: readers keep the last record of each step
 (`read_jsonl`). Only process 0 of a multi-host job writes.
+
+`TrainMetricsLog` sits between the training loop and the writer: it buffers
+the device metrics of each step, fetches them only at log and checkpoint
+steps, stops training at the first non-finite step, and writes interval
+averages (exact per-language train loss, router statistics, tokens/s) with a
+console progress line.
 """
 
 import datetime
