@@ -103,8 +103,8 @@ PRESETS = {  # Values of SETTINGS; None = the family's own batch and length.
 }
 COLUMNS = tuple(
     "family sharing partitions d_model experts_per_part expert_d_ff"
-    " total_params_M active_params_M batch length step_ms tokens_per_s"
-    " input_ms input_over_step compile_s".split()
+    " total_params_M total_vs_n1 active_params_M batch length step_ms"
+    " tokens_per_s input_ms input_over_step compile_s".split()
 )
 
 _PRESET = flags.DEFINE_enum(
@@ -171,8 +171,12 @@ def scaled_config(
 
 
 @functools.lru_cache(maxsize=None)
+def _count(config: transformer.DecoderConfig) -> params_lib.ParamCount:
+  return params_lib.count_params(config)  # Traces the model: ~1 s.
+
+
 def _total(config: transformer.DecoderConfig) -> int:
-  return params_lib.count_params(config).total
+  return _count(config).total
 
 
 def equal_total_config(base, n, sharing):
@@ -181,7 +185,9 @@ def equal_total_config(base, n, sharing):
     return scaled_config(base, 1, sharing, base.d_model)
   target = _total(scaled_config(base, 1, sharing, base.d_model))
   total = lambda d: _total(scaled_config(base, n, sharing, d))
-  lo, hi = 1, 2 * base.d_model // 8  # In units of 8.
+  # In units of 8. More partitions never need a wider model: the experts'
+  # total is fixed and each partition adds its own copy of the rest.
+  lo, hi = 1, base.d_model // 8
   while lo < hi:  # The total grows with d_model.
     mid = (lo + hi) // 2
     lo, hi = (mid + 1, hi) if total(8 * mid) < target else (lo, mid)
@@ -275,7 +281,11 @@ def _measure(family, n, sharing, opts, input_cache):
   b = opts["batch_size"] or spec["batch_size"]
   length = opts["length"] or spec["length"]
   config = equal_total_config(spec["model"], n, sharing)
-  count = params_lib.count_params(config)
+  count = _count(config)
+  target = _total(
+      scaled_config(spec["model"], 1, sharing, spec["model"].d_model)
+  )
+  off = count.total / target - 1
   step_s, compile_s = time_train_step(
       config, b, length, opts["steps"], _WARMUP.value
   )
@@ -293,6 +303,9 @@ def _measure(family, n, sharing, opts, input_cache):
       step_ms=1e3 * step_s,
       tokens_per_s=b * length / step_s,
       compile_s=compile_s,
+      # Far off when even the smallest d_model (8) has too many embedding
+      # parameters: n vocab x d_model tables.
+      total_vs_n1=f"{off:+.0%}",
   )
   if _INPUT.value:
     key = (n, b, length)
@@ -308,7 +321,7 @@ def _measure(family, n, sharing, opts, input_cache):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # SeqIO logs every task it loads.
+  logging.set_verbosity(logging.ERROR)  # SeqIO warns about every task.
   opts = {k: _setting(k) for k in SETTINGS}
   bad = [f for f in opts["families"] if f not in FAMILIES] + [
       s for s in opts["sharing"] if s not in SHARING

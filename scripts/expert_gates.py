@@ -187,45 +187,52 @@ def _forward_fn(config):
   model = transformer.TieredDecoder(config)
 
   @jax.jit
-  def forward(params, tokens):
+  def forward(params, batch):
     logits, routed, _ = token_routing.apply_with_routing(
-        model, {"params": params}, tokens
+        model,
+        {"params": params},
+        batch["decoder_input_tokens"],
+        segment_ids_PxBxL=batch["decoder_segment_ids"],
+        positions_PxBxL=batch["decoder_positions"],
     )
     return logits, routed
 
   return forward
 
 
-def _compare(evaluator, base_config, base, config, params, code, expert_T):
-  """Old-language sequences: how many reach `expert_T`, how many changed.
+def _compare(evaluator, base_config, base, config, params, code, expert):
+  """Old-language rows: the share that reach `expert`, the share changed.
 
-  Every validation row of the old languages is one packed row; a row counts
-  as 'on the expert' if any of its tokens reaches the expert in any layer.
+  Validation rows hold packed sequences of one language each; a row is 'on
+  the expert' if any of its scored tokens reaches it in any layer. Returns
+  (on share, changed share, max |logit change| over rows not on it).
   """
   base_fn, fn = _forward_fn(base_config), _forward_fn(config)
   on_expert = changed = total = 0
   max_diff = 0.0
   new_id = languages.language_id(code)
   for batch in evaluator.batches:
-    tokens = jnp.asarray(batch["decoder_input_tokens"])
-    old_logits, _ = base_fn(base, tokens)
-    logits, routed = fn(params, tokens)
-    shape = tokens.shape
-    uses = (
-        np.zeros(shape, bool)
-        if expert_T is None
-        else np.asarray(
-            expert_gates.uses_expert(
-                routed, jnp.full((np.prod(shape),), expert_T, jnp.int32)
-            )
-        ).reshape(shape)
-    )
+    inputs_ = {
+        k: jnp.asarray(batch[k])
+        for k in (
+            "decoder_input_tokens",
+            "decoder_segment_ids",
+            "decoder_positions",
+        )
+    }
+    old_logits, _ = base_fn(base, inputs_)
+    logits, routed = fn(params, inputs_)
     valid = batch["decoder_loss_weights"] > 0
+    uses = np.zeros(valid.shape, bool)
+    if expert is not None:
+      expert_T = jnp.full((valid.size,), expert, jnp.int32)
+      uses = np.asarray(expert_gates.uses_expert(routed, expert_T)).reshape(
+          valid.shape
+      )
+    diff_BxL = np.abs(np.asarray(logits) - np.asarray(old_logits)).max(-1)
+    diff = np.where(valid, diff_BxL, 0.0).max(-1)
     old_row = (valid & (batch["decoder_language_ids"] != new_id)).any(-1)
     old_row &= ~(valid & (batch["decoder_language_ids"] == new_id)).any(-1)
-    diff = np.abs(np.asarray(logits) - np.asarray(old_logits)).max(
-        axis=(-1, -2)
-    )
     row_on = (uses & valid).any(-1)
     on_expert += int((old_row & row_on).sum())
     changed += int((old_row & (diff > 0)).sum())

@@ -26,6 +26,8 @@ from absl import flags
 from absl import logging
 import gin
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import method_runs  # pylint: disable=g-import-not-at-top
@@ -100,6 +102,25 @@ def _rows(
   return rows
 
 
+def _active_fraction(params, ffn_inputs, model_config) -> float:
+  """Mean share of hidden units with a positive activation per token."""
+  shares = []
+  for path, x_LxTxD in ffn_inputs.items():
+    mlp = params
+    for name in path:
+      mlp = mlp[name]
+    lead = np.shape(x_LxTxD)[:-2]
+    for i in np.ndindex(*lead):
+      experts = moefication.split_experts(
+          {k: np.asarray(v)[i] for k, v in mlp.items()}, 1
+      )
+      h = moefication.expert_hidden(
+          jnp.asarray(x_LxTxD[i]), experts, model_config.activation
+      )
+      shares.append(float(jnp.mean(h > 0)))
+  return float(np.mean(shares))
+
+
 @gin.configurable("run", module="moefy_script")
 def run(
     *,
@@ -141,15 +162,17 @@ def run(
     )
     logging.info("Clustered in %.1f s.", time.time() - start)
     permuted = evaluator.evaluate(model, moefied)["macro/loss"]
+    ffn_inputs = _router_inputs(
+        model, moefied, names, scheme, batch_size, length, router_batches
+    )
     routed = moefication_model.fit_routers(
         moefied,
-        _router_inputs(
-            model, moefied, names, scheme, batch_size, length, router_batches
-        ),
+        ffn_inputs,
         num_experts,
         activation=model_config.activation,
         score="positive",
     )
+    active = _active_fraction(moefied, ffn_inputs, model_config)
     rows = _rows(
         evaluator, model, params, moefied, routed, num_experts, top_ks, dense
     )
@@ -158,7 +181,8 @@ def run(
       f"experts of {model_config.d_ff // num_experts} units per dense "
       f"FFN; activation={model_config.activation}, gated="
       f"{model_config.gated_mlp}. Validation loss (nats/token, mean over "
-      f"languages); permuted dense model: {permuted:.4f}.\n\n"
+      f"languages); permuted dense model: {permuted:.4f}. Hidden units "
+      f"with h > 0 per token: {active:.1%} (mean over FFNs).\n\n"
   )
   text = header + method_runs.markdown_table(rows, COLUMNS) + "\n"
   print(text)

@@ -40,6 +40,7 @@ instead of recompiling.
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import os
 import sys
 import time
@@ -73,26 +74,42 @@ from tiered_routing.unlearning import expert_attribution
 from tiered_routing.unlearning import finetune_loop
 from tiered_routing.unlearning import report
 from tiered_routing.unlearning import runner
+from tiered_routing.unlearning import specs
 from tiered_routing.unlearning import streams
 from tiered_routing.unlearning import trace
+from tiered_routing.unlearning import training
 
 PRESETS = ("smoke", "sample", "mc4")
-FAST_CPU_XLA_FLAGS = ("--xla_backend_optimization_level=0 "
-                      "--xla_llvm_disable_expensive_passes=true")
+FAST_CPU_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true"
+)
 
-flags.DEFINE_enum("preset", None, PRESETS,
-                  "gin/experiments/tradeoff_<preset>.gin, read before any "
-                  "--gin_file.")
+flags.DEFINE_enum(
+    "preset",
+    None,
+    PRESETS,
+    "gin/experiments/tradeoff_<preset>.gin, read before any " "--gin_file.",
+)
 flags.DEFINE_string("output_dir", None, "Where results and checkpoints go.")
-flags.DEFINE_bool("cpu_fast_compile", True,
-                  f"On CPU and without XLA_FLAGS set, use {FAST_CPU_XLA_FLAGS}.")
-flags.DEFINE_string("jax_cache_dir", None,
-                    "JAX compilation cache; default output_dir/jax_cache; "
-                    "'' disables it.")
+flags.DEFINE_bool(
+    "cpu_fast_compile",
+    True,
+    f"On CPU and without XLA_FLAGS set, use {FAST_CPU_XLA_FLAGS}.",
+)
+flags.DEFINE_string(
+    "jax_cache_dir",
+    None,
+    "JAX compilation cache; default output_dir/jax_cache; " "'' disables it.",
+)
 FLAGS = flags.FLAGS
 
-for _cls in (runner.UnlearningConfig, finetune_loop.FinetuneConfig,
-             trace.TraceConfig, expert_attribution.AttributionConfig):
+for _cls in (
+    specs.UnlearningConfig,
+    finetune_loop.FinetuneConfig,
+    trace.TraceConfig,
+    expert_attribution.AttributionConfig,
+):
   gin.external_configurable(_cls, module="tradeoff_script")
 
 
@@ -112,9 +129,11 @@ class Sweep:
   only: Optional[tuple[str, ...]] = None
   model_overrides: Optional[dict[int, dict[str, Any]]] = None
   optimizer_config: optimizers.OptimizerConfig = optimizers.OptimizerConfig()
-  unlearning: runner.UnlearningConfig = runner.UnlearningConfig()
+  unlearning: specs.UnlearningConfig = specs.UnlearningConfig()
   mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()
   data_seed: int = 0
+  materialize_data: bool = True
+  max_validation_examples: Optional[int] = None
 
 
 @gin.configurable("sweep", module="tradeoff_script")
@@ -149,66 +168,91 @@ def configurations(sweep: Sweep) -> list[Configuration]:
         if n == 1 and sharing != "none":
           continue
         overrides = (sweep.model_overrides or {}).get(n, {})
-        config = dataclasses.replace(sweep.model_config, num_partitions=n,
-                                     sharing=sharing, **overrides)
+        config = dataclasses.replace(
+            sweep.model_config, num_partitions=n, sharing=sharing, **overrides
+        )
         out.append(Configuration(f"{scheme.name}_{sharing}", scheme, config))
   if sweep.only is not None:
     names = [c.name for c in out]
     unknown = [n for n in sweep.only if n not in names]
     if unknown:
-      raise ValueError(f"tradeoff.sweep.only names {unknown}, which the "
-                       f"sweep does not produce; it produces {names}.")
+      raise ValueError(
+          f"tradeoff.sweep.only names {unknown}, which the "
+          f"sweep does not produce; it produces {names}."
+      )
     out = [c for c in out if c.name in sweep.only]
   return out
 
 
-def _register_mixture(source: str, table_name: str, partition: int,
-                      codes: tuple[str, ...]) -> str:
+def _register_mixture(
+    source: str, table_name: str, partition: int, codes: tuple[str, ...]
+) -> str:
   """The retained languages of a partition, mixed like its original mixture."""
   name = naming.partition_name(source, table_name, partition)
   if name not in seqio.MixtureRegistry.names():
-    rate = functools.partial(seqio.mixing_rate_num_examples,
-                             temperature=mixtures.DEFAULT_TEMPERATURE)
+    rate = functools.partial(
+        seqio.mixing_rate_num_examples, temperature=mixtures.DEFAULT_TEMPERATURE
+    )
     seqio.MixtureRegistry.add(
-        name, [(naming.task_name(source, c), rate) for c in codes])
+        name, [(naming.task_name(source, c), rate) for c in codes]
+    )
   return name
 
 
-def data_spec(source: str, scheme: partitions.PartitionScheme
-              ) -> runner.DataSpec:
-  return runner.DataSpec(
-      partition_names=tuple(mixtures.partition_mixture_names(source,
-                                                             scheme)),
+def data_spec(
+    source: str, scheme: partitions.PartitionScheme
+) -> specs.DataSpec:
+  return specs.DataSpec(
+      partition_names=tuple(mixtures.partition_mixture_names(source, scheme)),
       task_name=functools.partial(naming.task_name, source),
-      mixture_name=functools.partial(_register_mixture, source))
+      mixture_name=functools.partial(_register_mixture, source),
+  )
 
 
 def _manifest(sweep_names: list[str]) -> dict[str, Any]:
-  return {"gin_config": gin.config_str(), "configurations": sweep_names,
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "jax_version": jax.__version__}
+  return {
+      "gin_config": gin.config_str(),
+      "configurations": sweep_names,
+      "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "jax_version": jax.__version__,
+  }
 
 
 def _result_path(output_dir: str, name: str) -> str:
   return os.path.join(output_dir, "runs", name, "result.json")
 
 
-def _save_result(output_dir: str, name: str,
-                 result: runner.ConfigurationResult, wall_s: float) -> None:
-  payload = {"rows": [r.to_row() for r in result.results],
-             "languages": result.languages, "wall_s": wall_s}
-  report.write_text(_result_path(output_dir, name),
-                    json.dumps(payload, indent=1) + "\n")
+def _save_result(
+    output_dir: str,
+    name: str,
+    result: runner.ConfigurationResult,
+    wall_s: float,
+) -> None:
+  payload = {
+      "rows": [r.to_row() for r in result.results],
+      "languages": result.languages,
+      "wall_s": wall_s,
+  }
+  report.write_text(
+      _result_path(output_dir, name), json.dumps(payload, indent=1) + "\n"
+  )
 
 
 def run_sweep(sweep: Sweep, output_dir: str) -> list[dict]:
   """Runs (or resumes) every configuration; returns their payloads."""
   configs = configurations(sweep)
   code = sweep.unlearning.forget_language
-  title = (f"Forgetting {languages.get(code).name} ({code}): "
-           f"{sweep.source} data")
+  title = (
+      f"Forgetting {languages.get(code).name} ({code}): " f"{sweep.source} data"
+  )
   mesh = partitioning.make_mesh(sweep.mesh_config)
-  cache = streams.DataCache(sweep.sequence_length, sweep.data_seed)
+  cache = streams.DataCache(
+      sweep.sequence_length,
+      sweep.data_seed,
+      materialize=sweep.materialize_data,
+      max_validation_examples=sweep.max_validation_examples,
+  )
   payloads = []
   for c in configs:
     path = _result_path(output_dir, c.name)
@@ -216,13 +260,23 @@ def run_sweep(sweep: Sweep, output_dir: str) -> list[dict]:
       logging.info("%s: done earlier, kept.", c.name)
     else:
       start = time.time()
-      spec = runner.TrainSpec(c.model_config, sweep.optimizer_config,
-                              sweep.train_config, sweep.batch_size,
-                              sweep.sequence_length)
+      spec = training.TrainSpec(
+          c.model_config,
+          sweep.optimizer_config,
+          sweep.train_config,
+          sweep.batch_size,
+          sweep.sequence_length,
+      )
       result = runner.run_configuration(
-          run=c.name, scheme=c.scheme, spec=spec,
-          data=data_spec(sweep.source, c.scheme), config=sweep.unlearning,
-          cache=cache, work_dir=os.path.dirname(path), mesh=mesh)
+          run=c.name,
+          scheme=c.scheme,
+          spec=spec,
+          data=data_spec(sweep.source, c.scheme),
+          config=sweep.unlearning,
+          cache=cache,
+          work_dir=os.path.dirname(path),
+          mesh=mesh,
+      )
       _save_result(output_dir, c.name, result, time.time() - start)
       logging.info("%s: done in %.0f s.", c.name, time.time() - start)
     with open(path, encoding="utf-8") as f:
@@ -232,10 +286,17 @@ def run_sweep(sweep: Sweep, output_dir: str) -> list[dict]:
 
 
 def _setup_jax(output_dir: str) -> None:
-  """XLA flags and compilation cache; before the backend starts."""
-  if FLAGS.cpu_fast_compile and "XLA_FLAGS" not in os.environ and (
-      os.environ.get("JAX_PLATFORMS", "cpu") == "cpu"):
-    os.environ["XLA_FLAGS"] = FAST_CPU_XLA_FLAGS
+  """XLA flags, RNG and compilation cache; before the backend starts.
+
+  On CPU (--cpu_fast_compile) XLA's expensive passes are off unless XLA_FLAGS
+  is set, and random bits come from the non-partitionable threefry, which
+  XLA:CPU compiles several times faster (initialising a model compiled for
+  ~25 s otherwise); both hold for every model of the sweep and are recorded
+  in sweep.json.
+  """
+  if FLAGS.cpu_fast_compile and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+    os.environ.setdefault("XLA_FLAGS", FAST_CPU_XLA_FLAGS)
+    jax.config.update("jax_threefry_partitionable", False)
   cache_dir = FLAGS.jax_cache_dir
   if cache_dir is None:
     cache_dir = os.path.join(output_dir, "jax_cache")
@@ -244,15 +305,28 @@ def _setup_jax(output_dir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _quiet_library_logs() -> None:
+  """Orbax and SeqIO log every checkpoint and dataset at INFO; keep their
+  warnings only, so the sweep's own progress stays readable."""
+
+  def keep(record):
+    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "seqio"))
+    return not noisy or record.levelno >= std_logging.WARNING
+
+  logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.output_dir:
     raise app.UsageError("--output_dir is required.")
-  files = ([f"gin/experiments/tradeoff_{FLAGS.preset}.gin"]
-           if FLAGS.preset else []) + list(FLAGS.gin_file)
+  files = (
+      [f"gin/experiments/tradeoff_{FLAGS.preset}.gin"] if FLAGS.preset else []
+  ) + list(FLAGS.gin_file)
   if not files:
     raise app.UsageError("Give --preset or --gin_file.")
+  _quiet_library_logs()
   output_dir = os.path.abspath(FLAGS.output_dir)
   os.makedirs(output_dir, exist_ok=True)
   with checkpoints.ModelDirLock(output_dir):
@@ -260,12 +334,16 @@ def main(argv):
     gin_flags.parse_gin(files, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     sweep = make_sweep()
     if report.check_or_write_manifest(
-        output_dir, _manifest([c.name for c in configurations(sweep)])):
+        output_dir, _manifest([c.name for c in configurations(sweep)])
+    ):
       logging.info("Resuming the sweep in %s.", output_dir)
     start = time.time()
     run_sweep(sweep, output_dir)
-    logging.info("Sweep finished in %.0f s; results in %s.",
-                 time.time() - start, output_dir)
+    logging.info(
+        "Sweep finished in %.0f s; results in %s.",
+        time.time() - start,
+        output_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,12 @@ def _fast_cpu_rng_compile():
     yield
 
 
-def _config(sharing, num_partitions, dispatch="reference", **kw):
+def _config(sharing, num_partitions, dispatch="sort_gather", **kw):
   kw.setdefault("moe_every", 1)
   kw.setdefault("num_layers", 2)
   kw.setdefault("num_experts", E)
+  # Capacity = all tokens of a group (factor E / K): nothing is dropped.
+  kw.setdefault("capacity_factor", kw["num_experts"] / 2)
   return transformer.DecoderConfig(
       vocab_size=V,
       d_model=16,

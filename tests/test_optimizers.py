@@ -96,13 +96,15 @@ def _partition0_updates(tx, params):
   big = dict(
       g, private=jax.tree.map(lambda x: x.at[1].multiply(1e4), g["private"])
   )
-  out = []
-  for second in (g, big):
+
+  @jax.jit
+  def two_updates(second):
     state = tx.init(params)
     _, state = tx.update(g, state, params)
     updates, _ = tx.update(second, state, params)
-    out.append(jax.tree.map(lambda u: u[0], updates["private"]))
-  return out
+    return jax.tree.map(lambda u: u[0], updates["private"])
+
+  return [two_updates(g), two_updates(big)]
 
 
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])

@@ -18,7 +18,7 @@ metrics.jsonl in MODEL_DIR/eval.
 import functools
 import json
 import os
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from absl import app
 from absl import flags
@@ -173,6 +173,29 @@ def _write_results(
   return path
 
 
+def evaluate(
+    model: transformer.TieredDecoder,
+    params: Any,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    mesh: jax.sharding.Mesh,
+    vocabulary: seqio.Vocabulary,
+) -> metrics.LanguageLossAccumulator:
+  """Loss sums (device) and detokenized bytes (host) per language."""
+  step_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
+  accumulator = metrics.LanguageLossAccumulator()
+  for batch in batches:
+    sums = jax.device_get(step_fn(params, trainer.to_global_batch(batch, mesh)))
+    num_bytes = bytes_per_language(batch, vocabulary)
+    for i in np.flatnonzero(sums["weight_sum_N"]):
+      accumulator.add(
+          languages.CODES[i],
+          sums["loss_sum_N"][i],
+          sums["weight_sum_N"][i],
+          num_bytes[i],
+      )
+  return accumulator
+
+
 @gin.configurable("evaluate", module="eval_script")
 def run(
     *,
@@ -202,28 +225,15 @@ def run(
     )
   names = gin_flags.mixture_names(mixture_or_task_name, p)
   length = gin_flags.task_feature_length(task_feature_lengths)
-  rows = batch_size // p
   mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig())
   model = transformer.TieredDecoder(model_config)
-  vocabulary = _tasks_of(names[0])[0].output_features["targets"].vocabulary
-  accumulator = metrics.LanguageLossAccumulator()
   with partitioning.with_sharding_rules(mesh):
     step, params = _restore_params(
-        model_dir, model, mesh, (p, rows, length), checkpoint_step
+        model_dir, model, mesh, (p, batch_size // p, length), checkpoint_step
     )
-    step_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
-    for batch in eval_batches(names, scheme, length, rows, split, pack):
-      sums = jax.device_get(
-          step_fn(params, trainer.to_global_batch(batch, mesh))
-      )
-      num_bytes = bytes_per_language(batch, vocabulary)
-      for i in np.flatnonzero(sums["weight_sum_N"]):
-        accumulator.add(
-            languages.CODES[i],
-            sums["loss_sum_N"][i],
-            sums["weight_sum_N"][i],
-            num_bytes[i],
-        )
+    batches = eval_batches(names, scheme, length, batch_size // p, split, pack)
+    vocabulary = _tasks_of(names[0])[0].output_features["targets"].vocabulary
+    accumulator = evaluate(model, params, batches, mesh, vocabulary)
   results = accumulator.results()
   path = _write_results(model_dir, split, step, results)
   logging.info(

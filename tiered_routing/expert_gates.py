@@ -11,9 +11,12 @@ for a new language, or removed, without retraining the others:
             Training it alone (`new_expert_selection` + `expert_params.freeze`)
             leaves every other parameter bit-identical, so a sequence of an
             old language that does not select the new expert in any layer
-            computes exactly what it computed before (with dropless dispatch;
-            a capacity dispatch can drop a token because another sequence now
-            competes for, or frees, an expert's capacity).
+            computes exactly what it computed before, provided no token is
+            dropped (a sequence moving to the new expert frees capacity and
+            can change another's drops): use a capacity of T (capacity
+            factor E / K) or the dropless 'ragged' dispatch. The 'reference'
+            loop is not bitwise stable across expert counts under the group
+            vmap (XLA sums it in an E-dependent order, ~1e-6 apart).
   remove    `remove_expert` deletes one expert per MoE layer; sequences that
             used it fall back to their next-best expert, the others are
             unchanged.

@@ -255,8 +255,8 @@ def train_step(
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   out = {**metrics["sums"], **metrics["means"]}
-  out["grad_norm"] = optax.global_norm(grads)
-  out["param_norm"] = optax.global_norm(params)
+  out["grad_norm"] = optax.tree.norm(grads)
+  out["param_norm"] = optax.tree.norm(params)
   finite = [jnp.isfinite(out["loss"]), jnp.isfinite(out["grad_norm"])]
   finite += [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]
   out["finite"] = jnp.all(jnp.stack(finite))

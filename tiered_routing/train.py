@@ -43,7 +43,10 @@ REQUIRED_MACROS = (
 )
 
 
-def _check_consistency(model_config, scheme, batch_size, train_config):
+def _validate(
+    model_config, scheme, batch_size, train_config, names, task_feature_lengths
+):
+  """Checks that the pieces fit; returns (mixture names, [P, B/P, L])."""
   p = model_config.num_partitions
   if scheme.num_partitions != p:
     raise ValueError(
@@ -53,13 +56,15 @@ def _check_consistency(model_config, scheme, batch_size, train_config):
     )
   if batch_size % p:
     raise ValueError(
-        f"BATCH_SIZE={batch_size} must be a multiple of " f"num_partitions={p}."
+        f"BATCH_SIZE={batch_size} must be a multiple of num_partitions={p}."
     )
   if (batch_size // p) % train_config.num_microbatches:
     raise ValueError(
         f"num_microbatches={train_config.num_microbatches} must divide the "
         f"per-partition batch BATCH_SIZE / P = {batch_size // p}."
     )
+  length = gin_flags.task_feature_length(task_feature_lengths)
+  return gin_flags.mixture_names(names, p), (p, batch_size // p, length)
 
 
 @gin.configurable("train", module="train_script")
@@ -77,7 +82,7 @@ def run(
     data_seed: int = 0,
     pack: bool = True,
 ) -> trainer.TrainState:
-  """Builds data, mesh and model from the arguments (gin) and trains.
+  """Builds data, mesh and model from the arguments (gin); returns the state.
 
   Args:
     model_dir: run directory (MODEL_DIR).
@@ -91,15 +96,15 @@ def run(
     mesh_config: mesh axis sizes (default: all devices on 'data').
     data_seed: shuffling and mixing seed (partition p uses data_seed + p).
     pack: pack several sequences per row.
-
-  Returns:
-    The final train state.
   """
-  optimizer_config = optimizer_config or optimizers.OptimizerConfig()
-  _check_consistency(model_config, scheme, batch_size, train_config)
-  p = model_config.num_partitions
-  names = gin_flags.mixture_names(mixture_or_task_name, p)
-  length = gin_flags.task_feature_length(task_feature_lengths)
+  names, batch_shape = _validate(
+      model_config,
+      scheme,
+      batch_size,
+      train_config,
+      mixture_or_task_name,
+      task_feature_lengths,
+  )
   # Lock before touching anything in model_dir (config.gin included).
   with checkpoints.ModelDirLock(model_dir):
     mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig())
@@ -107,26 +112,20 @@ def run(
         names,
         global_batch_size=batch_size,
         scheme=scheme,
-        sequence_length=length,
+        sequence_length=batch_shape[2],
         seed=data_seed,
         pack=pack,
     )
-    logging.info(
-        "Mesh %s; partitions %s; mixtures %s",
-        dict(mesh.shape),
-        scheme.partitions,
-        names,
-    )
-    config_text = gin_flags.write_config(model_dir)
+    logging.info("Mesh %s; mixtures %s", dict(mesh.shape), names)
     return trainer.train(
         model_dir=model_dir,
         model_config=model_config,
-        optimizer_config=optimizer_config,
+        optimizer_config=optimizer_config or optimizers.OptimizerConfig(),
         config=train_config,
         batches=lambda start: inputs.batch_iterator(dataset, start),
-        batch_shape=(p, batch_size // p, length),
+        batch_shape=batch_shape,
         mesh=mesh,
-        metadata={"gin_config": config_text},
+        metadata={"gin_config": gin_flags.write_config(model_dir)},
         lock_model_dir=False,
     )
 

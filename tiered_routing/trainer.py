@@ -127,34 +127,41 @@ def train(
     s = train_state.setup(
         model_config, optimizer_config, config.train_steps, mesh, batch_shape
     )
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
-    writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"))
-    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    try:
-      with partitioning.with_sharding_rules(mesh), checkpoints.Checkpointer(
-          ckpt_dir,
-          save_interval_steps=config.save_every_steps,
-          max_to_keep=config.keep_checkpoints,
-          async_save=config.async_checkpointing,
-      ) as ckpt:
-        state = _restore_or_init(ckpt, s, init_rng, batch_shape)
-        log = metrics_writer.TrainMetricsLog(
-            writer, s.schedule, config.train_steps, ckpt_dir
-        )
-        return _loop(
-            state,
-            s,
-            ckpt,
-            log,
-            batches,
-            batch_shape,
-            mesh,
-            config,
-            step_rng,
-            dict(metadata or {}),
-        )
-    finally:
-      writer.close()
+    return _train_locked(
+        model_dir, s, config, batches, batch_shape, mesh, dict(metadata or {})
+    )
+
+
+def _train_locked(model_dir, s, config, batches, batch_shape, mesh, metadata):
+  """Opens metrics and checkpoints, restores or initializes, and loops."""
+  ckpt_dir = os.path.join(model_dir, "checkpoints")
+  writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"))
+  init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+  try:
+    with partitioning.with_sharding_rules(mesh), checkpoints.Checkpointer(
+        ckpt_dir,
+        save_interval_steps=config.save_every_steps,
+        max_to_keep=config.keep_checkpoints,
+        async_save=config.async_checkpointing,
+    ) as ckpt:
+      state = _restore_or_init(ckpt, s, init_rng, batch_shape)
+      log = metrics_writer.TrainMetricsLog(
+          writer, s.schedule, config.train_steps, ckpt_dir
+      )
+      return _loop(
+          state,
+          s,
+          ckpt,
+          log,
+          batches,
+          batch_shape,
+          mesh,
+          config,
+          step_rng,
+          metadata,
+      )
+  finally:
+    writer.close()
 
 
 def _loop(

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import optax
 
@@ -42,7 +43,7 @@ from tiered_routing import optimizers
 from tiered_routing.model import transformer
 from tiered_routing.unlearning import objectives
 from tiered_routing.unlearning import token_routing
-from tiered_routing.unlearning import trace
+from tiered_routing.unlearning import trace as trace_lib
 
 METHODS = ("ga", "graddiff", "npo", "trace")
 # Order of the entries of the coefficient vector.
@@ -67,17 +68,19 @@ class FinetuneConfig:
   rows_per_batch: int = 4
   graddiff_retain_coeff: float = 1.0
   npo_beta: float = 0.1
-  trace: trace.TraceConfig = trace.TraceConfig()
+  trace: trace_lib.TraceConfig = trace_lib.TraceConfig()
 
   def __post_init__(self):
     for name in ("steps", "rows_per_batch"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"FinetuneConfig.{name}={value!r} must be an int "
-                         ">= 1.")
+        raise ValueError(
+            f"FinetuneConfig.{name}={value!r} must be an int " ">= 1."
+        )
     if not self.learning_rate > 0:
-      raise ValueError(f"FinetuneConfig.learning_rate={self.learning_rate!r}"
-                       " must be > 0.")
+      raise ValueError(
+          f"FinetuneConfig.learning_rate={self.learning_rate!r}" " must be > 0."
+      )
     self.objective_config("graddiff")  # Validates the coefficients.
     self.objective_config("npo")
 
@@ -88,8 +91,9 @@ class FinetuneConfig:
     if method not in METHODS:
       raise ValueError(f"Unknown method {method!r}; allowed: {METHODS}.")
     retain = self.graddiff_retain_coeff if method == "graddiff" else None
-    return objectives.ObjectiveConfig(method, retain_coeff=retain,
-                                      npo_beta=self.npo_beta)
+    return objectives.ObjectiveConfig(
+        method, retain_coeff=retain, npo_beta=self.npo_beta
+    )
 
   def coefficients(self, method: str) -> np.ndarray:
     """float32 [5]: (c_ga, c_npo, c_retain, use_trace, npo_beta)."""
@@ -105,25 +109,40 @@ class FinetuneConfig:
 def _forward(model, params, batch):
   """Logits and routing of one [P, R, L] batch (deterministic)."""
   logits, routing, _ = token_routing.apply_with_routing(
-      model, {"params": params}, batch["decoder_input_tokens"],
+      model,
+      {"params": params},
+      batch["decoder_input_tokens"],
       segment_ids_PxBxL=batch.get("decoder_segment_ids"),
-      positions_PxBxL=batch.get("decoder_positions"), deterministic=True)
+      positions_PxBxL=batch.get("decoder_positions"),
+      deterministic=True,
+  )
   return logits, routing
 
 
 def _token_log_probs(logits, batch) -> objectives.TokenLogProbs:
   """Per-token log-likelihoods with rows flattened to [P*R, L]."""
-  logp = objectives.token_log_likelihood(logits,
-                                         batch["decoder_target_tokens"])
+  logp = objectives.token_log_likelihood(logits, batch["decoder_target_tokens"])
   flat = lambda x: x.reshape(-1, x.shape[-1])
   segments = batch.get("decoder_segment_ids")
   return objectives.TokenLogProbs(
-      flat(logp), flat(batch["decoder_loss_weights"].astype(jnp.float32)),
-      None if segments is None else flat(segments))
+      flat(logp),
+      flat(batch["decoder_loss_weights"].astype(jnp.float32)),
+      None if segments is None else flat(segments),
+  )
 
 
-def combined_loss(params, ref_params, forget, retain, critical_LxPxE, coeffs,
-                  *, model, w_min, w_max):
+def combined_loss(
+    params,
+    ref_params,
+    forget,
+    retain,
+    critical_LxPxE,
+    coeffs,
+    *,
+    model,
+    w_min,
+    w_max,
+):
   """The objective of the module docstring and its metrics."""
   logits_f, routing_f = _forward(model, params, forget)
   logits_r, routing_r = _forward(model, params, retain)
@@ -131,39 +150,46 @@ def combined_loss(params, ref_params, forget, retain, critical_LxPxE, coeffs,
   r = _token_log_probs(logits_r, retain)
   ref_logp = jax.lax.cond(
       coeffs[_NPO] > 0,
-      lambda: _token_log_probs(_forward(model, ref_params, forget)[0],
-                               forget).logp,
-      lambda: jnp.zeros_like(f.logp))
+      lambda: _token_log_probs(
+          _forward(model, ref_params, forget)[0], forget
+      ).logp,
+      lambda: jnp.zeros_like(f.logp),
+  )
   ga_loss, _ = objectives.gradient_ascent(f)
   npo_loss, npo_metrics = objectives.npo(f, ref_logp, coeffs[_BETA])
-  pids = token_routing.token_partition_ids(forget["decoder_input_tokens"]
-                                           .shape)
-  f_hits = trace.critical_hits(routing_f, critical_LxPxE, pids)
-  f_freq = trace.activation_frequency(f_hits, f.weights.reshape(-1) > 0)
-  r_hits = trace.critical_hits(routing_r, critical_LxPxE, pids)
-  trace_w, trace_metrics = trace.retain_token_weights(
-      r_hits, r.weights.reshape(-1) > 0, f_freq, w_min, w_max)
-  trace_w = jnp.where(coeffs[_TRACE] > 0, trace_w.reshape(r.weights.shape),
-                      1.0)
+  pids = token_routing.token_partition_ids(forget["decoder_input_tokens"].shape)
+  f_hits = trace_lib.critical_hits(routing_f, critical_LxPxE, pids)
+  f_freq = trace_lib.activation_frequency(f_hits, f.weights.reshape(-1) > 0)
+  r_hits = trace_lib.critical_hits(routing_r, critical_LxPxE, pids)
+  trace_w, trace_metrics = trace_lib.retain_token_weights(
+      r_hits, r.weights.reshape(-1) > 0, f_freq, w_min, w_max
+  )
+  trace_w = jnp.where(coeffs[_TRACE] > 0, trace_w.reshape(r.weights.shape), 1.0)
   retain_nll = objectives.mean_nll(r.logp, r.weights * trace_w)
-  loss = (coeffs[_GA] * ga_loss + coeffs[_NPO] * npo_loss
-          + coeffs[_RETAIN] * retain_nll)
-  metrics = {"loss": loss, "forget_nll": objectives.mean_nll(f.logp,
-                                                             f.weights),
-             "retain_nll": objectives.mean_nll(r.logp, r.weights),
-             "npo_weight": npo_metrics["npo_weight"], **trace_metrics}
+  loss = (
+      coeffs[_GA] * ga_loss
+      + coeffs[_NPO] * npo_loss
+      + coeffs[_RETAIN] * retain_nll
+  )
+  metrics = {
+      "loss": loss,
+      "forget_nll": objectives.mean_nll(f.logp, f.weights),
+      "retain_nll": objectives.mean_nll(r.logp, r.weights),
+      "npo_weight": npo_metrics["npo_weight"],
+      **trace_metrics,
+  }
   return loss, metrics
 
 
 def _boxed_params(model: transformer.TieredDecoder) -> Any:
   """Abstract boxed parameters (their logical axes); nothing allocated."""
   tokens = jnp.zeros((model.config.num_partitions, 1, 2), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))[
-      "params"]
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
 
 
-def update_mask(model: transformer.TieredDecoder, params: Any,
-                partition: int) -> Any:
+def update_mask(
+    model: transformer.TieredDecoder, params: Any, partition: int
+) -> Any:
   """1 for parameters a partition's update may change, 0 elsewhere.
 
   Shared parameters get a scalar 1; partition-private ones (leading logical
@@ -182,55 +208,124 @@ def update_mask(model: transformer.TieredDecoder, params: Any,
   return jax.tree.map(leaf_mask, private, params)
 
 
-def _step(params, opt_state, ref_params, forget, retain, critical_LxPxE,
-          coeffs, mask, *, model, tx, w_min, w_max):
-  grad_fn = jax.grad(functools.partial(combined_loss, model=model,
-                                       w_min=w_min, w_max=w_max),
-                     has_aux=True)
-  grads, metrics = grad_fn(params, ref_params, forget, retain,
-                           critical_LxPxE, coeffs)
+def _step(
+    params,
+    opt_state,
+    ref_params,
+    forget,
+    retain,
+    critical_LxPxE,
+    coeffs,
+    mask,
+    *,
+    model,
+    tx,
+    w_min,
+    w_max,
+):
+  grad_fn = jax.grad(
+      functools.partial(combined_loss, model=model, w_min=w_min, w_max=w_max),
+      has_aux=True,
+  )
+  grads, metrics = grad_fn(
+      params, ref_params, forget, retain, critical_LxPxE, coeffs
+  )
   grads = jax.tree.map(lambda g, m: g * m, grads, mask)
   updates, opt_state = tx.update(grads, opt_state, params)
   updates = jax.tree.map(lambda u, m: u * m, updates, mask)
   return optax.apply_updates(params, updates), opt_state, metrics
 
 
+def _replicated_like(sharding):
+  """A replicated sharding on the same devices (for scalar outputs)."""
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec())
+  return sharding
+
+
 @dataclasses.dataclass(frozen=True)
 class Finetuner:
-  """A jitted unlearning step and its optimizer for one model config."""
+  """The optimizer and step of one model config; `step` jits on demand.
+
+  Attributes:
+    model: the decoder.
+    tx: its unlearning optimizer.
+    init: jitted `tx.init`.
+    step_fn: the un-jitted step (`_step` with the model bound).
+  """
 
   model: transformer.TieredDecoder
   tx: optax.GradientTransformation
-  step: Any
   init: Any
+  step_fn: Any
+  _compiled: dict = dataclasses.field(default_factory=dict)
+
+  def step(self, params: Any, opt_state: Any):
+    """The jitted step, keeping `params` and `opt_state` where they are.
+
+    Without fixed output shardings the first step's outputs could be laid
+    out differently from its inputs and the second step would compile again
+    (on a CPU, for as long as the first).
+    """
+    shardings = (
+        jax.tree.map(lambda x: x.sharding, params),
+        jax.tree.map(lambda x: x.sharding, opt_state),
+    )
+    key = (jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
+    if key not in self._compiled:
+      scalar = _replicated_like(jax.tree.leaves(shardings)[0])
+      self._compiled[key] = jax.jit(
+          self.step_fn,
+          out_shardings=(*shardings, scalar),
+          donate_argnums=(0, 1),
+      )
+    return self._compiled[key]
 
 
 @functools.lru_cache(maxsize=None)
-def make_finetuner(model_config: transformer.DecoderConfig,
-                   optimizer_config: optimizers.OptimizerConfig,
-                   config: FinetuneConfig) -> Finetuner:
-  """Builds (once per argument tuple) the optimizer and jitted step.
+def make_finetuner(
+    model_config: transformer.DecoderConfig,
+    optimizer_config: optimizers.OptimizerConfig,
+    config: FinetuneConfig,
+) -> Finetuner:
+  """Builds (once per argument tuple) the optimizer and step.
 
   The optimizer is the training optimizer's family and settings
   (`optimizer_config`: AdamW or Adafactor, clipping, partition-wise for
   private parameters) with a constant `config.learning_rate`.
   """
   model = transformer.TieredDecoder(model_config)
-  opt = dataclasses.replace(optimizer_config,
-                            learning_rate=config.learning_rate,
-                            schedule="constant", warmup_steps=0,
-                            decay_steps=None, weight_decay=0.0)
+  opt = dataclasses.replace(
+      optimizer_config,
+      learning_rate=config.learning_rate,
+      schedule="constant",
+      warmup_steps=0,
+      decay_steps=None,
+      weight_decay=0.0,
+  )
   tx = optimizers.make_optimizer(
-      opt, config.steps, optimizers.partitioned_mask(_boxed_params(model)))
-  step = jax.jit(functools.partial(
-      _step, model=model, tx=tx, w_min=config.trace.w_min,
-      w_max=config.trace.w_max), donate_argnums=(0, 1))
-  return Finetuner(model, tx, step, jax.jit(tx.init))
+      opt, config.steps, optimizers.partitioned_mask(_boxed_params(model))
+  )
+  step_fn = functools.partial(
+      _step,
+      model=model,
+      tx=tx,
+      w_min=config.trace.w_min,
+      w_max=config.trace.w_max,
+  )
+  return Finetuner(model, tx, jax.jit(tx.init), step_fn)
 
 
-def finetune(finetuner: Finetuner, params: Any, forget_batches,
-             retain_batches, coeffs: np.ndarray, critical_LxPxE: np.ndarray,
-             mask: Any, to_device=lambda b: b) -> tuple[Any, dict]:
+def finetune(
+    finetuner: Finetuner,
+    params: Any,
+    forget_batches,
+    retain_batches,
+    coeffs: np.ndarray,
+    critical_LxPxE: np.ndarray,
+    mask: Any,
+    to_device=lambda b: b,
+) -> tuple[Any, dict]:
   """Runs the unlearning loop over N forget / retain batches.
 
   Args:
@@ -248,20 +343,27 @@ def finetune(finetuner: Finetuner, params: Any, forget_batches,
   """
   num_steps = len(forget_batches["decoder_input_tokens"])
   if len(retain_batches["decoder_input_tokens"]) != num_steps:
-    raise ValueError("forget_batches and retain_batches must hold the same "
-                     "number of batches.")
+    raise ValueError(
+        "forget_batches and retain_batches must hold the same "
+        "number of batches."
+    )
   new = jax.tree.map(jnp.copy, params)
-  opt_state = finetuner.init(new)
+  # Committed, like the step's outputs: an uncommitted first state would
+  # make the second step compile again.
+  opt_state = jax.tree.map(
+      lambda x: jax.device_put(x, x.sharding), finetuner.init(new)
+  )
   critical = jnp.asarray(critical_LxPxE, bool)
   coeffs = jnp.asarray(coeffs, jnp.float32)
   history = []
   for i in range(num_steps):
     forget = to_device({k: v[i] for k, v in forget_batches.items()})
     retain = to_device({k: v[i] for k, v in retain_batches.items()})
-    new, opt_state, metrics = finetuner.step(
-        new, opt_state, params, forget, retain, critical, coeffs, mask)
+    new, opt_state, metrics = finetuner.step(new, opt_state)(
+        new, opt_state, params, forget, retain, critical, coeffs, mask
+    )
     history.append(metrics)
   history = jax.device_get(history)
-  return new, {k: np.array([h[k] for h in history], np.float64)
-               for k in history[0]}
-
+  return new, {
+      k: np.array([h[k] for h in history], np.float64) for k in history[0]
+  }

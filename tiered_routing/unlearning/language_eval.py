@@ -62,7 +62,7 @@ class EvalResult:
 
 def partition_params(params: Any, partition: int) -> Any:
   """Partition p of strict-partition params as a one-partition model's."""
-  return jax.tree.map(lambda x: x[partition:partition + 1], params)
+  return jax.tree.map(lambda x: x[partition : partition + 1], params)
 
 
 def with_partition_params(params: Any, partition: int, sub: Any) -> Any:
@@ -71,38 +71,51 @@ def with_partition_params(params: Any, partition: int, sub: Any) -> Any:
 
 
 def one_partition_config(
-    config: transformer.DecoderConfig) -> transformer.DecoderConfig:
+    config: transformer.DecoderConfig,
+) -> transformer.DecoderConfig:
   return dataclasses.replace(config, num_partitions=1)
 
 
 def _eval_step(params, batch, expert_mask_MxPxE, *, model):
   """Per-language loss sums and every token's routing of one batch."""
   logits, routing, _ = token_routing.apply_with_routing(
-      model, {"params": params}, batch["decoder_input_tokens"],
+      model,
+      {"params": params},
+      batch["decoder_input_tokens"],
       segment_ids_PxBxL=batch.get("decoder_segment_ids"),
       positions_PxBxL=batch.get("decoder_positions"),
-      expert_mask_MxPxE=expert_mask_MxPxE, deterministic=True)
+      expert_mask_MxPxE=expert_mask_MxPxE,
+      deterministic=True,
+  )
   weights = batch["decoder_loss_weights"].astype(jnp.float32)
-  _, _, ce = losses.cross_entropy_loss(logits, batch["decoder_target_tokens"],
-                                       weights)
+  _, _, ce = losses.cross_entropy_loss(
+      logits, batch["decoder_target_tokens"], weights
+  )
   loss_sum, weight_sum = trainer.per_language_sums(
-      ce, weights, batch["decoder_language_ids"])
-  return {"loss_sum_N": loss_sum, "weight_sum_N": weight_sum,
-          "expert_index_LxTxK": routing.expert_index_LxTxK,
-          "combine_weights_LxTxK": routing.combine_weights_LxTxK}
+      ce, weights, batch["decoder_language_ids"]
+  )
+  return {
+      "loss_sum_N": loss_sum,
+      "weight_sum_N": weight_sum,
+      "expert_index_LxTxK": routing.expert_index_LxTxK,
+      "combine_weights_LxTxK": routing.combine_weights_LxTxK,
+  }
 
 
 @functools.lru_cache(maxsize=None)
 def eval_fn(config: transformer.DecoderConfig):
   """The jitted `_eval_step` of one model config (built once)."""
-  return jax.jit(functools.partial(
-      _eval_step, model=transformer.TieredDecoder(config)))
+  return jax.jit(
+      functools.partial(_eval_step, model=transformer.TieredDecoder(config))
+  )
 
 
 def check_moe(config: transformer.DecoderConfig) -> None:
   if not config.num_experts:
-    raise ValueError("Unlearning by experts needs a MoE model; got "
-                     f"num_experts={config.num_experts}.")
+    raise ValueError(
+        "Unlearning by experts needs a MoE model; got "
+        f"num_experts={config.num_experts}."
+    )
 
 
 class LanguageEvaluator:
@@ -120,45 +133,71 @@ class LanguageEvaluator:
       mesh).
   """
 
-  def __init__(self, config: transformer.DecoderConfig,
-               scheme: partitions.PartitionScheme,
-               validation: Mapping[str, streams.Rows], vocabulary,
-               rows_per_batch: int, to_device=lambda b: b):
+  def __init__(
+      self,
+      config: transformer.DecoderConfig,
+      scheme: partitions.PartitionScheme,
+      validation: Mapping[str, streams.Rows],
+      vocabulary,
+      rows_per_batch: int,
+      to_device=lambda b: b,
+  ):
     check_moe(config)
     if scheme.num_partitions != config.num_partitions:
-      raise ValueError(f"Scheme {scheme.name!r} has {scheme.num_partitions} "
-                       f"partitions, the model {config.num_partitions}.")
+      raise ValueError(
+          f"Scheme {scheme.name!r} has {scheme.num_partitions} "
+          f"partitions, the model {config.num_partitions}."
+      )
     missing = [c for c in languages.CODES if c not in validation]
     if missing:
       raise ValueError(f"No validation rows for languages {missing}.")
     self.config, self.scheme = config, scheme
     self.strict = config.sharing == "none"
     self._to_device = to_device
-    self.num_bytes = {c: int(eval_lib.bytes_per_language(
-        validation[c], vocabulary)[languages.language_id(c)])
-                      for c in languages.CODES}
+    self.num_bytes = {
+        c: int(
+            eval_lib.bytes_per_language(validation[c], vocabulary)[
+                languages.language_id(c)
+            ]
+        )
+        for c in languages.CODES
+    }
     self._chunks = [
-        streams.chunk_rows({k: np.concatenate([validation[c][k] for c in
-                                               codes]) for k in
-                            validation[codes[0]]}, rows_per_batch)
-        for codes in scheme.partitions]
+        streams.chunk_rows(
+            {
+                k: np.concatenate([validation[c][k] for c in codes])
+                for k in validation[codes[0]]
+            },
+            rows_per_batch,
+        )
+        for codes in scheme.partitions
+    ]
 
   @property
   def num_global_experts(self) -> int:
     return self.config.num_partitions * self.config.num_experts
 
   def new_counts(self) -> routing_stats.RoutingCounts:
-    return routing_stats.RoutingCounts(len(self.config.moe_layers),
-                                       self.num_global_experts)
+    return routing_stats.RoutingCounts(
+        len(self.config.moe_layers), self.num_global_experts
+    )
 
   def _full_batches(self):
     for b in range(max(len(c) for c in self._chunks)):
-      blocks = [c[b] if b < len(c) else streams.zeros_like(c[0])
-                for c in self._chunks]
+      blocks = [
+          c[b] if b < len(c) else streams.zeros_like(c[0]) for c in self._chunks
+      ]
       yield streams.stack(blocks, axis=0)
 
-  def run(self, params: Any, batches, expert_mask_MxPxE=None,
-          partition: Optional[int] = None, sums=None, counts=None):
+  def run(
+      self,
+      params: Any,
+      batches,
+      expert_mask_MxPxE=None,
+      partition: Optional[int] = None,
+      sums=None,
+      counts=None,
+  ):
     """Adds the loss sums and routing of `batches` to `sums` / `counts`.
 
     Args:
@@ -177,13 +216,18 @@ class LanguageEvaluator:
     cfg, e = self.config, self.config.num_experts
     sums = {} if sums is None else sums
     counts = self.new_counts() if counts is None else counts
-    mask = (np.ones((len(cfg.moe_layers), cfg.num_partitions,
-                     cfg.experts_per_layer), bool)
-            if expert_mask_MxPxE is None else np.asarray(expert_mask_MxPxE))
+    mask = (
+        np.ones(
+            (len(cfg.moe_layers), cfg.num_partitions, cfg.experts_per_layer),
+            bool,
+        )
+        if expert_mask_MxPxE is None
+        else np.asarray(expert_mask_MxPxE)
+    )
     fn = eval_fn(cfg)
     if partition is not None:
       params = partition_params(params, partition)
-      mask = mask[:, partition:partition + 1]
+      mask = mask[:, partition : partition + 1]
       fn = eval_fn(one_partition_config(cfg))
     mask = jnp.asarray(mask)
     for batch in batches:
@@ -197,34 +241,53 @@ class LanguageEvaluator:
       if partition is not None:
         offset = partition * e
       elif cfg.sharing == "attention":
-        offset = np.asarray(token_routing.token_partition_ids(
-            batch["decoder_input_tokens"].shape))[:, None] * e
+        offset = (
+            np.asarray(
+                token_routing.token_partition_ids(
+                    batch["decoder_input_tokens"].shape
+                )
+            )[:, None]
+            * e
+        )
       else:
         offset = 0
       for layer in range(out["expert_index_LxTxK"].shape[0]):
-        counts.add(layer, out["expert_index_LxTxK"][layer] + offset,
-                   out["combine_weights_LxTxK"][layer], lang, valid)
+        counts.add(
+            layer,
+            out["expert_index_LxTxK"][layer] + offset,
+            out["combine_weights_LxTxK"][layer],
+            lang,
+            valid,
+        )
     return sums, counts
 
-  def evaluate(self, params: Any, expert_mask_MxPxE=None,
-               partitions_to_score: Optional[Sequence[int]] = None
-               ) -> EvalResult:
+  def evaluate(
+      self,
+      params: Any,
+      expert_mask_MxPxE=None,
+      partitions_to_score: Optional[Sequence[int]] = None,
+  ) -> EvalResult:
     """Scores every language (or, for strict partitions, those of some
     partitions only) on its whole validation split."""
     if partitions_to_score is not None and not self.strict:
-      raise ValueError("partitions_to_score needs sharing 'none'; with "
-                       f"sharing {self.config.sharing!r} every language "
-                       "depends on the shared parameters.")
+      raise ValueError(
+          "partitions_to_score needs sharing 'none'; with "
+          f"sharing {self.config.sharing!r} every language "
+          "depends on the shared parameters."
+      )
     sums, counts = {}, self.new_counts()
     if self.strict:
-      for q in (range(self.config.num_partitions)
-                if partitions_to_score is None else partitions_to_score):
-        batches = ({k: v[None] for k, v in b.items()}
-                   for b in self._chunks[q])
+      for q in (
+          range(self.config.num_partitions)
+          if partitions_to_score is None
+          else partitions_to_score
+      ):
+        batches = ({k: v[None] for k, v in b.items()} for b in self._chunks[q])
         self.run(params, batches, expert_mask_MxPxE, q, sums, counts)
     else:
-      self.run(params, self._full_batches(), expert_mask_MxPxE, None, sums,
-               counts)
+      self.run(
+          params, self._full_batches(), expert_mask_MxPxE, None, sums, counts
+      )
     return EvalResult(self._results(sums), counts)
 
   def _results(self, sums) -> LanguageResults:
@@ -234,6 +297,45 @@ class LanguageEvaluator:
         continue
       nll, tokens = sums[code]
       stats = lm_metrics.LossStats(nll, tokens, self.num_bytes[code])
-      out[code] = {"loss": stats.loss, "bpb": stats.bits_per_byte,
-                   "tokens": tokens, "bytes": float(self.num_bytes[code])}
+      out[code] = {
+          "loss": stats.loss,
+          "bpb": stats.bits_per_byte,
+          "tokens": tokens,
+          "bytes": float(self.num_bytes[code]),
+      }
     return out
+
+
+def compartmentalization(
+    counts: routing_stats.RoutingCounts, code: str, m: int
+) -> dict[str, float]:
+  """How concentrated a language is in experts, averaged over MoE layers.
+
+  Args:
+    counts: routing counts with global expert ids (`EvalResult.routing`).
+    code: the language (e.g. the one to forget).
+    m: experts counted by the top-m mass.
+
+  Returns:
+    comp_top_m (m), comp_top_m_mass (share of its routing in its m most used
+    experts), comp_entropy (normalized entropy over all the model's experts),
+    comp_specificity_bits (its KL term of I(L; E)) and comp_mi_bits (I(L; E)
+    over all languages, uniform language prior).
+  """
+  layers = range(counts.shape[1])
+  per_layer = [
+      routing_stats.compartmentalization(counts.usage(l), code, m)
+      for l in layers
+  ]
+  mi = [
+      routing_stats.mutual_information(counts.usage(l), "uniform")
+      for l in layers
+  ]
+  mean = lambda name: float(np.mean([getattr(c, name) for c in per_layer]))
+  return {
+      "comp_top_m": m,
+      "comp_top_m_mass": mean("top_m_coverage"),
+      "comp_entropy": mean("normalized_entropy"),
+      "comp_specificity_bits": mean("specificity_bits"),
+      "comp_mi_bits": float(np.mean(mi)),
+  }

@@ -1,0 +1,468 @@
+"""Tests for the unlearning runner, its loop, evaluator and data cache.
+
+One small strict-partition configuration (family2_none: ur in partition 1
+with seven other languages) is trained once for the module and unlearned with
+every method; the tests read its results and checkpoints.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import seqio
+
+import tasks  # pylint: disable=unused-import  (registers the sample tasks)
+from tasks import mixtures
+from tasks import naming
+from tiered_routing import inputs
+from tiered_routing import languages
+from tiered_routing import optimizers
+from tiered_routing import partitioning
+from tiered_routing import partitions
+from tiered_routing import trainer
+from tiered_routing.model import transformer
+from tiered_routing.unlearning import finetune_loop
+from tiered_routing.unlearning import language_eval
+from tiered_routing.unlearning import objectives
+from tiered_routing.unlearning import methods
+from tiered_routing.unlearning import runner
+from tiered_routing.unlearning import specs
+from tiered_routing.unlearning import streams
+from tiered_routing.unlearning import token_routing
+from tiered_routing.unlearning import trace
+from tiered_routing.unlearning import training
+
+SCHEME = partitions.family(2)
+FORGET = "ur"
+ROWS, LENGTH, STEPS = 4, 32, 40
+# Stated bound: GradDiff and TRACE keep the retained languages' mean
+# validation loss within this many nats of the original's.
+RETAIN_BOUND = 0.05
+
+
+def _register(table_name, partition, codes):
+  """A mixture of the given languages (what the script registers)."""
+  name = naming.partition_name("sample", table_name, partition)
+  if name not in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.add(
+        name, [(naming.task_name("sample", c), 1.0) for c in codes]
+    )
+  return name
+
+
+DATA = specs.DataSpec(
+    partition_names=tuple(mixtures.partition_mixture_names("sample", SCHEME)),
+    task_name=functools.partial(naming.task_name, "sample"),
+    mixture_name=_register,
+)
+
+
+def _spec(sharing="none"):
+  config = transformer.DecoderConfig(
+      vocab_size=4096,
+      d_model=32,
+      num_heads=2,
+      head_dim=16,
+      num_layers=2,
+      d_ff=64,
+      moe_every=2,
+      num_experts=4,
+      expert_d_ff=32,
+      top_k=2,
+      group_size=64,
+      num_partitions=2,
+      sharing=sharing,
+  )
+  return training.TrainSpec(
+      config,
+      optimizers.OptimizerConfig(learning_rate=1e-2, warmup_steps=5),
+      trainer.TrainConfig(
+          train_steps=STEPS,
+          save_every_steps=STEPS,
+          log_every_steps=STEPS,
+          async_checkpointing=False,
+      ),
+      batch_size=2 * ROWS,
+      sequence_length=LENGTH,
+  )
+
+
+UNLEARN = specs.UnlearningConfig(
+    forget_language=FORGET,
+    finetune=finetune_loop.FinetuneConfig(
+        steps=5, learning_rate=1e-3, rows_per_batch=2
+    ),
+    attribution_batches=2,
+)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return partitioning.make_mesh(
+      partitioning.MeshConfig(data=1), devices=jax.devices()[:1]
+  )
+
+
+@pytest.fixture(scope="module")
+def cache():
+  return streams.DataCache(LENGTH, seed=0)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """A JAX compilation cache, so each retraining reuses the train step."""
+  old = (
+      jax.config.jax_compilation_cache_dir,
+      jax.config.jax_persistent_cache_min_compile_time_secs,
+  )
+  jax.config.update(
+      "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
+  )
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def outcome(tmp_path_factory, mesh, cache, compile_cache):
+  del compile_cache
+  work_dir = str(tmp_path_factory.mktemp("family2_none"))
+  result = runner.run_configuration(
+      run="family2_none",
+      scheme=SCHEME,
+      spec=_spec(),
+      data=DATA,
+      config=UNLEARN,
+      cache=cache,
+      work_dir=work_dir,
+      mesh=mesh,
+  )
+  return work_dir, {r.method: r.to_row() for r in result.results}, result
+
+
+def test_every_method_raises_the_forget_loss(outcome):
+  _, rows, _ = outcome
+  assert list(rows) == [
+      "exact_retrain",
+      "mask",
+      "ga",
+      "graddiff",
+      "npo",
+      "trace",
+  ]
+  for method, row in rows.items():
+    assert row["forget_loss_delta"] > 0, (method, row)
+  # The reference closes the whole gap by definition; the rest partly.
+  assert rows["exact_retrain"]["forget_gap_closed"] == pytest.approx(1.0)
+  for method in ("ga", "graddiff", "npo", "trace"):
+    assert rows[method]["forget_gap_closed"] > 0
+
+
+def test_graddiff_and_trace_keep_retain_loss_within_bound(outcome):
+  _, rows, _ = outcome
+  for method in ("graddiff", "trace"):
+    assert abs(rows[method]["retain_loss_delta"]) < RETAIN_BOUND, rows[method]
+    assert abs(rows[method]["family_loss_delta"]) < 2 * RETAIN_BOUND
+
+
+def test_strict_methods_touch_only_the_forget_partition(outcome):
+  _, rows, result = outcome
+  other = [c for c in SCHEME.partitions[0]]
+  for method, langs in result.languages.items():
+    for code in other:
+      assert langs[code] == result.languages["original"][code], method
+  assert rows["exact_retrain"]["other_partitions_identical"] is True
+  # Cost of the exact retrain: one partition's steps and tokens only.
+  assert rows["exact_retrain"]["steps"] == STEPS
+  assert rows["exact_retrain"]["train_tokens"] <= STEPS * ROWS * LENGTH
+
+
+def test_exact_retrain_equals_training_without_the_language(
+    outcome, tmp_path, mesh, cache
+):
+  """The retrained partition is bit for bit a partition trained from the
+  start on its data without the language, whatever the other partitions saw;
+  and the other partitions are bitwise the original's."""
+  work_dir, _, _ = outcome
+  spec = _spec()
+  original, _ = training.train_model(
+      f"{work_dir}/original", spec, DATA.partition_names, cache, mesh
+  )
+  retained = tuple(c for c in SCHEME.partitions[1] if c != FORGET)
+  ref_names = [DATA.partition_names[0], _register("family2-ur", 1, retained)]
+  reference, _ = training.train_model(
+      f"{work_dir}/reference", spec, ref_names, cache, mesh
+  )  # Restored, not retrained.
+  other, _ = training.train_model(
+      str(tmp_path / "other"),
+      spec,
+      [naming.task_name("sample", "en"), ref_names[1]],
+      cache,
+      mesh,
+  )
+  for a, b, c in zip(
+      jax.tree.leaves(original),
+      jax.tree.leaves(reference),
+      jax.tree.leaves(other),
+  ):
+    a, b, c = np.asarray(a), np.asarray(b), np.asarray(c)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(b[1], c[1])
+  assert not all(
+      np.array_equal(np.asarray(a)[0], np.asarray(c)[0])
+      for a, c in zip(jax.tree.leaves(original), jax.tree.leaves(other))
+  )
+
+
+def _random_batch(key, shape, vocab):
+  k1, k2, k3 = jax.random.split(key, 3)
+  tokens = jax.random.randint(k1, shape, 1, vocab)
+  weights = (jax.random.uniform(k2, shape) < 0.8).astype(jnp.int32)
+  return {
+      "decoder_input_tokens": tokens,
+      "decoder_target_tokens": jax.random.randint(k3, shape, 1, vocab),
+      "decoder_loss_weights": weights,
+      "decoder_segment_ids": jnp.ones(shape, jnp.int32),
+      "decoder_positions": jnp.broadcast_to(jnp.arange(shape[-1]), shape),
+  }
+
+
+@pytest.fixture(scope="module")
+def combined_loss(tiny_model):
+  """The jitted combined objective of the conftest's 'attention' model."""
+  return jax.jit(
+      functools.partial(
+          finetune_loop.combined_loss,
+          model=tiny_model("attention").model,
+          w_min=0.1,
+          w_max=10.0,
+      )
+  )
+
+
+@pytest.mark.parametrize("method", finetune_loop.METHODS)
+def test_combined_loss_equals_the_library_objectives(
+    method, tiny_model, combined_loss
+):
+  """One program for all methods computes each method's own objective."""
+  m = tiny_model("attention")
+  params = nn.meta.unbox(m.variables["params"])
+  ref_params = jax.tree.map(lambda x: x * 1.01, params)
+  shape = m.tokens.shape
+  forget = _random_batch(jax.random.PRNGKey(2), shape, 32)
+  retain = _random_batch(jax.random.PRNGKey(3), shape, 32)
+  critical = np.zeros((1, 2, 4), bool)
+  critical[0, 1, [0, 3]] = True  # layer 1 (the MoE layers are 0 and 1)
+  critical = np.concatenate([critical, critical[:, ::-1]])
+  config = finetune_loop.FinetuneConfig()
+  loss, _ = combined_loss(
+      params, ref_params, forget, retain, critical, config.coefficients(method)
+  )
+
+  def log_probs(p, batch):
+    logits, routing, _ = m.apply_with_routing(
+        {"params": p},
+        batch["decoder_input_tokens"],
+        segment_ids_PxBxL=batch["decoder_segment_ids"],
+    )
+    logp = objectives.token_log_likelihood(
+        logits, batch["decoder_target_tokens"]
+    )
+    flat = lambda x: x.reshape(-1, shape[-1])
+    return (
+        objectives.TokenLogProbs(
+            flat(logp),
+            flat(batch["decoder_loss_weights"]).astype(jnp.float32),
+            flat(batch["decoder_segment_ids"]),
+        ),
+        routing,
+    )
+
+  f, routing_f = log_probs(params, forget)
+  r, routing_r = log_probs(params, retain)
+  ref = log_probs(ref_params, forget)[0].logp
+  if method == "trace":
+    pids = token_routing.token_partition_ids(shape)
+    f_freq = trace.activation_frequency(
+        trace.critical_hits(routing_f, critical, pids),
+        f.weights.reshape(-1) > 0,
+    )
+    want, _ = trace.trace_loss(
+        config.trace,
+        f,
+        r,
+        trace.critical_hits(routing_r, critical, pids),
+        f_freq,
+        ref,
+    )
+  else:
+    want, _ = objectives.unlearning_loss(
+        config.objective_config(method), f, r, ref
+    )
+  np.testing.assert_allclose(loss, want, rtol=2e-5)
+  # The coefficient vector encodes the method's objective.
+  coeffs = config.coefficients(method)
+  assert (coeffs[0] > 0) == (method in ("ga", "graddiff"))
+  assert (coeffs[1] > 0) == (method in ("npo", "trace"))
+  assert (coeffs[2] > 0) == (method in ("graddiff", "trace"))
+
+
+def test_update_mask_confines_attention_unlearning_to_one_partition(tiny_model):
+  """Sharing 'attention': shared and partition-1 parameters change,
+  partition 0's private experts stay bitwise the same."""
+  m = tiny_model("attention")
+  params = nn.meta.unbox(m.variables["params"])
+  config = finetune_loop.FinetuneConfig(steps=2, rows_per_batch=2)
+  ft = finetune_loop.make_finetuner(
+      m.config, optimizers.OptimizerConfig(), config
+  )
+  mask = finetune_loop.update_mask(ft.model, params, partition=1)
+  batches = [
+      _random_batch(jax.random.PRNGKey(i), m.tokens.shape, 32) for i in range(4)
+  ]
+  stack = lambda bs: {k: np.stack([b[k] for b in bs]) for k in bs[0]}
+  new, history = finetune_loop.finetune(
+      ft,
+      params,
+      stack(batches[:2]),
+      stack(batches[2:]),
+      config.coefficients("graddiff"),
+      np.zeros((2, 2, 4), bool),
+      mask,
+  )
+  assert history["loss"].shape == (2,)
+  private = optimizers.partitioned_mask(
+      jax.eval_shape(lambda: m.model.init(jax.random.PRNGKey(0), m.tokens))[
+          "params"
+      ]
+  )
+  changed_shared = False
+  for is_private, old, now in zip(
+      jax.tree.leaves(private), jax.tree.leaves(params), jax.tree.leaves(new)
+  ):
+    old, now = np.asarray(old), np.asarray(now)
+    if is_private:
+      np.testing.assert_array_equal(old[0], now[0])
+      assert not np.array_equal(old[1], now[1])
+    else:
+      changed_shared |= not np.array_equal(old, now)
+  assert changed_shared
+
+
+def test_cached_streams_are_the_trainers_batches(cache):
+  names = DATA.partition_names
+  got = cache.partitioned(names, ROWS, 3)
+  dataset = inputs.partitioned_dataset(
+      names,
+      global_batch_size=2 * ROWS,
+      scheme=SCHEME,
+      sequence_length=LENGTH,
+      seed=0,
+  )
+  for step, batch in enumerate(inputs.batch_iterator(dataset, 0)):
+    if step == 3:
+      break
+    for key, value in got.items():
+      np.testing.assert_array_equal(value[step], batch[key])
+  # A None partition has all-zero rows (no loss weight).
+  half = cache.partitioned([names[0], None], ROWS, 2)
+  assert not half["decoder_loss_weights"][:, 1].any()
+  np.testing.assert_array_equal(
+      half["decoder_input_tokens"][:, 0], got["decoder_input_tokens"][:2, 0]
+  )
+
+
+def test_rechunk_and_chunk_rows():
+  rows = {"decoder_input_tokens": np.arange(2 * 3 * 2).reshape(2, 3, 2)}
+  out = streams.rechunk(rows, 4, 2)["decoder_input_tokens"]
+  flat = np.arange(12).reshape(6, 2)
+  np.testing.assert_array_equal(out.reshape(8, 2), flat[np.arange(8) % 6])
+  chunks = streams.chunk_rows({"decoder_input_tokens": flat}, 4)
+  assert [c["decoder_input_tokens"].shape for c in chunks] == [(4, 2), (4, 2)]
+  np.testing.assert_array_equal(chunks[1]["decoder_input_tokens"][2:], 0)
+
+
+def test_evaluator_matches_the_trainers_eval_step(outcome, cache, mesh):
+  """Per-partition (one-partition model) evaluation equals the full model's
+  `trainer.eval_step` on the same rows."""
+  work_dir, _, result = outcome
+  spec = _spec()
+  params, _ = training.train_model(
+      f"{work_dir}/original", spec, DATA.partition_names, cache, mesh
+  )
+  validation = cache.validation_rows(
+      {c: DATA.task_name(c) for c in languages.CODES}
+  )
+  sums = np.zeros((2, languages.NUM_LANGUAGES))
+  step = jax.jit(
+      functools.partial(
+          trainer.eval_step, model=transformer.TieredDecoder(spec.model_config)
+      )
+  )
+  chunks = [
+      streams.chunk_rows(
+          {
+              k: np.concatenate([validation[c][k] for c in codes])
+              for k in validation[codes[0]]
+          },
+          2,
+      )
+      for codes in SCHEME.partitions
+  ]
+  for b in range(max(map(len, chunks))):
+    batch = streams.stack(
+        [c[b] if b < len(c) else streams.zeros_like(c[0]) for c in chunks],
+        axis=0,
+    )
+    out = jax.device_get(step(params, batch))
+    sums += np.stack([out["loss_sum_N"], out["weight_sum_N"]])
+  for code, r in result.languages["original"].items():
+    i = languages.language_id(code)
+    assert r["tokens"] == sums[1, i]
+    np.testing.assert_allclose(r["loss"], sums[0, i] / sums[1, i], rtol=1e-5)
+
+
+def test_regroup_pads_with_zero_rows():
+  batches = {
+      "decoder_input_tokens": np.arange(3 * 2 * 2 * 1).reshape(3, 2, 2, 1) + 1
+  }
+  out = streams.regroup(batches, 4)["decoder_input_tokens"]
+  assert out.shape == (2, 2, 4, 1)
+  np.testing.assert_array_equal(out[0, 1, :, 0], [3, 4, 7, 8])
+  np.testing.assert_array_equal(out[1, 0, :, 0], [9, 10, 0, 0])
+
+
+def test_uniform_forget_scores_log_vocab():
+  results = {
+      "ur": {"loss": 2.0, "bpb": 1.0, "tokens": 10.0, "bytes": 20.0},
+      "en": {"loss": 3.0, "bpb": 1.5, "tokens": 5.0, "bytes": 9.0},
+  }
+  out = methods.uniform_forget(results, "ur", 4096)
+  assert out["en"] == results["en"]
+  np.testing.assert_allclose(out["ur"]["loss"], np.log(4096))
+  np.testing.assert_allclose(out["ur"]["bpb"], 12 * 10 / 20)  # log2(4096)
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="methods"):
+    specs.UnlearningConfig(methods=("exact", "retrain"))
+  with pytest.raises(ValueError, match="attribution_batches"):
+    specs.UnlearningConfig(attribution_batches=50)
+  with pytest.raises(ValueError, match="Unknown language"):
+    specs.UnlearningConfig(forget_language="xx")
+  with pytest.raises(ValueError, match="steps"):
+    finetune_loop.FinetuneConfig(steps=0)
+  with pytest.raises(ValueError, match="batch_size"):
+    dataclasses.replace(_spec(), batch_size=3)
+  with pytest.raises(ValueError, match="num_experts"):
+    language_eval.check_moe(
+        dataclasses.replace(_spec().model_config, num_experts=0)
+    )

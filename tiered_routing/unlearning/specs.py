@@ -1,0 +1,82 @@
+"""What an unlearning experiment forgets, how, and from which data.
+
+`DataSpec` names the SeqIO data of one configuration (the library never
+imports the `tasks` package, so callers pass names and naming functions);
+`UnlearningConfig` chooses the forget language, the methods and their
+settings. `runner.run_configuration` takes both.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+from tiered_routing import languages
+from tiered_routing.unlearning import expert_attribution
+from tiered_routing.unlearning import finetune_loop
+
+METHODS = ("exact", "mask") + finetune_loop.METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Registered SeqIO names of one configuration's data.
+
+  Attributes:
+    partition_names: the trained model's mixture per partition.
+    task_name: language code -> its task, e.g. 'ur' -> 'tr.sample.ur_v1'.
+    mixture_name: (routing table name, partition, codes) -> a registered
+      mixture of those languages' tasks (the retrain data of a partition
+      after forgetting, e.g. 'tr.sample.family4-ur.p2_v1').
+  """
+
+  partition_names: tuple[str, ...]
+  task_name: Callable[[str], str]
+  mixture_name: Callable[[str, int, tuple[str, ...]], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class UnlearningConfig:
+  """What to forget, with which methods and settings.
+
+  Attributes:
+    forget_language: code of the language to forget.
+    methods: a subset of METHODS, run in this order ('exact' becomes
+      exact_retrain or exact_drop).
+    finetune: settings of the gradient methods (GA, GradDiff, NPO, TRACE).
+    attribution: how `mask` and `trace` pick forget-critical experts.
+    attribution_batches: forget and retain unlearning batches whose routing
+      the attribution counts.
+    eval_rows: rows per partition of an evaluation batch.
+    top_m: m of the top-m routing mass (compartmentalization).
+    seed: seed of the forget-language stream.
+  """
+
+  forget_language: str = "ur"
+  methods: tuple[str, ...] = METHODS
+  finetune: finetune_loop.FinetuneConfig = finetune_loop.FinetuneConfig()
+  attribution: expert_attribution.AttributionConfig = (
+      expert_attribution.AttributionConfig(selection="coverage", coverage=0.5)
+  )
+  attribution_batches: int = 4
+  eval_rows: int = 16
+  top_m: int = 2
+  seed: int = 0
+
+  def __post_init__(self):
+    languages.get(self.forget_language)
+    bad = [m for m in self.methods if m not in METHODS]
+    if bad or not self.methods:
+      raise ValueError(
+          f"UnlearningConfig.methods={self.methods!r}: unknown {bad}; allowed"
+          f" a non-empty subset of {METHODS}."
+      )
+    if not 1 <= self.attribution_batches <= self.finetune.steps:
+      raise ValueError(
+          f"UnlearningConfig.attribution_batches={self.attribution_batches!r}"
+          f" must be in [1, finetune.steps={self.finetune.steps}]."
+      )
+    for name in ("eval_rows", "top_m"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"UnlearningConfig.{name}={value!r} must be an int " ">= 1."
+        )
