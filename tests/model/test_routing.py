@@ -276,6 +276,23 @@ def test_sequence_gates_route_whole_segments_by_their_mean():
   np.testing.assert_array_equal(out.combine_weights_TxK[14:], 0.0)
 
 
+@pytest.mark.parametrize('kind', ['sequence_gate', 'token_topk'])
+def test_router_gradients_are_finite_with_padding_tokens(kind):
+  # Padding (segment id 0) rows are all-zero after masking; normalizing them
+  # must not put 0 * inf = NaN into the gradient of packed batches.
+  x = jax.random.normal(jax.random.PRNGKey(3), (SEG.shape[0], D))
+  router = routing.make_router(kind, num_experts=4, top_k=2)
+  variables = router.init(jax.random.PRNGKey(0), x, segment_ids_T=SEG)
+
+  def loss(params):
+    out = router.apply({'params': params}, x, segment_ids_T=SEG)
+    return out.load_balance_loss + jnp.sum(out.combine_weights_TxK)
+
+  grads = jax.grad(loss)(variables['params'])
+  for leaf in jax.tree_util.tree_leaves(nn.unbox(grads)):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+
+
 def test_add_expert_gate_leaves_other_sequences_unchanged():
   x, _, variables, old = _sequence_routing()
   # A new row scoring +5 on sequence 3's mean and -5 on the others' means:

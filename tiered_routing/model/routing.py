@@ -77,6 +77,18 @@ def _allowed_mask(num_tokens: int, num_experts: int, expert_mask_TxE,
   return allowed_TxE
 
 
+def _safe_normalize(x_TxN: jax.Array) -> jax.Array:
+  """x / x.sum(-1), with all-zero rows (padding, fully masked) left at zero.
+
+  The double `where` keeps the gradient finite: dividing by a clamped tiny
+  denominator has a 0 * inf (NaN) VJP on an all-zero row.
+  """
+  total_Tx1 = x_TxN.sum(-1, keepdims=True)
+  positive_Tx1 = total_Tx1 > 0
+  return jnp.where(positive_Tx1,
+                   x_TxN / jnp.where(positive_Tx1, total_Tx1, 1.0), 0.0)
+
+
 def load_balance_loss(probs_TxE: jax.Array, expert_index_TxK: jax.Array,
                       combine_weights_TxK: jax.Array,
                       allowed_TxE: jax.Array | None = None) -> jax.Array:
@@ -177,8 +189,7 @@ class TokenTopKRouter(nn.Module):
     masked_TxE, probs_TxE = _masked_softmax(logits_TxE, allowed_TxE)
     top_p_TxK, index_TxK = jax.lax.top_k(probs_TxE, self.top_k)
     if self.renormalize:
-      top_p_TxK = top_p_TxK / jnp.maximum(
-          top_p_TxK.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+      top_p_TxK = _safe_normalize(top_p_TxK)
     return _output(
         index_TxK, top_p_TxK, probs_TxE, masked_TxE,
         load_balance_loss(probs_TxE, index_TxK, top_p_TxK, allowed_TxE),
@@ -342,10 +353,8 @@ class SequenceGateRouter(nn.Module):
     top_TxK, index_TxK = jax.lax.top_k(
         jnp.where(allowed_TxE, scores_TxE, -1.0), self.top_k)
     top_TxK = jnp.maximum(top_TxK, 0.0)
-    weights_TxK = top_TxK / jnp.maximum(top_TxK.sum(-1, keepdims=True),
-                                        jnp.finfo(jnp.float32).tiny)
-    norm_probs_TxE = scores_TxE / jnp.maximum(
-        scores_TxE.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    weights_TxK = _safe_normalize(top_TxK)
+    norm_probs_TxE = _safe_normalize(scores_TxE)
     return _output(
         index_TxK, weights_TxK, scores_TxE,
         jnp.where(allowed_TxE, logits_TxE, MASKED_LOGIT),
