@@ -7,6 +7,7 @@ safe in background threads of an eval binary. Figures are saved without
 """
 
 from collections.abc import Sequence
+import os
 
 from etils import epath
 from matplotlib.backends import backend_agg
@@ -47,8 +48,11 @@ def _save(fig: figure_lib.Figure, path, dpi: int) -> epath.Path:
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   backend_agg.FigureCanvasAgg(fig)
-  with path.open("wb") as f:
+  # Written aside and renamed, so a reader never sees half a PNG.
+  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+  with tmp.open("wb") as f:
     fig.savefig(f, format="png", dpi=dpi)
+  tmp.replace(path)
   return path
 
 

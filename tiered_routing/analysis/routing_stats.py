@@ -56,6 +56,13 @@ def _entropy_bits(p, axis=-1) -> np.ndarray:
   return -plogp.sum(axis=axis)
 
 
+def entropy_bits(counts_NxE) -> np.ndarray:
+  """H(p(e | l)) in bits per language, float64[N]; NaN for unrouted rows."""
+  counts = _as_counts(counts_NxE)
+  h = _entropy_bits(expert_distribution(counts))
+  return np.where(counts.sum(axis=1) > 0, h, np.nan)
+
+
 def normalized_entropy(counts_NxE) -> np.ndarray:
   """H(p(e | l)) / log E per language, float64[N]; NaN for unrouted rows."""
   counts = _as_counts(counts_NxE)

@@ -1,0 +1,119 @@
+"""Routing analysis of a trained checkpoint: restore, run validation, report.
+
+`analyze_checkpoint` is the library entry point of
+`scripts/analyze_routing.py`: it restores the params of MODEL_DIR onto the
+current devices (`restore`), runs every language's validation rows through
+its own tier-1 partition with `unlearning.language_eval.LanguageEvaluator`
+(the per-language loss, bits per byte and per-token routing an unlearning
+sweep also uses, so the numbers agree), and writes the report of
+`report.write_report`.
+"""
+
+from typing import Any, Mapping, Optional
+
+import jax
+
+from tiered_routing import partitioning
+from tiered_routing import partitions
+from tiered_routing import trainer
+from tiered_routing.analysis import report as report_lib
+from tiered_routing.analysis import restore
+from tiered_routing.model import transformer
+from tiered_routing.unlearning import language_eval
+from tiered_routing.unlearning import streams
+
+
+def collect(
+    config: transformer.DecoderConfig,
+    scheme: partitions.PartitionScheme,
+    params: Any,
+    validation: Mapping[str, streams.Rows],
+    vocabulary,
+    mesh: jax.sharding.Mesh,
+    rows_per_batch: int = 8,
+) -> language_eval.EvalResult:
+  """Per-language loss and routing counts of `params` on `validation`.
+
+  Args:
+    config: the model.
+    scheme: its tier-1 scheme (which partition scores which language).
+    params: the model's params (e.g. `restore.restore_params`).
+    validation: {code: {feature: int32 [n, L]}} for all 16 languages, one
+      sequence per row (`streams.DataCache.validation_rows`).
+    vocabulary: SeqIO vocabulary of the targets (bytes for bits per byte).
+    mesh: where `params` live; batches are split over its data axis.
+    rows_per_batch: rows per partition of one evaluation batch.
+  """
+  if not isinstance(rows_per_batch, int) or rows_per_batch < 1:
+    raise ValueError(f"rows_per_batch={rows_per_batch!r} must be an int >= 1.")
+  evaluator = language_eval.LanguageEvaluator(
+      config,
+      scheme,
+      validation,
+      vocabulary,
+      rows_per_batch,
+      to_device=lambda batch: trainer.to_global_batch(batch, mesh),
+  )
+  with partitioning.with_sharding_rules(mesh):
+    return evaluator.evaluate(params)
+
+
+def analyze_checkpoint(
+    model_dir: str,
+    config: transformer.DecoderConfig,
+    scheme: partitions.PartitionScheme,
+    validation: Mapping[str, streams.Rows],
+    vocabulary,
+    output_dir: str,
+    *,
+    top_m: int = 1,
+    step: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    rows_per_batch: int = 8,
+    weighted: bool = False,
+    make_plots: bool = True,
+) -> tuple[report_lib.RoutingReport, dict[str, str]]:
+  """Restores MODEL_DIR, collects routing per language, writes the report.
+
+  Args:
+    model_dir: the training run's directory.
+    config: its model config.
+    scheme: its tier-1 partition scheme.
+    validation: see `collect`.
+    vocabulary: see `collect`.
+    output_dir: where `report.write_report` writes.
+    top_m: m of the top-m coverage.
+    step: checkpoint step; None = the newest.
+    mesh: target mesh; default all current devices on 'data'.
+    rows_per_batch: see `collect`.
+    weighted: statistics of gate mass instead of slot counts.
+    make_plots: also write the PNG heatmaps.
+
+  Returns:
+    (the report, {kind: path written}).
+  """
+  mesh = mesh or partitioning.make_mesh(partitioning.MeshConfig())
+  step, params = restore.restore_params(model_dir, config, mesh=mesh, step=step)
+  result = collect(
+      config, scheme, params, validation, vocabulary, mesh, rows_per_batch
+  )
+  metadata = {
+      "model_dir": model_dir,
+      "step": step,
+      "scheme": scheme.name,
+      "num_partitions": config.num_partitions,
+      "router": config.router,
+      "top_k": config.top_k,
+      "weighted": weighted,
+      "devices": jax.device_count(),
+  }
+  report = report_lib.build_report(
+      result.routing,
+      config,
+      scheme,
+      top_m,
+      language_results=result.languages,
+      weighted=weighted,
+      metadata=metadata,
+  )
+  return report, report_lib.write_report(report, output_dir, make_plots)
