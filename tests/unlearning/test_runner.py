@@ -357,6 +357,40 @@ def test_update_mask_confines_attention_unlearning_to_one_partition(tiny_model):
   assert changed_shared
 
 
+def test_stop_at_reference_ends_after_the_step_that_reached_it(tiny_model):
+  """With stop_nll first reached by step 2's forget NLL the loop stops right
+  after step 2, with the parameters of a run that was three steps long."""
+  m = tiny_model("none")
+  params = nn.meta.unbox(m.variables["params"])
+  config = finetune_loop.FinetuneConfig(steps=4, rows_per_batch=2)
+  ft = finetune_loop.make_finetuner(
+      m.config, optimizers.OptimizerConfig(), config
+  )
+  batches = [
+      _random_batch(jax.random.PRNGKey(i), m.tokens.shape, 32) for i in range(8)
+  ]
+  stack = lambda bs: {k: np.stack([b[k] for b in bs]) for k in bs[0]}
+  mask = jax.tree.map(lambda _: np.ones((), np.float32), params)
+  run = lambda n, stop=None: finetune_loop.finetune(
+      ft,
+      params,
+      stack(batches[:n]),
+      stack(batches[4 : 4 + n]),
+      config.coefficients("ga"),
+      np.zeros((2, 2, 4), bool),
+      mask,
+      stop_nll=stop,
+  )
+  _, full = run(4)
+  nll = full["forget_nll"]
+  assert max(nll[:2]) < nll[2], nll  # GA pushed the NLL up by step 2.
+  stopped, history = run(4, stop=(max(nll[:2]) + nll[2]) / 2)
+  np.testing.assert_array_equal(history["forget_nll"], nll[:3])
+  three, _ = run(3)
+  for a, b in zip(jax.tree.leaves(stopped), jax.tree.leaves(three)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_cached_streams_are_the_trainers_batches(cache):
   names = DATA.partition_names
   got = cache.partitioned(names, ROWS, 3)

@@ -61,6 +61,12 @@ class FinetuneConfig:
     graddiff_retain_coeff: GradDiff's retain coefficient.
     npo_beta: NPO inverse temperature (also TRACE's, with NPO forgetting).
     trace: TRACE settings (forget objective, coefficients, weight clip).
+    stop_at_reference: stop a method once its forget-batch NLL reaches the
+      never-saw-it reference model's forget loss. A fixed step budget
+      compares methods by how far each overshoots (gradient ascent does not
+      stop by itself); stopping at the reference compares their utility
+      cost at about the same forget quality, the comparison the trade-off
+      is about. `steps` is then the most a method may take.
   """
 
   steps: int = 20
@@ -69,6 +75,7 @@ class FinetuneConfig:
   graddiff_retain_coeff: float = 1.0
   npo_beta: float = 0.1
   trace: trace_lib.TraceConfig = trace_lib.TraceConfig()
+  stop_at_reference: bool = False
 
   def __post_init__(self):
     for name in ("steps", "rows_per_batch"):
@@ -325,8 +332,9 @@ def finetune(
     critical_LxPxE: np.ndarray,
     mask: Any,
     to_device=lambda b: b,
+    stop_nll: float | None = None,
 ) -> tuple[Any, dict]:
-  """Runs the unlearning loop over N forget / retain batches.
+  """Runs the unlearning loop over (at most) N forget / retain batches.
 
   Args:
     finetuner: from `make_finetuner`.
@@ -337,9 +345,12 @@ def finetune(
     critical_LxPxE: bool forget-critical experts (TRACE; any value else).
     mask: `update_mask(...)` (or all ones).
     to_device: places a host batch (e.g. on a mesh).
+    stop_nll: if set, the loop ends after the first step whose forget batch
+      NLL (per token, measured before that step's update) is >= stop_nll:
+      at most one step past the target.
 
   Returns:
-    (new params, {metric: float64 [N]} per step).
+    (new params, {metric: float64 [steps taken]} per step).
   """
   num_steps = len(forget_batches["decoder_input_tokens"])
   if len(retain_batches["decoder_input_tokens"]) != num_steps:
@@ -363,6 +374,9 @@ def finetune(
         new, opt_state, params, forget, retain, critical, coeffs, mask
     )
     history.append(metrics)
+    # Reading the NLL waits for the step; only do it when stopping early.
+    if stop_nll is not None and float(metrics["forget_nll"]) >= stop_nll:
+      break
   history = jax.device_get(history)
   return new, {
       k: np.array([h[k] for h in history], np.float64) for k in history[0]

@@ -241,11 +241,14 @@ def gradient_method(
     critical: np.ndarray,
     active: int,
     attribution_tokens: int,
+    stop_nll: Optional[float] = None,
 ) -> Row:
   """Runs one gradient method from the trained parameters.
 
   Strict partitions unlearn the forget partition as a one-partition model
-  (the others cannot change) and are scored on its languages only.
+  (the others cannot change) and are scored on its languages only. With
+  `stop_nll` the method stops early (`finetune_loop.finetune`); its cost
+  counts the steps it took.
   """
   ft_config = c.config.finetune
   cfg = c.spec.model_config
@@ -265,7 +268,11 @@ def gradient_method(
   coeffs = ft_config.coefficients(method)
   objective = ft_config.objective_config(method)
   new, history = finetune_loop.finetune(
-      ft, start, forget, retain, coeffs, crit, mask, c.to_device
+      ft, start, forget, retain, coeffs, crit, mask, c.to_device, stop_nll
+  )
+  steps = len(history["forget_nll"])
+  forget, retain = (
+      {k: v[:steps] for k, v in rows.items()} for rows in (forget, retain)
   )
   params = (
       language_eval.with_partition_params(c.original, c.p, new)
@@ -277,7 +284,7 @@ def gradient_method(
   uses_retain = objective.effective_retain_coeff > 0
   retain_tokens = streams.scored_tokens(retain) if uses_retain else 0
   cost = metrics.UnlearningCost(
-      steps=ft_config.steps,
+      steps=steps,
       train_tokens=forget_tokens + retain_tokens,
       # NPO's reference log-likelihoods; TRACE's attribution.
       forward_tokens=(forget_tokens if objective.name == "npo" else 0)

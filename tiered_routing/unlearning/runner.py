@@ -144,6 +144,9 @@ def run_configuration(
   critical, attribution_tokens, attribution_extra = methods_lib.attribution(
       c, forget, retain
   )
+  stop_nll = (
+      reference[code]["loss"] if config.finetune.stop_at_reference else None
+  )
   for method in config.methods:
     if method == "mask":
       rows.append(
@@ -159,7 +162,14 @@ def run_configuration(
     elif method in finetune_loop.METHODS:
       rows.append(
           methods_lib.gradient_method(
-              c, method, forget, retain, critical, active, attribution_tokens
+              c,
+              method,
+              forget,
+              retain,
+              critical,
+              active,
+              attribution_tokens,
+              stop_nll,
           )
       )
   extra = {
