@@ -23,7 +23,7 @@ The table goes to stdout and OUTPUT (default MODEL_DIR/expert_gates.md).
 import functools
 import os
 import sys
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -51,7 +51,6 @@ from tiered_routing import partitions
 from tiered_routing import train_state
 from tiered_routing import trainer
 from tiered_routing.model import transformer
-from tiered_routing.unlearning import token_routing
 
 FLAGS = flags.FLAGS
 REQUIRED_MACROS = ("MODEL_DIR",)
@@ -60,7 +59,7 @@ COLUMNS = (
     "experts",
     "new_language_loss",
     "old_languages_loss",
-    "old_seqs_on_new_expert",
+    "old_seqs_on_expert",
     "old_seqs_changed",
     "max_abs_logit_diff",
 )
@@ -100,26 +99,13 @@ def _mixed_batches(new_task, old_mixture, scheme, new_rows, old_rows, length):
     yield {k: np.concatenate([a[k], b[k]], axis=1) for k in a}
 
 
-def pad_as_segment(batch: Mapping[str, np.ndarray]) -> dict:
-  """Gives each row's padding (segment id 0) a segment id of its own.
-
-  Workaround for NaN gradients of `SequenceGateRouter`'s load-balance loss
-  on padding tokens (see .notes/related_methods.md); padding keeps loss
-  weight 0, so only routing statistics see it. Remove once the router is
-  fixed.
-  """
-  seg = np.asarray(batch["decoder_segment_ids"])
-  fresh = seg.max(axis=-1, keepdims=True) + 1
-  return {**batch, "decoder_segment_ids": np.where(seg == 0, fresh, seg)}
-
-
-def _train_base(
-    model_dir, config, opt, scheme, mixture, steps, batch_size, length, mesh
-):
+def _train_base(model_dir, config, opt, mixture, steps, shape, mesh):
+  """Trains (or resumes) the base model in MODEL_DIR/base; its params."""
+  batch_size, length = shape
   dataset = inputs.partitioned_dataset(
       [mixture],
       global_batch_size=batch_size,
-      scheme=scheme,
+      scheme=partitions.family(1),
       sequence_length=length,
       seed=0,
   )
@@ -132,9 +118,7 @@ def _train_base(
           save_every_steps=steps,
           log_every_steps=max(steps // 8, 1),
       ),
-      batches=lambda start: map(
-          pad_as_segment, inputs.batch_iterator(dataset, start)
-      ),
+      batches=lambda start: inputs.batch_iterator(dataset, start),
       batch_shape=(1, batch_size, length),
       mesh=mesh,
   )
@@ -183,62 +167,28 @@ def _train_new_expert(
   )
 
 
-def _forward_fn(config):
-  model = transformer.TieredDecoder(config)
+def _on_added(expert: int):
+  """Rows on the added expert: tokens reaching `expert` in any layer."""
 
-  @jax.jit
-  def forward(params, batch):
-    logits, routed, _ = token_routing.apply_with_routing(
-        model,
-        {"params": params},
-        batch["decoder_input_tokens"],
-        segment_ids_PxBxL=batch["decoder_segment_ids"],
-        positions_PxBxL=batch["decoder_positions"],
+  def on(base_routed, routed):
+    del base_routed
+    expert_T = jnp.full(routed.expert_index_LxTxK.shape[1], expert, jnp.int32)
+    return expert_gates.uses_expert(routed, expert_T)
+
+  return on
+
+
+def _on_removed(experts_L):
+  """Rows on a removed expert: tokens the base sent to experts_L[l] in l."""
+
+  def on(base_routed, routed):
+    del routed
+    hit = (
+        base_routed.expert_index_LxTxK == jnp.asarray(experts_L)[:, None, None]
     )
-    return logits, routed
+    return (hit & (base_routed.combine_weights_LxTxK != 0)).any(axis=(0, 2))
 
-  return forward
-
-
-def _compare(evaluator, base_config, base, config, params, code, expert):
-  """Old-language rows: the share that reach `expert`, the share changed.
-
-  Validation rows hold packed sequences of one language each; a row is 'on
-  the expert' if any of its scored tokens reaches it in any layer. Returns
-  (on share, changed share, max |logit change| over rows not on it).
-  """
-  base_fn, fn = _forward_fn(base_config), _forward_fn(config)
-  on_expert = changed = total = 0
-  max_diff = 0.0
-  new_id = languages.language_id(code)
-  for batch in evaluator.batches:
-    inputs_ = {
-        k: jnp.asarray(batch[k])
-        for k in (
-            "decoder_input_tokens",
-            "decoder_segment_ids",
-            "decoder_positions",
-        )
-    }
-    old_logits, _ = base_fn(base, inputs_)
-    logits, routed = fn(params, inputs_)
-    valid = batch["decoder_loss_weights"] > 0
-    uses = np.zeros(valid.shape, bool)
-    if expert is not None:
-      expert_T = jnp.full((valid.size,), expert, jnp.int32)
-      uses = np.asarray(expert_gates.uses_expert(routed, expert_T)).reshape(
-          valid.shape
-      )
-    diff_BxL = np.abs(np.asarray(logits) - np.asarray(old_logits)).max(-1)
-    diff = np.where(valid, diff_BxL, 0.0).max(-1)
-    old_row = (valid & (batch["decoder_language_ids"] != new_id)).any(-1)
-    old_row &= ~(valid & (batch["decoder_language_ids"] == new_id)).any(-1)
-    row_on = (uses & valid).any(-1)
-    on_expert += int((old_row & row_on).sum())
-    changed += int((old_row & (diff > 0)).sum())
-    total += int(old_row.sum())
-    max_diff = max(max_diff, float(diff[old_row & ~row_on].max(initial=0)))
-  return on_expert / max(total, 1), changed / max(total, 1), max_diff
+  return on
 
 
 @gin.configurable("run", module="expert_gates_script")
@@ -266,37 +216,28 @@ def run(
   scheme = partitions.family(1)
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   old_mixture = _register_without(new_language)
+  new_task = mixtures.task_names("sample", [new_language])[0]
   opt = optimizers.OptimizerConfig(learning_rate=learning_rate, warmup_steps=30)
+  new_opt = optimizers.OptimizerConfig(
+      learning_rate=new_expert_learning_rate, warmup_steps=10
+  )
+  mixed = _mixed_batches(
+      new_task, old_mixture, scheme, new_rows, batch_size - new_rows, length
+  )
   with partitioning.with_sharding_rules(mesh):
+    shape = (batch_size, length)
     base = _train_base(
-        model_dir,
-        model_config,
-        opt,
-        scheme,
-        old_mixture,
-        base_steps,
-        batch_size,
-        length,
-        mesh,
+        model_dir, model_config, opt, old_mixture, base_steps, shape, mesh
+    )
+    data = (next(_stream(new_task, scheme, batch_size, length, 3)), mixed)
+    training = (new_expert_steps, new_opt, gate_loss_weight)
+    grown = _grow_and_train(
+        model_config, base, new_language, data, training, mesh
     )
     evaluator = method_runs.Evaluator(
         [mixtures.all_languages_mixture("sample")], scheme, length, batch_size
     )
-    rows = _experiment(
-        evaluator,
-        model_config,
-        base,
-        new_language,
-        scheme,
-        old_mixture,
-        new_expert_steps,
-        batch_size,
-        new_rows,
-        length,
-        new_expert_learning_rate,
-        gate_loss_weight,
-        mesh,
-    )
+    rows = _evaluate_all(evaluator, model_config, base, new_language, *grown)
   header = (
       f"Expert-owned sequence gates, {model_dir}: base trained "
       f"{base_steps} steps without {new_language}; the added expert "
@@ -312,49 +253,37 @@ def run(
   return rows
 
 
-def _experiment(
-    evaluator,
-    config,
-    base,
-    code,
-    scheme,
-    old_mixture,
-    steps,
-    batch_size,
-    new_rows,
-    length,
-    lr,
-    gate_weight,
-    mesh,
-):
-  olds = [c for c in languages.CODES if c != code]
+def _grow_and_train(config, base, code, data, training, mesh):
+  """Adds an expert copied from the new language's favourite and trains it.
+
+  Returns:
+    (grown config, grown params, trained params, trainable entries).
+  """
+  probe, batches = data  # A new-language batch; mixed training batches.
+  steps, opt, gate_weight = training
   model = transformer.TieredDecoder(config)
-  new_task = mixtures.task_names("sample", [code])[0]
-  probe = [next(_stream(new_task, scheme, batch_size, length, 3))]
-  counts = finetune.collect_routing(model, base, probe)
+  counts = finetune.collect_routing(model, base, [probe])
   source = finetune.expert_relevance(counts, [code], "gate").argmax(-1)
   grown, grown_config = expert_gates.add_expert(
       base, config, source_experts=source
   )
-  opt = optimizers.OptimizerConfig(learning_rate=lr, warmup_steps=10)
   trained, num_trainable = _train_new_expert(
-      grown_config,
-      grown,
-      _mixed_batches(
-          new_task, old_mixture, scheme, new_rows, batch_size - new_rows, length
-      ),
-      steps,
-      opt,
-      code,
-      gate_weight,
-      mesh,
+      grown_config, grown, batches, steps, opt, code, gate_weight, mesh
   )
+  return grown_config, grown, trained, num_trainable
+
+
+def _evaluate_all(
+    evaluator, config, base, code, grown_config, grown, trained, num_trainable
+):
+  """The table rows: base, grown (untrained / trained), experts removed."""
+  olds = [c for c in languages.CODES if c != code]
   results = []
 
-  def add(name, cfg, params, expert=None):
+  def add(name, cfg, params, on_fn=None):
     res = evaluator.evaluate(transformer.TieredDecoder(cfg), params)
-    on, changed, diff = _compare(
-        evaluator, config, base, cfg, params, code, expert
+    on, changed, diff = method_runs.compare_rows(
+        evaluator, (config, base), (cfg, params), code, on_fn
     )
     results.append(
         {
@@ -362,29 +291,37 @@ def _experiment(
             "experts": cfg.num_experts,
             "new_language_loss": res[f"{code}/loss"],
             "old_languages_loss": method_runs.mean_loss(res, olds),
-            "old_seqs_on_new_expert": on if expert is not None else "-",
+            "old_seqs_on_expert": on if on_fn is not None else "-",
             "old_seqs_changed": changed,
             "max_abs_logit_diff": diff,
         }
     )
 
+  new = _on_added(config.num_experts)
   add("base", config, base)
-  add("grown, untrained", grown_config, grown, config.num_experts)
+  add("grown, untrained", grown_config, grown, new)
   add(
       f"grown, new expert trained ({num_trainable} params)",
       grown_config,
       trained,
-      config.num_experts,
+      new,
   )
   removed, removed_config = expert_gates.remove_expert(
       trained, grown_config, config.num_experts
   )
   exact = all(jax.tree.leaves(jax.tree.map(np.array_equal, removed, base)))
   add(f"new expert removed (== base: {exact})", removed_config, removed)
-  old_counts = finetune.collect_routing(model, base, evaluator.batches)
+  old_counts = finetune.collect_routing(
+      transformer.TieredDecoder(config), base, evaluator.batches
+  )
   busiest = finetune.expert_relevance(old_counts, olds).argmax(-1)
   pruned, pruned_config = expert_gates.remove_expert(base, config, busiest)
-  add(f"base minus busiest expert {busiest.tolist()}", pruned_config, pruned)
+  add(
+      f"base minus busiest expert {busiest.tolist()}",
+      pruned_config,
+      pruned,
+      _on_removed(busiest),
+  )
   return results
 
 

@@ -16,7 +16,8 @@ FINETUNE_STEPS on the training split of TARGET_LANGUAGE only
                   language's routing per layer; everything else frozen.
   esft_gate       the same with mean-gate-weight relevance.
   esft_forced     esft_token plus forced routing: the language's tokens may
-                  use the chosen experts only (during training and eval).
+                  use the chosen experts only (in training and in its own
+                  evaluation; the other languages keep their own routing).
   router_lora     rank-r LoRA adapters on the router kernels only.
 
 The table reports the target language's validation loss, the mean of the
@@ -24,7 +25,9 @@ other languages' (forgetting), and the number of trainable parameters; it
 goes to stdout and OUTPUT (default MODEL_DIR/finetune.md).
 """
 
+import dataclasses
 import functools
+import itertools
 import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
@@ -137,8 +140,9 @@ def _method(name, model, params, boxed, config, selection, lora_rank, alpha):
   )
 
 
-def _selections(model, params, config, batches, code, partition, coverage):
+def _selections(model, params, batches, code, partition, coverage):
   """ESFT expert choices (bool [L, P, Ep]) and forced masks per method."""
+  config = model.config
   counts = finetune.collect_routing(model, params, batches)
   out = {}
   for name, score in (
@@ -156,6 +160,65 @@ def _selections(model, params, config, batches, code, partition, coverage):
     )
     out[name] = (finetune.to_selection(chosen, config, [partition]), forced)
   return out
+
+
+def _check_methods(methods: Sequence[str]) -> None:
+  bad = [m for m in methods if m not in METHODS]
+  if bad:
+    raise ValueError(f"Unknown methods {bad}; allowed: {METHODS}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """What every method's fine-tuning run shares."""
+
+  model: transformer.TieredDecoder
+  params: Any
+  boxed: Any  # Logically boxed parameters (partition flags).
+  selection: Mapping[str, Any]  # `_selections`.
+  evaluator: method_runs.Evaluator
+  base: Mapping[str, float]  # The base model's evaluation.
+  batches: Any  # () -> iterator over target-language batches.
+  code: str
+  steps: int
+  learning_rate: float  # Constant, no warmup.
+  lora_rank: int
+  lora_alpha: float
+
+
+def _tune(ctx: _Context, name: str) -> dict:
+  """Fine-tunes with method `name` and returns its table row."""
+  stand_in, init, mask, flags_ = _method(
+      name,
+      ctx.model,
+      ctx.params,
+      ctx.boxed,
+      ctx.model.config,
+      ctx.selection,
+      ctx.lora_rank,
+      ctx.lora_alpha,
+  )
+  opt = optimizers.OptimizerConfig(
+      learning_rate=ctx.learning_rate, warmup_steps=0, schedule="constant"
+  )
+  tx = expert_params.freeze(
+      optimizers.make_optimizer(opt, ctx.steps, flags_), mask
+  )
+  train_config = trainer.TrainConfig(train_steps=ctx.steps)
+  tuned = _train(stand_in, init, tx, ctx.batches(), ctx.steps, train_config)
+  res = ctx.evaluator.evaluate(stand_in, tuned)
+  if name == "esft_forced":
+    # Forcing is a per-request choice for the target language's requests;
+    # the other languages are served with the model's own routing (the
+    # partition-wide mask would force them onto the target's experts too).
+    plain = ctx.evaluator.evaluate(ctx.model, tuned)
+    res = {**plain, f"{ctx.code}/loss": res[f"{ctx.code}/loss"]}
+  experts = "-"
+  if name in ctx.selection:
+    per_layer = ctx.selection[name][0].sum(axis=(1, 2))
+    experts = "/".join(str(int(n)) for n in per_layer)
+  trainable = expert_params.count_trainable(init, mask)
+  return _row(name, res, ctx.base, ctx.code, trainable, experts)
 
 
 @gin.configurable("run", module="finetune_script")
@@ -178,90 +241,47 @@ def run(
     output: Optional[str] = None,
 ) -> list[dict]:
   """Fine-tunes MODEL_DIR's newest checkpoint with each method (see top)."""
-  bad = [m for m in methods if m not in METHODS]
-  if bad:
-    raise ValueError(f"Unknown methods {bad}; allowed: {METHODS}.")
-  p, length = model_config.num_partitions, gin_flags.task_feature_length(
-      task_feature_lengths
-  )
+  _check_methods(methods)
+  p = model_config.num_partitions
+  length = gin_flags.task_feature_length(task_feature_lengths)
   rows, partition = batch_size // p, scheme.partition_of(target_language)
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   model = transformer.TieredDecoder(model_config)
   task = naming.task_name("sample", target_language)
-  opt = optimizers.OptimizerConfig(
-      learning_rate=learning_rate, warmup_steps=0, schedule="constant"
-  )
-  train_config = trainer.TrainConfig(train_steps=steps)
+  batches = functools.partial(_target_batches, task, scheme, partition, p)
   with partitioning.with_sharding_rules(mesh):
     step, params = method_runs.restore_params(
         model_dir, model_config, mesh, (p, rows, length)
     )
-    boxed = train_state.param_layout(model, mesh, (p, rows, length))[0]
     evaluator = method_runs.Evaluator(
         gin_flags.mixture_names(mixture_or_task_name, p), scheme, length, rows
     )
-    batches = _target_batches(task, scheme, partition, p, rows, length, 0)
+    probe = list(itertools.islice(batches(rows, length, 0), routing_batches))
     selection = _selections(
-        model,
-        params,
-        model_config,
-        [next(batches) for _ in range(routing_batches)],
-        target_language,
-        partition,
-        coverage,
+        model, params, probe, target_language, partition, coverage
     )
     base = evaluator.evaluate(model, params)
+    ctx = _Context(
+        model=model,
+        params=params,
+        boxed=train_state.param_layout(model, mesh, (p, rows, length))[0],
+        selection=selection,
+        evaluator=evaluator,
+        base=base,
+        batches=functools.partial(batches, rows, length, 1),
+        code=target_language,
+        steps=steps,
+        learning_rate=learning_rate,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+    )
     results = [_row("base", base, base, target_language, 0, "-")]
-    for name in methods:
-      stand_in, init, mask, flags_ = _method(
-          name,
-          model,
-          params,
-          boxed,
-          model_config,
-          selection,
-          lora_rank,
-          lora_alpha,
-      )
-      tx = expert_params.freeze(
-          optimizers.make_optimizer(opt, steps, flags_), mask
-      )
-      tuned = _train(
-          stand_in,
-          init,
-          tx,
-          _target_batches(task, scheme, partition, p, rows, length, 1),
-          steps,
-          train_config,
-      )
-      experts = (
-          "-"
-          if name not in selection
-          else "/".join(
-              str(int(n)) for n in selection[name][0].sum(axis=(1, 2))
-          )
-      )
-      results.append(
-          _row(
-              name,
-              evaluator.evaluate(stand_in, tuned),
-              base,
-              target_language,
-              expert_params.count_trainable(init, mask),
-              experts,
-          )
-      )
-  return _report(
-      results,
-      model_dir,
-      step,
-      target_language,
-      steps,
-      learning_rate,
-      coverage,
-      lora_rank,
-      output,
-  )
+    results += [_tune(ctx, name) for name in methods]
+  text = _header(ctx, model_dir, step, coverage)
+  text += method_runs.markdown_table(results, COLUMNS) + "\n"
+  print(text)
+  method_runs.write_text(output or os.path.join(model_dir, "finetune.md"), text)
+  return results
 
 
 def _row(name, res, base, code, trainable, experts):
@@ -278,17 +298,14 @@ def _row(name, res, base, code, trainable, experts):
   }
 
 
-def _report(rows, model_dir, step, code, steps, lr, coverage, rank, output):
-  header = (
-      f"Fine-tuning {model_dir} (step {step}) on {code} for {steps} "
-      f"steps (AdamW, constant lr {lr}); ESFT coverage p={coverage}; "
-      f"router LoRA rank {rank}. Validation loss in nats/token; "
-      "other = mean over the other languages; gain = base - tuned.\n\n"
+def _header(ctx: _Context, model_dir: str, step: int, coverage: float) -> str:
+  return (
+      f"Fine-tuning {model_dir} (step {step}) on {ctx.code} for "
+      f"{ctx.steps} steps (AdamW, constant lr {ctx.learning_rate}); "
+      f"ESFT coverage p={coverage}; router LoRA rank {ctx.lora_rank}. "
+      "Validation loss in nats/token; other = mean over the other "
+      "languages; gain = base - tuned.\n\n"
   )
-  text = header + method_runs.markdown_table(rows, COLUMNS) + "\n"
-  print(text)
-  method_runs.write_text(output or os.path.join(model_dir, "finetune.md"), text)
-  return rows
 
 
 def main(argv):

@@ -3,15 +3,18 @@
 Shared by scripts/moefy.py, scripts/expert_gates.py and scripts/finetune.py
 (the related-methods experiments): restore the parameters a trainer run
 saved, evaluate any parameters on whole SeqIO validation splits per language
-(the batches of the eval binary, `tiered_routing.eval.eval_batches`), and
-write Markdown tables.
+(the batches of the eval binary, `tiered_routing.eval.eval_batches`),
+compare two models' logits row by row, and write Markdown tables.
 """
 
 import contextlib
+import functools
 import os
+import tempfile
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import seqio
 
@@ -23,6 +26,7 @@ from tiered_routing import train_state
 from tiered_routing import trainer
 from tiered_routing.evaluation import metrics
 from tiered_routing.model import transformer
+from tiered_routing.unlearning import token_routing
 
 
 def restore_params(
@@ -111,6 +115,68 @@ class Evaluator:
     return acc.results()
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_fn(config: transformer.DecoderConfig):
+  """Jitted (logits, TokenRouting) of a config (cached: compiled once)."""
+  model = transformer.TieredDecoder(config)
+
+  @jax.jit
+  def forward(params, batch):
+    logits, routed, _ = token_routing.apply_with_routing(
+        model,
+        {"params": params},
+        batch["decoder_input_tokens"],
+        segment_ids_PxBxL=batch["decoder_segment_ids"],
+        positions_PxBxL=batch["decoder_positions"],
+    )
+    return logits, routed
+
+  return forward
+
+
+def compare_rows(evaluator, before, after, exclude: str, on_fn=None):
+  """How far another model's logits moved on validation rows.
+
+  Args:
+    evaluator: its batches are compared.
+    before: (config, params) of the reference model.
+    after: (config, params) of the changed model.
+    exclude: language code whose rows are left out (e.g. a new language).
+    on_fn: optional `on_fn(routing before, routing after)` -> bool [T]
+      marking tokens 'on' a changed expert; a row is on it if any scored
+      token is.
+
+  Returns:
+    (share of rows on it, share of rows whose logits changed at all, max
+    |logit change| over rows not on it). Rows hold packed sequences of one
+    language each.
+  """
+  (base_config, base), (config, params) = before, after
+  base_fn, fn = _forward_fn(base_config), _forward_fn(config)
+  on_count = changed = total = 0
+  max_diff = 0.0
+  excluded = languages.language_id(exclude)
+  keys = ("decoder_input_tokens", "decoder_segment_ids", "decoder_positions")
+  for batch in evaluator.batches:
+    inputs = {k: jnp.asarray(batch[k]) for k in keys}
+    old_logits, base_routed = base_fn(base, inputs)
+    logits, routed = fn(params, inputs)
+    valid = batch["decoder_loss_weights"] > 0
+    uses = np.zeros(valid.shape, bool)
+    if on_fn is not None:
+      uses = np.asarray(on_fn(base_routed, routed)).reshape(valid.shape)
+    diff_BxL = np.abs(np.asarray(logits) - np.asarray(old_logits)).max(-1)
+    diff = np.where(valid, diff_BxL, 0.0).max(-1)
+    is_excluded = batch["decoder_language_ids"] == excluded
+    row = (valid & ~is_excluded).any(-1) & ~(valid & is_excluded).any(-1)
+    row_on = (uses & valid).any(-1)
+    on_count += int((row & row_on).sum())
+    changed += int((row & (diff > 0)).sum())
+    total += int(row.sum())
+    max_diff = max(max_diff, float(diff[row & ~row_on].max(initial=0)))
+  return on_count / max(total, 1), changed / max(total, 1), max_diff
+
+
 def mean_loss(results: Mapping[str, float], codes: Sequence[str]) -> float:
   """Unweighted mean validation loss over the languages `codes`."""
   return float(np.mean([results[f"{c}/loss"] for c in codes]))
@@ -132,7 +198,18 @@ def markdown_table(
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path`, creating directories."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(text)
+  """Writes `text` to `path` atomically, creating directories.
+
+  The text goes to a temporary file next to `path` that then replaces it, so
+  a killed run never leaves a half-written table.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    os.remove(tmp)
+    raise

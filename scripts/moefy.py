@@ -11,8 +11,9 @@ experts, chosen by the oracle partition activation ('positive': sum of
 positive hidden activations, the paper's criterion; 'abs': sum of |h|) or by
 a linear router fitted to the 'positive' scores on training batches;
 'unclustered' splits the hidden units in their trained order instead of by
-k-means (the paper's ablation of the clustering). The whole validation split of every language is evaluated; the table (Markdown)
-goes to stdout and to OUTPUT (default MODEL_DIR/moefication.md).
+k-means (the paper's ablation of the clustering). The whole validation split
+of every language is evaluated; the table (Markdown) goes to stdout and to
+OUTPUT (default MODEL_DIR/moefication.md).
 """
 
 import functools
@@ -121,6 +122,17 @@ def _active_fraction(params, ffn_inputs, model_config) -> float:
   return float(np.mean(shares))
 
 
+def _header(model_dir, step, config, num_experts, permuted, active) -> str:
+  return (
+      f"MoEfication of {model_dir} (step {step}), N={num_experts} "
+      f"experts of {config.d_ff // num_experts} units per dense "
+      f"FFN; activation={config.activation}, gated="
+      f"{config.gated_mlp}. Validation loss (nats/token, mean over "
+      f"languages); permuted dense model: {permuted:.4f}. Hidden units "
+      f"with h > 0 per token: {active:.1%} (mean over FFNs).\n\n"
+  )
+
+
 @gin.configurable("run", module="moefy_script")
 def run(
     *,
@@ -156,10 +168,8 @@ def run(
     evaluator = method_runs.Evaluator(names, scheme, length, batch_size // p)
     dense = evaluator.evaluate(model, params)["macro/loss"]
     start = time.time()
-    moefied = moefication_model.moefy_params(
-        params,
-        moefication.MoeficationConfig(num_experts, kmeans_iterations, seed),
-    )
+    config = moefication.MoeficationConfig(num_experts, kmeans_iterations, seed)
+    moefied = moefication_model.moefy_params(params, config)
     logging.info("Clustered in %.1f s.", time.time() - start)
     permuted = evaluator.evaluate(model, moefied)["macro/loss"]
     ffn_inputs = _router_inputs(
@@ -176,15 +186,8 @@ def run(
     rows = _rows(
         evaluator, model, params, moefied, routed, num_experts, top_ks, dense
     )
-  header = (
-      f"MoEfication of {model_dir} (step {step}), N={num_experts} "
-      f"experts of {model_config.d_ff // num_experts} units per dense "
-      f"FFN; activation={model_config.activation}, gated="
-      f"{model_config.gated_mlp}. Validation loss (nats/token, mean over "
-      f"languages); permuted dense model: {permuted:.4f}. Hidden units "
-      f"with h > 0 per token: {active:.1%} (mean over FFNs).\n\n"
-  )
-  text = header + method_runs.markdown_table(rows, COLUMNS) + "\n"
+  text = _header(model_dir, step, model_config, num_experts, permuted, active)
+  text += method_runs.markdown_table(rows, COLUMNS) + "\n"
   print(text)
   method_runs.write_text(
       output or os.path.join(model_dir, "moefication.md"), text

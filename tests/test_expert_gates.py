@@ -12,6 +12,7 @@ import pytest
 from tiered_routing import expert_gates
 from tiered_routing import expert_params
 from tiered_routing import train_state
+from tiered_routing import trainer
 from tiered_routing.model import transformer
 from tiered_routing.unlearning import token_routing
 
@@ -50,7 +51,11 @@ def _config(sharing, num_partitions, dispatch="sort_gather", **kw):
 
 
 def _batch(num_partitions, new_rows=(0, 1), new_partition=0):
-  """One sequence per row; old languages use tokens < 16, the new one >= 16."""
+  """One sequence per row; old languages use tokens < 16, the new one >= 16.
+
+  Row r ends in r % 3 padding tokens (segment id 0, loss weight 0), as packed
+  batches do: padding must not disturb sequence-gate routing or training.
+  """
   rng = np.random.default_rng(0)
   p = num_partitions
   tokens = rng.integers(1, 16, (p, B, L + 1))
@@ -58,10 +63,14 @@ def _batch(num_partitions, new_rows=(0, 1), new_partition=0):
   for r in new_rows:
     tokens[new_partition, r] = rng.integers(16, V, L + 1)
     langs[new_partition, r] = NEW_LANGUAGE
-  ones = np.ones((p, B, L), np.int32)
+  real = np.broadcast_to(
+      np.arange(L)[None, :] < L - np.arange(B)[:, None] % 3, (p, B, L)
+  )
+  tokens[..., :-1] *= real
+  ones = real.astype(np.int32)
   return {
       "decoder_input_tokens": jnp.asarray(tokens[..., :-1], jnp.int32),
-      "decoder_target_tokens": jnp.asarray(tokens[..., 1:], jnp.int32),
+      "decoder_target_tokens": jnp.asarray(tokens[..., 1:] * real, jnp.int32),
       "decoder_loss_weights": jnp.asarray(ones, jnp.float32),
       "decoder_segment_ids": jnp.asarray(ones),
       "decoder_positions": jnp.broadcast_to(jnp.arange(L), (p, B, L)),
@@ -82,14 +91,44 @@ def _init(config):
 
 
 @functools.lru_cache(maxsize=None)
+def _trained_base(config, steps=8):
+  """A base model trained (AdamW, load-balance loss) on the old languages.
+
+  The batches have padding like packed ones; every step must stay finite
+  (sequence gates once had NaN gradients on padding tokens).
+  """
+  model = transformer.TieredDecoder(config)
+  params = _init(config)
+  tx = optax.adamw(1e-2)
+  step = jax.jit(
+      functools.partial(
+          trainer.train_step,
+          model=model,
+          tx=tx,
+          config=trainer.TrainConfig(train_steps=steps),
+      )
+  )
+  state = trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+  )
+  batch = _batch(config.num_partitions, new_rows=())
+  for _ in range(steps):
+    state, metrics = step(state, batch, jax.random.PRNGKey(0))
+    assert bool(metrics["finite"]), jax.device_get(metrics)
+  return jax.device_get(state.params)
+
+
+@functools.lru_cache(maxsize=None)
 def _forward(config):
   """Jitted (logits, TokenRouting, router logits per MoE layer) of a config."""
   model = transformer.TieredDecoder(config)
 
-  def forward(params, tokens, mask):
+  def forward(params, batch, mask):
     logits, state = model.apply(
         {"params": params},
-        tokens,
+        batch["decoder_input_tokens"],
+        segment_ids_PxBxL=batch["decoder_segment_ids"],
+        positions_PxBxL=batch["decoder_positions"],
         expert_mask_PxE=mask,
         capture_intermediates=token_routing.is_router_call,
         mutable=["intermediates"],
@@ -105,9 +144,7 @@ def _forward(config):
 
 
 def _logits_and_routing(config, params, batch, mask=None):
-  logits, routed, _ = _forward(config)(
-      params, batch["decoder_input_tokens"], mask
-  )
+  logits, routed, _ = _forward(config)(params, batch, mask)
   return np.asarray(logits), routed
 
 
@@ -139,16 +176,26 @@ def _train_new_expert(config, params, batch, owners, steps=25):
   return state.params, history, trainable
 
 
+def _assert_only_trainable_moved(before, after, trainable):
+  flat_after = dict(jax.tree_util.tree_flatten_with_path(after)[0])
+  flat_mask = dict(jax.tree_util.tree_flatten_with_path(trainable)[0])
+  for path, old in jax.tree_util.tree_flatten_with_path(before)[0]:
+    mask = np.broadcast_to(flat_mask[path], np.shape(old))
+    np.testing.assert_array_equal(
+        np.asarray(flat_after[path])[~mask], np.asarray(old)[~mask]
+    )
+
+
 @pytest.mark.parametrize(
-    "sharing,num_partitions,owners,num_layers",
-    [("all", 1, (0,), 2), ("none", 2, (1,), 1)],
+    "sharing,num_partitions,owners,num_layers,trained_base",
+    [("all", 1, (0,), 2, True), ("none", 2, (1,), 1, False)],
 )
 def test_new_expert_leaves_old_sequences_bitwise_unchanged(
-    sharing, num_partitions, owners, num_layers
+    sharing, num_partitions, owners, num_layers, trained_base
 ):
   config = _config(sharing, num_partitions, num_layers=num_layers)
   batch = _batch(num_partitions, new_partition=owners[0])
-  params = _init(config)
+  params = (_trained_base if trained_base else _init)(config)
   old_logits, _ = _logits_and_routing(config, params, batch)
 
   grown, grown_config = expert_gates.add_expert(
@@ -159,16 +206,7 @@ def test_new_expert_leaves_old_sequences_bitwise_unchanged(
       grown_config, grown, batch, owners, steps=20
   )
   # Only the added expert (weights + gate row) of the owners moved.
-  for path, before in jax.tree_util.tree_flatten_with_path(grown)[0]:
-    after = jax.tree_util.tree_flatten_with_path(trained)[0]
-    after = dict(after)[path]
-    mask = np.broadcast_to(
-        dict(jax.tree_util.tree_flatten_with_path(trainable)[0])[path],
-        np.shape(before),
-    )
-    np.testing.assert_array_equal(
-        np.asarray(after)[~mask], np.asarray(before)[~mask]
-    )
+  _assert_only_trainable_moved(grown, trained, trainable)
   assert history[-1]["lm_loss"] < history[0]["lm_loss"] - 0.5
   mask = expert_gates.owner_expert_mask(grown_config, owners)
   new_logits, routed = _logits_and_routing(grown_config, trained, batch, mask)
@@ -185,6 +223,58 @@ def test_new_expert_leaves_old_sequences_bitwise_unchanged(
   # The new language's rows use the new expert after training.
   new_rows = ~np.asarray(old_row)
   assert uses.any(-1)[new_rows].all()
+
+  # Removing the trained expert gives back the base model exactly: its
+  # sequences route around it to their old experts (exact forgetting).
+  back, back_config = expert_gates.remove_expert(trained, grown_config, E)
+  assert back_config == config
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  if mask is None:  # Old-expert removal once (compile time).
+    _check_removal_reroutes(grown_config, trained, batch)
+
+
+def _check_removal_reroutes(config, params, batch):
+  """Removing an old expert of a trained model reroutes only its users."""
+  logits, routed = _logits_and_routing(config, params, batch)
+  valid = np.asarray(batch["decoder_segment_ids"]).reshape(-1) > 0
+  old_idx = np.asarray(routed.expert_index_LxTxK)
+  row_uses_ExR = np.stack(
+      [
+          ((old_idx == e).any(axis=(0, 2)) & valid).reshape(-1, L).any(-1)
+          for e in range(config.num_experts)
+      ]
+  )
+  # An old expert (not the added last one) some rows use and others do not.
+  some = (row_uses_ExR.any(1) & ~row_uses_ExR.all(1))[:-1]
+  removed = int(np.flatnonzero(some)[0])
+  small, small_config = expert_gates.remove_expert(params, config, removed)
+  assert small_config.num_experts == config.num_experts - 1
+  for i in range(config.num_layers):
+    moe = small["decoder"][f"layers_{i}"]["moe"]
+    full = params["decoder"][f"layers_{i}"]["moe"]["expert"]["wo"]
+    assert moe["router"]["gates"].shape == (config.num_experts - 1, 16)
+    np.testing.assert_array_equal(
+        moe["expert"]["wo"],
+        np.concatenate([full[:removed], full[removed + 1 :]]),
+    )
+  new_logits, new_routed = _logits_and_routing(small_config, small, batch)
+  assert np.isfinite(new_logits).all()
+  # First MoE layer: its input does not depend on the removal, so every
+  # token goes to its old top-k with `removed` replaced by the next best.
+  layer_logits = _forward(config)(params, batch, None)[2]
+  order = np.argsort(-np.asarray(layer_logits[0]), axis=-1, kind="stable")
+  expected = [
+      [e - (e > removed) for e in row if e != removed][:2] for row in order
+  ]
+  np.testing.assert_array_equal(
+      np.sort(np.asarray(new_routed.expert_index_LxTxK[0]), -1)[valid],
+      np.sort(np.asarray(expected), -1)[valid],
+  )
+  # Rows that never used the removed expert compute exactly the same.
+  used = row_uses_ExR[removed].reshape(logits.shape[:2])
+  np.testing.assert_array_equal(new_logits[~used], logits[~used])
+  with pytest.raises(ValueError, match="experts"):
+    expert_gates.remove_expert(params, config, config.num_experts)
 
 
 def test_add_expert_copies_source_and_appends_gate_row():
@@ -220,52 +310,6 @@ def test_add_expert_copies_source_and_appends_gate_row():
     expert_gates.add_expert(
         params, dataclasses.replace(config, router="token_topk")
     )
-
-
-def test_remove_expert_reroutes_to_next_best():
-  config = _config("all", 1)
-  batch = _batch(1)
-  params = _init(config)
-  logits, routed = _logits_and_routing(config, params, batch)
-  old_idx = np.asarray(routed.expert_index_LxTxK)
-  row_uses_ExR = np.stack(
-      [(old_idx == e).any(axis=(0, 2)).reshape(B, L).any(-1) for e in range(E)]
-  )
-  # An expert some rows use and others do not (the data are fixed).
-  removed = int(np.flatnonzero(row_uses_ExR.any(1) & ~row_uses_ExR.all(1))[0])
-  small, small_config = expert_gates.remove_expert(params, config, removed)
-  assert small_config.num_experts == E - 1
-  for i in range(2):
-    moe = small["decoder"][f"layers_{i}"]["moe"]
-    assert moe["expert"]["wi"].shape == (E - 1, 16, 8)
-    assert moe["router"]["gates"].shape == (E - 1, 16)
-    full = params["decoder"][f"layers_{i}"]["moe"]["expert"]["wo"]
-    np.testing.assert_array_equal(
-        moe["expert"]["wo"],
-        np.concatenate([full[:removed], full[removed + 1 :]]),
-    )
-  new_logits, new_routed = _logits_and_routing(small_config, small, batch)
-  assert np.isfinite(new_logits).all()
-  # First MoE layer: its input does not depend on the removal, so every
-  # token goes to its old top-k with `removed` replaced by the next best.
-  layer_logits = _forward(config)(params, batch["decoder_input_tokens"], None)[
-      2
-  ]
-  assert len(layer_logits) == 2
-  scores = np.asarray(layer_logits[0])  # Tree order: layers_0 first.
-  order = np.argsort(-scores, axis=-1, kind="stable")
-  expected = [
-      [e - (e > removed) for e in row if e != removed][:2] for row in order
-  ]
-  np.testing.assert_array_equal(
-      np.sort(np.asarray(new_routed.expert_index_LxTxK[0]), -1),
-      np.sort(np.asarray(expected), -1),
-  )
-  # Rows that never used the removed expert compute exactly the same.
-  used = row_uses_ExR[removed][None]
-  np.testing.assert_array_equal(new_logits[~used], logits[~used])
-  with pytest.raises(ValueError, match="experts"):
-    expert_gates.remove_expert(params, config, E)
 
 
 def test_owner_mask_and_new_expert_ids():

@@ -1,7 +1,12 @@
 """Tests for tiered_routing.finetune (ESFT, forced routing, router LoRA)."""
 
 import functools
+import importlib.util
+import inspect
+import os
+import sys
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +14,7 @@ import pytest
 
 from tiered_routing import expert_params
 from tiered_routing import finetune
+from tiered_routing import gin_flags
 from tiered_routing import languages
 from tiered_routing import optimizers
 from tiered_routing import train_state
@@ -259,3 +265,55 @@ def test_router_lora_adds_only_adapters_and_starts_at_base(sharing, router):
     if expert_params.path_names(names)[-1] == "lora_b":
       assert bool(jnp.any(b != 0)), names
   assert not np.array_equal(logits(params, state.params)[1], base_logits)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script(name):
+  """Imports scripts/<name>.py (registers its gin configurable once)."""
+  module_name = f"rm_test_script_{name}"
+  if module_name not in sys.modules:
+    path = os.path.join(REPO_ROOT, "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    sys.modules[module_name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules[module_name])
+  return sys.modules[module_name]
+
+
+@pytest.mark.parametrize(
+    "script,files",
+    [
+        ("expert_gates", ["gin/experiments/expert_gates.gin"]),
+        (
+            "moefy",
+            ["gin/experiments/moefication.gin", "gin/experiments/moefy.gin"],
+        ),
+        (
+            "finetune",
+            ["gin/experiments/esft.gin", "gin/experiments/finetune.gin"],
+        ),
+    ],
+)
+def test_method_gin_files_bind_every_required_script_argument(script, files):
+  # tests/test_gin_files.py skips script configurables it cannot import;
+  # here the scripts are imported, so gin checks every bound name against
+  # the signature and every required argument must be bound.
+  module = _load_script(script)
+  gin.clear_config()
+  try:
+    gin_flags.parse_gin(
+        files,
+        ["MODEL_DIR = '/tmp/unused'"],
+        [REPO_ROOT],
+        module.REQUIRED_MACROS,
+    )
+    signature = inspect.signature(module.run)
+    required = [
+        n for n, p in signature.parameters.items() if p.default is gin.REQUIRED
+    ]
+    assert required
+    for name in required:
+      assert gin.query_parameter(f"{script}_script.run.{name}") is not None
+  finally:
+    gin.clear_config()

@@ -77,10 +77,12 @@ def resized_config(
         f"{config.top_k}; remove fewer experts."
     )
   scale = num_experts / config.num_experts
+  # Rounded so that adding then removing an expert gives back the original
+  # config exactly (equal configs share compiled functions).
   return dataclasses.replace(
       config,
       num_experts=num_experts,
-      capacity_factor=config.capacity_factor * scale,
+      capacity_factor=round(config.capacity_factor * scale, 12),
   )
 
 

@@ -32,6 +32,11 @@ from tiered_routing import moefication
 ROUTINGS = ("oracle", "learned")
 ROUTER_NAME = "moefication_router"  # Extra params next to a converted Mlp.
 MLP_NAME = "mlp"  # Dense FFNs of decoder blocks (not MoE 'shared_mlp').
+_INPUT_FEATURES = (
+    "decoder_input_tokens",
+    "decoder_segment_ids",
+    "decoder_positions",
+)
 
 
 def _is_dense_mlp(names: tuple[str, ...]) -> bool:
@@ -136,9 +141,16 @@ def collect_mlp_inputs(
 ) -> dict:
   """Inputs of every dense FFN on the scored tokens of `batches`.
 
+  Args:
+    model: a dense `TieredDecoder`.
+    params: its parameters.
+    batches: [P, B/P, L] feature batches (`decoder_input_tokens`,
+      `decoder_loss_weights`, and for packed rows `decoder_segment_ids` and
+      `decoder_positions`).
+
   Returns:
-    {FFN path: float32 [..., T, D]} with the leading axes of the FFN's
-    parameters (partition-private FFNs keep their partitions apart).
+    {FFN path: float32 [..., T, D]}, leading axes as the FFN's parameters'
+    (partition-private FFNs keep their partitions apart).
   """
 
   def interceptor(next_fun, args, kwargs, context):
@@ -147,16 +159,24 @@ def collect_mlp_inputs(
     return next_fun(*args, **kwargs)
 
   @jax.jit
-  def run(params, tokens):
+  def run(params, tokens, segment_ids, positions):
     with nn.intercept_methods(interceptor):
       _, state = model.apply(
-          {"params": params}, tokens, mutable=["intermediates"]
+          {"params": params},
+          tokens,
+          segment_ids_PxBxL=segment_ids,
+          positions_PxBxL=positions,
+          mutable=["intermediates"],
       )
     return state["intermediates"]
 
   found: dict[tuple, list] = {}
   for batch in batches:
-    sown = run(params, jnp.asarray(batch["decoder_input_tokens"]))
+    # Packed rows need their segment ids and positions: without them
+    # attention would mix the packed sequences and the inputs the routers
+    # are fitted on would not be the ones they see at evaluation.
+    features = [batch.get(k) for k in _INPUT_FEATURES]
+    sown = run(params, *(f if f is None else jnp.asarray(f) for f in features))
     valid = np.asarray(batch["decoder_loss_weights"]) > 0
     for path, x in jax.tree_util.tree_flatten_with_path(sown)[0]:
       names = expert_params.path_names(path)
