@@ -59,29 +59,41 @@ def setup(request):
   return (config,) + _random_params(config)
 
 
-def _reference_argmax(model, params, prompt, generated, partition):
+def _reference_argmax(model, params, prompts, generated, partition):
   """Argmax of the model's logits after each prefix, from one causal apply.
 
   The model is causal (token-choice router, dropless dispatch), so the
-  logits at position t of the whole unpadded sequence are those of the
-  prefix ending at t: greedy decoding must pick exactly these tokens.
+  logits at position t of a whole sequence are those of the prefix ending
+  at t, whatever follows (here: zero padding of the shorter rows): greedy
+  decoding must pick exactly these tokens.
   """
-  seq = [generation.BOS_ID] + list(prompt) + list(generated)
-  # Every partition's row holds the sequence: no padding anywhere.
-  tokens = jnp.broadcast_to(jnp.asarray(seq, jnp.int32), (P, 1, len(seq)))
-  logits = jax.jit(model.apply)({"params": params}, tokens)[partition, 0]
-  start = len(prompt)  # position of the last prompt token (BOS shifts by 1)
-  return np.argmax(logits[start : start + len(generated)], axis=-1).tolist()
+  rows = [
+      [generation.BOS_ID] + list(p) + list(g)
+      for p, g in zip(prompts, generated)
+  ]
+  width = max(map(len, rows))
+  tokens = np.zeros((len(rows), width), np.int32)
+  for b, row in enumerate(rows):
+    tokens[b, : len(row)] = row
+  # Every partition's block holds the rows: no partition is empty.
+  logits = jax.jit(model.apply)(
+      {"params": params}, jnp.asarray(np.stack([tokens] * P))
+  )[partition]
+  n = len(generated[0])
+  return [  # position len(prompt) predicts the first new token (BOS shift)
+      np.argmax(logits[b, len(p) : len(p) + n], axis=-1).tolist()
+      for b, p in enumerate(prompts)
+  ]
 
 
 def test_greedy_matches_reference_and_batching(setup):
   config, model, params = setup
   gen = generation.Generator(config, params, partition=1)
   greedy = generation.SamplingConfig(max_new_tokens=N)
-  got = gen.generate([[5, 9, 3], [7]], greedy)
+  prompts = [[5, 9, 3], [7]]
+  got = gen.generate(prompts, greedy)
   assert got.shape == (2, N) and got.dtype == np.int32
-  for prompt, row in zip([[5, 9, 3], [7]], got):
-    assert row.tolist() == _reference_argmax(model, params, prompt, row, 1)
+  assert got.tolist() == _reference_argmax(model, params, prompts, got, 1)
   # A row's tokens do not depend on the other rows (dropless dispatch).
   swapped = gen.generate([[7], [2, 2, 2, 2]], greedy)
   assert swapped[0].tolist() == got[1].tolist()
