@@ -5,4 +5,9 @@ Modules:
                  mutual information, Jensen-Shannon divergence,
                  compartmentalization of one language.
   plots          PNG heatmaps of usage and divergence matrices.
+  restore        params of a trained MODEL_DIR onto the current devices.
+  report         per-layer, per-language statistics -> CSV, JSON, PNGs.
+  checkpoint_analysis
+                 restore + per-language validation routing + report (the
+                 library side of scripts/analyze_routing.py).
 """

@@ -79,19 +79,18 @@ def analyze_checkpoint(
     model_dir: the training run's directory.
     config: its model config.
     scheme: its tier-1 partition scheme.
-    validation: see `collect`.
-    vocabulary: see `collect`.
+    validation, vocabulary, rows_per_batch: see `collect`.
     output_dir: where `report.write_report` writes.
     top_m: m of the top-m coverage.
     step: checkpoint step; None = the newest.
     mesh: target mesh; default all current devices on 'data'.
-    rows_per_batch: see `collect`.
     weighted: statistics of gate mass instead of slot counts.
     make_plots: also write the PNG heatmaps.
 
   Returns:
     (the report, {kind: path written}).
   """
+  report_lib.check_top_m(top_m, config)  # Before the slow part.
   mesh = mesh or partitioning.make_mesh(partitioning.MeshConfig())
   step, params = restore.restore_params(model_dir, config, mesh=mesh, step=step)
   result = collect(

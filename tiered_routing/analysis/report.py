@@ -126,6 +126,15 @@ class RoutingReport:
   metadata: Mapping[str, Any]
 
 
+def check_top_m(top_m: int, config: transformer.DecoderConfig) -> None:
+  """Raises ValueError unless 1 <= top_m <= E (experts per partition)."""
+  if not isinstance(top_m, int) or not 1 <= top_m <= config.num_experts:
+    raise ValueError(
+        f"top_m={top_m!r}; allowed: 1..{config.num_experts} (experts per "
+        "partition)."
+    )
+
+
 def reachable_experts(
     config: transformer.DecoderConfig, partition: int
 ) -> np.ndarray:
@@ -201,11 +210,7 @@ def build_report(
         f"Scheme {scheme.name!r} has {scheme.num_partitions} partitions, "
         f"the model {config.num_partitions}."
     )
-  if not isinstance(top_m, int) or not 1 <= top_m <= config.num_experts:
-    raise ValueError(
-        f"top_m={top_m!r}; allowed: 1..{config.num_experts} (experts per "
-        "partition)."
-    )
+  check_top_m(top_m, config)
   partition_N = scheme.language_to_partition_table()
   layers = tuple(
       _layer_stats(
