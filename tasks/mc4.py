@@ -18,6 +18,7 @@ from tasks import naming
 from tasks import preprocessors
 from tasks import vocab
 from tiered_routing import languages
+from tiered_routing.evaluation import metrics
 
 TFDS_NAME = "c4/multilingual:3.1.0"
 JSON_DIR_ENV_VAR = "TR_MC4_JSON_DIR"
@@ -63,6 +64,15 @@ class C4JsonDataSource(seqio.FileDataSource):
     return seqio.utils.list_files(pattern)
 
 
+def _eval_args() -> dict:
+  """Score metrics for seqio.Evaluator (see tiered_routing.evaluation)."""
+  vocabulary = vocab.get_vocabulary()
+  return {
+      "postprocess_fn": metrics.scored_target_postprocessor(vocabulary),
+      "metric_fns": metrics.score_metric_fns(vocabulary),
+  }
+
+
 def register() -> None:
   """Registers both mC4 sources for all 16 languages (idempotent)."""
   registered = set(seqio.TaskRegistry.names())
@@ -75,7 +85,7 @@ def register() -> None:
           source=seqio.TfdsDataSource(TFDS_NAME, splits=tfds_splits(lang.code)),
           preprocessors=preprocessors.lm_preprocessors(lang_id),
           output_features=vocab.output_features(),
-          metric_fns=[],
+          **_eval_args(),
       )
     name = naming.task_name("mc4_json", lang.code)
     if name not in registered:
@@ -87,7 +97,7 @@ def register() -> None:
               *preprocessors.lm_preprocessors(lang_id),
           ],
           output_features=vocab.output_features(),
-          metric_fns=[],
+          **_eval_args(),
       )
 
 

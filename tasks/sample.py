@@ -12,6 +12,7 @@ from tasks import preprocessors
 from tasks import vocab
 from tiered_routing import data
 from tiered_routing import languages
+from tiered_routing.evaluation import metrics
 
 SOURCE = "sample"
 
@@ -44,7 +45,12 @@ def register() -> None:
             languages.language_id(lang.code)
         ),
         output_features=vocab.output_features(),
-        metric_fns=[],
+        # Score metrics (loss, perplexity, bits per byte) for seqio.Evaluator
+        # with a score_fn; see tiered_routing.evaluation.seqio_eval.
+        postprocess_fn=metrics.scored_target_postprocessor(
+            vocab.get_vocabulary()
+        ),
+        metric_fns=metrics.score_metric_fns(vocab.get_vocabulary()),
     )
 
 

@@ -7,6 +7,7 @@ with that of an uninterrupted run bitwise. The eval binary then restores the
 checkpoint onto this process's 8-device mesh.
 """
 
+import json
 import math
 import os
 import signal
@@ -201,6 +202,83 @@ def test_eval_binary_reports_every_language(runs, clean_gin):
   assert results["all/num_tokens"] == total_tokens
   path = os.path.join(model_dir, "eval", f"validation_step_{TRAIN_STEPS}.json")
   assert os.path.exists(path)
+
+
+# One language per partition of family2 (si: p0, en: p1) keeps the SeqIO and
+# routed passes short; capacity_factor = num_experts / top_k drops no token,
+# so unpacked rows (SeqIO, routing) score exactly like packed ones.
+ROUTED_EVAL_BINDINGS = [
+    "MIXTURE_OR_TASK_NAME = ['tr.sample.si_v1', 'tr.sample.en_v1']",
+    "BATCH_SIZE = 32",
+    "ENSEMBLE_TOP_K = 1",
+    "tiered_routing.DecoderConfig.capacity_factor = 2.0",
+]
+
+
+@pytest.fixture(scope="module")
+def routed_eval_results(runs):
+  """The eval binary with gin/runs/eval_routing.gin: all three paths."""
+  model_dir = runs[1]
+  gin.clear_config()
+  try:
+    gin_flags.parse_gin(
+        GIN_FILES + ["gin/runs/eval_routing.gin"],
+        _bindings(model_dir) + ROUTED_EVAL_BINDINGS,
+        [REPO_ROOT],
+        eval_lib.REQUIRED_MACROS,
+    )
+    return eval_lib.run()
+  finally:
+    gin.clear_config()
+
+
+def test_seqio_evaluator_equals_fast_path(routed_eval_results):
+  r = routed_eval_results
+  for code in ("si", "en"):
+    for metric in ("loss", "bits_per_byte", "num_tokens", "num_bytes"):
+      fast = r[f"{code}/{metric}"]
+      assert r[f"seqio/{code}/{metric}"] == pytest.approx(fast, rel=1e-5)
+      oracle = r[f"routing/oracle/{code}/{metric}"]
+      assert oracle == pytest.approx(fast, rel=1e-5)
+    assert r[f"seqio/{code}/perplexity"] == pytest.approx(
+        math.exp(r[f"{code}/loss"]), rel=1e-5
+    )
+  assert not [k for k in r if k.startswith("seqio/") and "/hi/" in k]
+
+
+def test_routed_eval_reports_every_mode_and_its_cost(runs, routed_eval_results):
+  r = routed_eval_results
+  ens = "routing/ensemble_posterior_top1"
+  for code in ("si", "en", "all", "macro"):
+    # A one-partition ensemble is the classifier's partition alone.
+    for metric in ("loss", "bits_per_byte"):
+      assert r[f"{ens}/{code}/{metric}"] == pytest.approx(
+          r[f"routing/classifier/{code}/{metric}"], rel=1e-6
+      )
+      cost = r[f"routing/classifier/{code}/{metric}_cost"]
+      assert cost == pytest.approx(
+          r[f"routing/classifier/{code}/{metric}"]
+          - r[f"routing/oracle/{code}/{metric}"]
+      )
+  for code in ("si", "en"):
+    assert r[f"routing/classifier/{code}/routing_accuracy"] == 1.0
+  path = os.path.join(runs[1], "eval", f"validation_step_{TRAIN_STEPS}.json")
+  with open(path) as f:
+    record = json.load(f)
+  assert record["routing_config"]["top_k"] == 1
+  assert record[f"{ens}/all/loss"] == r[f"{ens}/all/loss"]
+
+
+def test_eval_routing_gin_rejects_bad_mode(clean_gin):
+  gin.clear_config()
+  gin_flags.parse_gin(
+      GIN_FILES + ["gin/runs/eval_routing.gin"],
+      _bindings("/tmp/unused") + ["INFERENCE_ROUTING = ['oracle', 'oracel']"],
+      [REPO_ROOT],
+      eval_lib.REQUIRED_MACROS,
+  )
+  with pytest.raises(ValueError, match=r"'oracel'; allowed: \('oracle'"):
+    eval_lib.run()
 
 
 def test_bytes_per_language_counts_detokenized_text():

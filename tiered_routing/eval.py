@@ -11,10 +11,20 @@ language goes through its own partition's parameters. Bits per byte divide
 the summed loss (in bits) by the UTF-8 bytes of the detokenized evaluated
 tokens, which makes models with different vocabularies comparable.
 
+Two further paths (gin/runs/eval_routing.gin), each on unpacked rows:
+  * `routing`: tier-1 inference routing (`evaluation.routed_eval`): every
+    mode's per-language loss and bits per byte ('routing/{mode}/...'), its
+    routing accuracy against the oracle and its utility cost (mode - oracle),
+    also printed as a table. The classifier is fit on the tasks' train split.
+  * `seqio_evaluator`: SeqIO's own evaluation (`evaluation.seqio_eval`): a
+    `seqio.Evaluator` per partition mixture, scored by the tasks' score
+    metric fns from the model's per-example log-likelihoods ('seqio/...').
+
 Writes MODEL_DIR/eval/<split>_step_<N>.json and TensorBoard scalars plus
 metrics.jsonl in MODEL_DIR/eval.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -40,7 +50,11 @@ from tiered_routing import partitions
 from tiered_routing import train  # pylint: disable=unused-import
 from tiered_routing import train_state
 from tiered_routing import trainer
+from tiered_routing.evaluation import classifier
 from tiered_routing.evaluation import metrics
+from tiered_routing.evaluation import routed_eval
+from tiered_routing.evaluation import scoring
+from tiered_routing.evaluation import seqio_eval
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -49,6 +63,9 @@ REQUIRED_MACROS = (
     "MIXTURE_OR_TASK_NAME",
     "BATCH_SIZE",
     "TASK_FEATURE_LENGTHS",
+)
+RoutingConfig = gin.external_configurable(
+    routed_eval.RoutingConfig, module="eval_script"
 )
 
 
@@ -156,7 +173,11 @@ def _restore_params(model_dir, model, mesh, batch_shape, step):
 
 
 def _write_results(
-    model_dir: str, split: str, step: int, results: Mapping[str, Any]
+    model_dir: str,
+    split: str,
+    step: int,
+    results: Mapping[str, Any],
+    extra: Optional[Mapping[str, Any]] = None,
 ) -> str:
   out_dir = os.path.join(model_dir, "eval")
   writer = metrics_writer.MetricsWriter(out_dir)
@@ -166,9 +187,8 @@ def _write_results(
   if jax.process_index() == 0:
     tmp = f"{path}.tmp-{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "w") as f:
-      json.dump(
-          {"step": step, "split": split, **results}, f, indent=1, sort_keys=True
-      )
+      record = {"step": step, "split": split, **results, **(extra or {})}
+      json.dump(record, f, indent=1, sort_keys=True)
     tf.io.gfile.rename(tmp, path, overwrite=True)
   return path
 
@@ -196,6 +216,37 @@ def evaluate(
   return accumulator
 
 
+def evaluate_unpacked(
+    model, params, mesh, data, routing, seqio_evaluator, step=None
+) -> dict[str, float]:
+  """The routed and / or SeqIO paths (see the module doc).
+
+  Args:
+    data: (mixture or task names, scheme, length, rows, split, vocabulary).
+  """
+  names, scheme, length, rows, split, vocabulary = data
+  scorer = scoring.PartitionScorer(model, params, mesh, rows)
+  out = {}
+  if routing is not None:
+    clf = None
+    if routing.needs_classifier:
+      texts = seqio_eval.train_texts(names, routing.classifier_docs)
+      clf = classifier.LanguageClassifier().fit(texts)
+    routed = routed_eval.RoutedScorer(scorer, scheme, vocabulary, routing, clf)
+    batches = seqio_eval.unpacked_batches(names, scheme, length, rows, split)
+    out.update(routed_eval.evaluate(routed, batches))
+    print(routed_eval.format_table(out, routing.labels), flush=True)
+  if seqio_evaluator:
+    oracle = routed_eval.RoutedScorer(
+        scorer, scheme, vocabulary, routed_eval.RoutingConfig("oracle")
+    )
+    score_fn = seqio_eval.make_score_fn(oracle)
+    out.update(
+        seqio_eval.evaluate(names, scheme, length, score_fn, split, step)
+    )
+  return out
+
+
 @gin.configurable("evaluate", module="eval_script")
 def run(
     *,
@@ -209,13 +260,22 @@ def run(
     checkpoint_step: Optional[int] = None,
     split: str = "validation",
     pack: bool = True,
+    routing: Optional[routed_eval.RoutingConfig] = None,
+    seqio_evaluator: bool = False,
 ) -> dict[str, float]:
   """Evaluates a checkpoint of model_dir (default: the newest).
+
+  Args:
+    routing: also evaluate these tier-1 inference routing modes.
+    seqio_evaluator: also run seqio.Evaluator with the oracle score_fn.
+    (others: see gin/runs/eval.gin)
 
   Returns:
     Flat metrics '{code}/loss', '{code}/perplexity', '{code}/bits_per_byte',
     '{code}/num_tokens', '{code}/num_bytes', the pooled 'all/...' and the
-    unweighted language mean 'macro/...'.
+    unweighted language mean 'macro/...'; with `routing`, the same under
+    'routing/{mode}/' plus routing accuracy and '..._cost' (mode - oracle);
+    with `seqio_evaluator`, 'seqio/{code}/...'.
   """
   p = model_config.num_partitions
   if scheme.num_partitions != p or batch_size % p:
@@ -234,8 +294,18 @@ def run(
     batches = eval_batches(names, scheme, length, batch_size // p, split, pack)
     vocabulary = _tasks_of(names[0])[0].output_features["targets"].vocabulary
     accumulator = evaluate(model, params, batches, mesh, vocabulary)
-  results = accumulator.results()
-  path = _write_results(model_dir, split, step, results)
+    results = accumulator.results()
+    if routing is not None or seqio_evaluator:
+      data = (names, scheme, length, batch_size // p, split, vocabulary)
+      results.update(
+          evaluate_unpacked(
+              model, params, mesh, data, routing, seqio_evaluator, step
+          )
+      )
+  extra = None
+  if routing is not None:
+    extra = {"routing_config": dataclasses.asdict(routing)}
+  path = _write_results(model_dir, split, step, results, extra)
   logging.info(
       "Step %d %s: all/loss %.4f, all/bits_per_byte %.4f -> %s",
       step,

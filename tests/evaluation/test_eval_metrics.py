@@ -7,6 +7,7 @@ import pytest
 import seqio
 import sentencepiece as spm
 
+import tasks  # pylint: disable=unused-import
 from tiered_routing import data
 from tiered_routing.evaluation import metrics
 
@@ -113,6 +114,45 @@ def test_seqio_recognises_score_metrics():
   text = data.split_paragraphs("en", "validation")[0]
   out = fns[2]([text], [-10.0])
   assert out["num_tokens"] == len(vocab.encode(text)) + 1
+
+
+def test_scored_targets_count_the_example_not_the_document():
+  vocab = seqio.SentencePieceVocabulary(data.vocab_path())
+  post = metrics.scored_target_postprocessor(vocab)
+  text = "All human beings are born free and equal."
+  ids = vocab.encode(text)
+  # Two chunks of one document, as split_to_length makes them: each carries
+  # the whole document as targets_pretokenized.
+  chunks = [ids[:3], ids[3:] + [1]]  # 1 = EOS
+  targets = [
+      post(text, example={"targets": np.array(c)}, is_target=True)
+      for c in chunks
+  ]
+  assert targets[0] == metrics.ScoredTarget(vocab.decode(chunks[0]), 3)
+  assert targets[1].num_tokens == len(ids) - 3 + 1
+  assert post("pred", example={"targets": ids}, is_target=False) == "pred"
+  scores = [-2.0, -6.0]
+  num_bytes = sum(len(t.text.encode()) for t in targets)
+  assert num_bytes < 2 * len(text)  # the document would count twice
+  out = metrics.bits_per_byte_metric(targets, scores)
+  assert out["num_bytes"] == num_bytes
+  tok = metrics.score_metric_fns(vocab)[2](targets, scores)
+  assert tok["num_tokens"] == len(ids) + 1
+  assert tok["loss"] == pytest.approx(8.0 / (len(ids) + 1))
+
+
+def test_sample_tasks_register_score_metrics():
+  task = seqio.get_mixture_or_task("tr.sample.hi_v1")
+  assert len(task.score_metric_fns) == 3 and not task.predict_metric_fns
+  ex = next(
+      task.get_dataset(
+          {"targets": 16}, split="validation", shuffle=False
+      ).as_numpy_iterator()
+  )
+  target = task.postprocess_fn(
+      ex["targets_pretokenized"], example=ex, is_target=True
+  )
+  assert target.num_tokens == len(ex["targets"]) == 16
 
 
 def test_piece_num_bytes_counts_text_bytes():

@@ -248,12 +248,58 @@ class LanguageLossAccumulator:
 
 
 # ---------------------------------------------------------------------------
-# SeqIO score metrics. SeqIO calls them with the postprocessed targets (the
-# detokenized text) and the per-example scores of a `score_fn`; T5X's
-# `score_batch` returns each example's summed token log-likelihood, so the
-# NLL is -score.
+# SeqIO score metrics. SeqIO calls them with the postprocessed targets and
+# the per-example scores of a `score_fn`; T5X's `score_batch` returns each
+# example's summed token log-likelihood, so the NLL is -score.
+#
+# A target is plain text or a `ScoredTarget`. Plain text is SeqIO's default
+# (`targets_pretokenized`, else the decoded ids), but the LM tasks split long
+# documents into several examples that all carry the whole document as
+# `targets_pretokenized`, so that text would count a document's bytes once
+# per chunk; and re-encoding text need not give back the scored tokens (a
+# chunk may start mid-word). The tasks' `scored_target_postprocessor` hands
+# the metrics each example's own text and token count instead.
 
-MetricFn = Callable[[Sequence[str], Sequence[float]], Mapping[str, float]]
+
+@dataclasses.dataclass(frozen=True)
+class ScoredTarget:
+  """What one scored example holds: its decoded text and its token count.
+
+  Attributes:
+    text: the detokenized target ids of the example (not the document).
+    num_tokens: scored tokens, EOS included.
+  """
+
+  text: str
+  num_tokens: int
+
+
+Target = str | bytes | ScoredTarget
+MetricFn = Callable[[Sequence[Target], Sequence[float]], Mapping[str, float]]
+
+
+def scored_target_postprocessor(vocabulary) -> Callable[..., object]:
+  """A SeqIO `postprocess_fn` turning each target into a `ScoredTarget`.
+
+  SeqIO calls `postprocess_fn(text, example=ex, is_target=True)` on targets
+  before score metrics see them; the example's own `targets` ids give the
+  text and token count. Predictions (is_target=False) pass unchanged.
+
+  Args:
+    vocabulary: the task's target vocabulary (`decode(list[int]) -> str`).
+  """
+
+  def postprocess(text, example=None, is_target=False):
+    if not is_target or example is None:
+      return text
+    ids = [int(i) for i in np.asarray(example["targets"]).reshape(-1)]
+    return ScoredTarget(vocabulary.decode(ids), len(ids))
+
+  return postprocess
+
+
+def _text(target: Target) -> str | bytes:
+  return target.text if isinstance(target, ScoredTarget) else target
 
 
 def _check_scores(targets, scores) -> tuple[list, np.ndarray]:
@@ -274,7 +320,7 @@ def bits_per_byte_metric(
 ) -> dict[str, float]:
   """SeqIO score metric: bits per UTF-8 byte of the target texts."""
   targets, scores = _check_scores(targets, scores)
-  num_bytes = sum(num_utf8_bytes(t) for t in targets)
+  num_bytes = sum(num_utf8_bytes(_text(t)) for t in targets)
   return {
       "bits_per_byte": bits_per_byte(-scores.sum(), num_bytes),
       "num_bytes": float(num_bytes),
@@ -294,13 +340,14 @@ def make_token_loss_metric(
 ) -> MetricFn:
   """Builds a SeqIO score metric for token loss and perplexity.
 
-  SeqIO hands score metrics text, not token ids, so tokens are re-counted.
+  A `ScoredTarget` brings its token count; plain text is re-encoded.
 
   Args:
     count_tokens: number of tokens of one target text, e.g.
       `lambda t: len(vocabulary.encode(t))`.
     add_eos: the scored sequences carried an EOS token (SeqIO
-      `Feature(add_eos=True)`) whose log-likelihood is in the score.
+      `Feature(add_eos=True)`) whose log-likelihood is in the score; added to
+      the count of plain-text targets.
 
   Returns:
     `metric_fn(targets, scores) -> {"loss", "perplexity", "num_tokens"}`.
@@ -310,7 +357,12 @@ def make_token_loss_metric(
 
   def token_loss_metric(targets, scores):
     targets, scores = _check_scores(targets, scores)
-    num_tokens = sum(int(count_tokens(t)) + int(add_eos) for t in targets)
+    num_tokens = sum(
+        t.num_tokens
+        if isinstance(t, ScoredTarget)
+        else int(count_tokens(t)) + int(add_eos)
+        for t in targets
+    )
     nll = -scores.sum()
     return {
         "loss": token_loss(nll, num_tokens),
