@@ -118,7 +118,8 @@ class RowScores(NamedTuple):
   Attributes:
     log_likelihood: summed log-likelihood of the row's scored tokens.
     hits: routing decisions that chose the oracle partition (classifier: 1
-      per row; ensemble: per token, the highest-weight partition).
+      per row; ensemble: per token, the highest-weight partition, ties
+      shared).
     decisions: routing decisions made (rows, or scored tokens).
     oracle_weight: summed mixture weight on the oracle partition.
   """
@@ -210,13 +211,19 @@ class RoutedScorer:
     )
     token_ll = ir.mixture_token_log_likelihood(lp_PxBxL, log_w_BxLxP)
     log_w = np.asarray(log_w_BxLxP)
-    top_BxL = log_w.argmax(axis=-1)
+    # A tie (e.g. the uniform prefix weights at a sequence's first token)
+    # counts as 1 / (number of tied partitions) of a hit, not as a hit for
+    # the lowest partition id.
+    top_BxLxP = log_w == log_w.max(axis=-1, keepdims=True)
+    hit_BxL = np.take_along_axis(top_BxLxP, oracle_B[:, None, None], axis=-1)[
+        ..., 0
+    ] / top_BxLxP.sum(axis=-1)
     w_oracle_BxL = np.exp(
         np.take_along_axis(log_w, oracle_B[:, None, None], axis=-1)[..., 0]
     )
     return RowScores(
         ir.sequence_log_likelihood(token_ll, mask_BxL),
-        ((top_BxL == oracle_B[:, None]) * mask_BxL).sum(axis=1),
+        (hit_BxL * mask_BxL).sum(axis=1),
         mask_BxL.sum(axis=1).astype(np.float64),
         (w_oracle_BxL * mask_BxL).sum(axis=1),
     )
