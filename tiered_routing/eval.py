@@ -226,7 +226,7 @@ def evaluate_unpacked(
   """
   names, scheme, length, rows, split, vocabulary = data
   scorer = scoring.PartitionScorer(model, params, mesh, rows)
-  out = {}
+  out = {}  # Empty unless `routing` or `seqio_evaluator`.
   if routing is not None:
     clf = None
     if routing.needs_classifier:
@@ -265,10 +265,7 @@ def run(
 ) -> dict[str, float]:
   """Evaluates a checkpoint of model_dir (default: the newest).
 
-  Args:
-    routing: also evaluate these tier-1 inference routing modes.
-    seqio_evaluator: also run seqio.Evaluator with the oracle score_fn.
-    (others: see gin/runs/eval.gin)
+  `routing` (modes) and `seqio_evaluator` add the module doc's other paths.
 
   Returns:
     Flat metrics '{code}/loss', '{code}/perplexity', '{code}/bits_per_byte',
@@ -295,24 +292,17 @@ def run(
     vocabulary = _tasks_of(names[0])[0].output_features["targets"].vocabulary
     accumulator = evaluate(model, params, batches, mesh, vocabulary)
     results = accumulator.results()
-    if routing is not None or seqio_evaluator:
-      data = (names, scheme, length, batch_size // p, split, vocabulary)
-      results.update(
-          evaluate_unpacked(
-              model, params, mesh, data, routing, seqio_evaluator, step
-          )
-      )
-  extra = None
-  if routing is not None:
-    extra = {"routing_config": dataclasses.asdict(routing)}
+    data = (names, scheme, length, batch_size // p, split, vocabulary)
+    results.update(
+        evaluate_unpacked(
+            model, params, mesh, data, routing, seqio_evaluator, step
+        )
+    )
+  extra = routing and {"routing_config": dataclasses.asdict(routing)}
   path = _write_results(model_dir, split, step, results, extra)
+  bpb = results["all/bits_per_byte"]
   logging.info(
-      "Step %d %s: all/loss %.4f, all/bits_per_byte %.4f -> %s",
-      step,
-      split,
-      results["all/loss"],
-      results["all/bits_per_byte"],
-      path,
+      "Step %d %s: all/bits_per_byte %.4f -> %s", step, split, bpb, path
   )
   return results
 
