@@ -256,6 +256,15 @@ def run(
 def _grow_and_train(config, base, code, data, training, mesh):
   """Adds an expert copied from the new language's favourite and trains it.
 
+  Args:
+    config: the base model's config.
+    base: its parameters.
+    code: the new language.
+    data: (one new-language batch to pick the source expert, an iterator of
+      mixed training batches).
+    training: (steps, optimizer config, gate loss weight).
+    mesh: device mesh.
+
   Returns:
     (grown config, grown params, trained params, trainable entries).
   """
