@@ -56,6 +56,7 @@ from tiered_routing import partitions
 from tiered_routing import train  # pylint: disable=unused-import
 from tiered_routing import train_state
 from tiered_routing import trainer
+from tiered_routing.analysis import restore
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -250,9 +251,7 @@ def run(
   task = naming.task_name("sample", target_language)
   batches = functools.partial(_target_batches, task, scheme, partition, p)
   with partitioning.with_sharding_rules(mesh):
-    step, params = method_runs.restore_params(
-        model_dir, model_config, mesh, (p, rows, length)
-    )
+    step, params = restore.restore_params(model_dir, model_config, mesh=mesh)
     evaluator = method_runs.Evaluator(
         gin_flags.mixture_names(mixture_or_task_name, p), scheme, length, rows
     )

@@ -1,8 +1,8 @@
-"""Checkpoints, per-language evaluation and result tables for method scripts.
+"""Per-language evaluation and result tables for the method scripts.
 
 Shared by scripts/moefy.py, scripts/expert_gates.py and scripts/finetune.py
-(the related-methods experiments): restore the parameters a trainer run
-saved, evaluate any parameters on whole SeqIO validation splits per language
+(the related-methods experiments; they restore parameters with
+`tiered_routing.analysis.restore`): evaluate any parameters on whole SeqIO validation splits per language
 (the batches of the eval binary, `tiered_routing.eval.eval_batches`),
 compare two models' logits row by row, and write Markdown tables.
 """
@@ -11,44 +11,20 @@ import contextlib
 import functools
 import os
 import tempfile
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from tiered_routing import checkpoints
 from tiered_routing import eval as eval_lib
 from tiered_routing import languages
 from tiered_routing import partitions
-from tiered_routing import train_state
 from tiered_routing import trainer
 from tiered_routing.evaluation import metrics
 from tiered_routing.model import transformer
 from tiered_routing.unlearning import token_routing
-
-
-def restore_params(
-    model_dir: str,
-    model_config: transformer.DecoderConfig,
-    mesh,
-    batch_shape,
-    step: Optional[int] = None,
-):
-  """(step, params) of a trainer checkpoint in MODEL_DIR/checkpoints."""
-  model = transformer.TieredDecoder(model_config)
-  _, abstract, shardings = train_state.param_layout(model, mesh, batch_shape)
-  with checkpoints.Checkpointer(
-      os.path.join(model_dir, "checkpoints"), async_save=False
-  ) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {model_dir}/checkpoints.")
-    params = ckpt.restore_params(
-        step, abstract_params=checkpoints.abstract_like(abstract, shardings)
-    )
-  return step, params
 
 
 class Evaluator:

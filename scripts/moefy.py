@@ -41,6 +41,7 @@ from tiered_routing import moefication_model
 from tiered_routing import partitioning
 from tiered_routing import partitions
 from tiered_routing import train  # pylint: disable=unused-import
+from tiered_routing.analysis import restore
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -161,9 +162,7 @@ def run(
   length = gin_flags.task_feature_length(task_feature_lengths)
   model = transformer.TieredDecoder(model_config)
   with partitioning.with_sharding_rules(mesh):
-    step, params = method_runs.restore_params(
-        model_dir, model_config, mesh, (p, batch_size // p, length)
-    )
+    step, params = restore.restore_params(model_dir, model_config, mesh=mesh)
     params = jax.device_get(params)
     evaluator = method_runs.Evaluator(names, scheme, length, batch_size // p)
     dense = evaluator.evaluate(model, params)["macro/loss"]

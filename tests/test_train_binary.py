@@ -191,7 +191,15 @@ def test_operative_config_and_metrics(runs):
 def test_eval_binary_reports_every_language(runs, clean_gin):
   model_dir = runs[1]
   _parse(model_dir, ["gin/runs/eval.gin"])
+  # What a training run that is saving right now has on disk: evaluating
+  # must not delete it (the trainer's own Checkpointer would, on start).
+  in_progress = os.path.join(
+      model_dir, "checkpoints", "999.orbax-checkpoint-tmp-123"
+  )
+  os.makedirs(in_progress)
   results = eval_lib.run()
+  assert os.path.isdir(in_progress)
+  os.rmdir(in_progress)
   for code in languages.CODES:
     assert results[f"{code}/num_tokens"] > 0, code
     assert math.isfinite(results[f"{code}/bits_per_byte"]), code

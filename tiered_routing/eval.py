@@ -39,7 +39,6 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from tiered_routing import checkpoints
 from tiered_routing import configurables  # pylint: disable=unused-import
 from tiered_routing import features
 from tiered_routing import gin_flags
@@ -48,8 +47,8 @@ from tiered_routing import metrics_writer
 from tiered_routing import partitioning
 from tiered_routing import partitions
 from tiered_routing import train  # pylint: disable=unused-import
-from tiered_routing import train_state
 from tiered_routing import trainer
+from tiered_routing.analysis import restore
 from tiered_routing.evaluation import classifier
 from tiered_routing.evaluation import metrics
 from tiered_routing.evaluation import routed_eval
@@ -156,20 +155,6 @@ def bytes_per_language(
         text = vocabulary.decode(targets[row][mask].tolist())
         out[langs[row][mask][0]] += len(text.encode("utf-8"))
   return out
-
-
-def _restore_params(model_dir, model, mesh, batch_shape, step):
-  _, abstract, shardings = train_state.param_layout(model, mesh, batch_shape)
-  with checkpoints.Checkpointer(
-      os.path.join(model_dir, "checkpoints"), async_save=False
-  ) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {model_dir}/checkpoints.")
-    params = ckpt.restore_params(
-        step, abstract_params=checkpoints.abstract_like(abstract, shardings)
-    )
-  return step, params
 
 
 def _write_results(
@@ -285,8 +270,10 @@ def run(
   mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig())
   model = transformer.TieredDecoder(model_config)
   with partitioning.with_sharding_rules(mesh):
-    step, params = _restore_params(
-        model_dir, model, mesh, (p, batch_size // p, length), checkpoint_step
+    # Read-only: evaluating a run that is still training must not clean up
+    # the checkpoint it is writing.
+    step, params = restore.restore_params(
+        model_dir, model_config, mesh=mesh, step=checkpoint_step
     )
     batches = eval_batches(names, scheme, length, batch_size // p, split, pack)
     vocabulary = _tasks_of(names[0])[0].output_features["targets"].vocabulary
