@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tiered_routing import partitioning
+from tiered_routing.model import transformer
 
 MeshConfig = partitioning.MeshConfig
 
@@ -264,3 +265,24 @@ def test_with_sharding_rules_flattened_batch_keeps_layout():
   for shard in x_TxL.addressable_shards:
     np.testing.assert_array_equal(shard.data,
                                   before[shard.device].reshape(-1, 3))
+
+
+@pytest.mark.parametrize("sharing", ["none", "attention"])
+def test_partition_vmapped_model_keeps_activations_sharded(sharing):
+  """Constraints inside the vmap over partitions put the mapped axis on
+  'partition' and each partition's rows on 'data': nothing is replicated, so
+  per-device activations shrink with more data shards (the full-size n = 16
+  model on 64 devices otherwise held every partition's logits)."""
+  mesh = partitioning.make_mesh(MeshConfig(partition=2, data=4))
+  config = transformer.DecoderConfig(
+      vocab_size=32, d_model=16, num_heads=2, head_dim=8, num_layers=2,
+      d_ff=32, num_experts=2, expert_d_ff=8, moe_every=2, num_partitions=2,
+      group_size=8, dispatch="sort_gather", sharing=sharing)
+  model = transformer.TieredDecoder(config)
+  with partitioning.with_sharding_rules(mesh):
+    tokens_PxBxL = jax.device_put(jnp.ones((2, 8, 8), jnp.int32),
+                                  partitioning.batch_sharding(mesh, 3))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), tokens_PxBxL)
+    logits_PxBxLxV = jax.jit(model.apply)(variables, tokens_PxBxL)
+  expected = jax.sharding.NamedSharding(mesh, P("partition", "data"))
+  assert logits_PxBxLxV.sharding.is_equivalent_to(expected, 4)

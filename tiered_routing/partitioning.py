@@ -29,6 +29,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("partition", "data", "expert", "model")
+PARTITION_AXIS = "partition"
 
 # Logical axis name -> mesh axis (or axes, or None = replicated). Rules are in
 # priority order: flax gives a dimension the first rule whose mesh axes are not
@@ -308,6 +309,27 @@ def batch_sharding(mesh: Mesh, ndim: int,
     spec, notes = fit_spec_to_shape(spec, shape, mesh)
     _warn_fallbacks(notes)
   return NamedSharding(mesh, spec)
+
+
+@contextlib.contextmanager
+def inside_partition_map() -> Iterator[None]:
+  """Rules for code `nn.vmap`ped over partitions with spmd_axis_name.
+
+  A vmap over the tier-1 partition axis with `spmd_axis_name='partition'`
+  puts 'partition' on the mapped dimension of every sharding constraint in
+  its body. Inside, no logical axis may claim 'partition' again: the body's
+  batch is one partition's `B/P` rows, which go to 'data' alone. Without
+  this (and without spmd_axis_name) a constraint in the body would leave the
+  mapped axis replicated, and every device would hold every partition's
+  activations.
+  """
+  inner = tuple(
+      (name, axes)
+      for name, axes in nn.get_logical_axis_rules()
+      if PARTITION_AXIS not in (axes if isinstance(axes, tuple) else (axes,))
+  )
+  with nn.logical_axis_rules(inner):
+    yield
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tiered_routing import partitioning
 from tiered_routing.model import dispatch as dispatch_lib
 from tiered_routing.model import layers
 from tiered_routing.model import moe
@@ -169,6 +170,23 @@ class DecoderConfig:
     return self.num_experts
 
 
+def _partition_vmap(target, in_axes):
+  """`nn.vmap` over the leading tier-1 partition axis.
+
+  Variables get a leading axis with logical name 'partition'. With
+  spmd_axis_name, sharding constraints in the body put that axis on the
+  mesh's 'partition' axis; call the result inside
+  `partitioning.inside_partition_map()` so that the body's own logical axes
+  do not claim 'partition' a second time.
+  """
+  return nn.vmap(
+      target, in_axes=in_axes, out_axes=0,
+      variable_axes={"params": 0, "intermediates": 0},
+      split_rngs={"params": True, "dropout": True, "jitter": True},
+      metadata_params={nn.PARTITION_NAME: partitioning.PARTITION_AXIS},
+      spmd_axis_name=partitioning.PARTITION_AXIS)
+
+
 class DecoderBlock(nn.Module):
   """Pre-norm block: x + Attn(Norm(x)), then x + FFN(Norm(x)).
 
@@ -216,11 +234,13 @@ class DecoderBlock(nn.Module):
     """
     if not self.ffn_partitions:
       return fn
-    return nn.vmap(
-        fn, in_axes=0, out_axes=0,
-        variable_axes={"params": 0, "intermediates": 0},
-        split_rngs={"params": True, "dropout": True, "jitter": True},
-        metadata_params={nn.PARTITION_NAME: "partition"})
+    mapped = _partition_vmap(fn, in_axes=0)
+
+    def call(*args):
+      with partitioning.inside_partition_map():
+        return mapped(*args)
+
+    return call
 
   def _dense(self, h_BxLxD):
     cfg, p = self.config, self.ffn_partitions
@@ -383,14 +403,11 @@ class TieredDecoder(nn.Module):
       # Masks go in as [M, P, B/P, E]: their partition axis is axis 1.
       mask_MxPxBxE = (None if mask_MxBxE is None else mask_MxBxE.reshape(
           mask_MxBxE.shape[:1] + (p, b) + mask_MxBxE.shape[2:]))
-      stack = nn.vmap(
-          DecoderStack, in_axes=(0, 0, 0, 1, None), out_axes=0,
-          variable_axes={"params": 0, "intermediates": 0},
-          split_rngs={"params": True, "dropout": True, "jitter": True},
-          metadata_params={nn.PARTITION_NAME: "partition"})
-      return stack(cfg, cfg.num_experts, name="decoder")(
-          tokens_PxBxL, segment_ids_PxBxL, positions_PxBxL, mask_MxPxBxE,
-          deterministic)
+      stack = _partition_vmap(DecoderStack, in_axes=(0, 0, 0, 1, None))
+      with partitioning.inside_partition_map():
+        return stack(cfg, cfg.num_experts, name="decoder")(
+            tokens_PxBxL, segment_ids_PxBxL, positions_PxBxL, mask_MxPxBxE,
+            deterministic)
     flat = lambda a: None if a is None else a.reshape(p * b, l)
     ffn_partitions = p if cfg.sharing == "attention" else 0
     logits = DecoderStack(cfg, cfg.experts_per_layer, ffn_partitions,
