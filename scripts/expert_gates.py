@@ -335,14 +335,7 @@ def _evaluate_all(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  gin_flags.parse_gin(
-      FLAGS.gin_file,
-      FLAGS.gin_bindings,
-      FLAGS.gin_search_paths,
-      REQUIRED_MACROS,
-  )
+  gin_flags.parse_command_line(argv, REQUIRED_MACROS)
   run()
 
 

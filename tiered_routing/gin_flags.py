@@ -127,6 +127,31 @@ def parse_gin(
       raise ValueError(_missing_message(name)) from None
 
 
+def parse_command_line(
+    argv: Sequence[str],
+    required_macros: Sequence[str] = (),
+    extra_bindings: Sequence[str] = (),
+) -> None:
+  """What a gin binary's `main` does first: check argv, parse the gin flags.
+
+  Args:
+    argv: `main`'s argv (only the program name is allowed).
+    required_macros: as in `parse_gin`.
+    extra_bindings: bindings applied before --gin_bindings (which win).
+
+  Raises:
+    app.UsageError: on positional arguments.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+  parse_gin(
+      FLAGS.gin_file,
+      list(extra_bindings) + list(FLAGS.gin_bindings),
+      FLAGS.gin_search_paths,
+      required_macros,
+  )
+
+
 def _missing_message(name: str) -> str:
   example = {
       "MODEL_DIR": "\"'/tmp/my_run'\"",
