@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from absl import app
 import gin
 import jax
 import numpy as np
@@ -358,3 +359,8 @@ def test_mixture_names_must_match_partitions():
     gin_flags.mixture_names("a", 2)
   with pytest.raises(ValueError, match="TASK_FEATURE_LENGTHS"):
     gin_flags.task_feature_length({"inputs": 4, "targets": 4})
+
+
+def test_positional_arguments_are_rejected():
+  with pytest.raises(app.UsageError, match=r"Unexpected arguments: \['x'\]"):
+    gin_flags.parse_command_line(["train", "x"])
