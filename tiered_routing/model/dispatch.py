@@ -36,9 +36,11 @@ from jax.custom_batching import custom_vmap
 from tiered_routing.model.routing import RouterOutput
 
 IMPLS = ('einsum', 'sort_gather', 'ragged', 'auto', 'reference')
-# Measured on a 2-core CPU (E=32, K=2, T=8192, D=256, F=512, capacity 1.25,
-# jit, forward+backward): einsum 8.8 s (its [T, E, C] one-hot matmuls cost
-# ~43 GFLOP), sort_gather 0.39 s, ragged 27 s (no fast CPU ragged_dot).
+# scripts/bench_moe.py on a 2-core CPU (docs/performance.md): sort_gather was
+# the fastest in every case; at E=32, K=2, T=8192 (D=256, F=512, capacity
+# 1.25, forward+backward) it costs 1.17x a dense FFN of the same active
+# FLOPs, einsum 3.4x (its [S, E, C] one-hot tensors grow quadratically per
+# group) and ragged 5.0x (no fast CPU ragged_dot).
 _CPU_AUTO_IMPL = 'sort_gather'
 _ACCEL_BACKENDS = ('tpu', 'gpu', 'cuda', 'rocm')
 _F32 = jnp.float32
