@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import method_runs  # pylint: disable=g-import-not-at-top
 
 from tasks import mixtures
+from tiered_routing import atomic_file
 from tiered_routing import configurables  # pylint: disable=unused-import
 from tiered_routing import expert_gates
 from tiered_routing import expert_params
@@ -247,7 +248,7 @@ def run(
   )
   text = header + method_runs.markdown_table(rows, COLUMNS) + "\n"
   print(text)
-  method_runs.write_text(
+  atomic_file.write_text(
       output or os.path.join(model_dir, "expert_gates.md"), text
   )
   return rows

@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import method_runs  # pylint: disable=g-import-not-at-top
 
 from tasks import naming
+from tiered_routing import atomic_file
 from tiered_routing import configurables  # pylint: disable=unused-import
 from tiered_routing import expert_params
 from tiered_routing import finetune
@@ -279,7 +280,7 @@ def run(
   text = _header(ctx, model_dir, step, coverage)
   text += method_runs.markdown_table(results, COLUMNS) + "\n"
   print(text)
-  method_runs.write_text(output or os.path.join(model_dir, "finetune.md"), text)
+  atomic_file.write_text(output or os.path.join(model_dir, "finetune.md"), text)
   return results
 
 

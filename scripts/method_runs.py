@@ -9,8 +9,6 @@ compare two models' logits row by row, and write Markdown tables.
 
 import contextlib
 import functools
-import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -81,13 +79,9 @@ class Evaluator:
               {k: batch[k] for k in trainer.MODEL_FEATURES if k in batch},
           )
       )
-      for i in np.flatnonzero(sums["weight_sum_N"]):
-        acc.add(
-            languages.CODES[i],
-            sums["loss_sum_N"][i],
-            sums["weight_sum_N"][i],
-            num_bytes[i],
-        )
+      acc.add_language_sums(
+          sums["loss_sum_N"], sums["weight_sum_N"], num_bytes
+      )
     return acc.results()
 
 
@@ -171,21 +165,3 @@ def markdown_table(
       "| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows
   ]
   return "\n".join(lines)
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` atomically, creating directories.
-
-  The text goes to a temporary file next to `path` that then replaces it, so
-  a killed run never leaves a half-written table.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.remove(tmp)
-    raise

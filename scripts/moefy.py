@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import method_runs  # pylint: disable=g-import-not-at-top
 
+from tiered_routing import atomic_file
 from tiered_routing import configurables  # pylint: disable=unused-import
 from tiered_routing import gin_flags
 from tiered_routing import inputs
@@ -188,7 +189,7 @@ def run(
   text = _header(model_dir, step, model_config, num_experts, permuted, active)
   text += method_runs.markdown_table(rows, COLUMNS) + "\n"
   print(text)
-  method_runs.write_text(
+  atomic_file.write_text(
       output or os.path.join(model_dir, "moefication.md"), text
   )
   return rows

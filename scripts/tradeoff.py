@@ -61,6 +61,7 @@ import seqio
 
 from tasks import mixtures
 from tasks import naming
+from tiered_routing import atomic_file
 from tiered_routing import checkpoints
 from tiered_routing import configurables  # pylint: disable=unused-import
 from tiered_routing import gin_flags
@@ -234,7 +235,7 @@ def _save_result(
       "languages": result.languages,
       "wall_s": wall_s,
   }
-  report.write_text(
+  atomic_file.write_text(
       _result_path(output_dir, name), json.dumps(payload, indent=1) + "\n"
   )
 

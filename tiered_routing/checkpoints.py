@@ -18,7 +18,7 @@ import dataclasses
 import os
 import socket
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
 import jax
@@ -53,6 +53,65 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       tree, shardings)
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager: it never deletes unfinished saves of a live run.
+
+  Its state handler is the PyTree one, which (unlike the Standard one)
+  restores a subset of the saved tree.
+  """
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, save_interval_steps=0),
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                     METADATA: ocp.JsonCheckpointHandler()})
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+  """Steps of the complete checkpoints in `directory`, ascending."""
+  reader = _reader(str(directory))
+  try:
+    return sorted(reader.all_steps())
+  finally:
+    reader.close()
+
+
+def read_subtree(directory: str | os.PathLike, step: int, *,
+                 key: str = "params",
+                 target: Optional[Callable[[Any], Any]] = None) -> Any:
+  """Reads one top-level field of the state saved at `step`, read-only.
+
+  Args:
+    directory: a Checkpointer's directory.
+    step: a complete step (see `complete_steps`).
+    key: top-level field of the saved state (a dataclass field or dict key).
+    target: None restores the field as host numpy arrays with the saved
+      structure; else `target(saved_metadata_tree)` returns the abstract tree
+      (ShapeDtypeStructs with shardings) to restore onto, and may raise if
+      the saved tree does not fit.
+  """
+  reader = _reader(str(directory))
+  try:
+    saved = reader.item_metadata(step)[STATE].tree
+    if key not in saved:
+      raise ValueError(
+          f"key={key!r} is not a top-level field of the saved state; it has "
+          f"{sorted(saved)}.")
+    if target is None:
+      item = {key: saved[key]}
+      restore_args = jax.tree.map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    else:
+      item = {key: target(saved[key])}
+      restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restored = reader.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True)}))
+  finally:
+    reader.close()
+  return restored[STATE][key]
 
 
 class Checkpointer:
@@ -191,34 +250,11 @@ class Checkpointer:
       abstract_params: optional abstract tree (ShapeDtypeStructs with
         shardings) to restore onto devices instead.
     """
-    step = self._check_step(step)
-    # A read-only manager with the PyTree handler, which (unlike the Standard
-    # one) supports restoring a subset of the saved tree.
-    reader = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            read_only=True, create=False, save_interval_steps=0),
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
-                       METADATA: ocp.JsonCheckpointHandler()})
-    try:
-      saved = reader.item_metadata(step)[STATE].tree
-      if key not in saved:
-        raise ValueError(
-            f"key={key!r} is not a top-level field of the saved state; it has "
-            f"{sorted(saved)}.")
-      if abstract_params is None:
-        item = {key: saved[key]}
-        restore_args = jax.tree.map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-      else:
-        item = {key: abstract_like(abstract_params)}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-      restored = reader.restore(step, args=ocp.args.Composite(**{
-          STATE: ocp.args.PyTreeRestore(
-              item=item, restore_args=restore_args, partial_restore=True)}))
-    finally:
-      reader.close()
-    return restored[STATE][key]
+    target = None
+    if abstract_params is not None:
+      target = lambda _: abstract_like(abstract_params)
+    return read_subtree(
+        self.directory, self._check_step(step), key=key, target=target)
 
   def wait_until_finished(self) -> None:
     """Blocks until background saves are written."""

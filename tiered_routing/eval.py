@@ -40,7 +40,6 @@ import seqio
 import tensorflow as tf
 
 from tiered_routing import configurables  # pylint: disable=unused-import
-from tiered_routing import features
 from tiered_routing import gin_flags
 from tiered_routing import languages
 from tiered_routing import metrics_writer
@@ -68,43 +67,14 @@ RoutingConfig = gin.external_configurable(
 )
 
 
-def _tasks_of(name: str) -> list[seqio.Task]:
-  """The tasks of a mixture (or the task itself)."""
-  provider = seqio.get_mixture_or_task(name)
-  if isinstance(provider, seqio.Mixture):
-    return list(provider.tasks)
-  return [provider]
-
-
-def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
-  """Pads a final short batch with all-zero rows (loss weight 0)."""
-  return {
-      k: np.pad(v, [(0, rows - v.shape[0])] + [(0, 0)] * (v.ndim - 1))
-      for k, v in batch.items()
-  }
-
-
 def _partition_batches(
     name, scheme, length, rows, split, pack
 ) -> Iterator[dict]:
   """All of `split` of one partition's tasks, in [rows, L] batches."""
-  dataset = None
-  for task in _tasks_of(name):
-    if split not in task.splits:
-      raise ValueError(
-          f"Task {task.name!r} has no split {split!r}; it has "
-          f"{list(task.splits)}."
-      )
-    ds = task.get_dataset(
-        {"targets": length}, split=split, shuffle=False, num_epochs=1
-    )
-    dataset = ds if dataset is None else dataset.concatenate(ds)
-  # One converter for all tasks: packing may put two languages in one row,
-  # which the per-token language ids keep apart.
-  converter = features.PartitionedLMFeatureConverter(scheme, pack=pack)
-  dataset = converter(dataset, {"targets": length})
-  for batch in dataset.batch(rows).as_numpy_iterator():
-    yield _pad_rows(batch, rows)
+  for batch in seqio_eval.split_batches(
+      name, scheme, length, rows, split, pack
+  ):
+    yield scoring.pad_rows(batch, rows)
 
 
 def eval_batches(
@@ -191,13 +161,9 @@ def evaluate(
   for batch in batches:
     sums = jax.device_get(step_fn(params, trainer.to_global_batch(batch, mesh)))
     num_bytes = bytes_per_language(batch, vocabulary)
-    for i in np.flatnonzero(sums["weight_sum_N"]):
-      accumulator.add(
-          languages.CODES[i],
-          sums["loss_sum_N"][i],
-          sums["weight_sum_N"][i],
-          num_bytes[i],
-      )
+    accumulator.add_language_sums(
+        sums["loss_sum_N"], sums["weight_sum_N"], num_bytes
+    )
   return accumulator
 
 
@@ -218,7 +184,7 @@ def evaluate_unpacked(
       texts = seqio_eval.train_texts(names, routing.classifier_docs)
       clf = classifier.LanguageClassifier().fit(texts)
     routed = routed_eval.RoutedScorer(scorer, scheme, vocabulary, routing, clf)
-    batches = seqio_eval.unpacked_batches(names, scheme, length, rows, split)
+    batches = seqio_eval.split_batches(names, scheme, length, rows, split)
     out.update(routed_eval.evaluate(routed, batches))
     print(routed_eval.format_table(out, routing.labels), flush=True)
   if seqio_evaluator:
@@ -276,7 +242,9 @@ def run(
         model_dir, model_config, mesh=mesh, step=checkpoint_step
     )
     batches = eval_batches(names, scheme, length, batch_size // p, split, pack)
-    vocabulary = _tasks_of(names[0])[0].output_features["targets"].vocabulary
+    vocabulary = (
+        seqio_eval.tasks_of(names[0])[0].output_features["targets"].vocabulary
+    )
     accumulator = evaluate(model, params, batches, mesh, vocabulary)
     results = accumulator.results()
     data = (names, scheme, length, batch_size // p, split, vocabulary)

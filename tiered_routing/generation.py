@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tiered_routing.model import strict_partition
 from tiered_routing.model import transformer
 
 BOS_ID = 0  # SeqIO's decoder-only inputs start with token 0.
@@ -164,8 +165,8 @@ class Generator:
     self.partition = partition
     if config.sharing == "none":
       # The partition is an independent model: run it alone.
-      params = jax.tree.map(lambda x: x[partition : partition + 1], params)
-      config = dataclasses.replace(config, num_partitions=1)
+      params = strict_partition.partition_params(params, partition)
+      config = strict_partition.one_partition_config(config)
       block = 0
     else:
       block = partition

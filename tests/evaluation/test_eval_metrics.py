@@ -70,6 +70,19 @@ def test_accumulator_add_tokens_golden():
   assert acc.per_language()["vi"] == metrics.LossStats(6.0, 2, 2)
 
 
+def test_accumulator_add_language_sums_skips_absent_languages():
+  loss = np.zeros(16)
+  weight = np.zeros(16)
+  nbytes = np.zeros(16)
+  loss[[0, 13]], weight[[0, 13]], nbytes[[0, 13]] = (6.0, 3.0), (3, 4), (12, 9)
+  acc = metrics.LanguageLossAccumulator()
+  acc.add_language_sums(loss, weight, nbytes)
+  assert acc.per_language() == {
+      "hi": metrics.LossStats(6.0, 3, 12),
+      "en": metrics.LossStats(3.0, 4, 9),
+  }
+
+
 def test_accumulator_rejects_bad_language_id():
   acc = metrics.LanguageLossAccumulator()
   with pytest.raises(ValueError, match="language id 16"):

@@ -57,7 +57,7 @@ def _scorer(num_partitions):
 def data():
   """(validation batches, classifier) of the sample's family-4 mixtures."""
   names = mixtures.partition_mixture_names("sample", FAMILY4)
-  batches = list(seqio_eval.unpacked_batches(names, FAMILY4, LENGTH, ROWS))
+  batches = list(seqio_eval.split_batches(names, FAMILY4, LENGTH, ROWS))
   # The sample tasks' train documents (what `seqio_eval.train_texts` reads
   # through SeqIO in the binary) are the corpus's train paragraphs.
   texts = {c: data_lib.split_paragraphs(c, "train") for c in languages.CODES}

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from tiered_routing import atomic_file
 from tiered_routing import languages
 from tiered_routing import partitions
 from tiered_routing.analysis import plots
@@ -305,13 +306,6 @@ def as_json(report: RoutingReport) -> dict[str, Any]:
   }
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8", newline="") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _csv_text(rows) -> str:
   out = io.StringIO()
   writer = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
@@ -334,8 +328,8 @@ def write_report(
       "csv": os.path.join(output_dir, CSV_NAME),
       "json": os.path.join(output_dir, JSON_NAME),
   }
-  _write_atomic(paths["csv"], _csv_text(csv_rows(report)))
-  _write_atomic(
+  atomic_file.write_text(paths["csv"], _csv_text(csv_rows(report)))
+  atomic_file.write_text(
       paths["json"], json.dumps(as_json(report), indent=1, allow_nan=False)
   )
   if make_plots:

@@ -9,9 +9,9 @@ the layout the logical-axis rules give on a mesh of the current devices
 parameters and splits evaluation batches), or, without a model config, the
 saved tree replicated on that mesh.
 
-The checkpoint directory is opened read-only: a trainer's `Checkpointer`
-deletes unfinished step directories when it starts, which must not happen
-to a run that is still training while it is analyzed.
+The checkpoint directory is opened read-only (`checkpoints.read_subtree`): a
+trainer's `Checkpointer` deletes unfinished step directories when it starts,
+which must not happen to a run that is still training while it is analyzed.
 """
 
 import os
@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
-import orbax.checkpoint as ocp
 
 from tiered_routing import checkpoints
 from tiered_routing import partitioning
@@ -46,29 +45,16 @@ def checkpoint_dir(model_dir: str) -> str:
   return path
 
 
-def _reader(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, save_interval_steps=0
-      ),
-      item_handlers={
-          checkpoints.STATE: ocp.PyTreeCheckpointHandler(),
-          checkpoints.METADATA: ocp.JsonCheckpointHandler(),
-      },
-  )
-
-
-def _pick_step(reader: ocp.CheckpointManager, step: Optional[int]) -> int:
-  steps = sorted(reader.all_steps())
+def _pick_step(directory: str, step: Optional[int]) -> int:
+  steps = checkpoints.complete_steps(directory)
   if not steps:
-    raise FileNotFoundError(f"No complete checkpoint in {reader.directory}.")
+    raise FileNotFoundError(f"No complete checkpoint in {directory}.")
   if step is None:
     return steps[-1]
   if step not in steps:
     raise ValueError(
         f"checkpoint_step={step!r} has no complete checkpoint in "
-        f"{reader.directory}; allowed: {steps}."
+        f"{directory}; allowed: {steps}."
     )
   return step
 
@@ -140,35 +126,17 @@ def restore_params(
     (step, params).
   """
   mesh = mesh or partitioning.make_mesh(partitioning.MeshConfig())
-  reader = _reader(checkpoint_dir(model_dir))
-  try:
-    step = _pick_step(reader, step)
-    saved = reader.item_metadata(step)[checkpoints.STATE].tree
-    if PARAMS_KEY not in saved:
-      raise ValueError(
-          f"The checkpoint at step {step} has no {PARAMS_KEY!r}; its state "
-          f"has {sorted(saved)}."
-      )
+  directory = checkpoint_dir(model_dir)
+  step = _pick_step(directory, step)
+
+  def target(saved_params):
     if config is None:
-      target = _replicated_like(saved[PARAMS_KEY], mesh)
-    else:
-      target = abstract_params(config, mesh)
-      _check_shapes(saved[PARAMS_KEY], target)
-    item = {PARAMS_KEY: target}
-    restored = reader.restore(
-        step,
-        args=ocp.args.Composite(
-            **{
-                checkpoints.STATE: ocp.args.PyTreeRestore(
-                    item=item,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(
-                        item
-                    ),
-                    partial_restore=True,
-                )
-            }
-        ),
-    )
-  finally:
-    reader.close()
-  return step, restored[checkpoints.STATE][PARAMS_KEY]
+      return _replicated_like(saved_params, mesh)
+    wanted = abstract_params(config, mesh)
+    _check_shapes(saved_params, wanted)
+    return wanted
+
+  params = checkpoints.read_subtree(
+      directory, step, key=PARAMS_KEY, target=target
+  )
+  return step, params

@@ -169,6 +169,18 @@ class LanguageLossAccumulator:
         float(nll_sum), float(num_tokens), float(num_bytes)
     )
 
+  def add_language_sums(
+      self, loss_sum_N, weight_sum_N, num_bytes_N
+  ) -> None:
+    """Adds per-language-id sums [NUM_LANGUAGES] (e.g. of `eval_step`).
+
+    Languages with zero weight (absent from the batch) are skipped.
+    """
+    for i in np.flatnonzero(np.asarray(weight_sum_N)):
+      self.add(
+          languages.CODES[i], loss_sum_N[i], weight_sum_N[i], num_bytes_N[i]
+      )
+
   def add_tokens(
       self, language_ids, token_nll, weights, token_bytes=None
   ) -> None:

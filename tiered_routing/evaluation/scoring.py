@@ -35,7 +35,7 @@ def _token_logprobs(params, batch, *, model):
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
   """Pads [b, L] features to [rows, L] with all-zero rows (weight 0)."""
-  b = batch["decoder_target_tokens"].shape[0]
+  b = len(next(iter(batch.values())))
   if b > rows:
     raise ValueError(f"batch has {b} rows; allowed: at most rows={rows}")
   return {

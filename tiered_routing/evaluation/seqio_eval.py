@@ -20,7 +20,7 @@ unpacked batches of every task and the train-split text the classifier is
 fit on.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -73,14 +73,19 @@ def _check_split(task: seqio.Task, split: str) -> None:
     )
 
 
-def unpacked_batches(
+def split_batches(
     names: str | Sequence[str],
     scheme: partitions_lib.PartitionScheme,
     length: int,
     rows: int,
     split: str = "validation",
+    pack: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Every example of the tasks' `split`, one per row, in [<=rows, L]."""
+  """Every example of the tasks' `split` once, in [<=rows, L] batches.
+
+  Unpacked: one example per row. One converter for all tasks: packing may
+  put two languages in one row, which the per-token language ids keep apart.
+  """
   dataset = None
   for task in tasks_of(names):
     _check_split(task, split)
@@ -88,7 +93,7 @@ def unpacked_batches(
         {"targets": length}, split=split, shuffle=False, num_epochs=1
     )
     dataset = ds if dataset is None else dataset.concatenate(ds)
-  converter = features.PartitionedLMFeatureConverter(scheme, pack=False)
+  converter = features.PartitionedLMFeatureConverter(scheme, pack=pack)
   dataset = converter(dataset, {"targets": length})
   yield from dataset.batch(rows).as_numpy_iterator()
 

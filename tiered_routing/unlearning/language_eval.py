@@ -39,6 +39,7 @@ from tiered_routing import trainer
 from tiered_routing.analysis import routing_stats
 from tiered_routing.evaluation import metrics as lm_metrics
 from tiered_routing.model import losses
+from tiered_routing.model import strict_partition
 from tiered_routing.model import transformer
 from tiered_routing.unlearning import streams
 from tiered_routing.unlearning import token_routing
@@ -58,22 +59,6 @@ class EvalResult:
 
   languages: LanguageResults
   routing: routing_stats.RoutingCounts
-
-
-def partition_params(params: Any, partition: int) -> Any:
-  """Partition p of strict-partition params as a one-partition model's."""
-  return jax.tree.map(lambda x: x[partition : partition + 1], params)
-
-
-def with_partition_params(params: Any, partition: int, sub: Any) -> Any:
-  """`params` with partition p replaced by a one-partition model's `sub`."""
-  return jax.tree.map(lambda x, s: x.at[partition].set(s[0]), params, sub)
-
-
-def one_partition_config(
-    config: transformer.DecoderConfig,
-) -> transformer.DecoderConfig:
-  return dataclasses.replace(config, num_partitions=1)
 
 
 def _eval_step(params, batch, expert_mask_MxPxE, *, model):
@@ -226,9 +211,9 @@ class LanguageEvaluator:
     )
     fn = eval_fn(cfg)
     if partition is not None:
-      params = partition_params(params, partition)
+      params = strict_partition.partition_params(params, partition)
       mask = mask[:, partition : partition + 1]
-      fn = eval_fn(one_partition_config(cfg))
+      fn = eval_fn(strict_partition.one_partition_config(cfg))
     mask = jnp.asarray(mask)
     for batch in batches:
       out = jax.device_get(fn(params, self._to_device(batch), mask))

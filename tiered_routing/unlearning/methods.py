@@ -18,6 +18,7 @@ import numpy as np
 from tiered_routing import languages
 from tiered_routing import partitions
 from tiered_routing import trainer
+from tiered_routing.model import strict_partition
 from tiered_routing.unlearning import exact
 from tiered_routing.unlearning import expert_attribution
 from tiered_routing.unlearning import finetune_loop
@@ -253,12 +254,14 @@ def gradient_method(
   ft_config = c.config.finetune
   cfg = c.spec.model_config
   strict = c.strict
-  model_cfg = language_eval.one_partition_config(cfg) if strict else cfg
+  model_cfg = strict_partition.one_partition_config(cfg) if strict else cfg
   ft = finetune_loop.make_finetuner(
       model_cfg, c.spec.optimizer_config, ft_config
   )
   start = (
-      language_eval.partition_params(c.original, c.p) if strict else c.original
+      strict_partition.partition_params(c.original, c.p)
+      if strict
+      else c.original
   )
   if cfg.sharing == "attention":
     mask = finetune_loop.update_mask(ft.model, start, c.p)
@@ -275,7 +278,7 @@ def gradient_method(
       {k: v[:steps] for k, v in rows.items()} for rows in (forget, retain)
   )
   params = (
-      language_eval.with_partition_params(c.original, c.p, new)
+      strict_partition.with_partition_params(c.original, c.p, new)
       if strict
       else new
   )

@@ -28,6 +28,8 @@ from matplotlib import figure as figure_lib
 from matplotlib.backends import backend_agg
 import numpy as np
 
+from tiered_routing import atomic_file
+
 # (header, row key, format) of the Markdown table.
 TABLE_COLUMNS = (
     ("config", "run", "{}"),
@@ -220,25 +222,13 @@ def plot_pareto(
   if title:
     ax.set_title(title, fontsize=10)
   backend_agg.FigureCanvasAgg(fig)
-  with open(_tmp(path), "wb") as f:
+  with atomic_file.replacing(path, "wb") as f:
     fig.savefig(f, format="png", dpi=100)
-  os.replace(_tmp(path), path)
 
 
 def _palette(n: int) -> list:
   cmap = colormaps["tab10" if n <= 10 else "tab20"]
   return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _tmp(path: str) -> str:
-  return f"{path}.tmp-{os.getpid()}"
-
-
-def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` atomically."""
-  with open(_tmp(path), "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(_tmp(path), path)
 
 
 def write_csv_rows(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -250,7 +240,7 @@ def write_csv_rows(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
   )
   writer.writeheader()
   writer.writerows(rows)
-  write_text(path, out.getvalue())
+  atomic_file.write_text(path, out.getvalue())
 
 
 _LEGEND = (
@@ -282,7 +272,7 @@ def write_outputs(
   if not rows:
     return
   write_csv_rows(os.path.join(output_dir, "results.csv"), rows)
-  write_text(
+  atomic_file.write_text(
       os.path.join(output_dir, "results.md"),
       f"# {title}\n\n" + markdown_table(rows) + _LEGEND,
   )
@@ -317,7 +307,9 @@ def check_or_write_manifest(
   """
   path = os.path.join(output_dir, "sweep.json")
   if not os.path.exists(path):
-    write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    atomic_file.write_text(
+        path, json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    )
     return False
   with open(path, encoding="utf-8") as f:
     old = json.load(f)

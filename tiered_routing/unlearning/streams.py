@@ -34,6 +34,7 @@ from tiered_routing import inputs
 from tiered_routing import languages
 from tiered_routing import partitions
 from tiered_routing import trainer
+from tiered_routing.evaluation import scoring
 
 Rows = dict[str, np.ndarray]  # feature -> [..., L] int32 arrays
 BatchesFn = Callable[[int], Iterator[Rows]]
@@ -295,6 +296,5 @@ def chunk_rows(rows: Rows, rows_per_batch: int) -> list[Rows]:
   out = []
   for start in range(0, n, rows_per_batch):
     batch = {k: v[start : start + rows_per_batch] for k, v in rows.items()}
-    pad = rows_per_batch - len(batch[FEATURES[0]])
-    out.append({k: np.pad(v, [(0, pad), (0, 0)]) for k, v in batch.items()})
+    out.append(scoring.pad_rows(batch, rows_per_batch))
   return out
