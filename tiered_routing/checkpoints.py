@@ -10,7 +10,8 @@ A checkpoint step holds two items (`ocp.args.Composite`):
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-<ts>` and renames it
 when complete (on GCS it writes a commit marker instead), so a step cut short
-by a kill is never listed; leftovers are deleted when a manager starts.
+by a kill is never listed; leftovers are deleted before a manager's
+constructor returns.
 """
 
 import atexit
@@ -161,6 +162,14 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
                        METADATA: ocp.JsonCheckpointHandler()})
+    # Orbax 0.12 deletes the leftovers on a background thread that it joins
+    # only before the next save, not in `close`; a manager opened to restore
+    # could exit with them half deleted. Join it here so the directory is
+    # settled once the constructor returns.
+    wait_for_cleanup = getattr(
+        self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait_for_cleanup is not None:
+      wait_for_cleanup()
 
   def all_steps(self) -> list[int]:
     """Steps of the complete checkpoints, ascending."""
