@@ -62,10 +62,10 @@ import seqio
 from tasks import mixtures
 from tasks import naming
 from tiered_routing import atomic_file
-from tiered_routing import checkpoints
 from tiered_routing import configurables  # pylint: disable=unused-import
 from tiered_routing import gin_flags
 from tiered_routing import languages
+from tiered_routing import model_dir_lock
 from tiered_routing import optimizers
 from tiered_routing import partitioning
 from tiered_routing import partitions
@@ -330,7 +330,7 @@ def main(argv):
   _quiet_library_logs()
   output_dir = os.path.abspath(FLAGS.output_dir)
   os.makedirs(output_dir, exist_ok=True)
-  with checkpoints.ModelDirLock(output_dir):
+  with model_dir_lock.ModelDirLock(output_dir):
     _setup_jax(output_dir)
     gin_flags.parse_gin(files, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     sweep = make_sweep()

@@ -23,10 +23,10 @@ from absl import logging
 import gin
 import jax
 
-from tiered_routing import checkpoints
 from tiered_routing import configurables  # pylint: disable=unused-import
 from tiered_routing import gin_flags
 from tiered_routing import inputs
+from tiered_routing import model_dir_lock
 from tiered_routing import optimizers
 from tiered_routing import partitioning
 from tiered_routing import partitions
@@ -106,7 +106,7 @@ def run(
       task_feature_lengths,
   )
   # Lock before touching anything in model_dir (config.gin included).
-  with checkpoints.ModelDirLock(model_dir):
+  with model_dir_lock.ModelDirLock(model_dir):
     mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig())
     dataset = inputs.partitioned_dataset(
         names,

@@ -19,6 +19,7 @@ import numpy as np
 
 from tiered_routing import checkpoints
 from tiered_routing import metrics_writer
+from tiered_routing import model_dir_lock
 from tiered_routing import optimizers
 from tiered_routing import partitioning
 from tiered_routing import steps
@@ -119,7 +120,7 @@ def train(
     RuntimeError: if another job holds model_dir.
   """
   lock = (
-      checkpoints.ModelDirLock(model_dir)
+      model_dir_lock.ModelDirLock(model_dir)
       if lock_model_dir
       else contextlib.nullcontext()
   )
