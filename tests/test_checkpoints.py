@@ -13,8 +13,6 @@ import pytest
 from tiered_routing import checkpoints
 from tiered_routing import partitioning
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @flax.struct.dataclass
 class ToyState:
