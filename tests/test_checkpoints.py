@@ -1,5 +1,6 @@
 """Tests for tiered_routing.checkpoints on 8 simulated CPU devices."""
 
+import asyncio
 import os
 
 import flax.linen as nn
@@ -131,7 +132,25 @@ def test_interval_and_keep_n(tmp_path):
     checkpoints.Checkpointer(tmp_path, save_interval_steps=0)
 
 
-def test_incomplete_checkpoint_is_ignored(tmp_path):
+def _slow_down_orbax_tmp_cleanup(monkeypatch):
+  """Delays orbax's background deletion of leftovers by half a second.
+
+  Orbax runs it on a thread that `close` does not join; the delay makes a
+  Checkpointer that does not wait for it fail every time, not just on a busy
+  machine.
+  """
+  from orbax.checkpoint._src.path import temporary_paths  # pylint: disable=g-import-not-at-top
+  original = temporary_paths.cleanup_temporary_paths
+
+  async def slow(*args, **kwargs):
+    await asyncio.sleep(0.5)
+    return await original(*args, **kwargs)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow)
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path, monkeypatch):
+  _slow_down_orbax_tmp_cleanup(monkeypatch)
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   state10, state20 = _toy_state(mesh, seed=10), _toy_state(mesh, seed=20)
   with checkpoints.Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
