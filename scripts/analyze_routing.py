@@ -29,19 +29,19 @@ import numpy as np
 import seqio
 
 import tasks  # pylint: disable=unused-import  (registers the SeqIO tasks)
-from tasks import naming
-from tiered_routing import configurables  # pylint: disable=unused-import
-from tiered_routing import gin_flags
-from tiered_routing import languages
-from tiered_routing import partitioning
-from tiered_routing import partitions
+from tiered_routing.data import seqio_names
+from tiered_routing.cli import configurables  # pylint: disable=unused-import
+from tiered_routing.cli import gin_flags
+from tiered_routing.tier1 import languages
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
 
 # The training run's gin files bind train_script.train: register it.
-from tiered_routing import train  # pylint: disable=unused-import
+from tiered_routing.cli import train  # pylint: disable=unused-import
 from tiered_routing.analysis import checkpoint_analysis
-from tiered_routing.analysis import report as report_lib
+from tiered_routing.analysis import routing_report
 from tiered_routing.model import transformer
-from tiered_routing.unlearning import streams
+from tiered_routing.data import stream_cache
 
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where to write; default MODEL_DIR/routing."
@@ -84,8 +84,8 @@ BINDINGS = (
 
 def validation_data(data_source: str, length: int, max_examples):
   """({code: validation rows}, the targets' vocabulary) of every language."""
-  task_names = {c: naming.task_name(data_source, c) for c in languages.CODES}
-  cache = streams.DataCache(length, max_validation_examples=max_examples)
+  task_names = {c: seqio_names.task_name(data_source, c) for c in languages.CODES}
+  cache = stream_cache.DataCache(length, max_validation_examples=max_examples)
   rows = cache.validation_rows(task_names)
   task = seqio.get_mixture_or_task(task_names[languages.CODES[0]])
   return rows, task.output_features["targets"].vocabulary
@@ -95,7 +95,7 @@ def _fmt(x: Optional[float]) -> str:
   return "" if x is None else f"{x:.3f}"
 
 
-def markdown_summary(report: report_lib.RoutingReport) -> str:
+def markdown_summary(report: routing_report.RoutingReport) -> str:
   """Per-layer MI and one table row per (layer, language)."""
   lines = []
   for s in report.layers:
@@ -111,7 +111,7 @@ def markdown_summary(report: report_lib.RoutingReport) -> str:
       f" top-{report.top_m} coverage | normalized entropy |",
       "| --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
-  for r in report_lib.csv_rows(report):
+  for r in routing_report.csv_rows(report):
     lines.append(
         f"| {r['layer']} | {r['language']} | {r['partition']} | "
         f"{_fmt(r['loss'])} | {r['top_expert']} | "
@@ -127,10 +127,10 @@ def run(
     model_dir: str = gin.REQUIRED,
     data_source: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-    scheme: partitions.PartitionScheme = gin.REQUIRED,
+    scheme: schemes.PartitionScheme = gin.REQUIRED,
     model_config: transformer.DecoderConfig = gin.REQUIRED,
-    mesh_config: Optional[partitioning.MeshConfig] = None,
-) -> tuple[report_lib.RoutingReport, dict[str, Any]]:
+    mesh_config: Optional[sharding.MeshConfig] = None,
+) -> tuple[routing_report.RoutingReport, dict[str, Any]]:
   """Analyzes MODEL_DIR's checkpoint; returns the report and its paths."""
   length = gin_flags.task_feature_length(task_feature_lengths)
   validation, vocabulary = validation_data(
@@ -146,7 +146,7 @@ def run(
       output_dir,
       top_m=_TOP_M.value,
       step=_STEP.value,
-      mesh=partitioning.make_mesh(mesh_config or partitioning.MeshConfig()),
+      mesh=sharding.make_mesh(mesh_config or sharding.MeshConfig()),
       rows_per_batch=_ROWS.value,
       weighted=_WEIGHTED.value,
       make_plots=_PLOTS.value,

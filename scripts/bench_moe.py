@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import benchmarking
+from tiered_routing.cli import benchmark_timing
 from tiered_routing.model import dispatch as dispatch_lib
 from tiered_routing.model import layers
 from tiered_routing.model import losses
@@ -147,7 +147,7 @@ def _compiled_module(module, x, dy, *, is_moe):
   params = jax.jit(module.init)(jax.random.key(1), x)["params"]
   fn = _layer_grad_fn(module, is_moe)
   args = (params, x, dy)
-  compiled, compile_s = benchmarking.compile_jitted(fn, args)
+  compiled, compile_s = benchmark_timing.compile_jitted(fn, args)
   return compiled, args, compile_s
 
 
@@ -155,7 +155,7 @@ def _compiled_matmul(tokens, d_model, width, dtype):
   x = jnp.ones((tokens, d_model), dtype)
   w = jnp.ones((d_model, width), dtype)
   fn = jax.jit(functools.partial(jnp.dot, preferred_element_type=jnp.float32))
-  compiled, _ = benchmarking.compile_jitted(fn, (x, w))
+  compiled, _ = benchmark_timing.compile_jitted(fn, (x, w))
   return compiled, (x, w)
 
 
@@ -259,7 +259,7 @@ def _moe_cases(e, k, tokens, base, cfg, history):
     compiled, args, compile_s = _compiled_module(
         module, base["x"], base["dy"], is_moe=True
     )
-    timings = benchmarking.time_interleaved(
+    timings = benchmark_timing.time_interleaved(
         base["calls"] + [(compiled, args)],
         warmup=_WARMUP.value,
         repeats=cfg["repeats"],
@@ -268,7 +268,7 @@ def _moe_cases(e, k, tokens, base, cfg, history):
     past.append((tokens, timings[-1].median_s))
     rows.append(_row(impl, e, k, tokens, timings, base, compile_s))
     print(
-        benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True
+        benchmark_timing.text_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True
     )
   return rows
 
@@ -276,7 +276,7 @@ def _moe_cases(e, k, tokens, base, cfg, history):
 def run_sweep(cfg) -> list[dict]:
   """All rows: for each (k, T) and E, every impl."""
   rows, history = [], {}
-  print(benchmarking.text_table([], COLUMNS), flush=True)
+  print(benchmark_timing.text_table([], COLUMNS), flush=True)
   for k in cfg["top_k"]:
     for tokens in sorted(cfg["tokens"]):
       base = _baselines(k, tokens, cfg)
@@ -373,7 +373,7 @@ def main(argv):
       capacity_factor=_CAPACITY_FACTOR.value,
   )
   header = (
-      f"bench_moe: {benchmarking.machine_description()}\n"
+      f"bench_moe: {benchmark_timing.machine_description()}\n"
       f"D={cfg['d_model']} F={cfg['expert_d_ff']} (gated) "
       f"group_size={cfg['group_size']} capacity_factor="
       f"{cfg['capacity_factor']} dtype={_DTYPE.value} "
@@ -382,10 +382,10 @@ def main(argv):
   )
   print(header)
   rows = run_sweep(cfg)
-  print("\n" + benchmarking.text_table(rows, COLUMNS))
+  print("\n" + benchmark_timing.text_table(rows, COLUMNS))
   summary = summarize(rows, jax.default_backend())
   print("\n" + "\n".join(summary))
-  for path in benchmarking.write_outputs(
+  for path in benchmark_timing.write_outputs(
       _OUTPUT_DIR.value,
       "bench_moe",
       rows,

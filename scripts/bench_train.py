@@ -37,15 +37,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmarking
+from tiered_routing.cli import benchmark_timing
 from tasks import mixtures  # Registers the SeqIO tasks.
-from tiered_routing import inputs
-from tiered_routing import optimizers
-from tiered_routing import params as params_lib
-from tiered_routing import partitioning
-from tiered_routing import partitions
-from tiered_routing import train_state
-from tiered_routing import trainer
+from tiered_routing.data import inputs
+from tiered_routing.train import optimizers
+from tiered_routing.model import param_count
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import train_state
+from tiered_routing.train import trainer
 from tiered_routing.model import transformer
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -171,8 +171,8 @@ def scaled_config(
 
 
 @functools.lru_cache(maxsize=None)
-def _count(config: transformer.DecoderConfig) -> params_lib.ParamCount:
-  return params_lib.count_params(config)  # Traces the model: ~1 s.
+def _count(config: transformer.DecoderConfig) -> param_count.ParamCount:
+  return param_count.count_params(config)  # Traces the model: ~1 s.
 
 
 def _total(config: transformer.DecoderConfig) -> int:
@@ -214,7 +214,7 @@ def synthetic_batch(p, b, length, vocab_size, seed=0):
 
 def time_train_step(model_config, batch_size, length, steps, warmup):
   """(median step seconds, compile seconds) of trainer.train_step."""
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  mesh = sharding.make_mesh(sharding.MeshConfig())
   p = model_config.num_partitions
   shape = (p, batch_size // p, length)
   config = trainer.TrainConfig(train_steps=1000)
@@ -225,7 +225,7 @@ def time_train_step(model_config, batch_size, length, steps, warmup):
       mesh,
       shape,
   )
-  with partitioning.with_sharding_rules(mesh):
+  with sharding.with_sharding_rules(mesh):
     state = train_state.init_state(s, jax.random.key(0), shape)
     batch = trainer.to_global_batch(
         synthetic_batch(p, batch_size, length, model_config.vocab_size), mesh
@@ -255,7 +255,7 @@ def time_train_step(model_config, batch_size, length, steps, warmup):
 
 def time_input_pipeline(n, batch_size, length, steps):
   """Median seconds per batch of the SeqIO pipeline incl. device transfer."""
-  scheme = partitions.make_scheme("family", n)
+  scheme = schemes.make_scheme("family", n)
   names = mixtures.partition_mixture_names("sample", scheme)
   dataset = inputs.partitioned_dataset(
       names,
@@ -265,7 +265,7 @@ def time_input_pipeline(n, batch_size, length, steps):
       seed=0,
       pack=True,
   )
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  mesh = sharding.make_mesh(sharding.MeshConfig())
   iterator = inputs.batch_iterator(dataset)
   times = []
   for i in range(2 + steps):  # Two warm-up batches fill the pipeline.
@@ -332,12 +332,12 @@ def main(argv):
         f"{list(FAMILIES)} / {SHARING}."
     )
   header = (
-      f"bench_train: {benchmarking.machine_description()}\n"
+      f"bench_train: {benchmark_timing.machine_description()}\n"
       f"trainer.train_step (AdamW), synthetic batches on device; "
       f"median of {opts['steps']} steps\ncommand: {' '.join(sys.argv)}"
   )
   print(header)
-  print(benchmarking.text_table([], COLUMNS), flush=True)
+  print(benchmark_timing.text_table([], COLUMNS), flush=True)
   rows, input_cache = [], {}
   for family in opts["families"]:
     for n in [int(v) for v in opts["partitions"]]:
@@ -350,11 +350,11 @@ def main(argv):
           row["sharing"] = "any"
         rows.append(row)
         print(
-            benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1],
+            benchmark_timing.text_table(rows[-1:], COLUMNS).splitlines()[-1],
             flush=True,
         )
-  print("\n" + benchmarking.text_table(rows, COLUMNS))
-  for path in benchmarking.write_outputs(
+  print("\n" + benchmark_timing.text_table(rows, COLUMNS))
+  for path in benchmark_timing.write_outputs(
       _OUTPUT_DIR.value,
       "bench_train",
       rows,

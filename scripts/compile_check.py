@@ -62,14 +62,14 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmarking
-from tiered_routing import configurables
-from tiered_routing import gin_flags
-from tiered_routing import optimizers
-from tiered_routing import params as params_lib
-from tiered_routing import partitioning
-from tiered_routing import train_state
-from tiered_routing import trainer
+from tiered_routing.cli import benchmark_timing
+from tiered_routing.cli import configurables
+from tiered_routing.cli import gin_flags
+from tiered_routing.train import optimizers
+from tiered_routing.model import param_count
+from tiered_routing import sharding
+from tiered_routing.train import train_state
+from tiered_routing.train import trainer
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -132,7 +132,7 @@ def load_model_config(name: str):
   return configurables.DecoderConfig()
 
 
-def mesh_config(layout: str, n: int, devices: int) -> partitioning.MeshConfig:
+def mesh_config(layout: str, n: int, devices: int) -> sharding.MeshConfig:
   """MeshConfig for a layout name (see --layouts)."""
   if devices % n:
     raise ValueError(
@@ -140,24 +140,24 @@ def mesh_config(layout: str, n: int, devices: int) -> partitioning.MeshConfig:
         "multiple of n."
     )
   if layout == "auto":
-    return partitioning.MeshConfig(partition=n, data=-1)
+    return sharding.MeshConfig(partition=n, data=-1)
   if layout.startswith("expert"):
     k = int(layout[len("expert") :])
-    return partitioning.MeshConfig(partition=n, data=-1, expert=k)
+    return sharding.MeshConfig(partition=n, data=-1, expert=k)
   sizes = [int(v) for v in layout.split(":")]
   if len(sizes) != 4:
     raise ValueError(
         f"layout {layout!r}: need 'auto', 'expert<k>' or 'P:D:E:M'."
     )
-  return partitioning.MeshConfig(*sizes)
+  return sharding.MeshConfig(*sizes)
 
 
 def _per_device_bytes(abstract_tree, shardings) -> int:
   total = 0
-  for leaf, sharding in zip(
+  for leaf, placement in zip(
       jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)
   ):
-    shard = sharding.shard_shape(leaf.shape)
+    shard = placement.shard_shape(leaf.shape)
     total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
   return total
 
@@ -165,15 +165,15 @@ def _per_device_bytes(abstract_tree, shardings) -> int:
 def _abstract_batch(mesh, shape):
   out = {}
   for key in trainer.MODEL_FEATURES:
-    sharding = partitioning.batch_sharding(mesh, len(shape), shape)
-    out[key] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+    placement = sharding.batch_sharding(mesh, len(shape), shape)
+    out[key] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=placement)
   return out
 
 
 def compile_case(name: str, model_config, devices: int, layout: str) -> dict:
   """Compiles train_step for one case; returns the table row."""
   mc = mesh_config(layout, model_config.num_partitions, devices)
-  mesh = partitioning.make_mesh(mc, jax.devices()[:devices])
+  mesh = sharding.make_mesh(mc, jax.devices()[:devices])
   p = model_config.num_partitions
   data = mesh.shape["partition"] * mesh.shape["data"]
   batch = _BATCH.value * data
@@ -201,7 +201,7 @@ def compile_case(name: str, model_config, devices: int, layout: str) -> dict:
       donate_argnums=0,
   )
   start = time.perf_counter()
-  with partitioning.with_sharding_rules(mesh):
+  with sharding.with_sharding_rules(mesh):
     compiled = step.lower(state, abstract_batch, rng).compile()
   compile_s = time.perf_counter() - start
   row = _row(model_config, mesh, shape, s, abstract_batch, compiled)
@@ -224,7 +224,7 @@ def _row(model_config, mesh, shape, s, abstract_batch, compiled):
       - stats.alias_size_in_bytes
   )
   fits = [name for name, hbm in TPU_HBM_GIB.items() if peak < hbm * GIB]
-  sizes = "x".join(str(mesh.shape[a]) for a in partitioning.MESH_AXES)
+  sizes = "x".join(str(mesh.shape[a]) for a in sharding.MESH_AXES)
   return dict(
       devices=mesh.size,
       mesh=f"{sizes} (P x D x E x M)",
@@ -232,7 +232,7 @@ def _row(model_config, mesh, shape, s, abstract_batch, compiled):
       dtype=model_config.dtype,
       batch=shape[0] * shape[1],
       length=shape[2],
-      total_params_M=params_lib.count_params(model_config).total / 1e6,
+      total_params_M=param_count.count_params(model_config).total / 1e6,
       params_gib=params_b / GIB,
       opt_state_gib=opt_b / GIB,
       batch_gib=batch_b / GIB,
@@ -256,13 +256,13 @@ def main(argv):
       f"; num_layers overridden to {_LAYERS.value}" if _LAYERS.value else ""
   )
   header = (
-      f"compile_check: {benchmarking.machine_description()}\n"
+      f"compile_check: {benchmark_timing.machine_description()}\n"
       f"trainer.train_step (AdamW; float32 parameters and moments)"
       f"{layers_note}; per-device bytes; fits = peak < HBM of "
       f"{TPU_HBM_GIB} GiB\ncommand: {' '.join(sys.argv)}"
   )
   print(header)
-  print(benchmarking.text_table([], COLUMNS), flush=True)
+  print(benchmark_timing.text_table([], COLUMNS), flush=True)
   rows = []
   for name in _MODELS.value:
     config = load_model_config(name)
@@ -271,11 +271,11 @@ def main(argv):
       for layout in _LAYOUTS.value:
         rows.append(compile_case(label, config, n_dev, layout))
         print(
-            benchmarking.text_table(rows[-1:], COLUMNS).splitlines()[-1],
+            benchmark_timing.text_table(rows[-1:], COLUMNS).splitlines()[-1],
             flush=True,
         )
-  print("\n" + benchmarking.text_table(rows, COLUMNS))
-  for path in benchmarking.write_outputs(
+  print("\n" + benchmark_timing.text_table(rows, COLUMNS))
+  for path in benchmark_timing.write_outputs(
       _OUTPUT_DIR.value,
       "compile_check",
       rows,

@@ -35,22 +35,22 @@ import numpy as np
 import seqio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import method_runs  # pylint: disable=g-import-not-at-top
+from tiered_routing.related import method_tables  # pylint: disable=g-import-not-at-top
 
 from tasks import mixtures
-from tiered_routing import atomic_file
-from tiered_routing import configurables  # pylint: disable=unused-import
-from tiered_routing import expert_gates
-from tiered_routing import expert_params
-from tiered_routing import finetune
-from tiered_routing import gin_flags
-from tiered_routing import inputs
-from tiered_routing import languages
-from tiered_routing import optimizers
-from tiered_routing import partitioning
-from tiered_routing import partitions
-from tiered_routing import train_state
-from tiered_routing import trainer
+from tiered_routing.train import atomic_file
+from tiered_routing.cli import configurables  # pylint: disable=unused-import
+from tiered_routing.related import expert_gates
+from tiered_routing.model import expert_params
+from tiered_routing.related import esft
+from tiered_routing.cli import gin_flags
+from tiered_routing.data import inputs
+from tiered_routing.tier1 import languages
+from tiered_routing.train import optimizers
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import train_state
+from tiered_routing.train import trainer
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -106,7 +106,7 @@ def _train_base(model_dir, config, opt, mixture, steps, shape, mesh):
   dataset = inputs.partitioned_dataset(
       [mixture],
       global_batch_size=batch_size,
-      scheme=partitions.family(1),
+      scheme=schemes.family(1),
       sequence_length=length,
       seed=0,
   )
@@ -214,8 +214,8 @@ def run(
         "This script uses one partition; got num_partitions="
         f"{model_config.num_partitions}."
     )
-  scheme = partitions.family(1)
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  scheme = schemes.family(1)
+  mesh = sharding.make_mesh(sharding.MeshConfig())
   old_mixture = _register_without(new_language)
   new_task = mixtures.task_names("sample", [new_language])[0]
   opt = optimizers.OptimizerConfig(learning_rate=learning_rate, warmup_steps=30)
@@ -225,7 +225,7 @@ def run(
   mixed = _mixed_batches(
       new_task, old_mixture, scheme, new_rows, batch_size - new_rows, length
   )
-  with partitioning.with_sharding_rules(mesh):
+  with sharding.with_sharding_rules(mesh):
     shape = (batch_size, length)
     base = _train_base(
         model_dir, model_config, opt, old_mixture, base_steps, shape, mesh
@@ -235,7 +235,7 @@ def run(
     grown = _grow_and_train(
         model_config, base, new_language, data, training, mesh
     )
-    evaluator = method_runs.Evaluator(
+    evaluator = method_tables.Evaluator(
         [mixtures.all_languages_mixture("sample")], scheme, length, batch_size
     )
     rows = _evaluate_all(evaluator, model_config, base, new_language, *grown)
@@ -246,7 +246,7 @@ def run(
       f"{batch_size - new_rows} old rows per batch). Validation loss "
       "in nats/token (old = mean over the 15 other languages).\n\n"
   )
-  text = header + method_runs.markdown_table(rows, COLUMNS) + "\n"
+  text = header + method_tables.markdown_table(rows, COLUMNS) + "\n"
   print(text)
   atomic_file.write_text(
       output or os.path.join(model_dir, "expert_gates.md"), text
@@ -272,8 +272,8 @@ def _grow_and_train(config, base, code, data, training, mesh):
   probe, batches = data  # A new-language batch; mixed training batches.
   steps, opt, gate_weight = training
   model = transformer.TieredDecoder(config)
-  counts = finetune.collect_routing(model, base, [probe])
-  source = finetune.expert_relevance(counts, [code], "gate").argmax(-1)
+  counts = esft.collect_routing(model, base, [probe])
+  source = esft.expert_relevance(counts, [code], "gate").argmax(-1)
   grown, grown_config = expert_gates.add_expert(
       base, config, source_experts=source
   )
@@ -292,7 +292,7 @@ def _evaluate_all(
 
   def add(name, cfg, params, on_fn=None):
     res = evaluator.evaluate(transformer.TieredDecoder(cfg), params)
-    on, changed, diff = method_runs.compare_rows(
+    on, changed, diff = method_tables.compare_rows(
         evaluator, (config, base), (cfg, params), code, on_fn
     )
     results.append(
@@ -300,7 +300,7 @@ def _evaluate_all(
             "model": name,
             "experts": cfg.num_experts,
             "new_language_loss": res[f"{code}/loss"],
-            "old_languages_loss": method_runs.mean_loss(res, olds),
+            "old_languages_loss": method_tables.mean_loss(res, olds),
             "old_seqs_on_expert": on if on_fn is not None else "-",
             "old_seqs_changed": changed,
             "max_abs_logit_diff": diff,
@@ -321,10 +321,10 @@ def _evaluate_all(
   )
   exact = all(jax.tree.leaves(jax.tree.map(np.array_equal, removed, base)))
   add(f"new expert removed (== base: {exact})", removed_config, removed)
-  old_counts = finetune.collect_routing(
+  old_counts = esft.collect_routing(
       transformer.TieredDecoder(config), base, evaluator.batches
   )
-  busiest = finetune.expert_relevance(old_counts, olds).argmax(-1)
+  busiest = esft.expert_relevance(old_counts, olds).argmax(-1)
   pruned, pruned_config = expert_gates.remove_expert(base, config, busiest)
   add(
       f"base minus busiest expert {busiest.tolist()}",

@@ -41,23 +41,23 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import method_runs  # pylint: disable=g-import-not-at-top
+from tiered_routing.related import method_tables  # pylint: disable=g-import-not-at-top
 
-from tasks import naming
-from tiered_routing import atomic_file
-from tiered_routing import configurables  # pylint: disable=unused-import
-from tiered_routing import expert_params
-from tiered_routing import finetune
-from tiered_routing import gin_flags
-from tiered_routing import inputs
-from tiered_routing import languages
-from tiered_routing import optimizers
-from tiered_routing import partitioning
-from tiered_routing import partitions
-from tiered_routing import train  # pylint: disable=unused-import
-from tiered_routing import train_state
-from tiered_routing import trainer
-from tiered_routing.analysis import restore
+from tiered_routing.data import seqio_names
+from tiered_routing.train import atomic_file
+from tiered_routing.cli import configurables  # pylint: disable=unused-import
+from tiered_routing.model import expert_params
+from tiered_routing.related import esft
+from tiered_routing.cli import gin_flags
+from tiered_routing.data import inputs
+from tiered_routing.tier1 import languages
+from tiered_routing.train import optimizers
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.cli import train  # pylint: disable=unused-import
+from tiered_routing.train import train_state
+from tiered_routing.train import trainer
+from tiered_routing.train import restore
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -118,7 +118,7 @@ def _method(name, model, params, boxed, config, selection, lora_rank, alpha):
   if name == "full":
     return model, params, jax.tree.map(lambda _: True, params), partitioned
   if name == "router_lora":
-    lora = finetune.init_router_lora(
+    lora = esft.init_router_lora(
         params, config, lora_rank, jax.random.key(7)
     )
     both = {"base": params, "lora": lora}
@@ -127,17 +127,17 @@ def _method(name, model, params, boxed, config, selection, lora_rank, alpha):
         "lora": jax.tree.map(lambda _: config.sharing != "all", lora),
     }
     return (
-        finetune.FinetuneModel(model, lora_alpha=alpha),
+        esft.FinetuneModel(model, lora_alpha=alpha),
         both,
-        finetune.lora_trainable_mask(both),
+        esft.lora_trainable_mask(both),
         flags_,
     )
   chosen_LxE, forced_mask = selection[name]
-  stand_in = finetune.FinetuneModel(model, expert_mask_MxPxE=forced_mask)
+  stand_in = esft.FinetuneModel(model, expert_mask_MxPxE=forced_mask)
   return (
       stand_in,
       params,
-      finetune.trainable_mask(params, config, chosen_LxE),
+      esft.trainable_mask(params, config, chosen_LxE),
       partitioned,
   )
 
@@ -145,22 +145,22 @@ def _method(name, model, params, boxed, config, selection, lora_rank, alpha):
 def _selections(model, params, batches, code, partition, coverage):
   """ESFT expert choices (bool [L, P, Ep]) and forced masks per method."""
   config = model.config
-  counts = finetune.collect_routing(model, params, batches)
+  counts = esft.collect_routing(model, params, batches)
   out = {}
   for name, score in (
       ("esft_token", "token"),
       ("esft_gate", "gate"),
       ("esft_forced", "token"),
   ):
-    chosen = finetune.select_experts(
-        finetune.expert_relevance(counts, [code], score), coverage
+    chosen = esft.select_experts(
+        esft.expert_relevance(counts, [code], score), coverage
     )
     forced = (
-        finetune.forced_routing_mask(chosen, config, [partition])
+        esft.forced_routing_mask(chosen, config, [partition])
         if name == "esft_forced"
         else None
     )
-    out[name] = (finetune.to_selection(chosen, config, [partition]), forced)
+    out[name] = (esft.to_selection(chosen, config, [partition]), forced)
   return out
 
 
@@ -178,7 +178,7 @@ class _Context:
   params: Any
   boxed: Any  # Logically boxed parameters (partition flags).
   selection: Mapping[str, Any]  # `_selections`.
-  evaluator: method_runs.Evaluator
+  evaluator: method_tables.Evaluator
   base: Mapping[str, float]  # The base model's evaluation.
   batches: Any  # () -> iterator over target-language batches.
   code: str
@@ -230,7 +230,7 @@ def run(
     mixture_or_task_name: Any = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
-    scheme: partitions.PartitionScheme = gin.REQUIRED,
+    scheme: schemes.PartitionScheme = gin.REQUIRED,
     model_config: transformer.DecoderConfig = gin.REQUIRED,
     target_language: str = "ur",
     steps: int = 100,
@@ -247,13 +247,13 @@ def run(
   p = model_config.num_partitions
   length = gin_flags.task_feature_length(task_feature_lengths)
   rows, partition = batch_size // p, scheme.partition_of(target_language)
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  mesh = sharding.make_mesh(sharding.MeshConfig())
   model = transformer.TieredDecoder(model_config)
-  task = naming.task_name("sample", target_language)
+  task = seqio_names.task_name("sample", target_language)
   batches = functools.partial(_target_batches, task, scheme, partition, p)
-  with partitioning.with_sharding_rules(mesh):
+  with sharding.with_sharding_rules(mesh):
     step, params = restore.restore_params(model_dir, model_config, mesh=mesh)
-    evaluator = method_runs.Evaluator(
+    evaluator = method_tables.Evaluator(
         gin_flags.mixture_names(mixture_or_task_name, p), scheme, length, rows
     )
     probe = list(itertools.islice(batches(rows, length, 0), routing_batches))
@@ -278,7 +278,7 @@ def run(
     results = [_row("base", base, base, target_language, 0, "-")]
     results += [_tune(ctx, name) for name in methods]
   text = _header(ctx, model_dir, step, coverage)
-  text += method_runs.markdown_table(results, COLUMNS) + "\n"
+  text += method_tables.markdown_table(results, COLUMNS) + "\n"
   print(text)
   atomic_file.write_text(output or os.path.join(model_dir, "finetune.md"), text)
   return results
@@ -286,7 +286,7 @@ def run(
 
 def _row(name, res, base, code, trainable, experts):
   others = [c for c in languages.CODES if c != code and f"{c}/loss" in res]
-  target, other = res[f"{code}/loss"], method_runs.mean_loss(res, others)
+  target, other = res[f"{code}/loss"], method_tables.mean_loss(res, others)
   return {
       "method": name,
       "trainable_params": trainable,
@@ -294,7 +294,7 @@ def _row(name, res, base, code, trainable, experts):
       "target_loss": target,
       "other_loss": other,
       "target_gain": base[f"{code}/loss"] - target,
-      "other_change": other - method_runs.mean_loss(base, others),
+      "other_change": other - method_tables.mean_loss(base, others),
   }
 
 

@@ -19,17 +19,17 @@ import gin
 import seqio
 
 import tasks  # pylint: disable=unused-import  (registers the SeqIO tasks)
-from tasks import naming
-from tiered_routing import configurables  # pylint: disable=unused-import
-from tiered_routing import generation
-from tiered_routing import gin_flags
-from tiered_routing import languages
-from tiered_routing import partitioning
-from tiered_routing import partitions
+from tiered_routing.data import seqio_names
+from tiered_routing.cli import configurables  # pylint: disable=unused-import
+from tiered_routing.related import decoding
+from tiered_routing.cli import gin_flags
+from tiered_routing.tier1 import languages
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
 
 # The training run's gin files bind train_script.train: register it.
-from tiered_routing import train  # pylint: disable=unused-import
-from tiered_routing.analysis import restore
+from tiered_routing.cli import train  # pylint: disable=unused-import
+from tiered_routing.train import restore
 from tiered_routing.model import transformer
 
 _PROMPTS = flags.DEFINE_multi_string(
@@ -59,7 +59,7 @@ BINDINGS = (
 
 
 def resolve_partition(
-    scheme: partitions.PartitionScheme,
+    scheme: schemes.PartitionScheme,
     language: Optional[str],
     partition: Optional[int],
 ) -> int:
@@ -86,28 +86,28 @@ def run(
     *,
     model_dir: str = gin.REQUIRED,
     data_source: str = gin.REQUIRED,
-    scheme: partitions.PartitionScheme = gin.REQUIRED,
+    scheme: schemes.PartitionScheme = gin.REQUIRED,
     model_config: transformer.DecoderConfig = gin.REQUIRED,
-    mesh_config: Optional[partitioning.MeshConfig] = None,
+    mesh_config: Optional[sharding.MeshConfig] = None,
 ) -> list[str]:
   """Prints and returns one continuation per --prompt."""
   partition = resolve_partition(scheme, _LANGUAGE.value, _PARTITION.value)
-  sampling = generation.SamplingConfig(
+  sampling = decoding.SamplingConfig(
       max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value,
       top_k=_TOP_K.value,
       seed=_SEED.value,
   )
   task = seqio.get_mixture_or_task(
-      naming.task_name(data_source, scheme.languages_of(partition)[0])
+      seqio_names.task_name(data_source, scheme.languages_of(partition)[0])
   )
   vocabulary = task.output_features["targets"].vocabulary
-  mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig())
+  mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
   step, params = restore.restore_params(
       model_dir, model_config, mesh=mesh, step=_STEP.value
   )
-  with partitioning.with_sharding_rules(mesh):
-    generator = generation.Generator(model_config, params, partition)
+  with sharding.with_sharding_rules(mesh):
+    generator = decoding.Generator(model_config, params, partition)
     prompt_ids = [vocabulary.encode(p) for p in _PROMPTS.value]
     ids = generator.generate(prompt_ids, sampling)
   texts = []
@@ -118,7 +118,7 @@ def run(
   for prompt, row in zip(prompt_ids, ids):
     # Decoded together: SentencePiece drops the leading space of a text.
     text = vocabulary.decode(
-        list(prompt) + generation.truncate_at_eos(row, vocabulary.eos_id)
+        list(prompt) + decoding.truncate_at_eos(row, vocabulary.eos_id)
     )
     texts.append(text)
     print(f"--- {text}")

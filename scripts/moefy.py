@@ -31,18 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import method_runs  # pylint: disable=g-import-not-at-top
+from tiered_routing.related import method_tables  # pylint: disable=g-import-not-at-top
 
-from tiered_routing import atomic_file
-from tiered_routing import configurables  # pylint: disable=unused-import
-from tiered_routing import gin_flags
-from tiered_routing import inputs
-from tiered_routing import moefication
-from tiered_routing import moefication_model
-from tiered_routing import partitioning
-from tiered_routing import partitions
-from tiered_routing import train  # pylint: disable=unused-import
-from tiered_routing.analysis import restore
+from tiered_routing.train import atomic_file
+from tiered_routing.cli import configurables  # pylint: disable=unused-import
+from tiered_routing.cli import gin_flags
+from tiered_routing.data import inputs
+from tiered_routing.related import moefication
+from tiered_routing.related import moefied_decoder
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.cli import train  # pylint: disable=unused-import
+from tiered_routing.train import restore
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -76,7 +76,7 @@ def _router_inputs(
   )
   iterator = inputs.batch_iterator(dataset)
   batches = [next(iterator) for _ in range(num_batches)]
-  return moefication_model.collect_mlp_inputs(model, params, batches)
+  return moefied_decoder.collect_mlp_inputs(model, params, batches)
 
 
 def _rows(
@@ -93,7 +93,7 @@ def _rows(
         ("learned_router", "learned", "positive", routed),
     ):
       context = functools.partial(
-          moefication_model.moefied,
+          moefied_decoder.moefied,
           num_experts,
           k,
           routing=routing,
@@ -142,7 +142,7 @@ def run(
     mixture_or_task_name: Any = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
-    scheme: partitions.PartitionScheme = gin.REQUIRED,
+    scheme: schemes.PartitionScheme = gin.REQUIRED,
     model_config: transformer.DecoderConfig = gin.REQUIRED,
     num_experts: int = 8,
     top_ks: Sequence[int] = (8, 4, 2, 1),
@@ -157,25 +157,25 @@ def run(
         f"MoEfication needs a dense model; num_experts="
         f"{model_config.num_experts}."
     )
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  mesh = sharding.make_mesh(sharding.MeshConfig())
   p = model_config.num_partitions
   names = gin_flags.mixture_names(mixture_or_task_name, p)
   length = gin_flags.task_feature_length(task_feature_lengths)
   model = transformer.TieredDecoder(model_config)
-  with partitioning.with_sharding_rules(mesh):
+  with sharding.with_sharding_rules(mesh):
     step, params = restore.restore_params(model_dir, model_config, mesh=mesh)
     params = jax.device_get(params)
-    evaluator = method_runs.Evaluator(names, scheme, length, batch_size // p)
+    evaluator = method_tables.Evaluator(names, scheme, length, batch_size // p)
     dense = evaluator.evaluate(model, params)["macro/loss"]
     start = time.time()
     config = moefication.MoeficationConfig(num_experts, kmeans_iterations, seed)
-    moefied = moefication_model.moefy_params(params, config)
+    moefied = moefied_decoder.moefy_params(params, config)
     logging.info("Clustered in %.1f s.", time.time() - start)
     permuted = evaluator.evaluate(model, moefied)["macro/loss"]
     ffn_inputs = _router_inputs(
         model, moefied, names, scheme, batch_size, length, router_batches
     )
-    routed = moefication_model.fit_routers(
+    routed = moefied_decoder.fit_routers(
         moefied,
         ffn_inputs,
         num_experts,
@@ -187,7 +187,7 @@ def run(
         evaluator, model, params, moefied, routed, num_experts, top_ks, dense
     )
   text = _header(model_dir, step, model_config, num_experts, permuted, active)
-  text += method_runs.markdown_table(rows, COLUMNS) + "\n"
+  text += method_tables.markdown_table(rows, COLUMNS) + "\n"
   print(text)
   atomic_file.write_text(
       output or os.path.join(model_dir, "moefication.md"), text

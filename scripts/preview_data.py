@@ -14,13 +14,13 @@ import numpy as np
 import tasks  # pylint: disable=unused-import  (registers tasks)
 from tasks import mixtures
 from tasks import vocab
-from tiered_routing import inputs
-from tiered_routing import languages
-from tiered_routing import partitions
+from tiered_routing.data import inputs
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
 
 _SOURCE = flags.DEFINE_enum("source", "sample", mixtures.SOURCES, "Source.")
 _SCHEME = flags.DEFINE_enum(
-    "scheme", "family", partitions.SCHEME_KINDS[:3], "Partition scheme."
+    "scheme", "family", schemes.SCHEME_KINDS[:3], "Partition scheme."
 )
 _N = flags.DEFINE_integer("num_partitions", 4, "Partitions of the scheme.")
 _LENGTH = flags.DEFINE_integer("length", 32, "Packed row length.")
@@ -48,7 +48,7 @@ def _show(title: str, batch) -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.ERROR)  # SeqIO's per-task caching notes.
-  scheme = partitions.make_scheme(_SCHEME.value, _N.value)
+  scheme = schemes.make_scheme(_SCHEME.value, _N.value)
   common = dict(
       scheme=scheme, sequence_length=_LENGTH.value, shuffle=True, seed=0
   )

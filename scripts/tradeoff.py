@@ -60,25 +60,25 @@ import jax
 import seqio
 
 from tasks import mixtures
-from tasks import naming
-from tiered_routing import atomic_file
-from tiered_routing import configurables  # pylint: disable=unused-import
-from tiered_routing import gin_flags
-from tiered_routing import languages
-from tiered_routing import model_dir_lock
-from tiered_routing import optimizers
-from tiered_routing import partitioning
-from tiered_routing import partitions
-from tiered_routing import trainer
+from tiered_routing.data import seqio_names
+from tiered_routing.train import atomic_file
+from tiered_routing.cli import configurables  # pylint: disable=unused-import
+from tiered_routing.cli import gin_flags
+from tiered_routing.tier1 import languages
+from tiered_routing.train import model_dir_lock
+from tiered_routing.train import optimizers
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import trainer
 from tiered_routing.model import transformer
 from tiered_routing.unlearning import expert_attribution
-from tiered_routing.unlearning import finetune_loop
-from tiered_routing.unlearning import report
+from tiered_routing.unlearning import gradient_methods
+from tiered_routing.unlearning import sweep_report
 from tiered_routing.unlearning import runner
 from tiered_routing.unlearning import specs
-from tiered_routing.unlearning import streams
+from tiered_routing.data import stream_cache
 from tiered_routing.unlearning import trace
-from tiered_routing.unlearning import training
+from tiered_routing.unlearning import trained_models
 
 PRESETS = ("smoke", "sample", "mc4")
 FAST_CPU_XLA_FLAGS = (
@@ -107,7 +107,7 @@ FLAGS = flags.FLAGS
 
 for _cls in (
     specs.UnlearningConfig,
-    finetune_loop.FinetuneConfig,
+    gradient_methods.FinetuneConfig,
     trace.TraceConfig,
     expert_attribution.AttributionConfig,
 ):
@@ -131,7 +131,7 @@ class Sweep:
   model_overrides: Optional[dict[int, dict[str, Any]]] = None
   optimizer_config: optimizers.OptimizerConfig = optimizers.OptimizerConfig()
   unlearning: specs.UnlearningConfig = specs.UnlearningConfig()
-  mesh_config: partitioning.MeshConfig = partitioning.MeshConfig()
+  mesh_config: sharding.MeshConfig = sharding.MeshConfig()
   data_seed: int = 0
   materialize_data: bool = True
   max_validation_examples: Optional[int] = None
@@ -148,7 +148,7 @@ def make_sweep(**kwargs) -> Sweep:
 @dataclasses.dataclass(frozen=True)
 class Configuration:
   name: str
-  scheme: partitions.PartitionScheme
+  scheme: schemes.PartitionScheme
   model_config: transformer.DecoderConfig
 
 
@@ -164,7 +164,7 @@ def configurations(sweep: Sweep) -> list[Configuration]:
     for kind in sweep.scheme_kinds:
       if (n == 1 and kind != "family") or (n == 16 and kind == "random"):
         continue
-      scheme = partitions.make_scheme(kind, n, sweep.scheme_seed)
+      scheme = schemes.make_scheme(kind, n, sweep.scheme_seed)
       for sharing in sweep.sharing_levels:
         if n == 1 and sharing != "none":
           continue
@@ -189,23 +189,23 @@ def _register_mixture(
     source: str, table_name: str, partition: int, codes: tuple[str, ...]
 ) -> str:
   """The retained languages of a partition, mixed like its original mixture."""
-  name = naming.partition_name(source, table_name, partition)
+  name = seqio_names.partition_name(source, table_name, partition)
   if name not in seqio.MixtureRegistry.names():
     rate = functools.partial(
         seqio.mixing_rate_num_examples, temperature=mixtures.DEFAULT_TEMPERATURE
     )
     seqio.MixtureRegistry.add(
-        name, [(naming.task_name(source, c), rate) for c in codes]
+        name, [(seqio_names.task_name(source, c), rate) for c in codes]
     )
   return name
 
 
 def data_spec(
-    source: str, scheme: partitions.PartitionScheme
+    source: str, scheme: schemes.PartitionScheme
 ) -> specs.DataSpec:
   return specs.DataSpec(
       partition_names=tuple(mixtures.partition_mixture_names(source, scheme)),
-      task_name=functools.partial(naming.task_name, source),
+      task_name=functools.partial(seqio_names.task_name, source),
       mixture_name=functools.partial(_register_mixture, source),
   )
 
@@ -247,8 +247,8 @@ def run_sweep(sweep: Sweep, output_dir: str) -> list[dict]:
   title = (
       f"Forgetting {languages.get(code).name} ({code}): " f"{sweep.source} data"
   )
-  mesh = partitioning.make_mesh(sweep.mesh_config)
-  cache = streams.DataCache(
+  mesh = sharding.make_mesh(sweep.mesh_config)
+  cache = stream_cache.DataCache(
       sweep.sequence_length,
       sweep.data_seed,
       materialize=sweep.materialize_data,
@@ -261,7 +261,7 @@ def run_sweep(sweep: Sweep, output_dir: str) -> list[dict]:
       logging.info("%s: done earlier, kept.", c.name)
     else:
       start = time.time()
-      spec = training.TrainSpec(
+      spec = trained_models.TrainSpec(
           c.model_config,
           sweep.optimizer_config,
           sweep.train_config,
@@ -282,7 +282,7 @@ def run_sweep(sweep: Sweep, output_dir: str) -> list[dict]:
       logging.info("%s: done in %.0f s.", c.name, time.time() - start)
     with open(path, encoding="utf-8") as f:
       payloads.append(json.load(f))
-    report.write_outputs(output_dir, payloads, title)
+    sweep_report.write_outputs(output_dir, payloads, title)
   return payloads
 
 
@@ -334,7 +334,7 @@ def main(argv):
     _setup_jax(output_dir)
     gin_flags.parse_gin(files, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     sweep = make_sweep()
-    if report.check_or_write_manifest(
+    if sweep_report.check_or_write_manifest(
         output_dir, _manifest([c.name for c in configurations(sweep)])
     ):
       logging.info("Resuming the sweep in %s.", output_dir)

@@ -27,11 +27,11 @@ from absl import app
 from absl import flags
 import sentencepiece as spm
 
-from tiered_routing import data
-from tiered_routing import languages
+from tiered_routing.data import corpora
+from tiered_routing.tier1 import languages
 
 _OUTPUT = flags.DEFINE_string(
-    "output", str(data.VOCAB_PATH), "Where to write the .model file."
+    "output", str(corpora.VOCAB_PATH), "Where to write the .model file."
 )
 _VOCAB_SIZE = flags.DEFINE_integer(
     "vocab_size",
@@ -61,7 +61,7 @@ _COVERAGE = flags.DEFINE_float(
 
 def sample_corpus_text():
   """Train-split paragraphs of all 16 languages, interleaved."""
-  per_lang = [data.split_paragraphs(c, "train") for c in languages.CODES]
+  per_lang = [corpora.split_paragraphs(c, "train") for c in languages.CODES]
   for group in itertools.zip_longest(*per_lang):
     yield from (p for p in group if p)
 

@@ -14,11 +14,11 @@ import os
 import seqio
 import tensorflow as tf
 
-from tasks import naming
+from tiered_routing.data import seqio_names
 from tasks import preprocessors
 from tasks import vocab
-from tiered_routing import languages
-from tiered_routing.evaluation import metrics
+from tiered_routing.tier1 import languages
+from tiered_routing.eval import lm_metrics
 
 TFDS_NAME = "c4/multilingual:3.1.0"
 JSON_DIR_ENV_VAR = "TR_MC4_JSON_DIR"
@@ -68,8 +68,8 @@ def _eval_args() -> dict:
   """Score metrics for seqio.Evaluator (see tiered_routing.evaluation)."""
   vocabulary = vocab.get_vocabulary()
   return {
-      "postprocess_fn": metrics.scored_target_postprocessor(vocabulary),
-      "metric_fns": metrics.score_metric_fns(vocabulary),
+      "postprocess_fn": lm_metrics.scored_target_postprocessor(vocabulary),
+      "metric_fns": lm_metrics.score_metric_fns(vocabulary),
   }
 
 
@@ -78,7 +78,7 @@ def register() -> None:
   registered = set(seqio.TaskRegistry.names())
   for lang in languages.LANGUAGES:
     lang_id = languages.language_id(lang.code)
-    name = naming.task_name("mc4", lang.code)
+    name = seqio_names.task_name("mc4", lang.code)
     if name not in registered:
       seqio.TaskRegistry.add(
           name,
@@ -87,7 +87,7 @@ def register() -> None:
           output_features=vocab.output_features(),
           **_eval_args(),
       )
-    name = naming.task_name("mc4_json", lang.code)
+    name = seqio_names.task_name("mc4_json", lang.code)
     if name not in registered:
       seqio.TaskRegistry.add(
           name,

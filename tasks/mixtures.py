@@ -17,19 +17,19 @@ import functools
 import seqio
 
 from tasks import mc4
-from tasks import naming
+from tiered_routing.data import seqio_names
 from tasks import sample
-from tiered_routing import languages
-from tiered_routing import partitions
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
 
 SOURCES = ("sample", "mc4", "mc4_json")
 DEFAULT_TEMPERATURE = 1 / 0.3
 # Schemes registered at import; others are registered on demand by
 # `partition_mixture_names`.
 DEFAULT_SCHEMES = (
-    *(partitions.family(n) for n in partitions.ALLOWED_NUM_PARTITIONS),
-    *(partitions.random(n, seed=0) for n in (2, 4, 8)),
-    partitions.per_language(),
+    *(schemes.family(n) for n in schemes.ALLOWED_NUM_PARTITIONS),
+    *(schemes.random(n, seed=0) for n in (2, 4, 8)),
+    schemes.per_language(),
 )
 
 
@@ -40,7 +40,7 @@ def _check_source(source: str) -> None:
 
 def task_names(source: str, codes: Sequence[str]) -> list[str]:
   _check_source(source)
-  return [naming.task_name(source, c) for c in codes]
+  return [seqio_names.task_name(source, c) for c in codes]
 
 
 def _add(name: str, tasks: Sequence[str], temperature: float) -> str:
@@ -54,7 +54,7 @@ def _add(name: str, tasks: Sequence[str], temperature: float) -> str:
 
 def all_languages_mixture(source: str, temperature: float | None = None) -> str:
   """Registers (once) and names the all-16 mixture of `source`."""
-  name = naming.all_languages_name(source, temperature)
+  name = seqio_names.all_languages_name(source, temperature)
   if temperature is None:
     temperature = DEFAULT_TEMPERATURE
   elif temperature <= 0:
@@ -64,7 +64,7 @@ def all_languages_mixture(source: str, temperature: float | None = None) -> str:
 
 def partition_mixture_names(
     source: str,
-    scheme: partitions.PartitionScheme,
+    scheme: schemes.PartitionScheme,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> list[str]:
   """Registers (once) and names one mixture per partition of `scheme`.
@@ -74,7 +74,7 @@ def partition_mixture_names(
   _check_source(source)
   return [
       _add(
-          naming.partition_name(source, scheme.name, p),
+          seqio_names.partition_name(source, scheme.name, p),
           task_names(source, members),
           temperature,
       )

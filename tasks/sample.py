@@ -7,12 +7,12 @@ quickstart, the trade-off preset and the tests.
 import seqio
 import tensorflow as tf
 
-from tasks import naming
+from tiered_routing.data import seqio_names
 from tasks import preprocessors
 from tasks import vocab
-from tiered_routing import data
-from tiered_routing import languages
-from tiered_routing.evaluation import metrics
+from tiered_routing.data import corpora
+from tiered_routing.tier1 import languages
+from tiered_routing.eval import lm_metrics
 
 SOURCE = "sample"
 
@@ -20,7 +20,7 @@ SOURCE = "sample"
 def _dataset_fn(code: str):
   def dataset_fn(split: str, shuffle_files: bool, seed=None):
     del shuffle_files, seed  # One small in-memory "file"; Task shuffles.
-    text = list(data.split_paragraphs(code, split))
+    text = list(corpora.split_paragraphs(code, split))
     return tf.data.Dataset.from_tensor_slices({"text": text})
 
   return dataset_fn
@@ -29,16 +29,16 @@ def _dataset_fn(code: str):
 def register() -> None:
   """Registers one task per language (idempotent)."""
   for lang in languages.LANGUAGES:
-    name = naming.task_name(SOURCE, lang.code)
+    name = seqio_names.task_name(SOURCE, lang.code)
     if name in seqio.TaskRegistry.names():
       continue
     seqio.TaskRegistry.add(
         name,
         source=seqio.FunctionDataSource(
             _dataset_fn(lang.code),
-            splits=data.SPLITS,
+            splits=corpora.SPLITS,
             num_input_examples={
-                s: len(data.split_paragraphs(lang.code, s)) for s in data.SPLITS
+                s: len(corpora.split_paragraphs(lang.code, s)) for s in corpora.SPLITS
             },
         ),
         preprocessors=preprocessors.lm_preprocessors(
@@ -47,10 +47,10 @@ def register() -> None:
         output_features=vocab.output_features(),
         # Score metrics (loss, perplexity, bits per byte) for seqio.Evaluator
         # with a score_fn; see tiered_routing.evaluation.seqio_eval.
-        postprocess_fn=metrics.scored_target_postprocessor(
+        postprocess_fn=lm_metrics.scored_target_postprocessor(
             vocab.get_vocabulary()
         ),
-        metric_fns=metrics.score_metric_fns(vocab.get_vocabulary()),
+        metric_fns=lm_metrics.score_metric_fns(vocab.get_vocabulary()),
     )
 
 

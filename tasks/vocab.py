@@ -13,7 +13,7 @@ import os
 
 import seqio
 
-from tiered_routing import data
+from tiered_routing.data import corpora
 
 ENV_VAR = "TR_SPM_MODEL"
 # The public mT5 vocabulary (Xue et al. 2021), for runs on the real mC4.
@@ -24,7 +24,7 @@ MT5_SPM_MODEL = "gs://t5-data/vocabs/mc4.250000.100extra/sentencepiece.model"
 def get_vocabulary() -> seqio.SentencePieceVocabulary:
   """The SentencePiece vocabulary named by $TR_SPM_MODEL, else the sample's."""
   return seqio.SentencePieceVocabulary(
-      os.environ.get(ENV_VAR) or data.vocab_path()
+      os.environ.get(ENV_VAR) or corpora.vocab_path()
   )
 
 

@@ -16,12 +16,12 @@ import jax
 import pytest
 import seqio
 
-from tiered_routing import configurables
-from tiered_routing import eval as eval_lib  # pylint: disable=unused-import
-from tiered_routing import partitioning
-from tiered_routing import partitions
-from tiered_routing import train as train_lib
-from tiered_routing import train_state
+from tiered_routing.cli import configurables
+from tiered_routing.cli import eval as eval_lib  # pylint: disable=unused-import
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.cli import train as train_lib
+from tiered_routing.train import train_state
 from tiered_routing.model import transformer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,8 +77,8 @@ def _parse(files, bindings=()):
 def _build_model(config: transformer.DecoderConfig):
   """Abstract parameters and shardings on one device (no allocation)."""
   model = transformer.TieredDecoder(config)
-  mesh = partitioning.make_mesh(
-      partitioning.MeshConfig(data=1), devices=jax.devices()[:1]
+  mesh = sharding.make_mesh(
+      sharding.MeshConfig(data=1), devices=jax.devices()[:1]
   )
   seq = min(config.group_size, 64)
   return train_state.param_layout(model, mesh, (config.num_partitions, 1, seq))
@@ -114,7 +114,7 @@ def test_parses_and_builds_model(path):
       continue
     assert args["model_config"] == config
     scheme = args["scheme"]
-    assert isinstance(scheme, partitions.PartitionScheme)
+    assert isinstance(scheme, schemes.PartitionScheme)
     assert scheme.num_partitions == config.num_partitions
     names = args["mixture_or_task_name"]
     assert len(names) == config.num_partitions
@@ -143,5 +143,5 @@ def test_quickstart_is_tiny_family4_none():
   config = args["model_config"]
   assert (config.num_partitions, config.sharing) == (4, "none")
   assert config.vocab_size == 4096 and config.d_model <= 128
-  assert args["scheme"] == partitions.family(4)
+  assert args["scheme"] == schemes.family(4)
   assert args["train_config"].train_steps <= 500

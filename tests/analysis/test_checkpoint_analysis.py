@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import seqio
 
-from tiered_routing import checkpoints
-from tiered_routing import data
-from tiered_routing import languages
-from tiered_routing import partitioning
-from tiered_routing import partitions
+from tiered_routing.train import checkpoints
+from tiered_routing.data import corpora
+from tiered_routing.tier1 import languages
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
 from tiered_routing.analysis import checkpoint_analysis
-from tiered_routing.analysis import report as report_lib
-from tiered_routing.analysis import restore
+from tiered_routing.analysis import routing_report
+from tiered_routing.train import restore
 from tiered_routing.analysis import routing_stats
 from tiered_routing.model import transformer
 
@@ -49,7 +49,7 @@ CONFIG = transformer.DecoderConfig(
     group_size=64,
     dispatch="reference",
 )
-SCHEME = partitions.family(P)
+SCHEME = schemes.family(P)
 
 
 def _planted_expert(layer: int, code: str) -> int:
@@ -59,8 +59,8 @@ def _planted_expert(layer: int, code: str) -> int:
 
 
 def _planted_params():
-  mesh = partitioning.make_mesh(
-      partitioning.MeshConfig(), devices=jax.devices()[:1]
+  mesh = sharding.make_mesh(
+      sharding.MeshConfig(), devices=jax.devices()[:1]
   )
   abstract = restore.abstract_params(CONFIG, mesh)
   params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
@@ -134,7 +134,7 @@ def test_restore_bad_inputs(model_dir, tmp_path):
 
 
 def test_analysis_reproduces_planted_routing(model_dir, tmp_path):
-  vocabulary = seqio.SentencePieceVocabulary(data.vocab_path())
+  vocabulary = seqio.SentencePieceVocabulary(corpora.vocab_path())
   out = str(tmp_path / "out")
   report, paths = checkpoint_analysis.analyze_checkpoint(
       model_dir, CONFIG, SCHEME, _validation(), vocabulary, out, top_m=1
@@ -173,12 +173,12 @@ def test_analysis_reproduces_planted_routing(model_dir, tmp_path):
     with open(paths[key], "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert sorted(os.listdir(out)) == sorted(
-      [report_lib.CSV_NAME, report_lib.JSON_NAME, report_lib.USAGE_PNG]
-      + [report_lib.js_png_name(m) for m in range(2)]
+      [routing_report.CSV_NAME, routing_report.JSON_NAME, routing_report.USAGE_PNG]
+      + [routing_report.js_png_name(m) for m in range(2)]
   )
 
 
 def test_report_bad_top_m():
   counts = routing_stats.RoutingCounts(2, P * E)
   with pytest.raises(ValueError, match=r"top_m=5; allowed: 1..4"):
-    report_lib.build_report(counts, CONFIG, SCHEME, top_m=5)
+    routing_report.build_report(counts, CONFIG, SCHEME, top_m=5)

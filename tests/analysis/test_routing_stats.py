@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiered_routing import languages
-from tiered_routing import partitions
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
 from tiered_routing.analysis import routing_stats as rs
 from tiered_routing.model import routing
 
@@ -160,7 +160,7 @@ def test_partition_masked_router_is_compartmentalized():
   """A real top-2 router under a tier-1 family mask: each language's routing
   stays inside its partition's experts, so languages of different families
   have JS divergence 1 bit."""
-  num_experts, scheme = 8, partitions.family(4)
+  num_experts, scheme = 8, schemes.family(4)
   num_tokens = 4 * languages.NUM_LANGUAGES
   lang_T = np.arange(num_tokens) % languages.NUM_LANGUAGES
   part_T = scheme.language_to_partition_table()[lang_T]

@@ -11,7 +11,7 @@ import pytest
 from tiered_routing.model import layers
 from tiered_routing.model import losses
 from tiered_routing.model import transformer
-from tiered_routing.unlearning import token_routing
+from tiered_routing.model import routing_capture
 
 P, B, L, V = 2, 2, 8, 32
 SEGMENTS = jnp.array([1, 1, 1, 2, 2, 2, 2, 0])
@@ -243,7 +243,7 @@ def _per_layer_run(sharing: str):
   tokens, mask = _tokens(4), _per_layer_mask(model.config)
 
   def loss(params):
-    logits, route, inter = token_routing.apply_with_routing(
+    logits, route, inter = routing_capture.apply_with_routing(
         model, {"params": params}, tokens, expert_mask_MxPxE=mask)
     ce, _, _ = losses.cross_entropy_loss(logits[0, :, :-1], tokens[0, :, 1:])
     if sharing != "all":  # Partition 0's own router losses.
@@ -268,7 +268,7 @@ def _per_layer_run(sharing: str):
 def test_per_layer_mask_routing(sharing):
   model, logits, route, _, (via_pxe, via_mxpxe) = _per_layer_run(sharing)
   assert route.layer_names == ("decoder/layers_1/moe", "decoder/layers_3/moe")
-  pid = np.asarray(token_routing.token_partition_ids((P, B, L)))
+  pid = np.asarray(routing_capture.token_partition_ids((P, B, L)))
   used = np.asarray(route.combine_weights_LxTxK) > 0
   uses_e = (used & (np.asarray(route.expert_index_LxTxK) == E_OFF)).any(-1)
   assert not uses_e[1, pid == 0].any()  # Masked: MoE layer 1, partition 0.

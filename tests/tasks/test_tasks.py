@@ -17,12 +17,12 @@ import tensorflow_datasets as tfds
 import tasks  # pylint: disable=unused-import
 from tasks import mc4
 from tasks import mixtures
-from tasks import naming
-from tiered_routing import data
-from tiered_routing import features
-from tiered_routing import inputs
-from tiered_routing import languages
-from tiered_routing import partitions
+from tiered_routing.data import seqio_names
+from tiered_routing.data import corpora
+from tiered_routing.data import features
+from tiered_routing.data import inputs
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EOS = 1
@@ -30,38 +30,38 @@ EOS = 1
 
 def test_sample_split_is_fixed_disjoint_and_complete():
   for code in languages.CODES:
-    train = data.split_paragraphs(code, "train")
-    val = data.split_paragraphs(code, "validation")
+    train = corpora.split_paragraphs(code, "train")
+    val = corpora.split_paragraphs(code, "validation")
     assert set(train).isdisjoint(val)
-    assert len(train) + len(val) == len(data.paragraphs(code))
+    assert len(train) + len(val) == len(corpora.paragraphs(code))
     assert 9 <= len(val) <= 10
   # Every 6th paragraph, counting from 1, is held out.
   assert (
-      data.split_paragraphs("en", "validation")[0] == data.paragraphs("en")[5]
+      corpora.split_paragraphs("en", "validation")[0] == corpora.paragraphs("en")[5]
   )
-  assert data.paragraphs("en")[5].startswith("Whereas the peoples")
+  assert corpora.paragraphs("en")[5].startswith("Whereas the peoples")
   with pytest.raises(ValueError, match="'test'"):
-    data.split_paragraphs("en", "test")
+    corpora.split_paragraphs("en", "test")
 
 
 @pytest.mark.parametrize("source", mixtures.SOURCES)
 def test_all_tasks_and_default_mixtures_are_registered(source):
   for code in languages.CODES:
-    assert naming.task_name(source, code) in seqio.TaskRegistry.names()
+    assert seqio_names.task_name(source, code) in seqio.TaskRegistry.names()
   mix = seqio.get_mixture_or_task(f"tr.{source}.all_v1")
   assert len(mix.tasks) == 16
   for scheme in mixtures.DEFAULT_SCHEMES:
     for p in range(scheme.num_partitions):
-      name = naming.partition_name(source, scheme.name, p)
+      name = seqio_names.partition_name(source, scheme.name, p)
       members = {t.name for t in seqio.get_mixture_or_task(name).tasks}
       assert members == {
-          naming.task_name(source, c) for c in scheme.languages_of(p)
+          seqio_names.task_name(source, c) for c in scheme.languages_of(p)
       }
 
 
 @pytest.mark.parametrize("code", languages.CODES)
 def test_sample_task_yields_eos_terminated_chunks_with_language_ids(code):
-  task = seqio.get_mixture_or_task(naming.task_name("sample", code))
+  task = seqio.get_mixture_or_task(seqio_names.task_name("sample", code))
   ds = task.get_dataset({"targets": 32}, split="validation", shuffle=False)
   examples = list(ds.as_numpy_iterator())
   assert examples
@@ -76,7 +76,7 @@ def test_sample_task_yields_eos_terminated_chunks_with_language_ids(code):
   vocab = task.output_features["targets"].vocabulary
   joined = np.concatenate([ex["targets"][:-1] for ex in examples])
   expected = np.concatenate(
-      [vocab.encode(p) for p in data.split_paragraphs(code, "validation")]
+      [vocab.encode(p) for p in corpora.split_paragraphs(code, "validation")]
   )
   np.testing.assert_array_equal(joined, expected)
   assert all(ex["targets"][-1] == EOS for ex in examples)
@@ -95,7 +95,7 @@ def test_feature_converter_packs_ids_golden():
           "language_ids": tf.TensorSpec([None], tf.int32),
       },
   )
-  converter = features.PartitionedLMFeatureConverter(partitions.family(4))
+  converter = features.PartitionedLMFeatureConverter(schemes.family(4))
   ex = next(converter(ds, {"targets": 6}).as_numpy_iterator())
   expected = {
       "decoder_target_tokens": [3, 9, 1, 4, 1, 0],
@@ -114,13 +114,13 @@ def test_feature_converter_packs_ids_golden():
 
 def test_feature_converter_requires_language_ids():
   ds = tf.data.Dataset.from_tensors({"targets": tf.constant([3, 1])})
-  converter = features.PartitionedLMFeatureConverter(partitions.family(4))
+  converter = features.PartitionedLMFeatureConverter(schemes.family(4))
   with pytest.raises(ValueError, match="language_ids"):
     converter(ds, {"targets": 4})
 
 
 def test_partition_ids_survive_packing_in_the_all_language_mixture():
-  scheme = partitions.random(4, seed=0)
+  scheme = schemes.random(4, seed=0)
   # Rows longer than most paragraphs, so several sequences share a row.
   ds = inputs.get_dataset(
       "tr.sample.all_v1",
@@ -147,7 +147,7 @@ def test_partition_ids_survive_packing_in_the_all_language_mixture():
 
 
 def test_partitioned_batches_keep_each_partition_in_its_block():
-  scheme = partitions.family(4)
+  scheme = schemes.family(4)
   names = mixtures.partition_mixture_names("sample", scheme)
   ds = inputs.partitioned_dataset(
       names, global_batch_size=8, scheme=scheme, sequence_length=32
@@ -164,7 +164,7 @@ def test_partitioned_batches_keep_each_partition_in_its_block():
 
 
 def test_data_order_is_a_function_of_step():
-  scheme = partitions.family(2)
+  scheme = schemes.family(2)
   names = mixtures.partition_mixture_names("sample", scheme)
 
   def make():
@@ -196,7 +196,7 @@ def test_temperature_sampling_rates():
             lambda: inputs.partitioned_dataset(
                 ["tr.sample.hi_v1"] * 4,
                 global_batch_size=6,
-                scheme=partitions.family(4),
+                scheme=schemes.family(4),
                 sequence_length=8,
             ),
             "global_batch_size=6",
@@ -204,7 +204,7 @@ def test_temperature_sampling_rates():
         (
             lambda: inputs.get_dataset(
                 "tr.sample.hi_v1",
-                scheme=partitions.family(4),
+                scheme=schemes.family(4),
                 sequence_length=1,
                 batch_size=2,
             ),
@@ -232,7 +232,7 @@ def test_mc4_tfds_tasks_under_mock_data():
     assert set(ex["language_ids"]) == {languages.language_id("kk")}
     ds = inputs.get_dataset(
         "tr.mc4.all_v1",
-        scheme=partitions.family(4),
+        scheme=schemes.family(4),
         sequence_length=16,
         batch_size=4,
     )
@@ -273,7 +273,7 @@ def test_train_vocab_rebuilds_the_shipped_vocabulary(tmp_path):
       capture_output=True,
   )
   rebuilt = spm.SentencePieceProcessor(model_file=str(out))
-  shipped = spm.SentencePieceProcessor(model_file=data.vocab_path())
+  shipped = spm.SentencePieceProcessor(model_file=corpora.vocab_path())
   assert rebuilt.get_piece_size() == shipped.get_piece_size() == 4096
   for i in range(0, 4096, 7):
     assert rebuilt.id_to_piece(i) == shipped.id_to_piece(i)

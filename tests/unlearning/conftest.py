@@ -4,7 +4,7 @@ import jax
 import pytest
 
 from tiered_routing.model import transformer
-from tiered_routing.unlearning import token_routing
+from tiered_routing.model import routing_capture
 
 P, B, L, E = 2, 2, 6, 4
 
@@ -44,7 +44,7 @@ class TinyModel:
         jax.random.PRNGKey(1), self.tokens
     )
     self.apply_with_routing = jax.jit(
-        lambda variables, tokens, **kw: token_routing.apply_with_routing(
+        lambda variables, tokens, **kw: routing_capture.apply_with_routing(
             self.model, variables, tokens, **kw
         )
     )

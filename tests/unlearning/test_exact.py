@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tiered_routing import languages
-from tiered_routing import partitions
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
 from tiered_routing.unlearning import exact
 
 
@@ -13,7 +13,7 @@ def _task(code):
 
 
 def test_owner_and_retain_mixture_family4():
-  scheme = partitions.family(4)
+  scheme = schemes.family(4)
   # ur is in the west_asian block: ar, fa, ur, kk = partition 2.
   assert exact.owning_partitions(scheme, "ur") == (2,)
   assert exact.retain_languages(scheme, "ur") == ("ar", "fa", "kk")
@@ -25,7 +25,7 @@ def test_owner_and_retain_mixture_family4():
 
 
 def test_drop_partition_keeps_ids_and_marks_unroutable():
-  scheme = partitions.family(4)
+  scheme = schemes.family(4)
   table = exact.drop_partition(scheme, "ur")
   assert table.name == "family4-ur"
   assert table.partitions[2] == ("ar", "fa", "kk")
@@ -43,7 +43,7 @@ def test_drop_partition_keeps_ids_and_marks_unroutable():
 
 
 def test_per_language_scheme_drops_the_partition():
-  scheme = partitions.per_language()
+  scheme = schemes.per_language()
   p = exact.plan(scheme, "ur", _task)
   assert p.partition == languages.language_id("ur")
   assert p.action == "drop"
@@ -54,7 +54,7 @@ def test_per_language_scheme_drops_the_partition():
 
 
 def test_plan_retrain_and_forgetting_twice():
-  scheme = partitions.custom(
+  scheme = schemes.custom(
       [["ur", "hi"]] + [[c] for c in languages.CODES if c not in ("ur", "hi")],
       name="c",
   )
@@ -75,7 +75,7 @@ def test_plan_retrain_and_forgetting_twice():
 
 
 def test_validation_names_bad_values():
-  scheme = partitions.family(4)
+  scheme = schemes.family(4)
   with pytest.raises(ValueError, match="'xx'"):
     exact.owning_partitions(scheme, "xx")
   with pytest.raises(ValueError, match="returned ''"):

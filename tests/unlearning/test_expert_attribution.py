@@ -8,7 +8,7 @@ import pytest
 
 from tiered_routing.model import losses
 from tiered_routing.unlearning import expert_attribution as ea
-from tiered_routing.unlearning import token_routing as tr
+from tiered_routing.model import routing_capture
 
 # Planted per-token frequencies (top-2 routing: each row sums to 2). Expert 1
 # is rare but forget-specific, expert 0 is used by forget a lot and by retain
@@ -88,7 +88,7 @@ def test_selection_validation():
 
 
 def test_routing_counts_golden():
-  routing = tr.TokenRouting(
+  routing = routing_capture.TokenRouting(
       expert_index_LxTxK=jnp.array([[[0, 1], [1, 2], [0, 3]]]),
       combine_weights_LxTxK=jnp.array([[[0.6, 0.4], [1.0, 0.0], [0.5, 0.5]]]),
       layer_names=("moe",),
@@ -157,7 +157,7 @@ def test_captured_routing_follows_token_order(sharing, tiny_model):
   )
   assert routing.layer_names == ("decoder/layers_0/moe", "decoder/layers_1/moe")
   assert routing.expert_index_LxTxK.shape == (2, P * B * L, 2)
-  pid = tr.token_partition_ids((P, B, L))
+  pid = routing_capture.token_partition_ids((P, B, L))
   idx = np.asarray(routing.expert_index_LxTxK)
   used = np.asarray(routing.combine_weights_LxTxK) > 0
   allowed_for_token = mask[np.asarray(pid)]  # [T, E]
@@ -179,9 +179,9 @@ def test_captured_routing_follows_token_order(sharing, tiny_model):
 
 def test_token_routing_errors():
   with pytest.raises(ValueError, match="capture_intermediates"):
-    tr.token_routing({"decoder": {"moe": {"load_balance_loss": (1.0,)}}})
+    routing_capture.token_routing({"decoder": {"moe": {"load_balance_loss": (1.0,)}}})
   with pytest.raises(ValueError, match=r"\[P, B/P, L\]"):
-    tr.token_partition_ids((2, 3))
+    routing_capture.token_partition_ids((2, 3))
 
 
 def test_attribution_end_to_end_masks_critical_experts(tiny_model):

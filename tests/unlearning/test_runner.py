@@ -18,26 +18,26 @@ import seqio
 
 import tasks  # pylint: disable=unused-import  (registers the sample tasks)
 from tasks import mixtures
-from tasks import naming
-from tiered_routing import inputs
-from tiered_routing import languages
-from tiered_routing import optimizers
-from tiered_routing import partitioning
-from tiered_routing import partitions
-from tiered_routing import trainer
+from tiered_routing.data import seqio_names
+from tiered_routing.data import inputs
+from tiered_routing.tier1 import languages
+from tiered_routing.train import optimizers
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import trainer
 from tiered_routing.model import transformer
-from tiered_routing.unlearning import finetune_loop
-from tiered_routing.unlearning import language_eval
+from tiered_routing.unlearning import gradient_methods
+from tiered_routing.eval import language_eval
 from tiered_routing.unlearning import objectives
 from tiered_routing.unlearning import methods
 from tiered_routing.unlearning import runner
 from tiered_routing.unlearning import specs
-from tiered_routing.unlearning import streams
-from tiered_routing.unlearning import token_routing
+from tiered_routing.data import stream_cache
+from tiered_routing.model import routing_capture
 from tiered_routing.unlearning import trace
-from tiered_routing.unlearning import training
+from tiered_routing.unlearning import trained_models
 
-SCHEME = partitions.family(2)
+SCHEME = schemes.family(2)
 FORGET = "ur"
 ROWS, LENGTH, STEPS = 4, 32, 40
 # Stated bound: GradDiff and TRACE keep the retained languages' mean
@@ -47,17 +47,17 @@ RETAIN_BOUND = 0.05
 
 def _register(table_name, partition, codes):
   """A mixture of the given languages (what the script registers)."""
-  name = naming.partition_name("sample", table_name, partition)
+  name = seqio_names.partition_name("sample", table_name, partition)
   if name not in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.add(
-        name, [(naming.task_name("sample", c), 1.0) for c in codes]
+        name, [(seqio_names.task_name("sample", c), 1.0) for c in codes]
     )
   return name
 
 
 DATA = specs.DataSpec(
     partition_names=tuple(mixtures.partition_mixture_names("sample", SCHEME)),
-    task_name=functools.partial(naming.task_name, "sample"),
+    task_name=functools.partial(seqio_names.task_name, "sample"),
     mixture_name=_register,
 )
 
@@ -78,7 +78,7 @@ def _spec(sharing="none"):
       num_partitions=2,
       sharing=sharing,
   )
-  return training.TrainSpec(
+  return trained_models.TrainSpec(
       config,
       optimizers.OptimizerConfig(learning_rate=1e-2, warmup_steps=5),
       trainer.TrainConfig(
@@ -94,7 +94,7 @@ def _spec(sharing="none"):
 
 UNLEARN = specs.UnlearningConfig(
     forget_language=FORGET,
-    finetune=finetune_loop.FinetuneConfig(
+    finetune=gradient_methods.FinetuneConfig(
         steps=5, learning_rate=1e-3, rows_per_batch=2
     ),
     attribution_batches=2,
@@ -103,14 +103,14 @@ UNLEARN = specs.UnlearningConfig(
 
 @pytest.fixture(scope="module")
 def mesh():
-  return partitioning.make_mesh(
-      partitioning.MeshConfig(data=1), devices=jax.devices()[:1]
+  return sharding.make_mesh(
+      sharding.MeshConfig(data=1), devices=jax.devices()[:1]
   )
 
 
 @pytest.fixture(scope="module")
 def cache():
-  return streams.DataCache(LENGTH, seed=0)
+  return stream_cache.DataCache(LENGTH, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -193,18 +193,18 @@ def test_exact_retrain_equals_training_without_the_language(
   and the other partitions are bitwise the original's."""
   work_dir, _, _ = outcome
   spec = _spec()
-  original, _ = training.train_model(
+  original, _ = trained_models.train_model(
       f"{work_dir}/original", spec, DATA.partition_names, cache, mesh
   )
   retained = tuple(c for c in SCHEME.partitions[1] if c != FORGET)
   ref_names = [DATA.partition_names[0], _register("family2-ur", 1, retained)]
-  reference, _ = training.train_model(
+  reference, _ = trained_models.train_model(
       f"{work_dir}/reference", spec, ref_names, cache, mesh
   )  # Restored, not retrained.
-  other, _ = training.train_model(
+  other, _ = trained_models.train_model(
       str(tmp_path / "other"),
       spec,
-      [naming.task_name("sample", "en"), ref_names[1]],
+      [seqio_names.task_name("sample", "en"), ref_names[1]],
       cache,
       mesh,
   )
@@ -240,7 +240,7 @@ def combined_loss(tiny_model):
   """The jitted combined objective of the conftest's 'attention' model."""
   return jax.jit(
       functools.partial(
-          finetune_loop.combined_loss,
+          gradient_methods.combined_loss,
           model=tiny_model("attention").model,
           w_min=0.1,
           w_max=10.0,
@@ -248,7 +248,7 @@ def combined_loss(tiny_model):
   )
 
 
-@pytest.mark.parametrize("method", finetune_loop.METHODS)
+@pytest.mark.parametrize("method", gradient_methods.METHODS)
 def test_combined_loss_equals_the_library_objectives(
     method, tiny_model, combined_loss
 ):
@@ -262,7 +262,7 @@ def test_combined_loss_equals_the_library_objectives(
   critical = np.zeros((1, 2, 4), bool)
   critical[0, 1, [0, 3]] = True  # layer 1 (the MoE layers are 0 and 1)
   critical = np.concatenate([critical, critical[:, ::-1]])
-  config = finetune_loop.FinetuneConfig()
+  config = gradient_methods.FinetuneConfig()
   loss, _ = combined_loss(
       params, ref_params, forget, retain, critical, config.coefficients(method)
   )
@@ -290,7 +290,7 @@ def test_combined_loss_equals_the_library_objectives(
   r, routing_r = log_probs(params, retain)
   ref = log_probs(ref_params, forget)[0].logp
   if method == "trace":
-    pids = token_routing.token_partition_ids(shape)
+    pids = routing_capture.token_partition_ids(shape)
     f_freq = trace.activation_frequency(
         trace.critical_hits(routing_f, critical, pids),
         f.weights.reshape(-1) > 0,
@@ -320,16 +320,16 @@ def test_update_mask_confines_attention_unlearning_to_one_partition(tiny_model):
   partition 0's private experts stay bitwise the same."""
   m = tiny_model("attention")
   params = nn.meta.unbox(m.variables["params"])
-  config = finetune_loop.FinetuneConfig(steps=2, rows_per_batch=2)
-  ft = finetune_loop.make_finetuner(
+  config = gradient_methods.FinetuneConfig(steps=2, rows_per_batch=2)
+  ft = gradient_methods.make_finetuner(
       m.config, optimizers.OptimizerConfig(), config
   )
-  mask = finetune_loop.update_mask(ft.model, params, partition=1)
+  mask = gradient_methods.update_mask(ft.model, params, partition=1)
   batches = [
       _random_batch(jax.random.PRNGKey(i), m.tokens.shape, 32) for i in range(4)
   ]
   stack = lambda bs: {k: np.stack([b[k] for b in bs]) for k in bs[0]}
-  new, history = finetune_loop.finetune(
+  new, history = gradient_methods.finetune(
       ft,
       params,
       stack(batches[:2]),
@@ -362,8 +362,8 @@ def test_stop_at_reference_ends_after_the_step_that_reached_it(tiny_model):
   after step 2, with the parameters of a run that was three steps long."""
   m = tiny_model("none")
   params = nn.meta.unbox(m.variables["params"])
-  config = finetune_loop.FinetuneConfig(steps=4, rows_per_batch=2)
-  ft = finetune_loop.make_finetuner(
+  config = gradient_methods.FinetuneConfig(steps=4, rows_per_batch=2)
+  ft = gradient_methods.make_finetuner(
       m.config, optimizers.OptimizerConfig(), config
   )
   batches = [
@@ -371,7 +371,7 @@ def test_stop_at_reference_ends_after_the_step_that_reached_it(tiny_model):
   ]
   stack = lambda bs: {k: np.stack([b[k] for b in bs]) for k in bs[0]}
   mask = jax.tree.map(lambda _: np.ones((), np.float32), params)
-  run = lambda n, stop=None: finetune_loop.finetune(
+  run = lambda n, stop=None: gradient_methods.finetune(
       ft,
       params,
       stack(batches[:n]),
@@ -416,10 +416,10 @@ def test_cached_streams_are_the_trainers_batches(cache):
 
 def test_rechunk_and_chunk_rows():
   rows = {"decoder_input_tokens": np.arange(2 * 3 * 2).reshape(2, 3, 2)}
-  out = streams.rechunk(rows, 4, 2)["decoder_input_tokens"]
+  out = stream_cache.rechunk(rows, 4, 2)["decoder_input_tokens"]
   flat = np.arange(12).reshape(6, 2)
   np.testing.assert_array_equal(out.reshape(8, 2), flat[np.arange(8) % 6])
-  chunks = streams.chunk_rows({"decoder_input_tokens": flat}, 4)
+  chunks = stream_cache.chunk_rows({"decoder_input_tokens": flat}, 4)
   assert [c["decoder_input_tokens"].shape for c in chunks] == [(4, 2), (4, 2)]
   np.testing.assert_array_equal(chunks[1]["decoder_input_tokens"][2:], 0)
 
@@ -429,7 +429,7 @@ def test_evaluator_matches_the_trainers_eval_step(outcome, cache, mesh):
   `trainer.eval_step` on the same rows."""
   work_dir, _, result = outcome
   spec = _spec()
-  params, _ = training.train_model(
+  params, _ = trained_models.train_model(
       f"{work_dir}/original", spec, DATA.partition_names, cache, mesh
   )
   validation = cache.validation_rows(
@@ -442,7 +442,7 @@ def test_evaluator_matches_the_trainers_eval_step(outcome, cache, mesh):
       )
   )
   chunks = [
-      streams.chunk_rows(
+      stream_cache.chunk_rows(
           {
               k: np.concatenate([validation[c][k] for c in codes])
               for k in validation[codes[0]]
@@ -452,8 +452,8 @@ def test_evaluator_matches_the_trainers_eval_step(outcome, cache, mesh):
       for codes in SCHEME.partitions
   ]
   for b in range(max(map(len, chunks))):
-    batch = streams.stack(
-        [c[b] if b < len(c) else streams.zeros_like(c[0]) for c in chunks],
+    batch = stream_cache.stack(
+        [c[b] if b < len(c) else stream_cache.zeros_like(c[0]) for c in chunks],
         axis=0,
     )
     out = jax.device_get(step(params, batch))
@@ -468,7 +468,7 @@ def test_regroup_pads_with_zero_rows():
   batches = {
       "decoder_input_tokens": np.arange(3 * 2 * 2 * 1).reshape(3, 2, 2, 1) + 1
   }
-  out = streams.regroup(batches, 4)["decoder_input_tokens"]
+  out = stream_cache.regroup(batches, 4)["decoder_input_tokens"]
   assert out.shape == (2, 2, 4, 1)
   np.testing.assert_array_equal(out[0, 1, :, 0], [3, 4, 7, 8])
   np.testing.assert_array_equal(out[1, 0, :, 0], [9, 10, 0, 0])
@@ -493,7 +493,7 @@ def test_config_validation():
   with pytest.raises(ValueError, match="Unknown language"):
     specs.UnlearningConfig(forget_language="xx")
   with pytest.raises(ValueError, match="steps"):
-    finetune_loop.FinetuneConfig(steps=0)
+    gradient_methods.FinetuneConfig(steps=0)
   with pytest.raises(ValueError, match="batch_size"):
     dataclasses.replace(_spec(), batch_size=3)
   with pytest.raises(ValueError, match="num_experts"):

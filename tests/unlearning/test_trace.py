@@ -7,7 +7,7 @@ import pytest
 
 from tiered_routing.unlearning import expert_attribution as ea
 from tiered_routing.unlearning import objectives as obj
-from tiered_routing.unlearning import token_routing as tr
+from tiered_routing.model import routing_capture
 from tiered_routing.unlearning import trace
 
 P, B, L, E = 2, 2, 6, 4  # The conftest's tiny model.
@@ -77,7 +77,7 @@ def test_no_or_all_hits_gives_unit_weights():
 
 
 def _routing(idx, w):
-  return tr.TokenRouting(
+  return routing_capture.TokenRouting(
       jnp.array(idx),
       jnp.array(w, jnp.float32),
       tuple(f"l{i}" for i in range(len(idx))),
@@ -184,11 +184,11 @@ def test_trace_step_through_the_model(tiny_model):
   """A TRACE gradient step on a real decoder raises the forget loss."""
   tiny = tiny_model("none")
   tokens, forget_w, retain_w, seg = _mixed_batch()
-  pid = tr.token_partition_ids(tokens.shape)
+  pid = routing_capture.token_partition_ids(tokens.shape)
   cfg = trace.TraceConfig("ga", retain_coeff=0.1)
 
   def loss_fn(params, critical, f_forget):
-    logits, routing, _ = tr.apply_with_routing(
+    logits, routing, _ = routing_capture.apply_with_routing(
         tiny.model, {"params": params}, tokens, segment_ids_PxBxL=seg
     )
     logp = obj.token_log_likelihood(logits, tokens)

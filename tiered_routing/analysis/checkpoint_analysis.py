@@ -13,21 +13,21 @@ from typing import Any, Mapping, Optional
 
 import jax
 
-from tiered_routing import partitioning
-from tiered_routing import partitions
-from tiered_routing import trainer
-from tiered_routing.analysis import report as report_lib
-from tiered_routing.analysis import restore
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import trainer
+from tiered_routing.analysis import routing_report
+from tiered_routing.train import restore
 from tiered_routing.model import transformer
-from tiered_routing.unlearning import language_eval
-from tiered_routing.unlearning import streams
+from tiered_routing.eval import language_eval
+from tiered_routing.data import stream_cache
 
 
 def collect(
     config: transformer.DecoderConfig,
-    scheme: partitions.PartitionScheme,
+    scheme: schemes.PartitionScheme,
     params: Any,
-    validation: Mapping[str, streams.Rows],
+    validation: Mapping[str, stream_cache.Rows],
     vocabulary,
     mesh: jax.sharding.Mesh,
     rows_per_batch: int = 8,
@@ -54,15 +54,15 @@ def collect(
       rows_per_batch,
       to_device=lambda batch: trainer.to_global_batch(batch, mesh),
   )
-  with partitioning.with_sharding_rules(mesh):
+  with sharding.with_sharding_rules(mesh):
     return evaluator.evaluate(params)
 
 
 def analyze_checkpoint(
     model_dir: str,
     config: transformer.DecoderConfig,
-    scheme: partitions.PartitionScheme,
-    validation: Mapping[str, streams.Rows],
+    scheme: schemes.PartitionScheme,
+    validation: Mapping[str, stream_cache.Rows],
     vocabulary,
     output_dir: str,
     *,
@@ -72,7 +72,7 @@ def analyze_checkpoint(
     rows_per_batch: int = 8,
     weighted: bool = False,
     make_plots: bool = True,
-) -> tuple[report_lib.RoutingReport, dict[str, str]]:
+) -> tuple[routing_report.RoutingReport, dict[str, str]]:
   """Restores MODEL_DIR, collects routing per language, writes the report.
 
   Args:
@@ -90,8 +90,8 @@ def analyze_checkpoint(
   Returns:
     (the report, {kind: path written}).
   """
-  report_lib.check_top_m(top_m, config)  # Before the slow part.
-  mesh = mesh or partitioning.make_mesh(partitioning.MeshConfig())
+  routing_report.check_top_m(top_m, config)  # Before the slow part.
+  mesh = mesh or sharding.make_mesh(sharding.MeshConfig())
   step, params = restore.restore_params(model_dir, config, mesh=mesh, step=step)
   result = collect(
       config, scheme, params, validation, vocabulary, mesh, rows_per_batch
@@ -106,7 +106,7 @@ def analyze_checkpoint(
       "weighted": weighted,
       "devices": jax.device_count(),
   }
-  report = report_lib.build_report(
+  report = routing_report.build_report(
       result.routing,
       config,
       scheme,
@@ -115,4 +115,4 @@ def analyze_checkpoint(
       weighted=weighted,
       metadata=metadata,
   )
-  return report, report_lib.write_report(report, output_dir, make_plots)
+  return report, routing_report.write_report(report, output_dir, make_plots)

@@ -14,7 +14,7 @@ from matplotlib.backends import backend_agg
 from matplotlib import figure as figure_lib
 import numpy as np
 
-from tiered_routing import languages
+from tiered_routing.tier1 import languages
 from tiered_routing.analysis import routing_stats
 
 NORMALIZATIONS = ("row", "none")

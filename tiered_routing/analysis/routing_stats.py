@@ -28,7 +28,7 @@ import math
 from etils import epath
 import numpy as np
 
-from tiered_routing import languages
+from tiered_routing.tier1 import languages
 
 LANGUAGE_PRIORS = ("empirical", "uniform")
 

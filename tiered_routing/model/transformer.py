@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tiered_routing import partitioning
+from tiered_routing import sharding
 from tiered_routing.model import dispatch as dispatch_lib
 from tiered_routing.model import layers
 from tiered_routing.model import moe
@@ -183,8 +183,8 @@ def _partition_vmap(target, in_axes):
       target, in_axes=in_axes, out_axes=0,
       variable_axes={"params": 0, "intermediates": 0},
       split_rngs={"params": True, "dropout": True, "jitter": True},
-      metadata_params={nn.PARTITION_NAME: partitioning.PARTITION_AXIS},
-      spmd_axis_name=partitioning.PARTITION_AXIS)
+      metadata_params={nn.PARTITION_NAME: sharding.PARTITION_AXIS},
+      spmd_axis_name=sharding.PARTITION_AXIS)
 
 
 class DecoderBlock(nn.Module):
@@ -237,7 +237,7 @@ class DecoderBlock(nn.Module):
     mapped = _partition_vmap(fn, in_axes=0)
 
     def call(*args):
-      with partitioning.inside_partition_map():
+      with sharding.inside_partition_map():
         return mapped(*args)
 
     return call
@@ -404,7 +404,7 @@ class TieredDecoder(nn.Module):
       mask_MxPxBxE = (None if mask_MxBxE is None else mask_MxBxE.reshape(
           mask_MxBxE.shape[:1] + (p, b) + mask_MxBxE.shape[2:]))
       stack = _partition_vmap(DecoderStack, in_axes=(0, 0, 0, 1, None))
-      with partitioning.inside_partition_map():
+      with sharding.inside_partition_map():
         return stack(cfg, cfg.num_experts, name="decoder")(
             tokens_PxBxL, segment_ids_PxBxL, positions_PxBxL, mask_MxPxBxE,
             deterministic)

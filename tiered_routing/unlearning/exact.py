@@ -23,8 +23,8 @@ from typing import Union
 
 import numpy as np
 
-from tiered_routing import languages
-from tiered_routing import partitions as partitions_lib
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
 
 UNROUTABLE = -1
 ACTIONS = ("retrain", "drop")
@@ -68,7 +68,7 @@ class RoutingTable:
 
   @classmethod
   def from_scheme(
-      cls, scheme: partitions_lib.PartitionScheme
+      cls, scheme: schemes.PartitionScheme
   ) -> "RoutingTable":
     return cls(scheme.name, scheme.partitions)
 
@@ -109,11 +109,11 @@ class RoutingTable:
     return {c: int(table[i]) for i, c in enumerate(languages.CODES)}
 
 
-SchemeOrTable = Union[partitions_lib.PartitionScheme, RoutingTable]
+SchemeOrTable = Union[schemes.PartitionScheme, RoutingTable]
 
 
 def _as_table(scheme: SchemeOrTable) -> RoutingTable:
-  if isinstance(scheme, partitions_lib.PartitionScheme):
+  if isinstance(scheme, schemes.PartitionScheme):
     return RoutingTable.from_scheme(scheme)
   if isinstance(scheme, RoutingTable):
     return scheme

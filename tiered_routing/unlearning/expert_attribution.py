@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiered_routing.unlearning import token_routing as token_routing_lib
+from tiered_routing.model import routing_capture
 
 SCORES = ("log_ratio", "difference", "forget_frequency")
 SELECTIONS = ("top_m", "threshold", "coverage")
@@ -49,7 +49,7 @@ WEIGHTINGS = ("count", "mass")
 
 
 def routing_counts(
-    routing: token_routing_lib.TokenRouting,
+    routing: routing_capture.TokenRouting,
     num_experts: int,
     token_mask_T: Optional[jax.Array] = None,
     weighting: str = "count",

@@ -15,26 +15,26 @@ from absl import logging
 import jax
 import numpy as np
 
-from tiered_routing import languages
-from tiered_routing import partitions
-from tiered_routing import trainer
-from tiered_routing.model import strict_partition
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import trainer
+from tiered_routing.tier1 import one_partition
 from tiered_routing.unlearning import exact
 from tiered_routing.unlearning import expert_attribution
-from tiered_routing.unlearning import finetune_loop
-from tiered_routing.unlearning import language_eval
-from tiered_routing.unlearning import metrics
+from tiered_routing.unlearning import gradient_methods
+from tiered_routing.eval import language_eval
+from tiered_routing.unlearning import tradeoff_metrics
 from tiered_routing.unlearning import specs
-from tiered_routing.unlearning import streams
-from tiered_routing.unlearning import training
+from tiered_routing.data import stream_cache
+from tiered_routing.unlearning import trained_models
 
 
 class Row(NamedTuple):
   """One method's outcome, before it is compared with the references."""
 
   method: str
-  languages: metrics.LanguageResults
-  cost: metrics.UnlearningCost
+  languages: tradeoff_metrics.LanguageResults
+  cost: tradeoff_metrics.UnlearningCost
   extra: dict[str, Any]
 
 
@@ -43,11 +43,11 @@ class Context:
   """One configuration being unlearned: its settings and trained state."""
 
   run: str
-  scheme: partitions.PartitionScheme
-  spec: training.TrainSpec
+  scheme: schemes.PartitionScheme
+  spec: trained_models.TrainSpec
   data: specs.DataSpec
   config: specs.UnlearningConfig
-  cache: streams.DataCache
+  cache: stream_cache.DataCache
   mesh: Any
   plan: exact.ExactPlan = None
   original: Any = None
@@ -65,7 +65,7 @@ class Context:
   def to_device(self, batch):
     return trainer.to_global_batch(batch, self.mesh)
 
-  def score(self, params, mask=None) -> metrics.LanguageResults:
+  def score(self, params, mask=None) -> tradeoff_metrics.LanguageResults:
     """Every language's results; strict partitions rescore p's only."""
     if not self.strict:
       return self.evaluator.evaluate(params, mask).languages
@@ -74,8 +74,8 @@ class Context:
 
 
 def uniform_forget(
-    results: metrics.LanguageResults, code: str, vocab_size: int
-) -> metrics.LanguageResults:
+    results: tradeoff_metrics.LanguageResults, code: str, vocab_size: int
+) -> tradeoff_metrics.LanguageResults:
   """`results` with `code` scored as a uniform distribution (unroutable)."""
   r = dict(results[code])
   r["loss"] = math.log(vocab_size)
@@ -99,15 +99,15 @@ def reference_names(c: Context) -> list[Optional[str]]:
 
 def reference_and_exact(
     c: Context, work_dir: str, active: int
-) -> tuple[metrics.LanguageResults, Row]:
+) -> tuple[tradeoff_metrics.LanguageResults, Row]:
   """The never-saw-it reference's results and the exact method's row."""
   code, cfg = c.config.forget_language, c.spec.model_config
   if c.strict and c.plan.action == "drop":
     langs = uniform_forget(c.base.languages, code, cfg.vocab_size)
     return langs, Row(
-        "exact_drop", langs, metrics.UnlearningCost(active_params=active), {}
+        "exact_drop", langs, tradeoff_metrics.UnlearningCost(active_params=active), {}
     )
-  params, tokens = training.train_model(
+  params, tokens = trained_models.train_model(
       os.path.join(work_dir, "reference"),
       c.spec,
       reference_names(c),
@@ -117,7 +117,7 @@ def reference_and_exact(
   ref = c.score(params)
   extra = {}
   if c.strict:
-    same = training.identical_except(c.original, params, c.p)
+    same = trained_models.identical_except(c.original, params, c.p)
     extra["other_partitions_identical"] = same
     if not same:
       logging.warning(
@@ -127,7 +127,7 @@ def reference_and_exact(
           c.p,
       )
     tokens = tokens[c.p : c.p + 1]
-  cost = metrics.UnlearningCost(
+  cost = tradeoff_metrics.UnlearningCost(
       steps=c.spec.train_config.train_steps,
       train_tokens=int(tokens.sum()),
       active_params=active,
@@ -135,7 +135,7 @@ def reference_and_exact(
   return ref, Row("exact_retrain", ref, cost, extra)
 
 
-def unlearning_batches(c: Context) -> tuple[streams.Rows, streams.Rows]:
+def unlearning_batches(c: Context) -> tuple[stream_cache.Rows, stream_cache.Rows]:
   """Forget and retain batches {feature: [N, P', R, L]} (P' = 1 strict)."""
   ft = c.config.finetune
   n, r = ft.steps, ft.rows_per_batch
@@ -148,16 +148,16 @@ def unlearning_batches(c: Context) -> tuple[streams.Rows, streams.Rows]:
   retain = []
   for q in touched:  # The reference model's first training batches.
     if names[q] is None:
-      retain.append(streams.zeros_like(forget))
+      retain.append(stream_cache.zeros_like(forget))
     else:
       ref = c.cache.stream(
           names[q], c.cache.seed + q, rows, math.ceil(n * r / rows)
       )
-      retain.append(streams.rechunk(ref, r, n))
+      retain.append(stream_cache.rechunk(ref, r, n))
   forgets = [
-      forget if q == c.p else streams.zeros_like(forget) for q in touched
+      forget if q == c.p else stream_cache.zeros_like(forget) for q in touched
   ]
-  return streams.stack(forgets, axis=1), streams.stack(retain, axis=1)
+  return stream_cache.stack(forgets, axis=1), stream_cache.stack(retain, axis=1)
 
 
 def _frequencies(c: Context, counts) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +184,7 @@ def _frequencies(c: Context, counts) -> tuple[np.ndarray, np.ndarray]:
 
 
 def attribution(
-    c: Context, forget: streams.Rows, retain: streams.Rows
+    c: Context, forget: stream_cache.Rows, retain: stream_cache.Rows
 ) -> tuple[np.ndarray, int, dict[str, Any]]:
   """Forget-critical experts from the trained model's routing.
 
@@ -200,7 +200,7 @@ def attribution(
   counts = c.evaluator.new_counts()
   for batches in (forget, retain):
     # The evaluator's batch shape, [P', eval rows, L].
-    merged = streams.regroup(
+    merged = stream_cache.regroup(
         {k: v[:a] for k, v in batches.items()}, c.config.eval_rows
     )
     c.evaluator.run(
@@ -221,7 +221,7 @@ def attribution(
       partitions=None if c.spec.model_config.sharing == "all" else [c.p],
   )
   tokens = sum(
-      streams.scored_tokens({k: v[:a] for k, v in b.items()})
+      stream_cache.scored_tokens({k: v[:a] for k, v in b.items()})
       for b in (forget, retain)
   )
   extra = {
@@ -237,8 +237,8 @@ def attribution(
 def gradient_method(
     c: Context,
     method: str,
-    forget: streams.Rows,
-    retain: streams.Rows,
+    forget: stream_cache.Rows,
+    retain: stream_cache.Rows,
     critical: np.ndarray,
     active: int,
     attribution_tokens: int,
@@ -254,23 +254,23 @@ def gradient_method(
   ft_config = c.config.finetune
   cfg = c.spec.model_config
   strict = c.strict
-  model_cfg = strict_partition.one_partition_config(cfg) if strict else cfg
-  ft = finetune_loop.make_finetuner(
+  model_cfg = one_partition.one_partition_config(cfg) if strict else cfg
+  ft = gradient_methods.make_finetuner(
       model_cfg, c.spec.optimizer_config, ft_config
   )
   start = (
-      strict_partition.partition_params(c.original, c.p)
+      one_partition.partition_params(c.original, c.p)
       if strict
       else c.original
   )
   if cfg.sharing == "attention":
-    mask = finetune_loop.update_mask(ft.model, start, c.p)
+    mask = gradient_methods.update_mask(ft.model, start, c.p)
   else:
     mask = jax.tree.map(lambda _: np.ones((), np.float32), start)
   crit = critical[:, c.p : c.p + 1] if strict else critical
   coeffs = ft_config.coefficients(method)
   objective = ft_config.objective_config(method)
-  new, history = finetune_loop.finetune(
+  new, history = gradient_methods.finetune(
       ft, start, forget, retain, coeffs, crit, mask, c.to_device, stop_nll
   )
   steps = len(history["forget_nll"])
@@ -278,15 +278,15 @@ def gradient_method(
       {k: v[:steps] for k, v in rows.items()} for rows in (forget, retain)
   )
   params = (
-      strict_partition.with_partition_params(c.original, c.p, new)
+      one_partition.with_partition_params(c.original, c.p, new)
       if strict
       else new
   )
   langs = c.score(params)
-  forget_tokens = streams.scored_tokens(forget)
+  forget_tokens = stream_cache.scored_tokens(forget)
   uses_retain = objective.effective_retain_coeff > 0
-  retain_tokens = streams.scored_tokens(retain) if uses_retain else 0
-  cost = metrics.UnlearningCost(
+  retain_tokens = stream_cache.scored_tokens(retain) if uses_retain else 0
+  cost = tradeoff_metrics.UnlearningCost(
       steps=steps,
       train_tokens=forget_tokens + retain_tokens,
       # NPO's reference log-likelihoods; TRACE's attribution.

@@ -47,17 +47,17 @@ import os
 from absl import logging
 import seqio
 
-from tiered_routing import languages
-from tiered_routing import params as params_lib
-from tiered_routing import partitions
+from tiered_routing.tier1 import languages
+from tiered_routing.model import param_count
+from tiered_routing.tier1 import schemes
 from tiered_routing.unlearning import exact
-from tiered_routing.unlearning import finetune_loop
-from tiered_routing.unlearning import language_eval
+from tiered_routing.unlearning import gradient_methods
+from tiered_routing.eval import language_eval
 from tiered_routing.unlearning import methods as methods_lib
-from tiered_routing.unlearning import metrics
+from tiered_routing.unlearning import tradeoff_metrics
 from tiered_routing.unlearning import specs
-from tiered_routing.unlearning import streams
-from tiered_routing.unlearning import training
+from tiered_routing.data import stream_cache
+from tiered_routing.unlearning import trained_models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,8 @@ class ConfigurationResult:
       'reference' and each method's.
   """
 
-  results: tuple[metrics.UnlearningResult, ...]
-  languages: dict[str, metrics.LanguageResults]
+  results: tuple[tradeoff_metrics.UnlearningResult, ...]
+  languages: dict[str, tradeoff_metrics.LanguageResults]
 
 
 def _check_finite(run: str, method: str, langs) -> None:
@@ -91,11 +91,11 @@ def _check_finite(run: str, method: str, langs) -> None:
 def run_configuration(
     *,
     run: str,
-    scheme: partitions.PartitionScheme,
-    spec: training.TrainSpec,
+    scheme: schemes.PartitionScheme,
+    spec: trained_models.TrainSpec,
     data: specs.DataSpec,
     config: specs.UnlearningConfig,
-    cache: streams.DataCache,
+    cache: stream_cache.DataCache,
     work_dir: str,
     mesh,
 ) -> ConfigurationResult:
@@ -120,7 +120,7 @@ def run_configuration(
   code = config.forget_language
   c = methods_lib.Context(run, scheme, spec, data, config, cache, mesh)
   c.plan = exact.plan(scheme, code, data.task_name)
-  c.original, _ = training.train_model(
+  c.original, _ = trained_models.train_model(
       os.path.join(work_dir, "original"),
       spec,
       data.partition_names,
@@ -137,7 +137,7 @@ def run_configuration(
       cfg, scheme, validation, targets.vocabulary, config.eval_rows, c.to_device
   )
   c.base = c.evaluator.evaluate(c.original)
-  active = params_lib.count_params(cfg).active
+  active = param_count.count_params(cfg).active
   reference, exact_row = methods_lib.reference_and_exact(c, work_dir, active)
   rows = [exact_row] if "exact" in config.methods else []
   forget, retain = methods_lib.unlearning_batches(c)
@@ -153,13 +153,13 @@ def run_configuration(
           methods_lib.Row(
               "mask",
               c.score(c.original, ~critical),
-              metrics.UnlearningCost(
+              tradeoff_metrics.UnlearningCost(
                   forward_tokens=attribution_tokens, active_params=active
               ),
               attribution_extra,
           )
       )
-    elif method in finetune_loop.METHODS:
+    elif method in gradient_methods.METHODS:
       rows.append(
           methods_lib.gradient_method(
               c,
@@ -192,18 +192,18 @@ def run_configuration(
 
 def _result(
     c: methods_lib.Context, row: methods_lib.Row, reference, extra
-) -> metrics.UnlearningResult:
+) -> tradeoff_metrics.UnlearningResult:
   """A method's row of the trade-off table."""
   code = c.config.forget_language
   _check_finite(c.run, row.method, row.languages)
-  result = metrics.UnlearningResult(
+  result = tradeoff_metrics.UnlearningResult(
       run=c.run,
       method=row.method,
       forget_language=code,
-      forget=metrics.forget_quality(
+      forget=tradeoff_metrics.forget_quality(
           code, row.languages, c.base.languages, reference
       ),
-      utility=metrics.utility(code, row.languages, c.base.languages),
+      utility=tradeoff_metrics.utility(code, row.languages, c.base.languages),
       cost=row.cost,
       extra={**extra, **row.extra},
   )

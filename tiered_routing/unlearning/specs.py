@@ -9,11 +9,11 @@ settings. `runner.run_configuration` takes both.
 import dataclasses
 from collections.abc import Callable
 
-from tiered_routing import languages
+from tiered_routing.tier1 import languages
 from tiered_routing.unlearning import expert_attribution
-from tiered_routing.unlearning import finetune_loop
+from tiered_routing.unlearning import gradient_methods
 
-METHODS = ("exact", "mask") + finetune_loop.METHODS
+METHODS = ("exact", "mask") + gradient_methods.METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class UnlearningConfig:
 
   forget_language: str = "ur"
   methods: tuple[str, ...] = METHODS
-  finetune: finetune_loop.FinetuneConfig = finetune_loop.FinetuneConfig()
+  finetune: gradient_methods.FinetuneConfig = gradient_methods.FinetuneConfig()
   attribution: expert_attribution.AttributionConfig = (
       expert_attribution.AttributionConfig(selection="coverage", coverage=0.5)
   )

@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from tiered_routing.unlearning import objectives
-from tiered_routing.unlearning import token_routing as token_routing_lib
+from tiered_routing.model import routing_capture
 
 FORGET_OBJECTIVES = ("ga", "npo")
 
 
 def critical_hits(
-    routing: token_routing_lib.TokenRouting,
+    routing: routing_capture.TokenRouting,
     critical_LxPxE: jax.Array,
     partition_ids_T: jax.Array,
 ) -> jax.Array:

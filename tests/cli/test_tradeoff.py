@@ -1,0 +1,210 @@
+"""Tests for scripts/tradeoff.py (the trade-off sweep) and its report.
+
+The end-to-end test runs the smoke preset in a subprocess, as a user would,
+then reruns it to check that a finished sweep is resumed, not redone.
+"""
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+
+from tiered_routing.cli import configurables
+from tiered_routing.unlearning import sweep_report
+
+REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
+METHODS = ["exact_retrain", "mask", "ga", "graddiff", "npo", "trace"]
+
+
+@pytest.fixture(scope="module")
+def tradeoff():
+  """scripts/tradeoff.py as a module (registers its gin configurables)."""
+  spec = importlib.util.spec_from_file_location(
+      "tradeoff_under_test", os.path.join(REPO, "scripts", "tradeoff.py")
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  for path in (".", REPO):
+    gin.add_config_file_search_path(path)
+  yield
+  gin.clear_config()
+
+
+def _sweep(tradeoff, preset, bindings=()):
+  gin.parse_config_files_and_bindings(
+      [os.path.join(REPO, f"gin/experiments/tradeoff_{preset}.gin")],
+      list(bindings),
+  )
+  return tradeoff.make_sweep()
+
+
+def test_configurations_skip_redundant_combinations(tradeoff, clean_gin):
+  sweep = _sweep(
+      tradeoff,
+      "sample",
+      [
+          "tradeoff_script.sweep.num_partitions = [1, 2, 16]",
+          "CONFIGURATIONS = None",
+      ],
+  )
+  names = [c.name for c in tradeoff.configurations(sweep)]
+  assert names == [
+      "family1_none",
+      "family2_none",
+      "family2_attention",
+      "family2_all",
+      "random2s0_none",
+      "random2s0_attention",
+      "random2s0_all",
+      "family16_none",
+      "family16_attention",
+      "family16_all",
+  ]
+  for c in tradeoff.configurations(sweep):
+    assert c.model_config.num_partitions == c.scheme.num_partitions
+    assert c.name.endswith(c.model_config.sharing)
+  with pytest.raises(ValueError, match="family3_none"):
+    tradeoff.configurations(dataclasses.replace(sweep, only=("family3_none",)))
+
+
+def test_sample_preset(tradeoff, clean_gin):
+  sweep = _sweep(tradeoff, "sample")
+  names = [c.name for c in tradeoff.configurations(sweep)]
+  assert names == [
+      "family1_none",
+      "family4_none",
+      "family4_attention",
+      "family4_all",
+      "random4s0_none",
+      "family16_none",
+  ]
+  assert sweep.unlearning.forget_language == "ur"
+  assert sweep.batch_size % 16 == 0  # Every n of the preset divides it.
+  assert sweep.train_config.save_every_steps == sweep.train_config.train_steps
+
+
+def test_mc4_preset_uses_the_size_configs(tradeoff, clean_gin):
+  """tradeoff_mc4.gin's per-n widths are those of gin/models/n{n}.gin."""
+  sweep = _sweep(tradeoff, "mc4")
+  configs = tradeoff.configurations(sweep)
+  assert len(configs) == 1 + 3 * 2 * 3 + 3  # n=1; n=2,4,8 x 2 x 3; n=16.
+  for n in (1, 2, 4, 8, 16):
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [os.path.join(REPO, f"gin/models/n{n}.gin")], []
+    )
+    want = configurables.DecoderConfig()
+    got = next(
+        c.model_config for c in configs if c.model_config.num_partitions == n
+    )
+    assert dataclasses.replace(got, sharing="none") == want, n
+
+
+def test_manifest_resumes_or_refuses(tmp_path):
+  manifest = {"gin_config": "A = 1", "xla_flags": ""}
+  assert not sweep_report.check_or_write_manifest(str(tmp_path), manifest)
+  assert sweep_report.check_or_write_manifest(str(tmp_path), dict(manifest))
+  with pytest.raises(ValueError, match="different gin_config"):
+    sweep_report.check_or_write_manifest(
+        str(tmp_path), {**manifest, "gin_config": "A = 2"}
+    )
+
+
+def test_pareto_front_golden():
+  forget = [0.2, 0.5, 0.5, 1.0, 3.0, np.nan, 0.9]
+  loss = [0.0, 0.1, 0.05, 0.3, 0.2, 0.0, 0.4]
+  # 3.0 is capped to 1 and then dominates (1.0, 0.3); NaN is never on it.
+  np.testing.assert_array_equal(sweep_report.pareto_front(forget, loss), [0, 2, 4])
+
+
+def test_markdown_table_formats_rows():
+  row = {k: 0.5 for _, k, _ in sweep_report.TABLE_COLUMNS}
+  row.update(
+      run="family4_none", method="npo", steps=20, forget_gap_closed=float("nan")
+  )
+  text = sweep_report.markdown_table([row])
+  lines = text.splitlines()
+  assert lines[0].startswith("| config | method | forget loss rise")
+  assert lines[2].startswith("| family4_none | npo | +0.500 | n/a |")
+  with pytest.raises(ValueError, match="flops"):
+    sweep_report.markdown_table([{k: v for k, v in row.items() if k != "flops"}])
+
+
+def _run(output_dir, *args):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # The script's own CPU flags.
+  return subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, "scripts", "tradeoff.py"),
+          "--preset=smoke",
+          f"--output_dir={output_dir}",
+          *args,
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+
+
+def test_smoke_sweep_end_to_end_and_resume(tmp_path):
+  out = tmp_path / "sweep"
+  first = _run(out)
+  assert first.returncode == 0, first.stderr[-3000:]
+  with open(out / "results.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["method"] for r in rows] == METHODS
+  for column in (
+      "run",
+      "forget_loss_delta",
+      "forget_gap_closed",
+      "retain_loss_delta",
+      "retain_bpb_delta",
+      "family_loss_delta",
+      "steps",
+      "flops",
+      "comp_top_m_mass",
+      "comp_entropy",
+      "comp_mi_bits",
+  ):
+    assert column in rows[0], column
+  assert {r["run"] for r in rows} == {"family2_attention"}
+  for r in rows:  # At most 3 steps; early stops at the reference allowed.
+    if r["method"] in ("ga", "graddiff", "npo", "trace"):
+      assert 1 <= int(r["steps"]) <= 3, r
+  table = (out / "results.md").read_text().splitlines()
+  assert sum(line.startswith("| family2_attention |") for line in table) == 6
+  assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with open(out / "per_language.csv", newline="") as f:
+    per_language = list(csv.DictReader(f))
+  assert len(per_language) == (2 + len(METHODS)) * 16
+  manifest = json.loads((out / "sweep.json").read_text())
+  assert manifest["configurations"] == ["family2_attention"]
+  assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+  before = (out / "results.csv").read_text()
+  second = _run(out)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "done earlier, kept" in second.stderr
+  assert (out / "results.csv").read_text() == before
+
+  third = _run(out, "--gin.FORGET_LANGUAGE='si'")
+  assert third.returncode != 0
+  assert "different gin_config" in third.stderr

@@ -1,0 +1,190 @@
+"""Golden tests of loss, perplexity and bits per byte, and SeqIO metric fns."""
+
+import math
+
+import numpy as np
+import pytest
+import seqio
+import sentencepiece as spm
+
+import tasks  # pylint: disable=unused-import
+from tiered_routing.data import corpora
+from tiered_routing.eval import lm_metrics
+
+
+def test_scalar_metrics_golden():
+  assert lm_metrics.token_loss(6.0, 4) == 1.5
+  assert lm_metrics.perplexity(6.0, 4) == pytest.approx(4.4816890703380645)
+  # 6 nats over 3 bytes = 2 nats/byte = 2 / ln 2 bits/byte.
+  assert lm_metrics.bits_per_byte(6.0, 3) == pytest.approx(2.8853900817779268)
+  assert lm_metrics.perplexity(1e6, 1) == math.inf
+  assert lm_metrics.num_utf8_bytes("aé€") == 1 + 2 + 3
+  assert lm_metrics.num_utf8_bytes("हि".encode()) == 6
+
+
+@pytest.mark.parametrize(
+    "fn,args",
+    [
+        (lm_metrics.token_loss, (1.0, 0)),
+        (lm_metrics.bits_per_byte, (1.0, 0)),
+        (lm_metrics.perplexity, (1.0, -2)),
+    ],
+)
+def test_empty_counts_raise(fn, args):
+  with pytest.raises(ValueError, match="must be > 0"):
+    fn(*args)
+
+
+def test_loss_stats_add_and_dict():
+  s = lm_metrics.LossStats(2.0, 1, 4) + lm_metrics.LossStats(4.0, 3, 0)
+  assert s == lm_metrics.LossStats(6.0, 4, 4)
+  d = s.as_dict()
+  assert d["loss"] == 1.5
+  assert d["bits_per_byte"] == pytest.approx(6.0 / math.log(2) / 4)
+  assert "bits_per_byte" not in lm_metrics.LossStats(1.0, 2, 0).as_dict()
+
+
+def test_accumulator_add_tokens_golden():
+  # Language ids: 0 = hi, 5 = vi, 13 = en. Padding (weight 0) carries -1.
+  ids = np.array([[0, 0, 13, -1], [13, 0, 5, 5]])
+  nll = np.array([[1.0, 2.0, 0.5, 9.0], [1.5, 3.0, 4.0, 2.0]])
+  w = np.array([[1, 1, 1, 0], [1, 1, 1, 0]])
+  nbytes = np.array([[3, 3, 2, 7], [4, 6, 1, 1]])
+  acc = lm_metrics.LanguageLossAccumulator()
+  acc.add_tokens(ids, nll, w, nbytes)
+  acc.add("en", 1.0, 2, 5)  # e.g. a per-example sum from elsewhere.
+  per = acc.per_language()
+  assert list(per) == ["hi", "vi", "en"]  # canonical order
+  assert per["hi"] == lm_metrics.LossStats(6.0, 3, 12)
+  assert per["vi"] == lm_metrics.LossStats(4.0, 1, 1)
+  assert per["en"] == lm_metrics.LossStats(3.0, 4, 11)
+  res = acc.results()
+  assert res["hi/loss"] == 2.0
+  assert res["en/bits_per_byte"] == pytest.approx(3.0 / math.log(2) / 11)
+  assert res["all/loss"] == pytest.approx(13.0 / 8)
+  assert res["all/bits_per_byte"] == pytest.approx(13.0 / math.log(2) / 24)
+  assert res["macro/loss"] == pytest.approx((2.0 + 4.0 + 0.75) / 3)
+  other = lm_metrics.LanguageLossAccumulator()
+  other.add("vi", 2.0, 1, 1)
+  acc.merge(other)
+  assert acc.per_language()["vi"] == lm_metrics.LossStats(6.0, 2, 2)
+
+
+def test_accumulator_add_language_sums_skips_absent_languages():
+  loss = np.zeros(16)
+  weight = np.zeros(16)
+  nbytes = np.zeros(16)
+  loss[[0, 13]], weight[[0, 13]], nbytes[[0, 13]] = (6.0, 3.0), (3, 4), (12, 9)
+  acc = lm_metrics.LanguageLossAccumulator()
+  acc.add_language_sums(loss, weight, nbytes)
+  assert acc.per_language() == {
+      "hi": lm_metrics.LossStats(6.0, 3, 12),
+      "en": lm_metrics.LossStats(3.0, 4, 9),
+  }
+
+
+def test_accumulator_rejects_bad_language_id():
+  acc = lm_metrics.LanguageLossAccumulator()
+  with pytest.raises(ValueError, match="language id 16"):
+    acc.add_tokens(np.array([16]), np.array([1.0]), np.array([1.0]))
+  with pytest.raises(ValueError, match="Unknown language 'xx'"):
+    acc.add("xx", 1.0, 1)
+  with pytest.raises(ValueError, match="same size"):
+    acc.add_tokens(np.zeros(3, int), np.zeros(2), np.zeros(3))
+
+
+def test_seqio_score_metrics_golden():
+  targets = ["ab", "é"]  # 2 + 2 UTF-8 bytes
+  scores = np.array([-1.0, -3.0])  # log-likelihood sums
+  out = lm_metrics.bits_per_byte_metric(targets, scores)
+  assert out["bits_per_byte"] == pytest.approx(1 / math.log(2))
+  assert out["num_bytes"] == 4
+  assert lm_metrics.log_likelihood_metric(targets, scores) == {
+      "mean_log_likelihood": -2.0
+  }
+  # One token per character plus EOS: 3 + 2 tokens.
+  tok = lm_metrics.make_token_loss_metric(len)(targets, scores)
+  assert tok["loss"] == pytest.approx(0.8)
+  assert tok["perplexity"] == pytest.approx(math.exp(0.8))
+  assert tok["num_tokens"] == 5
+  with pytest.raises(ValueError, match=r"expected shape \(2,\)"):
+    lm_metrics.bits_per_byte_metric(targets, [[-1.0, -3.0]])
+
+
+def test_seqio_recognises_score_metrics():
+  vocab = seqio.SentencePieceVocabulary(corpora.vocab_path())
+  fns = lm_metrics.score_metric_fns(vocab)
+  task = seqio.Task(
+      "tr_test_eval_metrics_task",
+      source=seqio.FunctionDataSource(
+          lambda split, shuffle_files: None, splits=["validation"]
+      ),
+      output_features={"targets": seqio.Feature(vocab)},
+      metric_fns=fns,
+  )
+  assert len(task.score_metric_fns) == 3
+  assert not task.predict_metric_fns
+  text = corpora.split_paragraphs("en", "validation")[0]
+  out = fns[2]([text], [-10.0])
+  assert out["num_tokens"] == len(vocab.encode(text)) + 1
+
+
+def test_scored_targets_count_the_example_not_the_document():
+  vocab = seqio.SentencePieceVocabulary(corpora.vocab_path())
+  post = lm_metrics.scored_target_postprocessor(vocab)
+  text = "All human beings are born free and equal."
+  ids = vocab.encode(text)
+  # Two chunks of one document, as split_to_length makes them: each carries
+  # the whole document as targets_pretokenized.
+  chunks = [ids[:3], ids[3:] + [1]]  # 1 = EOS
+  targets = [
+      post(text, example={"targets": np.array(c)}, is_target=True)
+      for c in chunks
+  ]
+  assert targets[0] == lm_metrics.ScoredTarget(vocab.decode(chunks[0]), 3)
+  assert targets[1].num_tokens == len(ids) - 3 + 1
+  assert post("pred", example={"targets": ids}, is_target=False) == "pred"
+  scores = [-2.0, -6.0]
+  num_bytes = sum(len(t.text.encode()) for t in targets)
+  assert num_bytes < 2 * len(text)  # the document would count twice
+  out = lm_metrics.bits_per_byte_metric(targets, scores)
+  assert out["num_bytes"] == num_bytes
+  tok = lm_metrics.score_metric_fns(vocab)[2](targets, scores)
+  assert tok["num_tokens"] == len(ids) + 1
+  assert tok["loss"] == pytest.approx(8.0 / (len(ids) + 1))
+
+
+def test_sample_tasks_register_score_metrics():
+  task = seqio.get_mixture_or_task("tr.sample.hi_v1")
+  assert len(task.score_metric_fns) == 3 and not task.predict_metric_fns
+  ex = next(
+      task.get_dataset(
+          {"targets": 16}, split="validation", shuffle=False
+      ).as_numpy_iterator()
+  )
+  target = task.postprocess_fn(
+      ex["targets_pretokenized"], example=ex, is_target=True
+  )
+  assert target.num_tokens == len(ex["targets"]) == 16
+
+
+def test_piece_num_bytes_counts_text_bytes():
+  sp = spm.SentencePieceProcessor(model_file=corpora.vocab_path())
+  table = lm_metrics.piece_num_bytes(sp)
+  assert table.shape == (sp.get_piece_size(),)
+  assert table[sp.eos_id()] == 0 and table[sp.pad_id()] == 0
+  for code in ("hi", "zh", "en", "ar", "ko"):
+    for text in corpora.split_paragraphs(code, "validation")[:3]:
+      ids = sp.encode(text)
+      # +1: the dummy-prefix space SentencePiece puts before the first word.
+      assert table[ids].sum() == lm_metrics.num_utf8_bytes(sp.decode(ids)) + 1
+  byte_ids = sp.encode("\U0001f600")  # not in the vocabulary: byte fallback
+  assert table[byte_ids].sum() == 1 + 4
+  seqio_vocab = seqio.SentencePieceVocabulary(corpora.vocab_path(), extra_ids=3)
+  table2 = lm_metrics.piece_num_bytes(seqio_vocab)
+  assert table2.shape == (sp.get_piece_size() + 3,)
+  np.testing.assert_array_equal(table2[: table.size], table)
+  # SeqIO's extra ids are pieces like "▁<extra_id_0>": a space + 12 bytes.
+  np.testing.assert_array_equal(table2[table.size :], [13, 13, 13])
+  with pytest.raises(ValueError, match="SentencePiece"):
+    lm_metrics.piece_num_bytes(object())

@@ -1,0 +1,409 @@
+"""Tests for tiered_routing.trainer on 8 simulated CPU devices."""
+
+import json
+import math
+import os
+import re
+import shutil
+
+import jax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+import tasks  # pylint: disable=unused-import  (registers the sample tasks)
+from tasks import mixtures
+from tiered_routing.train import checkpoints
+from tiered_routing.data import inputs
+from tiered_routing.tier1 import languages
+from tiered_routing.train import metrics_writer
+from tiered_routing.train import optimizers
+from tiered_routing import sharding
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import train_state
+from tiered_routing.train import trainer
+from tiered_routing.model import transformer
+
+NUM_PARTITIONS = 2
+ROWS, LENGTH = 4, 32  # B/P rows of L tokens per partition.
+BATCH_SHAPE = (NUM_PARTITIONS, ROWS, LENGTH)
+
+
+def _model_config(**overrides):
+  """One MoE layer (XLA compile time dominates these tests on CPU)."""
+  kwargs = dict(
+      vocab_size=4096,
+      d_model=32,
+      num_heads=2,
+      head_dim=16,
+      num_layers=1,
+      moe_every=1,
+      num_experts=4,
+      expert_d_ff=32,
+      top_k=2,
+      num_partitions=NUM_PARTITIONS,
+      group_size=64,
+      dispatch="einsum",
+  )
+  kwargs.update(overrides)
+  return transformer.DecoderConfig(**kwargs)
+
+
+def _mesh(partition=2, data=2, expert=2, model=1):
+  return sharding.make_mesh(
+      sharding.MeshConfig(
+          partition=partition, data=data, expert=expert, model=model
+      )
+  )
+
+
+def _one_device_mesh():
+  """For numerical tests: compiles faster, and partitions share kernels."""
+  return sharding.make_mesh(
+      sharding.MeshConfig(data=1), devices=jax.devices()[:1]
+  )
+
+
+@pytest.fixture(scope="module")
+def dataset():
+  scheme = schemes.family(NUM_PARTITIONS)
+  names = mixtures.partition_mixture_names("sample", scheme)
+  return inputs.partitioned_dataset(
+      names,
+      global_batch_size=NUM_PARTITIONS * ROWS,
+      scheme=scheme,
+      sequence_length=LENGTH,
+      seed=0,
+  )
+
+
+@pytest.fixture(scope="module")
+def host_batches(dataset):
+  iterator = inputs.batch_iterator(dataset, 0)
+  return [next(iterator) for _ in range(2)]
+
+
+def _train(model_dir, dataset, steps, mesh=None, learning_rate=3e-2, **config):
+  config = dict(
+      dict(
+          train_steps=steps,
+          save_every_steps=10,
+          log_every_steps=5,
+          async_checkpointing=False,
+      ),
+      **config
+  )
+  return trainer.train(
+      model_dir=str(model_dir),
+      model_config=_model_config(),
+      optimizer_config=optimizers.OptimizerConfig(
+          learning_rate=learning_rate, warmup_steps=3
+      ),
+      config=trainer.TrainConfig(**config),
+      batches=lambda start: inputs.batch_iterator(dataset, start),
+      batch_shape=BATCH_SHAPE,
+      mesh=mesh or _mesh(),
+  )
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+  """A 30-step run (checkpoints at 10, 20, 30) shared by several tests."""
+  model_dir = tmp_path_factory.mktemp("trained")
+  state = _train(model_dir, dataset, 30)
+  return model_dir, state
+
+
+def test_loss_falls_and_metrics_are_logged(trained):
+  model_dir, _ = trained
+  records = metrics_writer.read_jsonl(
+      os.path.join(model_dir, "train", metrics_writer.JSONL_NAME)
+  )
+  assert sorted(records) == [5, 10, 15, 20, 25, 30]
+  first, last = records[5], records[30]
+  assert first["loss"] > 7.5  # About log(4096) = 8.3 at initialization.
+  assert last["loss"] < first["loss"] - 1.0
+  # Per-language train loss of exactly the languages of the two partitions.
+  seen = {k.split("/")[1] for k in last if k.startswith("cross_entropy/")}
+  assert seen <= set(languages.CODES) and len(seen) >= 8
+  for key in (
+      "tokens_per_second",
+      "learning_rate",
+      "grad_norm",
+      "router/router_entropy",
+      "router/dropped_fraction",
+      "load_balance_loss",
+  ):
+    assert math.isfinite(last[key]), key
+  assert last["tokens_per_second"] > 0
+  usage = last["router/decoder/layers_0/moe/expert_usage_E"]
+  assert len(usage) == 4 and abs(sum(usage) - 1.0) < 1e-4
+  assert any(
+      n.startswith("events.out.tfevents")
+      for n in os.listdir(os.path.join(model_dir, "train"))
+  )
+
+
+def test_declared_parameter_shardings(trained):
+  _, state = trained
+  mesh = _mesh()
+  s = train_state.setup(
+      _model_config(), optimizers.OptimizerConfig(), 10, mesh, BATCH_SHAPE
+  )
+  specs = jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(
+          lambda x: x.sharding.spec,
+          state.params,
+          is_leaf=lambda x: isinstance(x, jax.Array),
+      ),
+      is_leaf=lambda x: isinstance(x, P),
+  )[0]
+  assert specs
+  for path, spec in specs:
+    name = jax.tree_util.keystr(path)
+    # sharing='none': every parameter is private to a partition.
+    assert spec[0] == "partition", name
+    if "expert" in name:
+      assert spec[1] == "expert", name
+    else:
+      assert "expert" not in jax.tree.leaves(tuple(spec)), name
+  # Adam moments are laid out like their parameters.
+  adam = [
+      x
+      for x in jax.tree.leaves(
+          s.shardings.opt_state, is_leaf=lambda x: hasattr(x, "mu")
+      )
+      if hasattr(x, "mu")
+  ]
+  assert len(adam) == 1
+  mu = adam[0].mu
+  assert jax.tree.map(lambda x: x.spec, mu) == jax.tree.map(
+      lambda x: x.spec, s.shardings.params
+  )
+
+
+def test_attention_sharing_keeps_only_ffn_private():
+  s = train_state.setup(
+      _model_config(sharing="attention", num_layers=2, moe_every=2, d_ff=64),
+      optimizers.OptimizerConfig(),
+      10,
+      _mesh(),
+      BATCH_SHAPE,
+  )
+  flat = jax.tree_util.tree_flatten_with_path(
+      s.shardings.params, is_leaf=lambda x: hasattr(x, "spec")
+  )[0]
+  seen = set()
+  for path, placement in flat:
+    name, spec = jax.tree_util.keystr(path), placement.spec
+    private = "'moe'" in name or "'mlp'" in name
+    assert (len(spec) > 0 and spec[0] == "partition") == private, name
+    seen.add("'mlp'" in name)
+    if "'expert'" in name:
+      assert spec[1] == "expert", name
+  assert seen == {True, False}  # Private dense FFNs and shared attention.
+
+
+def test_restore_onto_another_mesh(trained):
+  model_dir, state = trained
+  other = _mesh(partition=1, data=2, expert=2, model=2)
+  s = train_state.setup(
+      _model_config(),
+      optimizers.OptimizerConfig(learning_rate=3e-2, warmup_steps=3),
+      30,
+      other,
+      BATCH_SHAPE,
+  )
+  with checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints")) as c:
+    assert c.latest_step() == 30
+    restored = c.restore(s.abstract_state, s.shardings)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored.state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  wi = restored.state.params["decoder"]["layers_0"]["moe"]["expert"]["wi"]
+  assert wi.sharding.mesh.shape == other.shape
+  assert wi.sharding.spec == P("partition", "expert", None, "model")
+
+
+def _run_steps(runs, mesh, config=None):
+  """Final states of several runs (lists of host batches) from one init."""
+  config = config or trainer.TrainConfig(train_steps=10)
+  s = train_state.setup(
+      _model_config(),
+      optimizers.OptimizerConfig(learning_rate=1e-2, warmup_steps=0),
+      10,
+      mesh,
+      BATCH_SHAPE,
+  )
+  step = jax.jit(
+      lambda st, b, r: trainer.train_step(
+          st, b, r, model=s.model, tx=s.tx, config=config
+      )
+  )
+  states = []
+  with sharding.with_sharding_rules(mesh):
+    init = train_state.init_state(s, jax.random.key(0), BATCH_SHAPE)
+    for batches in runs:
+      state = init
+      for batch in batches:
+        state, _ = step(
+            state, trainer.to_global_batch(batch, mesh), jax.random.key(1)
+        )
+      states.append(state)
+  return states
+
+
+def test_strict_partitions_are_independent(host_batches):
+  """Changing partition 1's data leaves partition 0's parameters bitwise
+  equal (sharing 'none', with clipping and the router losses on)."""
+  other = []
+  for batch in host_batches:
+    changed = dict(batch)
+    changed["decoder_input_tokens"] = batch["decoder_input_tokens"].copy()
+    changed["decoder_input_tokens"][1] = (
+        changed["decoder_input_tokens"][1] * 7 + 3
+    ) % 4096
+    other.append(changed)
+  a, b = _run_steps([host_batches, other], _one_device_mesh())
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x)[0], np.asarray(y)[0])
+  assert not all(
+      np.array_equal(np.asarray(x)[1], np.asarray(y)[1])
+      for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params))
+  )
+
+
+def test_gradient_accumulation_matches_full_batch(host_batches):
+  # No capacity drops and no router losses: microbatches change neither.
+  config = _model_config(capacity_factor=4.0)
+  model = transformer.TieredDecoder(config)
+  mesh = _one_device_mesh()
+  s = train_state.setup(
+      config, optimizers.OptimizerConfig(), 10, mesh, BATCH_SHAPE
+  )
+  results = []
+  with sharding.with_sharding_rules(mesh):
+    state = train_state.init_state(s, jax.random.key(0), BATCH_SHAPE)
+    batch = trainer.to_global_batch(host_batches[0], mesh)
+    for m in (1, 2):
+      cfg = trainer.TrainConfig(
+          train_steps=1,
+          num_microbatches=m,
+          load_balance_factor=0.0,
+          router_z_loss_factor=0.0,
+      )
+      results.append(
+          jax.jit(
+              lambda p, b, c=cfg: trainer.gradients(
+                  p, b, jax.random.key(0), model=model, config=c
+              )
+          )(state.params, batch)
+      )
+  (g1, m1), *others = results
+  for g, m in others:
+    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g)):
+      np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        m["sums"]["loss_sum_N"], m1["sums"]["loss_sum_N"], rtol=1e-5
+    )
+    np.testing.assert_array_equal(
+        m["sums"]["weight_sum_N"], m1["sums"]["weight_sum_N"]
+    )
+
+
+def test_eval_step_sums_per_language_exactly():
+  config = _model_config()
+  model = transformer.TieredDecoder(config)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(2, 4096, BATCH_SHAPE).astype(np.int32)
+  langs = rng.integers(0, languages.NUM_LANGUAGES, BATCH_SHAPE).astype(np.int32)
+  weights = (rng.random(BATCH_SHAPE) < 0.8).astype(np.int32)
+  batch = {
+      "decoder_input_tokens": tokens,
+      "decoder_target_tokens": np.roll(tokens, -1, axis=-1),
+      "decoder_loss_weights": weights,
+      "decoder_language_ids": langs,
+  }
+  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
+  out = jax.jit(lambda p, b: trainer.eval_step(p, b, model=model))(
+      params, batch
+  )
+  logits = np.asarray(
+      jax.jit(model.apply)({"params": params}, tokens), np.float64
+  )
+  log_probs = (
+      logits
+      - np.log(
+          np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+      )
+      - logits.max(-1, keepdims=True)
+  )
+  nll = -np.take_along_axis(
+      log_probs, batch["decoder_target_tokens"][..., None], -1
+  )[..., 0]
+  for lang in range(languages.NUM_LANGUAGES):
+    mask = (langs == lang) & (weights > 0)
+    np.testing.assert_allclose(
+        out["loss_sum_N"][lang], nll[mask].sum(), rtol=1e-5
+    )
+    assert out["weight_sum_N"][lang] == mask.sum()
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(
+    trained, dataset, tmp_path
+):
+  model_dir = tmp_path / "run"
+  shutil.copytree(trained[0], model_dir)
+  # A learning rate of 1e38 overflows float32 parameters within a few
+  # updates; every finite step is checkpointed (save_every_steps=1).
+  with pytest.raises(FloatingPointError, match="Non-finite values") as info:
+    _train(model_dir, dataset, 40, learning_rate=1e38, save_every_steps=1)
+  match = re.search(
+      r"at training step (\d+) .* Last good checkpoint: step " r"(\d+) in",
+      str(info.value),
+  )
+  assert match, str(info.value)
+  bad, good = int(match.group(1)), int(match.group(2))
+  assert 30 < bad < 40 and good == bad - 1
+  with checkpoints.Checkpointer(model_dir / "checkpoints") as ckpt:
+    assert ckpt.latest_step() == good
+    params = ckpt.restore_params()
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+  records = metrics_writer.read_jsonl(
+      os.path.join(model_dir, "train", metrics_writer.JSONL_NAME)
+  )
+  assert max(records) < bad
+  assert not os.path.exists(model_dir / "LOCK")  # Released on the error.
+
+
+def test_microbatches_must_divide_rows(host_batches):
+  s = train_state.setup(
+      _model_config(), optimizers.OptimizerConfig(), 10, _mesh(), BATCH_SHAPE
+  )
+  config = trainer.TrainConfig(train_steps=1, num_microbatches=3)
+  with pytest.raises(ValueError, match="num_microbatches=3 must divide"):
+    jax.eval_shape(
+        lambda p, b: trainer.gradients(
+            p, b, jax.random.key(0), model=s.model, config=config
+        ),
+        s.abstract_state.params,
+        host_batches[0],
+    )
+
+
+def test_train_config_rejects_bad_values():
+  with pytest.raises(ValueError, match="num_microbatches=0"):
+    trainer.TrainConfig(train_steps=1, num_microbatches=0)
+  with pytest.raises(ValueError, match="z_loss=-1"):
+    trainer.TrainConfig(train_steps=1, z_loss=-1)
+
+
+def test_metrics_jsonl_skips_torn_lines(tmp_path):
+  path = tmp_path / metrics_writer.JSONL_NAME
+  path.write_text(
+      json.dumps({"step": 1, "loss": 2.0})
+      + "\n"
+      + json.dumps({"step": 1, "loss": 1.5})
+      + "\n"
+      + '{"step": 2, "lo'
+  )
+  assert metrics_writer.read_jsonl(str(path)) == {1: {"step": 1, "loss": 1.5}}

@@ -1,0 +1,300 @@
+"""SeqIO data of an unlearning experiment, built once per stream.
+
+A trade-off sweep trains and unlearns many models on the same few SeqIO
+streams: the original and the reference model of a configuration share every
+partition's stream but one, configurations with the same scheme and batch
+share all of them, and every configuration evaluates the same per-language
+validation sets. Building a SeqIO pipeline costs seconds (mostly tracing the
+feature converter), on a 2-core CPU more than the training steps it feeds, so
+`DataCache` builds each stream once. On small corpora (`materialize=True`) it
+keeps the batches in memory; on mC4 it hands the trainer a streaming
+pipeline and keeps only the few batches unlearning needs.
+
+Training streams are exactly what the trainer's input pipeline yields:
+partition q of a `[P, B/P, L]` batch is `inputs.get_dataset(name_q,
+batch_size=B/P, seed=seed + q)`, the streams `inputs.partitioned_dataset`
+zips, so a model trained here sees the batches the `train` binary would. The
+'decoder_partition_ids' feature is dropped: the model never reads it (tier 1
+is the batch layout itself), and without it a stream does not depend on the
+partition scheme, so configurations with different schemes share it.
+
+A partition without data (its only language was forgotten) is given as None
+and gets all-zero rows: loss weight 0, so it contributes nothing.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Callable, Optional
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from tiered_routing.data import features
+from tiered_routing.data import inputs
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import trainer
+from tiered_routing.eval import scoring
+
+Rows = dict[str, np.ndarray]  # feature -> [..., L] int32 arrays
+BatchesFn = Callable[[int], Iterator[Rows]]
+FEATURES = trainer.MODEL_FEATURES
+_PACKING_FEATURES = ("decoder_segment_ids", "decoder_positions")
+# Only the feature converter reads the scheme, to fill the dropped
+# 'decoder_partition_ids'; any valid scheme gives the same kept features.
+_ANY_SCHEME = schemes.per_language()
+
+
+def _keep(batch: Mapping[str, np.ndarray]) -> Rows:
+  """The model's features (packing features only if packed)."""
+  return {k: np.asarray(batch[k], np.int32) for k in FEATURES if k in batch}
+
+
+def zeros_like(rows: Rows) -> Rows:
+  return {k: np.zeros_like(v) for k, v in rows.items()}
+
+
+def stack(parts: Sequence[Rows], axis: int) -> Rows:
+  return {k: np.stack([p[k] for p in parts], axis=axis) for k in parts[0]}
+
+
+def scored_tokens(rows: Rows) -> int:
+  """Tokens with a non-zero loss weight (what a step actually trains on)."""
+  return int(np.sum(rows["decoder_loss_weights"] > 0))
+
+
+class DataCache:
+  """Builds each SeqIO stream once.
+
+  Args:
+    sequence_length: L, the packed row length.
+    seed: data seed; partition q's training stream uses seed + q, as in
+      `inputs.partitioned_dataset`.
+    pack: pack several sequences per training row.
+    materialize: keep whole training streams in memory (small corpora);
+      False streams them from SeqIO during training.
+    max_validation_examples: evaluate at most this many validation examples
+      per language (None = the whole split).
+  """
+
+  def __init__(
+      self,
+      sequence_length: int,
+      seed: int = 0,
+      pack: bool = True,
+      materialize: bool = True,
+      max_validation_examples: Optional[int] = None,
+  ):
+    if sequence_length < 2:
+      raise ValueError(f"sequence_length={sequence_length!r} must be >= 2.")
+    self.sequence_length = sequence_length
+    self.seed = seed
+    self.pack = pack
+    self.materialize = materialize
+    self.max_validation_examples = max_validation_examples
+    self._streams: dict[tuple, Rows] = {}
+    self._validation: dict[str, Rows] = {}
+
+  def _dataset(self, name: str, seed: int, rows: int) -> tf.data.Dataset:
+    return inputs.get_dataset(
+        name,
+        scheme=_ANY_SCHEME,
+        sequence_length=self.sequence_length,
+        batch_size=rows,
+        seed=seed,
+        pack=self.pack,
+    ).map(lambda b: {k: b[k] for k in FEATURES if k in b})
+
+  def stream(self, name: str, seed: int, rows: int, num_batches: int) -> Rows:
+    """The first `num_batches` [rows, L] training batches of one stream.
+
+    Returns:
+      {feature: int32 [num_batches, rows, L]}.
+    """
+    if rows < 1 or num_batches < 1:
+      raise ValueError(
+          f"Need rows >= 1 and num_batches >= 1, got rows="
+          f"{rows!r}, num_batches={num_batches!r}."
+      )
+    key = (name, seed, rows)
+    cached = self._streams.get(key)
+    if cached is None or len(cached[FEATURES[0]]) < num_batches:
+      batches = [
+          _keep(b)
+          for b in (
+              self._dataset(name, seed, rows)
+              .take(num_batches)
+              .as_numpy_iterator()
+          )
+      ]
+      cached = stack(batches, axis=0)
+      self._streams[key] = cached
+    return {k: v[:num_batches] for k, v in cached.items()}
+
+  def partitioned(
+      self, names: Sequence[Optional[str]], rows: int, num_batches: int
+  ) -> Rows:
+    """The first batches of one stream per partition (None = no data).
+
+    Returns:
+      {feature: int32 [num_batches, P, rows, L]}; batch s is the batch
+      `inputs.partitioned_dataset(names, ...)` yields at step s.
+    """
+    parts = [
+        None if n is None else self.stream(n, self.seed + q, rows, num_batches)
+        for q, n in enumerate(names)
+    ]
+    template = next((p for p in parts if p is not None), None)
+    if template is None:
+      raise ValueError(f"No partition has data: names={list(names)}.")
+    return stack(
+        [zeros_like(template) if p is None else p for p in parts], axis=1
+    )
+
+  def training_batches(
+      self, names: Sequence[Optional[str]], rows: int, num_steps: int
+  ) -> tuple[BatchesFn, np.ndarray]:
+    """`trainer.train`'s `batches(start)` and the tokens per partition.
+
+    Returns:
+      (batches, tokens_P): scored tokens per partition over all steps when
+      materialized; streaming, rows * L * num_steps per partition with data
+      (padding included: an upper bound).
+    """
+    if self.materialize:
+      batches = self.partitioned(names, rows, num_steps)
+      tokens = np.sum(batches["decoder_loss_weights"] > 0, axis=(0, 2, 3))
+      return _from_arrays(batches), tokens
+    tokens = np.array(
+        [
+            0 if n is None else rows * self.sequence_length * num_steps
+            for n in names
+        ],
+        np.int64,
+    )
+    return self._streaming(names, rows, num_steps), tokens
+
+  def _streaming(self, names, rows, num_steps) -> BatchesFn:
+    keys = [k for k in FEATURES if self.pack or k not in _PACKING_FEATURES]
+    zeros = tf.data.Dataset.from_tensors(
+        {k: np.zeros((rows, self.sequence_length), np.int32) for k in keys}
+    ).repeat()
+    streams = tuple(
+        zeros if n is None else self._dataset(n, self.seed + q, rows)
+        for q, n in enumerate(names)
+    )
+    zipped = tf.data.Dataset.zip(streams).map(
+        lambda *bs: {k: tf.stack([b[k] for b in bs]) for k in bs[0]}
+    )
+
+    def batches_from(start: int) -> Iterator[Rows]:
+      return inputs.batch_iterator(zipped.take(num_steps), start)
+
+    return batches_from
+
+  def validation_rows(self, tasks: Mapping[str, str]) -> dict[str, Rows]:
+    """Every language's validation split, one sequence per row.
+
+    All languages go through one SeqIO pipeline. Rows are not packed, so each
+    holds one language and can be laid out by partition; a model that
+    respects segments scores every token as it would packed.
+
+    Args:
+      tasks: {language code: its task name}.
+
+    Returns:
+      {code: {feature: int32 [n, L]}}.
+    """
+    missing = [c for c in tasks if c not in self._validation]
+    if missing:
+      length = {"targets": self.sequence_length}
+      dataset = None
+      for code in missing:
+        ds = seqio.get_mixture_or_task(tasks[code]).get_dataset(
+            length, split="validation", shuffle=False, num_epochs=1
+        )
+        if self.max_validation_examples is not None:
+          ds = ds.take(self.max_validation_examples)
+        dataset = ds if dataset is None else dataset.concatenate(ds)
+      converter = features.PartitionedLMFeatureConverter(
+          _ANY_SCHEME, pack=False
+      )
+      batches = [
+          _keep(b)
+          for b in converter(dataset, length).batch(256).as_numpy_iterator()
+      ]
+      rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+      if self.pack:  # Same features as packed training rows: one segment.
+        segment = (rows["decoder_loss_weights"] > 0).astype(np.int32)
+        rows["decoder_segment_ids"] = segment
+        rows["decoder_positions"] = segment * np.arange(
+            self.sequence_length, dtype=np.int32
+        )
+      row_language = rows["decoder_language_ids"][:, 0]
+      for code in missing:
+        keep = row_language == languages.language_id(code)
+        if not keep.any():
+          raise ValueError(
+              f"Task {tasks[code]!r} has no validation rows of "
+              f"language {code!r}."
+          )
+        self._validation[code] = {k: v[keep] for k, v in rows.items()}
+    return {c: self._validation[c] for c in tasks}
+
+
+def _from_arrays(batches: Rows) -> BatchesFn:
+  """`batches(start)` over in-memory [S, P, rows, L] batches."""
+
+  def batches_from(start: int) -> Iterator[Rows]:
+    for step in range(start, len(batches[FEATURES[0]])):
+      yield {k: v[step] for k, v in batches.items()}
+
+  return batches_from
+
+
+def rechunk(rows: Rows, rows_per_batch: int, num_batches: int) -> Rows:
+  """Regroups [..., R0, L] batches into `num_batches` of `rows_per_batch`.
+
+  The rows keep their order and are reused cyclically when there are fewer
+  than needed.
+
+  Args:
+    rows: {feature: [S, R0, L]} (e.g. one partition's training batches).
+    rows_per_batch: R of the result.
+    num_batches: N of the result.
+
+  Returns:
+    {feature: [N, R, L]}.
+  """
+  out = {}
+  for key, value in rows.items():
+    flat = value.reshape(-1, value.shape[-1])
+    index = np.arange(num_batches * rows_per_batch) % len(flat)
+    out[key] = flat[index].reshape(num_batches, rows_per_batch, -1)
+  return out
+
+
+def regroup(batches: Rows, rows_per_batch: int) -> Rows:
+  """[N, P, R, L] batches -> [N', P, R', L], rows in order, zero-padded.
+
+  Partition q of new batch i holds partition q's rows i * R' ... (i+1) * R'
+  - 1 of the old batches; missing rows at the end are zeros (weight 0).
+  """
+  n, p, r = batches[FEATURES[0]].shape[:3]
+  num = -(-n * r // rows_per_batch)
+  out = {}
+  for key, value in batches.items():
+    flat = np.moveaxis(value, 1, 0).reshape(p, n * r, -1)
+    flat = np.pad(flat, [(0, 0), (0, num * rows_per_batch - n * r), (0, 0)])
+    out[key] = np.moveaxis(flat.reshape(p, num, rows_per_batch, -1), 0, 1)
+  return out
+
+
+def chunk_rows(rows: Rows, rows_per_batch: int) -> list[Rows]:
+  """Cuts [n, L] rows into [R, L] batches, the last padded with zero rows."""
+  n = len(rows[FEATURES[0]])
+  out = []
+  for start in range(0, n, rows_per_batch):
+    batch = {k: v[start : start + rows_per_batch] for k, v in rows.items()}
+    out.append(scoring.pad_rows(batch, rows_per_batch))
+  return out

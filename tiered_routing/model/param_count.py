@@ -1,0 +1,141 @@
+r"""Parameter counts of a `DecoderConfig`: total and active per token.
+
+Shapes come from `jax.eval_shape` of the model's `init`, so nothing is
+allocated and full-size configs are counted in seconds.
+
+Usage (the gin flags are the train/eval binaries', see `gin_flags`):
+  python -m tiered_routing.params --gin_file=gin/models/n16.gin \
+      [--gin_bindings="SHARING = 'attention'"] [--gin.VOCAB_SIZE=250112]
+"""
+
+import dataclasses
+from typing import Sequence
+
+from absl import app
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tiered_routing.cli import configurables
+from tiered_routing.cli import gin_flags
+from tiered_routing.model import transformer
+
+FLAGS = gin_flags.FLAGS
+
+# Leaf-path substrings that name each parameter category (first match wins).
+_CATEGORIES = (("expert", "experts"), ("router", "routers"),
+               ("token_embed", "embedding"), ("logits_kernel", "embedding"),
+               ("norm", "norms"), ("attention", "attention"),
+               ("mlp", "dense_ffn"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+  """Parameter counts.
+
+  Attributes:
+    total: every parameter of the model, all partitions.
+    active: parameters one token touches: all non-expert parameters of its
+      partition plus k/E of that partition's expert parameters (k = top_k, or
+      capacity_factor for expert choice, its mean experts per token). A token
+      lives in exactly one partition, so this is also per partition.
+    per_partition_total: parameters one partition's model consists of (its
+      private parameters plus everything shared).
+    per_partition_active: equal to `active` (see above); kept so per-partition
+      columns of a table read alike.
+    expert: expert parameters, all partitions.
+  """
+
+  total: int
+  active: int
+  per_partition_total: int
+  per_partition_active: int
+  expert: int
+
+
+def param_shapes(config: transformer.DecoderConfig):
+  """Abstract (shape-only) parameters of `TieredDecoder(config)`, boxed."""
+  tokens = jnp.zeros((config.num_partitions, 1, 1), jnp.int32)
+  init = lambda: transformer.TieredDecoder(config).init(
+      jax.random.PRNGKey(0), tokens)
+  return jax.eval_shape(init)["params"]
+
+
+def _leaves(config):
+  """(path string, size, is_private, is_expert) for every parameter."""
+  boxed = param_shapes(config)
+  flat = jax.tree_util.tree_flatten_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+  out = []
+  for path, leaf in flat:
+    names = [str(getattr(k, "key", k)) for k in path]
+    value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+    axes = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+    size = 1
+    for dim in value.shape:
+      size *= dim
+    out.append(("/".join(names), size, "partition" in axes, "expert" in names))
+  return out
+
+
+def count_params(config: transformer.DecoderConfig) -> ParamCount:
+  """Counts total and active parameters without allocating them."""
+  p = config.num_partitions
+  total = expert = one_partition = one_partition_expert = 0
+  for _, size, private, is_expert in _leaves(config):
+    total += size
+    share = size // p if private else size
+    one_partition += share
+    if is_expert:
+      expert += size
+      one_partition_expert += share
+  if config.router == "expert_choice":
+    per_token = config.capacity_factor
+  else:
+    per_token = config.top_k
+  experts = config.experts_per_layer
+  active = one_partition - one_partition_expert + round(
+      one_partition_expert * min(per_token, experts) / max(experts, 1))
+  return ParamCount(total=total, active=active,
+                    per_partition_total=one_partition,
+                    per_partition_active=active, expert=expert)
+
+
+def param_breakdown(config: transformer.DecoderConfig) -> dict[str, int]:
+  """Total parameters per category (embedding, attention, experts, ...)."""
+  out = {}
+  for path, size, _, _ in _leaves(config):
+    category = next((c for key, c in _CATEGORIES if key in path), "other")
+    out[category] = out.get(category, 0) + size
+  return out
+
+
+def format_table(config: transformer.DecoderConfig) -> str:
+  """A human-readable table of `count_params` and `param_breakdown`."""
+  count = count_params(config)
+  rows = [("partitions", config.num_partitions),
+          ("sharing", config.sharing),
+          ("experts per MoE layer", config.experts_per_layer),
+          ("total", count.total),
+          ("per partition total", count.per_partition_total),
+          ("active per token", count.active),
+          ("expert (all partitions)", count.expert)]
+  rows += [(f"  {k}", v) for k, v in sorted(param_breakdown(config).items())]
+  lines = []
+  for name, value in rows:
+    if isinstance(value, int) and value >= 10_000:
+      value = f"{value:>15,d}  ({value / 1e6:,.1f}M)"
+    lines.append(f"{name:<26}{value}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  gin_flags.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings,
+                      FLAGS.gin_search_paths)
+  print(format_table(configurables.DecoderConfig()))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.parse_flags)

@@ -1,0 +1,336 @@
+"""Expert-specialized fine-tuning (ESFT) and low-rank adapters on routers.
+
+ESFT (Wang et al. 2024, "Let the Expert Stick to His Last") fine-tunes a MoE
+model on a task by training only the experts the task's tokens use most:
+
+  1. Route the task data through the model and score every expert of every
+     MoE layer (`collect_routing`, `expert_relevance`): ESFT-Token is the
+     token selection ratio (share of the task's tokens sent to the expert),
+     ESFT-Gate the mean gate weight the expert gets per token.
+  2. Per layer, take experts in decreasing relevance until their relevance
+     adds up to a share p of the layer's total (`select_experts`).
+  3. Train those experts only; routers, attention, embeddings, dense layers
+     and all other experts stay frozen (`trainable_mask`, applied with
+     `expert_params.freeze`, since the chosen experts are slices of stacked
+     [E, D, F] tensors that name-based freezing cannot separate).
+
+Two variants: forced routing (`forced_routing_mask`: the task's tokens may
+use the chosen experts only) and LoRA on the routers (`init_router_lora`:
+kernel + A @ B * alpha / r with B = 0 at init, Hu et al. 2022; only A and B
+train), which re-routes tokens without touching any expert. Both run through
+`FinetuneModel`, a stand-in for `TieredDecoder` that `trainer.train_step`
+and `trainer.eval_step` accept: it merges the adapters into the router
+kernels and adds the expert mask before calling the real model, so the model
+code needs no change.
+"""
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tiered_routing.model import expert_params
+from tiered_routing.tier1 import languages
+from tiered_routing.analysis import routing_stats
+from tiered_routing.model import transformer
+from tiered_routing.model import routing_capture
+
+RELEVANCE = ("token", "gate")
+LORA_TARGETS = ("kernel", "gates")  # Token-choice kernels, sequence gates.
+
+
+def collect_routing(
+    model: Any,
+    params: Any,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    **apply_kwargs,
+) -> routing_stats.RoutingCounts:
+  """Per-language expert use of every MoE layer over `batches`.
+
+  Args:
+    model: a `TieredDecoder` (or `FinetuneModel`).
+    params: its parameters.
+    batches: [P, B/P, L] feature batches (`decoder_input_tokens`,
+      `decoder_language_ids`, `decoder_loss_weights`, optionally segment ids
+      and positions).
+    **apply_kwargs: passed to `apply`, e.g. `expert_mask_MxPxE`.
+
+  Returns:
+    `RoutingCounts` with one row per language and one column per expert of a
+    MoE layer (P * Ep under sharing 'all'); only scored tokens count.
+  """
+  config = model.config
+
+  @jax.jit
+  def route(params, batch):
+    _, routed, _ = routing_capture.apply_with_routing(
+        model,
+        {"params": params},
+        batch["decoder_input_tokens"],
+        segment_ids_PxBxL=batch.get("decoder_segment_ids"),
+        positions_PxBxL=batch.get("decoder_positions"),
+        **apply_kwargs,
+    )
+    return routed.expert_index_LxTxK, routed.combine_weights_LxTxK
+
+  counts = routing_stats.RoutingCounts(
+      len(config.moe_layers), config.experts_per_layer
+  )
+  for batch in batches:
+    index, weights = jax.device_get(
+        route(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    )
+    language_T = np.asarray(batch["decoder_language_ids"]).reshape(-1)
+    valid_T = np.asarray(batch["decoder_loss_weights"]).reshape(-1) > 0
+    for layer in range(index.shape[0]):
+      counts.add(layer, index[layer], weights[layer], language_T, valid_T)
+  return counts
+
+
+def expert_relevance(
+    counts: routing_stats.RoutingCounts,
+    codes: Sequence[str],
+    score: str = "token",
+) -> np.ndarray:
+  """float64 [L, E]: relevance of each expert to the languages `codes`.
+
+  'token' = ESFT-Token (routed slots / tokens), 'gate' = ESFT-Gate (summed
+  combine weights / tokens), both pooled over the given languages.
+  """
+  if score not in RELEVANCE:
+    raise ValueError(f"score={score!r} is invalid; allowed: {RELEVANCE}.")
+  rows = [languages.language_id(c) for c in codes]
+  source = counts.assignments_NxLxE if score == "token" else counts.mass_NxLxE
+  tokens_L = counts.tokens_NxL[rows].sum(axis=0)
+  if not (tokens_L > 0).all():
+    raise ValueError(
+        f"No routed tokens of {list(codes)} in some MoE layer; "
+        "collect routing on their data first."
+    )
+  return source[rows].sum(axis=0) / tokens_L[:, None]
+
+
+def select_experts(relevance_LxE, coverage: float) -> np.ndarray:
+  """bool [L, E]: per layer, the most relevant experts until they cover p.
+
+  Experts are taken in decreasing relevance (ties: lower index first) while
+  the relevance already taken is below `coverage` of the layer's total
+  (ESFT's threshold p), so at least one expert per layer is chosen.
+  """
+  relevance = np.asarray(relevance_LxE, np.float64)
+  if relevance.ndim != 2 or (relevance < 0).any():
+    raise ValueError(
+        f"relevance must be a non-negative [L, E] array; got "
+        f"shape {relevance.shape}."
+    )
+  if not 0 < coverage <= 1:
+    raise ValueError(f"coverage={coverage!r}; allowed: (0, 1].")
+  order = np.argsort(-relevance, axis=-1, kind="stable")
+  share = np.take_along_axis(relevance, order, -1) / np.maximum(
+      relevance.sum(-1, keepdims=True), 1e-30
+  )
+  before = np.cumsum(share, axis=-1) - share
+  take = before < coverage - 1e-12
+  take[:, 0] = True
+  selected = np.zeros(relevance.shape, bool)
+  np.put_along_axis(selected, order, take, axis=-1)
+  return selected
+
+
+def to_selection(
+    selected_LxE, config: transformer.DecoderConfig, partitions: Sequence[int]
+) -> np.ndarray:
+  """bool [L, P, Ep] (see `expert_params`) from a layer-level [L, E] choice.
+
+  Args:
+    selected_LxE: experts of a MoE layer as the router numbers them (E =
+      `config.experts_per_layer`).
+    config: the model's config.
+    partitions: the partitions whose private experts are meant (those that
+      see the task's data); ignored under sharing 'all', where the layer's
+      experts are already global.
+  """
+  selected = np.asarray(selected_LxE, bool)
+  m, p, e = len(config.moe_layers), config.num_partitions, config.num_experts
+  if selected.shape != (m, config.experts_per_layer):
+    raise ValueError(
+        f"selected_LxE has shape {selected.shape}; expected "
+        f"{(m, config.experts_per_layer)}."
+    )
+  if config.sharing == "all":
+    return selected.reshape(m, p, e)
+  out = np.zeros((m, p, e), bool)
+  out[:, _check_partitions(partitions, p)] = selected[:, None]
+  return out
+
+
+def _check_partitions(partitions: Sequence[int], p: int) -> list[int]:
+  parts = list(partitions)
+  if not parts or any(not 0 <= q < p for q in parts):
+    raise ValueError(
+        f"partitions={partitions!r}; allowed: a non-empty list "
+        f"of partitions in [0, {p})."
+    )
+  return parts
+
+
+def forced_routing_mask(
+    selected_LxE, config: transformer.DecoderConfig, partitions: Sequence[int]
+) -> np.ndarray:
+  """expert_mask_MxPxE sending `partitions`' tokens to chosen experts only.
+
+  Rows of other partitions allow every expert.
+  """
+  selected = np.asarray(selected_LxE, bool)
+  m, e = len(config.moe_layers), config.experts_per_layer
+  if selected.shape != (m, e) or not selected.any(-1).all():
+    raise ValueError(
+        f"selected_LxE must be bool {(m, e)} with at least one "
+        f"expert per layer; got shape {selected.shape}."
+    )
+  mask = np.ones((m, config.num_partitions, e), bool)
+  mask[:, _check_partitions(partitions, config.num_partitions)] = selected[
+      :, None
+  ]
+  return mask
+
+
+def trainable_mask(
+    params: Any, config: transformer.DecoderConfig, selected_LxPxE
+) -> Any:
+  """ESFT: only the selected experts train (routers frozen)."""
+  return expert_params.trainable_mask(params, config, selected_LxPxE)
+
+
+# ----------------------------------------------------------------- router LoRA
+
+
+def _router_leaves(params: Any, config) -> dict[tuple, jax.Array]:
+  leaves = expert_params.expert_leaves(params, config)
+  flat = dict(
+      (expert_params.path_names(p), x)
+      for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+  )
+  return {
+      names: flat[names]
+      for names, info in leaves.items()
+      if info.is_router and names[-1] in LORA_TARGETS
+  }
+
+
+def _set_path(tree: dict, names: tuple, value) -> None:
+  for name in names[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[names[-1]] = value
+
+
+def init_router_lora(
+    params: Any, config: transformer.DecoderConfig, rank: int, rng: jax.Array
+) -> dict:
+  """LoRA adapters for every router: {path...: {'lora_a', 'lora_b'}}.
+
+  For a router kernel [..., D, E] (gates [..., E, D]): lora_a [..., D, r]
+  ~ N(0, 1/D) and lora_b [..., r, E] = 0, so the adapted model starts equal
+  to the base model (Hu et al. 2022). The tree mirrors the parameter paths.
+  """
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"rank={rank!r}; allowed: an int >= 1.")
+  targets = _router_leaves(params, config)
+  if not targets:
+    raise ValueError("The model has no router kernels to adapt.")
+  lora = {}
+  for i, (names, kernel) in enumerate(sorted(targets.items())):
+    if names[-1] == "gates":
+      kernel = jnp.swapaxes(kernel, -1, -2)
+    *batch, d, e = kernel.shape
+    a = (
+        jax.random.normal(
+            jax.random.fold_in(rng, i), (*batch, d, rank), jnp.float32
+        )
+        * d**-0.5
+    )
+    _set_path(
+        lora,
+        names,
+        {"lora_a": a, "lora_b": jnp.zeros((*batch, rank, e), jnp.float32)},
+    )
+  return lora
+
+
+def merge_router_lora(
+    params: Any, lora: Mapping[str, Any], alpha: float
+) -> Any:
+  """params with every adapted router kernel replaced by W + A B alpha / r."""
+
+  def merge(path, x):
+    names, node = expert_params.path_names(path), lora
+    for name in names:
+      if not isinstance(node, Mapping) or name not in node:
+        return x
+      node = node[name]
+    a, b = node["lora_a"], node["lora_b"]
+    delta = jnp.einsum("...dr,...re->...de", a, b) * (alpha / a.shape[-1])
+    if names[-1] == "gates":
+      delta = jnp.swapaxes(delta, -1, -2)
+    return x + delta.astype(x.dtype)
+
+  return jax.tree_util.tree_map_with_path(merge, params)
+
+
+def lora_param_count(config: transformer.DecoderConfig, rank: int) -> int:
+  """Adapter parameter count: rank * (D + E) per router (and partition)."""
+  copies = 1 if config.sharing == "all" else config.num_partitions
+  return (
+      len(config.moe_layers)
+      * copies
+      * rank
+      * (config.d_model + config.experts_per_layer)
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneModel:
+  """A `TieredDecoder` seen through router LoRA and a fixed expert mask.
+
+  Has the `apply` signature `trainer.train_step` / `eval_step` use. With
+  `lora_alpha` set, its parameters are {'base': model params, 'lora':
+  adapters} and the adapters are merged before every call.
+
+  Attributes:
+    base: the model.
+    expert_mask_MxPxE: optional per-MoE-layer expert mask (forced routing).
+    lora_alpha: LoRA scale alpha (update = A B alpha / r); None = no LoRA.
+  """
+
+  base: transformer.TieredDecoder
+  expert_mask_MxPxE: Optional[np.ndarray] = None
+  lora_alpha: Optional[float] = None
+
+  @property
+  def config(self) -> transformer.DecoderConfig:
+    return self.base.config
+
+  def base_params(self, params: Any) -> Any:
+    """The plain model parameters these parameters stand for."""
+    if self.lora_alpha is None:
+      return params
+    return merge_router_lora(params["base"], params["lora"], self.lora_alpha)
+
+  def apply(self, variables: Mapping[str, Any], *args, **kwargs):
+    if self.expert_mask_MxPxE is not None:
+      kwargs.setdefault(
+          "expert_mask_MxPxE", jnp.asarray(self.expert_mask_MxPxE)
+      )
+    variables = {**variables, "params": self.base_params(variables["params"])}
+    return self.base.apply(variables, *args, **kwargs)
+
+
+def lora_trainable_mask(params: Mapping[str, Any]) -> dict:
+  """For {'base', 'lora'} parameters: only the adapters train."""
+  return {
+      "base": jax.tree.map(lambda _: np.asarray(False), params["base"]),
+      "lora": jax.tree.map(lambda _: np.asarray(True), params["lora"]),
+  }

@@ -1,0 +1,9 @@
+"""`python -m tiered_routing.train`: the train binary, `tiered_routing.cli.train`."""
+
+from absl import app
+
+from tiered_routing.cli import gin_flags
+from tiered_routing.cli import train
+
+if __name__ == "__main__":
+  app.run(train.main, flags_parser=gin_flags.parse_flags)
