@@ -40,7 +40,7 @@ from tiered_routing.tier1 import schemes
 from tiered_routing.cli import train  # pylint: disable=unused-import
 from tiered_routing.analysis import checkpoint_analysis
 from tiered_routing.analysis import routing_report
-from tiered_routing.model import transformer
+from tiered_routing.model import decoder_config
 from tiered_routing.data import stream_cache
 
 _OUTPUT_DIR = flags.DEFINE_string(
@@ -128,7 +128,7 @@ def run(
     data_source: str = gin.REQUIRED,
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     scheme: schemes.PartitionScheme = gin.REQUIRED,
-    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    model_config: decoder_config.DecoderConfig = gin.REQUIRED,
     mesh_config: Optional[sharding.MeshConfig] = None,
 ) -> tuple[routing_report.RoutingReport, dict[str, Any]]:
   """Analyzes MODEL_DIR's checkpoint; returns the report and its paths."""
@@ -151,7 +151,7 @@ def run(
       weighted=_WEIGHTED.value,
       make_plots=_PLOTS.value,
   )
-  tokens = int(np.sum(report.counts.tokens_NxL[:, 0]))
+  tokens = int(np.sum(report.counts.tokens_NxM[:, 0]))
   print(
       f"{model_dir} step {report.metadata['step']}: {tokens} validation "
       f"tokens, scheme {scheme.name}, sharing {model_config.sharing}\n"

@@ -46,18 +46,18 @@ from tiered_routing import sharding
 from tiered_routing.tier1 import schemes
 from tiered_routing.train import train_state
 from tiered_routing.train import trainer
-from tiered_routing.model import transformer
+from tiered_routing.model import decoder_config
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-SHARING = transformer.SHARING_LEVELS
+SHARING = decoder_config.SHARING_LEVELS
 VOCAB_SIZE = 4096  # The embedded SentencePiece vocabulary of the sample data.
 
 # n = 1 members. 'tiny' has the widths of gin/models/tiny.gin, but 32 experts
 # in all so that n = 16 still has top_k = 2 experts per partition.
 FAMILIES = {
     "tiny": dict(
-        model=transformer.DecoderConfig(
+        model=decoder_config.DecoderConfig(
             vocab_size=VOCAB_SIZE,
             d_model=64,
             num_heads=4,
@@ -73,7 +73,7 @@ FAMILIES = {
         length=128,
     ),
     "small": dict(
-        model=transformer.DecoderConfig(
+        model=decoder_config.DecoderConfig(
             vocab_size=VOCAB_SIZE,
             d_model=512,
             num_heads=8,
@@ -142,8 +142,8 @@ def _setting(name):
 
 
 def scaled_config(
-    base: transformer.DecoderConfig, n: int, sharing: str, d_model: int
-) -> transformer.DecoderConfig:
+    base: decoder_config.DecoderConfig, n: int, sharing: str, d_model: int
+) -> decoder_config.DecoderConfig:
   """The family member with n partitions and the given d_model.
 
   Experts per partition are base.num_experts / n; the expert width keeps
@@ -171,11 +171,11 @@ def scaled_config(
 
 
 @functools.lru_cache(maxsize=None)
-def _count(config: transformer.DecoderConfig) -> param_count.ParamCount:
+def _count(config: decoder_config.DecoderConfig) -> param_count.ParamCount:
   return param_count.count_params(config)  # Traces the model: ~1 s.
 
 
-def _total(config: transformer.DecoderConfig) -> int:
+def _total(config: decoder_config.DecoderConfig) -> int:
   return _count(config).total
 
 

@@ -51,6 +51,7 @@ from tiered_routing import sharding
 from tiered_routing.tier1 import schemes
 from tiered_routing.train import train_state
 from tiered_routing.train import trainer
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -173,21 +174,21 @@ def _on_added(expert: int):
 
   def on(base_routed, routed):
     del base_routed
-    expert_T = jnp.full(routed.expert_index_LxTxK.shape[1], expert, jnp.int32)
+    expert_T = jnp.full(routed.expert_index_MxTxK.shape[1], expert, jnp.int32)
     return expert_gates.uses_expert(routed, expert_T)
 
   return on
 
 
-def _on_removed(experts_L):
-  """Rows on a removed expert: tokens the base sent to experts_L[l] in l."""
+def _on_removed(experts_M):
+  """Rows on a removed expert: tokens the base sent to experts_M[l] in l."""
 
   def on(base_routed, routed):
     del routed
     hit = (
-        base_routed.expert_index_LxTxK == jnp.asarray(experts_L)[:, None, None]
+        base_routed.expert_index_MxTxK == jnp.asarray(experts_M)[:, None, None]
     )
-    return (hit & (base_routed.combine_weights_LxTxK != 0)).any(axis=(0, 2))
+    return (hit & (base_routed.combine_weights_MxTxK != 0)).any(axis=(0, 2))
 
   return on
 
@@ -196,7 +197,7 @@ def _on_removed(experts_L):
 def run(
     *,
     model_dir: str = gin.REQUIRED,
-    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    model_config: decoder_config.DecoderConfig = gin.REQUIRED,
     new_language: str = "ur",
     base_steps: int = 400,
     new_expert_steps: int = 150,

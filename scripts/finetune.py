@@ -58,6 +58,7 @@ from tiered_routing.cli import train  # pylint: disable=unused-import
 from tiered_routing.train import train_state
 from tiered_routing.train import trainer
 from tiered_routing.train import restore
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -132,12 +133,12 @@ def _method(name, model, params, boxed, config, selection, lora_rank, alpha):
         esft.lora_trainable_mask(both),
         flags_,
     )
-  chosen_LxE, forced_mask = selection[name]
+  chosen_MxE, forced_mask = selection[name]
   stand_in = esft.FinetuneModel(model, expert_mask_MxPxE=forced_mask)
   return (
       stand_in,
       params,
-      esft.trainable_mask(params, config, chosen_LxE),
+      esft.trainable_mask(params, config, chosen_MxE),
       partitioned,
   )
 
@@ -231,7 +232,7 @@ def run(
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
     scheme: schemes.PartitionScheme = gin.REQUIRED,
-    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    model_config: decoder_config.DecoderConfig = gin.REQUIRED,
     target_language: str = "ur",
     steps: int = 100,
     learning_rate: float = 1e-3,

@@ -30,7 +30,7 @@ from tiered_routing.tier1 import schemes
 # The training run's gin files bind train_script.train: register it.
 from tiered_routing.cli import train  # pylint: disable=unused-import
 from tiered_routing.train import restore
-from tiered_routing.model import transformer
+from tiered_routing.model import decoder_config
 
 _PROMPTS = flags.DEFINE_multi_string(
     "prompt", [""], "Prompt text (repeatable: one row each)."
@@ -87,7 +87,7 @@ def run(
     model_dir: str = gin.REQUIRED,
     data_source: str = gin.REQUIRED,
     scheme: schemes.PartitionScheme = gin.REQUIRED,
-    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    model_config: decoder_config.DecoderConfig = gin.REQUIRED,
     mesh_config: Optional[sharding.MeshConfig] = None,
 ) -> list[str]:
   """Prints and returns one continuation per --prompt."""

@@ -43,6 +43,7 @@ from tiered_routing import sharding
 from tiered_routing.tier1 import schemes
 from tiered_routing.cli import train  # pylint: disable=unused-import
 from tiered_routing.train import restore
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
@@ -143,7 +144,7 @@ def run(
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
     scheme: schemes.PartitionScheme = gin.REQUIRED,
-    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    model_config: decoder_config.DecoderConfig = gin.REQUIRED,
     num_experts: int = 8,
     top_ks: Sequence[int] = (8, 4, 2, 1),
     router_batches: int = 8,

@@ -14,11 +14,11 @@ import os
 import seqio
 import tensorflow as tf
 
-from tiered_routing.data import seqio_names
 from tasks import preprocessors
 from tasks import vocab
-from tiered_routing.tier1 import languages
+from tiered_routing.data import seqio_names
 from tiered_routing.eval import lm_metrics
+from tiered_routing.tier1 import languages
 
 TFDS_NAME = "c4/multilingual:3.1.0"
 JSON_DIR_ENV_VAR = "TR_MC4_JSON_DIR"

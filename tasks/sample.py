@@ -7,12 +7,12 @@ quickstart, the trade-off preset and the tests.
 import seqio
 import tensorflow as tf
 
-from tiered_routing.data import seqio_names
 from tasks import preprocessors
 from tasks import vocab
 from tiered_routing.data import corpora
-from tiered_routing.tier1 import languages
+from tiered_routing.data import seqio_names
 from tiered_routing.eval import lm_metrics
+from tiered_routing.tier1 import languages
 
 SOURCE = "sample"
 

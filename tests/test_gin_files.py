@@ -22,6 +22,7 @@ from tiered_routing import sharding
 from tiered_routing.tier1 import schemes
 from tiered_routing.cli import train as train_lib
 from tiered_routing.train import train_state
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +75,7 @@ def _parse(files, bindings=()):
   )
 
 
-def _build_model(config: transformer.DecoderConfig):
+def _build_model(config: decoder_config.DecoderConfig):
   """Abstract parameters and shardings on one device (no allocation)."""
   model = transformer.TieredDecoder(config)
   mesh = sharding.make_mesh(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tiered_routing import sharding
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 MeshConfig = sharding.MeshConfig
@@ -251,18 +252,18 @@ def test_with_sharding_rules_flattened_batch_keeps_layout():
   def to_shared(x_PxBxL):
     x_PxBxL = nn.with_logical_constraint(x_PxBxL,
                                          ("partition", "batch", "length"))
-    x_TxL = x_PxBxL.reshape(-1, x_PxBxL.shape[-1])
-    return nn.with_logical_constraint(x_TxL, ("batch", "length"))
+    x_BxL = x_PxBxL.reshape(-1, x_PxBxL.shape[-1])
+    return nn.with_logical_constraint(x_BxL, ("batch", "length"))
 
   with sharding.with_sharding_rules(mesh):
     assert nn.get_logical_axis_rules() == sharding.LOGICAL_AXIS_RULES
-    x_TxL = to_shared(x_PxBxL)
+    x_BxL = to_shared(x_PxBxL)
   assert nn.get_logical_axis_rules() == ()
   expected = jax.sharding.NamedSharding(mesh, P(("partition", "data"), None))
-  assert x_TxL.sharding.is_equivalent_to(expected, 2)
+  assert x_BxL.sharding.is_equivalent_to(expected, 2)
   # Each device keeps exactly the rows it already held.
   before = {s.device: s.data for s in x_PxBxL.addressable_shards}
-  for shard in x_TxL.addressable_shards:
+  for shard in x_BxL.addressable_shards:
     np.testing.assert_array_equal(shard.data,
                                   before[shard.device].reshape(-1, 3))
 
@@ -274,7 +275,7 @@ def test_partition_vmapped_model_keeps_activations_sharded(sharing):
   per-device activations shrink with more data shards (the full-size n = 16
   model on 64 devices otherwise held every partition's logits)."""
   mesh = sharding.make_mesh(MeshConfig(partition=2, data=4))
-  config = transformer.DecoderConfig(
+  config = decoder_config.DecoderConfig(
       vocab_size=32, d_model=16, num_heads=2, head_dim=8, num_layers=2,
       d_ff=32, num_experts=2, expert_d_ff=8, moe_every=2, num_partitions=2,
       group_size=8, dispatch="sort_gather", sharing=sharing)

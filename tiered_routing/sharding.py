@@ -21,12 +21,13 @@ The mapping is a flax rules table, so it is applied with the usual
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from absl import logging
 import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 MESH_AXES = ("partition", "data", "expert", "model")
 PARTITION_AXIS = "partition"
@@ -309,6 +310,23 @@ def batch_sharding(mesh: Mesh, ndim: int,
     spec, notes = fit_spec_to_shape(spec, shape, mesh)
     _warn_fallbacks(notes)
   return NamedSharding(mesh, spec)
+
+
+def to_global_batch(
+    batch: Mapping[str, Any], mesh: Mesh
+) -> dict[str, jax.Array]:
+  """Places a host batch `[P, B/P, L]` (the same on every host) on the mesh.
+
+  Every array of `batch` goes to `batch_sharding`: partition p's rows onto
+  the 'partition' devices of p, split over 'data'.
+  """
+  out = {}
+  for key, value in batch.items():
+    array = np.asarray(value)
+    placement = batch_sharding(mesh, array.ndim, array.shape)
+    out[key] = jax.make_array_from_callback(
+        array.shape, placement, lambda index, a=array: a[index])
+  return out
 
 
 @contextlib.contextmanager

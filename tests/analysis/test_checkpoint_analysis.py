@@ -30,11 +30,11 @@ from tiered_routing.analysis import checkpoint_analysis
 from tiered_routing.analysis import routing_report
 from tiered_routing.train import restore
 from tiered_routing.analysis import routing_stats
-from tiered_routing.model import transformer
+from tiered_routing.model import decoder_config
 
 P, E, D, L, ROWS = 2, 4, 16, 8, 2
 FIRST_TOKEN = 4  # language i speaks only token FIRST_TOKEN + i
-CONFIG = transformer.DecoderConfig(
+CONFIG = decoder_config.DecoderConfig(
     vocab_size=32,
     d_model=D,
     num_heads=2,
@@ -128,7 +128,7 @@ def test_restore_bad_inputs(model_dir, tmp_path):
     restore.restore_params(str(tmp_path))
   with pytest.raises(ValueError, match=r"checkpoint_step=3 .*allowed: \[7\]"):
     restore.restore_params(model_dir, CONFIG, step=3)
-  bigger = transformer.DecoderConfig(**{**CONFIG.__dict__, "d_model": 32})
+  bigger = decoder_config.DecoderConfig(**{**CONFIG.__dict__, "d_model": 32})
   with pytest.raises(ValueError, match="shape"):
     restore.restore_params(model_dir, bigger)
 

@@ -128,15 +128,15 @@ def test_accumulator_counts_by_hand():
   mass[0, :2] = [0.7, 0.3]
   mass[2, [2, 0, 3]] = [1.0, 0.5, 0.5]
   np.testing.assert_allclose(acc.usage(1, weighted=True), mass)
-  np.testing.assert_array_equal(acc.tokens_NxL[:, 1], [1, 0, 2])
+  np.testing.assert_array_equal(acc.tokens_NxM[:, 1], [1, 0, 2])
   assert not acc.usage(0).any()
   other = rs.RoutingCounts(2, 4, 3)
   other.add(0, [[1]], [[1.0]], [0])
   acc.merge(other)
   assert acc.usage(0)[0, 1] == 1
   summary = acc.summary(m=1)
-  assert summary["top_m_coverage_LxN"].shape == (2, 3)
-  assert summary["mutual_information_bits_L"][1] == pytest.approx(
+  assert summary["top_m_coverage_MxN"].shape == (2, 3)
+  assert summary["mutual_information_bits_M"][1] == pytest.approx(
       rs.mutual_information(expected, "uniform")
   )
   with pytest.raises(ValueError, match="language id 7"):
@@ -152,8 +152,8 @@ def test_save_load(tmp_path):
   acc.add(0, [[0], [1]], [[1.0], [0.5]], [0, 1])
   acc.save(tmp_path / "counts.npz")
   loaded = rs.RoutingCounts.load(tmp_path / "counts.npz")
-  np.testing.assert_array_equal(loaded.mass_NxLxE, acc.mass_NxLxE)
-  np.testing.assert_array_equal(loaded.tokens_NxL, acc.tokens_NxL)
+  np.testing.assert_array_equal(loaded.mass_NxMxE, acc.mass_NxMxE)
+  np.testing.assert_array_equal(loaded.tokens_NxM, acc.tokens_NxM)
 
 
 def test_partition_masked_router_is_compartmentalized():

@@ -22,6 +22,7 @@ from tiered_routing.tier1 import inference_routing as ir
 from tiered_routing.eval import routed_eval
 from tiered_routing.eval import scoring
 from tiered_routing.eval import seqio_eval
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 LENGTH = 128  # The quickstart's.
@@ -30,7 +31,7 @@ FAMILY4 = schemes.family(4)
 
 
 def _scorer(num_partitions):
-  config = transformer.DecoderConfig(
+  config = decoder_config.DecoderConfig(
       vocab_size=4096,
       d_model=16,
       num_heads=2,

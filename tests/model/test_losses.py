@@ -9,6 +9,7 @@ import pytest
 
 from tiered_routing.model import losses
 from tiered_routing.model import routing
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 
@@ -128,7 +129,7 @@ def test_router_metrics_hand_tree():
 
 
 def test_losses_from_a_real_model():
-  config = transformer.DecoderConfig(
+  config = decoder_config.DecoderConfig(
       vocab_size=32, d_model=16, num_heads=2, head_dim=8, num_layers=2,
       num_experts=4, expert_d_ff=8, num_partitions=2, dispatch="sort_gather")
   model = transformer.TieredDecoder(config)
@@ -153,7 +154,7 @@ def test_losses_from_a_real_model():
 
 
 def test_capture_intermediates_leaves_router_losses_unchanged():
-  config = transformer.DecoderConfig(
+  config = decoder_config.DecoderConfig(
       vocab_size=32, d_model=16, num_heads=2, head_dim=8, num_layers=2,
       num_experts=4, expert_d_ff=8, num_partitions=2, sharing="attention",
       dispatch="sort_gather")

@@ -8,7 +8,7 @@ import pytest
 from tiered_routing.cli import configurables
 from tiered_routing.cli import gin_flags
 from tiered_routing.model import param_count
-from tiered_routing.model import transformer
+from tiered_routing.model import decoder_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MODELS = REPO / "gin" / "models"
@@ -28,7 +28,7 @@ def _config(**overrides):
   base = dict(vocab_size=V, d_model=D, num_heads=2, head_dim=8, num_layers=2,
               d_ff=F_DENSE, num_experts=E, expert_d_ff=F, moe_every=2,
               num_partitions=P)
-  return transformer.DecoderConfig(**{**base, **overrides})
+  return decoder_config.DecoderConfig(**{**base, **overrides})
 
 
 def test_counts_sharing_none():
@@ -79,7 +79,7 @@ def test_every_model_gin_file_parses(clean_gin):
   assert {f.stem for f in files} >= {"tiny"} | {f"n{n}" for n in SIZES}
   for path in files:
     config = _parse(path)
-    assert isinstance(config, transformer.DecoderConfig), path
+    assert isinstance(config, decoder_config.DecoderConfig), path
     assert path.read_text().startswith("#"), path
   tiny = _parse(MODELS / "tiny.gin", ["VOCAB_SIZE = 100"])
   assert (tiny.vocab_size, tiny.d_model, tiny.num_layers, tiny.num_experts) == (

@@ -10,6 +10,7 @@ import pytest
 
 from tiered_routing.model import layers
 from tiered_routing.model import losses
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 from tiered_routing.model import routing_capture
 
@@ -31,7 +32,7 @@ def _config(**overrides):
               d_ff=32, num_experts=4, expert_d_ff=8, moe_every=2,
               num_partitions=P, group_size=16, dispatch="sort_gather",
               capacity_factor=4.0)  # Large enough that no slot is dropped.
-  return transformer.DecoderConfig(**{**base, **overrides})
+  return decoder_config.DecoderConfig(**{**base, **overrides})
 
 
 def _tokens(seed=0):
@@ -269,8 +270,8 @@ def test_per_layer_mask_routing(sharing):
   model, logits, route, _, (via_pxe, via_mxpxe) = _per_layer_run(sharing)
   assert route.layer_names == ("decoder/layers_1/moe", "decoder/layers_3/moe")
   pid = np.asarray(routing_capture.token_partition_ids((P, B, L)))
-  used = np.asarray(route.combine_weights_LxTxK) > 0
-  uses_e = (used & (np.asarray(route.expert_index_LxTxK) == E_OFF)).any(-1)
+  used = np.asarray(route.combine_weights_MxTxK) > 0
+  uses_e = (used & (np.asarray(route.expert_index_MxTxK) == E_OFF)).any(-1)
   assert not uses_e[1, pid == 0].any()  # Masked: MoE layer 1, partition 0.
   assert uses_e[0, pid == 0].any()      # Same expert index, other layer.
   assert uses_e[1, pid == 1].any()      # Same layer, other partition.

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from tiered_routing.related import decoding
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 P, V, N = 2, 32, 5
-BASE = transformer.DecoderConfig(
+BASE = decoder_config.DecoderConfig(
     vocab_size=V,
     d_model=16,
     num_heads=2,

@@ -20,6 +20,7 @@ from tiered_routing.train import optimizers
 from tiered_routing.train import train_state
 from tiered_routing.train import trainer
 from tiered_routing.analysis import routing_stats
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 P, B, L, V, E = 2, 4, 8, 64, 4
@@ -34,7 +35,7 @@ def _fast_cpu_rng_compile():
 
 
 def _config(sharing="attention", router="token_topk"):
-  return transformer.DecoderConfig(
+  return decoder_config.DecoderConfig(
       vocab_size=V,
       d_model=16,
       num_heads=2,
@@ -165,14 +166,14 @@ def test_esft_trains_only_chosen_experts_even_with_adam_momentum():
   config, model, boxed, params = _setup("attention")
   counts = esft.collect_routing(model, params, [_batch(0), _batch(1)])
   # Partition 1's languages ids 2 and 3 route only through partition 1.
-  assert counts.tokens_NxL[2:4].sum() == 2 * 2 * B // 2 * L * 2
-  assert counts.tokens_NxL[4:].sum() == 0
+  assert counts.tokens_NxM[2:4].sum() == 2 * 2 * B // 2 * L * 2
+  assert counts.tokens_NxM[4:].sum() == 0
   codes = [languages.CODES[2], languages.CODES[3]]
-  chosen_LxE = esft.select_experts(
+  chosen_MxE = esft.select_experts(
       esft.expert_relevance(counts, codes), 0.5
   )
-  assert 0 < chosen_LxE.sum() < chosen_LxE.size
-  selection = esft.to_selection(chosen_LxE, config, partitions=[1])
+  assert 0 < chosen_MxE.sum() < chosen_MxE.size
+  selection = esft.to_selection(chosen_MxE, config, partitions=[1])
   mask = esft.trainable_mask(params, config, selection)
   tx = _tx(boxed, mask)
   # Non-zero Adam moments everywhere, as when resuming from pre-training.
@@ -192,9 +193,9 @@ def test_esft_trains_only_chosen_experts_even_with_adam_momentum():
     old = params["decoder"][f"layers_{layer}"]["moe"]["expert"]["wi"]
     for e in range(E):
       changed = bool((wi[1, e] != old[1, e]).all())
-      assert changed == chosen_LxE[layer, e], (layer, e)
+      assert changed == chosen_MxE[layer, e], (layer, e)
   assert expert_params.count_trainable(params, mask) == (
-      chosen_LxE.sum() * 3 * 16 * 8
+      chosen_MxE.sum() * 3 * 16 * 8
   )
 
 
@@ -205,10 +206,10 @@ def test_forced_routing_keeps_partition_tokens_on_chosen_experts():
   forced = esft.FinetuneModel(model, expert_mask_MxPxE=mask)
   counts = esft.collect_routing(forced, params, [_batch(0)])
   for layer in range(2):
-    used = counts.assignments_NxLxE[2:4, layer].sum(0) > 0
+    used = counts.assignments_NxMxE[2:4, layer].sum(0) > 0
     np.testing.assert_array_equal(used, chosen[layer])
   # Partition 0 is unconstrained: top-2 of 4 reaches more than one expert.
-  assert (counts.assignments_NxLxE[0:2, 1].sum(0) > 0).sum() >= 2
+  assert (counts.assignments_NxMxE[0:2, 1].sum(0) > 0).sum() >= 2
   with pytest.raises(ValueError, match="at least one expert"):
     esft.forced_routing_mask(np.zeros((2, E), bool), config, [1])
 

@@ -13,6 +13,7 @@ from tiered_routing.related import expert_gates
 from tiered_routing.model import expert_params
 from tiered_routing.train import train_state
 from tiered_routing.train import trainer
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 from tiered_routing.model import routing_capture
 
@@ -33,7 +34,7 @@ def _config(sharing, num_partitions, dispatch="sort_gather", **kw):
   kw.setdefault("num_experts", E)
   # Capacity = all tokens of a group (factor E / K): nothing is dropped.
   kw.setdefault("capacity_factor", kw["num_experts"] / 2)
-  return transformer.DecoderConfig(
+  return decoder_config.DecoderConfig(
       vocab_size=V,
       d_model=16,
       num_heads=2,
@@ -237,7 +238,7 @@ def _check_removal_reroutes(config, params, batch):
   """Removing an old expert of a trained model reroutes only its users."""
   logits, routed = _logits_and_routing(config, params, batch)
   valid = np.asarray(batch["decoder_segment_ids"]).reshape(-1) > 0
-  old_idx = np.asarray(routed.expert_index_LxTxK)
+  old_idx = np.asarray(routed.expert_index_MxTxK)
   row_uses_ExR = np.stack(
       [
           ((old_idx == e).any(axis=(0, 2)) & valid).reshape(-1, L).any(-1)
@@ -267,7 +268,7 @@ def _check_removal_reroutes(config, params, batch):
       [e - (e > removed) for e in row if e != removed][:2] for row in order
   ]
   np.testing.assert_array_equal(
-      np.sort(np.asarray(new_routed.expert_index_LxTxK[0]), -1)[valid],
+      np.sort(np.asarray(new_routed.expert_index_MxTxK[0]), -1)[valid],
       np.sort(np.asarray(expected), -1)[valid],
   )
   # Rows that never used the removed expert compute exactly the same.
@@ -286,7 +287,7 @@ def test_add_expert_copies_source_and_appends_gate_row():
       params,
       config,
       source_experts=np.array([[0, 3], [1, 1]]),
-      gate_rows_LxPxD=rows,
+      gate_rows_MxPxD=rows,
   )
   moe = lambda p, i: p["decoder"][f"layers_{i}"]["moe"]
   for i, sources in ((0, (0, 3)), (1, (1, 1))):

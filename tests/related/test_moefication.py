@@ -9,6 +9,7 @@ from tiered_routing.related import moefication
 from tiered_routing.related import moefied_decoder
 from tiered_routing.train import train_state
 from tiered_routing.model import layers
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 D, F, N = 8, 32, 4
@@ -123,7 +124,7 @@ def test_fit_router_recovers_a_linear_map():
 
 
 def test_moefied_decoder_matches_dense_at_k_equal_n():
-  config = transformer.DecoderConfig(
+  config = decoder_config.DecoderConfig(
       vocab_size=32,
       d_model=D,
       num_heads=2,

@@ -22,6 +22,7 @@ from tiered_routing import sharding
 from tiered_routing.tier1 import schemes
 from tiered_routing.train import train_state
 from tiered_routing.train import trainer
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 NUM_PARTITIONS = 2
@@ -46,7 +47,7 @@ def _model_config(**overrides):
       dispatch="einsum",
   )
   kwargs.update(overrides)
-  return transformer.DecoderConfig(**kwargs)
+  return decoder_config.DecoderConfig(**kwargs)
 
 
 def _mesh(partition=2, data=2, expert=2, model=1):

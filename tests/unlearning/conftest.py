@@ -3,6 +3,7 @@
 import jax
 import pytest
 
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 from tiered_routing.model import routing_capture
 
@@ -22,7 +23,7 @@ class TinyModel:
   """A 2-layer MoE decoder with jitted init and routing-capturing apply."""
 
   def __init__(self, sharing: str):
-    self.config = transformer.DecoderConfig(
+    self.config = decoder_config.DecoderConfig(
         vocab_size=32,
         d_model=16,
         num_heads=2,

@@ -89,8 +89,8 @@ def test_selection_validation():
 
 def test_routing_counts_golden():
   routing = routing_capture.TokenRouting(
-      expert_index_LxTxK=jnp.array([[[0, 1], [1, 2], [0, 3]]]),
-      combine_weights_LxTxK=jnp.array([[[0.6, 0.4], [1.0, 0.0], [0.5, 0.5]]]),
+      expert_index_MxTxK=jnp.array([[[0, 1], [1, 2], [0, 3]]]),
+      combine_weights_MxTxK=jnp.array([[[0.6, 0.4], [1.0, 0.0], [0.5, 0.5]]]),
       layer_names=("moe",),
   )
   counts, n = ea.routing_counts(routing, 4)
@@ -156,10 +156,10 @@ def test_captured_routing_follows_token_order(sharing, tiny_model):
       segment_ids_PxBxL=seg,
   )
   assert routing.layer_names == ("decoder/layers_0/moe", "decoder/layers_1/moe")
-  assert routing.expert_index_LxTxK.shape == (2, P * B * L, 2)
+  assert routing.expert_index_MxTxK.shape == (2, P * B * L, 2)
   pid = routing_capture.token_partition_ids((P, B, L))
-  idx = np.asarray(routing.expert_index_LxTxK)
-  used = np.asarray(routing.combine_weights_LxTxK) > 0
+  idx = np.asarray(routing.expert_index_MxTxK)
+  used = np.asarray(routing.combine_weights_MxTxK) > 0
   allowed_for_token = mask[np.asarray(pid)]  # [T, E]
   assert np.take_along_axis(allowed_for_token[None], idx, -1)[used].all()
   pad_t = 1 * B * L + 0 * L + 4

@@ -25,6 +25,7 @@ from tiered_routing.train import optimizers
 from tiered_routing import sharding
 from tiered_routing.tier1 import schemes
 from tiered_routing.train import trainer
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 from tiered_routing.unlearning import gradient_methods
 from tiered_routing.eval import language_eval
@@ -63,7 +64,7 @@ DATA = specs.DataSpec(
 
 
 def _spec(sharing="none"):
-  config = transformer.DecoderConfig(
+  config = decoder_config.DecoderConfig(
       vocab_size=4096,
       d_model=32,
       num_heads=2,

@@ -1,12 +1,12 @@
 """Routing analysis of a trained checkpoint: restore, run validation, report.
 
-`analyze_checkpoint` is the library entry point of
-`scripts/analyze_routing.py`: it restores the params of MODEL_DIR onto the
-current devices (`restore`), runs every language's validation rows through
-its own tier-1 partition with `unlearning.language_eval.LanguageEvaluator`
-(the per-language loss, bits per byte and per-token routing an unlearning
-sweep also uses, so the numbers agree), and writes the report of
-`report.write_report`.
+`analyze_checkpoint` is the library entry point of the analyze_routing
+binary: it restores the params of MODEL_DIR onto the current devices
+(`train.restore`), runs every language's validation rows through its own
+tier-1 partition with the per-language evaluator (`eval.language_eval`, the
+per-language loss, bits per byte and per-token routing an unlearning sweep
+also uses, so the numbers agree), and writes the report of
+`routing_report.write_report`.
 """
 
 from typing import Any, Mapping, Optional
@@ -14,20 +14,20 @@ from typing import Any, Mapping, Optional
 import jax
 
 from tiered_routing import sharding
-from tiered_routing.tier1 import schemes
-from tiered_routing.train import trainer
 from tiered_routing.analysis import routing_report
-from tiered_routing.train import restore
-from tiered_routing.model import transformer
+from tiered_routing.data import eval_data
+from tiered_routing.data import feature_rows
 from tiered_routing.eval import language_eval
-from tiered_routing.data import stream_cache
+from tiered_routing.model import decoder_config
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import restore
 
 
 def collect(
-    config: transformer.DecoderConfig,
+    config: decoder_config.DecoderConfig,
     scheme: schemes.PartitionScheme,
     params: Any,
-    validation: Mapping[str, stream_cache.Rows],
+    validation: Mapping[str, feature_rows.Rows],
     vocabulary,
     mesh: jax.sharding.Mesh,
     rows_per_batch: int = 8,
@@ -39,30 +39,26 @@ def collect(
     scheme: its tier-1 scheme (which partition scores which language).
     params: the model's params (e.g. `restore.restore_params`).
     validation: {code: {feature: int32 [n, L]}} for all 16 languages, one
-      sequence per row (`streams.DataCache.validation_rows`).
+      sequence per row (`stream_cache.DataCache.validation_rows`).
     vocabulary: SeqIO vocabulary of the targets (bytes for bits per byte).
     mesh: where `params` live; batches are split over its data axis.
     rows_per_batch: rows per partition of one evaluation batch.
   """
-  if not isinstance(rows_per_batch, int) or rows_per_batch < 1:
-    raise ValueError(f"rows_per_batch={rows_per_batch!r} must be an int >= 1.")
   evaluator = language_eval.LanguageEvaluator(
       config,
-      scheme,
-      validation,
+      eval_data.language_blocks(validation, scheme, rows_per_batch),
       vocabulary,
-      rows_per_batch,
-      to_device=lambda batch: trainer.to_global_batch(batch, mesh),
+      to_device=lambda batch: sharding.to_global_batch(batch, mesh),
   )
   with sharding.with_sharding_rules(mesh):
-    return evaluator.evaluate(params)
+    return evaluator.evaluate(params, capture_routing=True)
 
 
 def analyze_checkpoint(
     model_dir: str,
-    config: transformer.DecoderConfig,
+    config: decoder_config.DecoderConfig,
     scheme: schemes.PartitionScheme,
-    validation: Mapping[str, stream_cache.Rows],
+    validation: Mapping[str, feature_rows.Rows],
     vocabulary,
     output_dir: str,
     *,
@@ -80,7 +76,7 @@ def analyze_checkpoint(
     config: its model config.
     scheme: its tier-1 partition scheme.
     validation, vocabulary, rows_per_batch: see `collect`.
-    output_dir: where `report.write_report` writes.
+    output_dir: where `routing_report.write_report` writes.
     top_m: m of the top-m coverage.
     step: checkpoint step; None = the newest.
     mesh: target mesh; default all current devices on 'data'.
@@ -111,7 +107,7 @@ def analyze_checkpoint(
       config,
       scheme,
       top_m,
-      language_results=result.languages,
+      language_results=result.language_results(),
       weighted=weighted,
       metadata=metadata,
   )

@@ -64,7 +64,7 @@ def _expert_ticks(ax, num_experts: int) -> None:
 
 
 def plot_usage_heatmaps(
-    usage_NxLxE,
+    usage_NxMxE,
     path,
     codes: Sequence[str] | None = None,
     normalize: str = "row",
@@ -75,20 +75,20 @@ def plot_usage_heatmaps(
   """One language x expert heatmap per MoE layer, side by side.
 
   Args:
-    usage_NxLxE: counts or mass per (language, layer, expert), e.g.
-      `RoutingCounts.assignments_NxLxE`.
+    usage_NxMxE: counts or mass per (language, layer, expert), e.g.
+      `RoutingCounts.assignments_NxMxE`.
     path: the PNG to write (parent folders are created).
     codes: row labels; default the 16 study languages.
     normalize: "row" shows p(expert | language) per layer (unrouted
       languages blank); "none" shows the raw values.
     title: figure title.
-    figsize: inches; default `usage_figure_size(N, L, E)`.
+    figsize: inches; default `usage_figure_size(N, M, E)`.
     dpi: pixels per inch.
 
   Returns:
     The path written.
   """
-  usage = np.asarray(usage_NxLxE, np.float64)
+  usage = np.asarray(usage_NxMxE, np.float64)
   if usage.ndim != 3:
     raise ValueError(
         f"usage must be [languages, layers, experts], got shape "
@@ -118,15 +118,15 @@ def plot_usage_heatmaps(
   return _save(fig, path, dpi)
 
 
-def _usage_panels(usage_NxLxE: np.ndarray, normalize: str) -> list:
+def _usage_panels(usage_NxMxE: np.ndarray, normalize: str) -> list:
   """Per-layer [N, E] panels; "row" gives p(e | l), NaN for unrouted rows."""
   if normalize not in NORMALIZATIONS:
     raise ValueError(
         f"Unknown normalize {normalize!r}; allowed: {NORMALIZATIONS}"
     )
   panels = []
-  for y in range(usage_NxLxE.shape[1]):
-    layer_NxE = usage_NxLxE[:, y]
+  for y in range(usage_NxMxE.shape[1]):
+    layer_NxE = usage_NxMxE[:, y]
     if normalize == "row":
       routed_N = layer_NxE.sum(axis=1, keepdims=True) > 0
       layer_NxE = np.where(

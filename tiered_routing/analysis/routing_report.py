@@ -39,7 +39,8 @@ from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
 from tiered_routing.analysis import plots
 from tiered_routing.analysis import routing_stats
-from tiered_routing.model import transformer
+from tiered_routing.eval import routing_counts
+from tiered_routing.model import decoder_config
 
 CSV_NAME = "routing_stats.csv"
 JSON_NAME = "routing_stats.json"
@@ -121,13 +122,13 @@ class RoutingReport:
   experts_per_partition: int
   sharing: str
   top_m: int
-  counts: routing_stats.RoutingCounts
+  counts: routing_counts.RoutingCounts
   layers: tuple[LayerStats, ...]
   language_results: Mapping[str, Mapping[str, float]]
   metadata: Mapping[str, Any]
 
 
-def check_top_m(top_m: int, config: transformer.DecoderConfig) -> None:
+def check_top_m(top_m: int, config: decoder_config.DecoderConfig) -> None:
   """Raises ValueError unless 1 <= top_m <= E (experts per partition)."""
   if not isinstance(top_m, int) or not 1 <= top_m <= config.num_experts:
     raise ValueError(
@@ -137,7 +138,7 @@ def check_top_m(top_m: int, config: transformer.DecoderConfig) -> None:
 
 
 def reachable_experts(
-    config: transformer.DecoderConfig, partition: int
+    config: decoder_config.DecoderConfig, partition: int
 ) -> np.ndarray:
   """Global expert ids that tier 1 lets partition p's tokens use."""
   e = config.num_experts
@@ -180,8 +181,8 @@ def _layer_stats(
 
 
 def build_report(
-    counts: routing_stats.RoutingCounts,
-    config: transformer.DecoderConfig,
+    counts: routing_counts.RoutingCounts,
+    config: decoder_config.DecoderConfig,
     scheme: schemes.PartitionScheme,
     top_m: int,
     language_results: Optional[Mapping[str, Mapping[str, float]]] = None,
@@ -247,7 +248,7 @@ def csv_rows(report: RoutingReport) -> list[dict[str, Any]]:
   """One dict per (MoE layer, language), keys `CSV_COLUMNS`."""
   rows = []
   for s in report.layers:
-    tokens_N = report.counts.tokens_NxL[:, s.layer]
+    tokens_N = report.counts.tokens_NxM[:, s.layer]
     for i, code in enumerate(report.codes):
       result = report.language_results.get(code, {})
       rows.append(

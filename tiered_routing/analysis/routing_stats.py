@@ -1,9 +1,8 @@
 """How languages use experts: usage matrices and compartmentalization.
 
-`RoutingCounts` accumulates, over an evaluation set, how often each language
-sends a token to each expert of each MoE layer, from the routers' outputs
-(`RouterOutput.expert_index_TxK` / `combine_weights_TxK`, a per-token language
-id and a validity mask). The metric functions work on one layer's
+The per-language evaluator accumulates how often each language sends a token
+to each expert of each MoE layer (`eval.routing_counts.RoutingCounts`). The
+metric functions here work on one layer's
 language x expert matrix of counts (or routed mass) and ask how separable the
 languages are in expert space, which decides how cheaply one language can be
 removed by masking experts (the compartmentalization axis of the study):
@@ -19,15 +18,15 @@ removed by masking experts (the compartmentalization axis of the study):
                         routing study of Kudugunta et al. 2021).
   Jensen-Shannon        JS(p(e|l), p(e|l')) in bits, in [0, 1].
 
-Shape letters: N languages, L layers, E experts, K slots per token.
+Shape letters: N languages, M MoE layers, E experts, K slots per token.
 """
 
 import dataclasses
 import math
 
-from etils import epath
 import numpy as np
 
+from tiered_routing.eval import routing_counts
 from tiered_routing.tier1 import languages
 
 LANGUAGE_PRIORS = ("empirical", "uniform")
@@ -226,171 +225,51 @@ def compartmentalization(
   )
 
 
-def _check_batch(
-    expert_index_xK,
-    combine_weights_xK,
-    language_ids_x,
-    mask_x,
-    num_lang,
-    num_experts,
-):
-  """Arrays of one routed batch, validated; returns (idx, w, lang, valid)."""
-  idx = np.asarray(expert_index_xK)
-  w = np.asarray(combine_weights_xK, np.float64)
-  lang = np.asarray(language_ids_x)
-  if idx.shape != w.shape or idx.shape[:-1] != lang.shape:
-    raise ValueError(
-        f"expert_index {idx.shape}, combine_weights {w.shape} and "
-        f"language_ids {lang.shape} must be [..., K], [..., K] and [...]"
-    )
-  valid = (
-      np.ones(lang.shape, bool)
-      if mask_x is None
-      else np.asarray(mask_x).astype(bool)
-  )
-  if valid.shape != lang.shape:
-    raise ValueError(
-        f"mask shape {valid.shape} != language_ids shape {lang.shape}"
-    )
-  bad = lang[valid & ((lang < 0) | (lang >= num_lang))]
-  if bad.size:
-    raise ValueError(
-        f"language id {int(bad[0])} out of range; allowed: "
-        f"0..{num_lang - 1}"
-    )
-  routed = valid[..., None] & (w != 0)
-  bad = idx[routed & ((idx < 0) | (idx >= num_experts))]
-  if bad.size:
-    raise ValueError(
-        f"expert index {int(bad[0])} out of range; allowed: "
-        f"0..{num_experts - 1}"
-    )
-  return idx, w, lang, valid
+def summary(
+    counts: routing_counts.RoutingCounts,
+    m: int,
+    weighted: bool = False,
+    language_prior: str = "uniform",
+) -> dict[str, np.ndarray]:
+  """Per-layer metrics of routing counts: entropy_MxN, coverage_MxN,
+  mi_bits_M, nmi_M (M MoE layers, N languages)."""
+  mats = [counts.usage(y, weighted) for y in range(counts.shape[1])]
+  return {
+      "normalized_entropy_MxN": np.stack([normalized_entropy(c) for c in mats]),
+      "top_m_coverage_MxN": np.stack([top_m_coverage(c, m) for c in mats]),
+      "mutual_information_bits_M": np.array(
+          [mutual_information(c, language_prior) for c in mats]
+      ),
+      "normalized_mutual_information_M": np.array(
+          [normalized_mutual_information(c, language_prior) for c in mats]
+      ),
+  }
 
 
-class RoutingCounts:
-  """Expert assignments per (language, layer, expert), summed over batches.
+def compartmentalization_columns(
+    counts: routing_counts.RoutingCounts, code: str, m: int
+) -> dict[str, float]:
+  """How concentrated a language is in experts, averaged over MoE layers.
 
-  Two matrices are kept: `assignments_NxLxE` counts routed slots (a token
-  sent to k experts counts once for each) and `mass_NxLxE` sums their
-  combine weights (each token contributes its total gate weight, 1 for
-  renormalized top-k). `tokens_NxL` counts valid tokens.
+  Args:
+    counts: routing counts with global expert ids (the evaluator's).
+    code: the language (e.g. the one to forget).
+    m: experts counted by the top-m mass.
+
+  Returns:
+    comp_top_m (m), comp_top_m_mass (share of its routing in its m most used
+    experts), comp_entropy (normalized entropy over all the model's experts),
+    comp_specificity_bits (its KL term of I(L; E)) and comp_mi_bits (I(L; E)
+    over all languages, uniform language prior).
   """
-
-  def __init__(
-      self,
-      num_layers: int,
-      num_experts: int,
-      num_languages: int = languages.NUM_LANGUAGES,
-  ):
-    for name, v in (
-        ("num_layers", num_layers),
-        ("num_experts", num_experts),
-        ("num_languages", num_languages),
-    ):
-      if not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    shape = (num_languages, num_layers, num_experts)
-    self.assignments_NxLxE = np.zeros(shape, np.float64)
-    self.mass_NxLxE = np.zeros(shape, np.float64)
-    self.tokens_NxL = np.zeros(shape[:2], np.float64)
-
-  @property
-  def shape(self) -> tuple[int, int, int]:
-    return self.assignments_NxLxE.shape
-
-  def add(
-      self,
-      layer: int,
-      expert_index_xK,
-      combine_weights_xK,
-      language_ids_x,
-      mask_x=None,
-  ) -> None:
-    """Adds one layer's routing of a batch.
-
-    Args:
-      layer: MoE layer index, 0..L-1.
-      expert_index_xK: int [..., K] experts chosen per token (any leading
-        shape, e.g. [G, S, K] straight from a vmapped router).
-      combine_weights_xK: [..., K]; slots with weight 0 are not routed.
-      language_ids_x: int [...] language id of every token.
-      mask_x: optional [...] validity (0 = padding); ids of masked tokens are
-        ignored.
-    """
-    num_lang, num_layers, num_experts = self.shape
-    if not 0 <= layer < num_layers:
-      raise ValueError(f"layer={layer!r}; allowed: 0..{num_layers - 1}")
-    idx, w, lang, valid = _check_batch(
-        expert_index_xK,
-        combine_weights_xK,
-        language_ids_x,
-        mask_x,
-        num_lang,
-        num_experts,
-    )
-    routed = valid[..., None] & (w != 0)
-    lang_xK = np.broadcast_to(lang[..., None], idx.shape)
-    flat = (lang_xK * num_experts + idx)[routed]
-    size = num_lang * num_experts
-    self.assignments_NxLxE[:, layer] += np.bincount(
-        flat, minlength=size
-    ).reshape(num_lang, num_experts)
-    self.mass_NxLxE[:, layer] += np.bincount(
-        flat, weights=w[routed], minlength=size
-    ).reshape(num_lang, num_experts)
-    self.tokens_NxL[:, layer] += np.bincount(lang[valid], minlength=num_lang)
-
-  def merge(self, other: "RoutingCounts") -> None:
-    if other.shape != self.shape:
-      raise ValueError(
-          f"cannot merge counts of shape {other.shape} into {self.shape}"
-      )
-    self.assignments_NxLxE += other.assignments_NxLxE
-    self.mass_NxLxE += other.mass_NxLxE
-    self.tokens_NxL += other.tokens_NxL
-
-  def usage(self, layer: int, weighted: bool = False) -> np.ndarray:
-    """Language x expert matrix of one layer: slot counts or gate mass."""
-    if not 0 <= layer < self.shape[1]:
-      raise ValueError(f"layer={layer!r}; allowed: 0..{self.shape[1] - 1}")
-    source = self.mass_NxLxE if weighted else self.assignments_NxLxE
-    return source[:, layer].copy()
-
-  def summary(
-      self, m: int, weighted: bool = False, language_prior: str = "uniform"
-  ) -> dict[str, np.ndarray]:
-    """Per-layer metrics: entropy_LxN, coverage_LxN, mi_bits_L, nmi_L."""
-    mats = [self.usage(y, weighted) for y in range(self.shape[1])]
-    return {
-        "normalized_entropy_LxN": np.stack(
-            [normalized_entropy(c) for c in mats]
-        ),
-        "top_m_coverage_LxN": np.stack([top_m_coverage(c, m) for c in mats]),
-        "mutual_information_bits_L": np.array(
-            [mutual_information(c, language_prior) for c in mats]
-        ),
-        "normalized_mutual_information_L": np.array(
-            [normalized_mutual_information(c, language_prior) for c in mats]
-        ),
-    }
-
-  def save(self, path) -> None:
-    with epath.Path(path).open("wb") as f:
-      np.savez(
-          f,
-          assignments_NxLxE=self.assignments_NxLxE,
-          mass_NxLxE=self.mass_NxLxE,
-          tokens_NxL=self.tokens_NxL,
-      )
-
-  @classmethod
-  def load(cls, path) -> "RoutingCounts":
-    with epath.Path(path).open("rb") as f:
-      arrays = dict(np.load(f, allow_pickle=False))
-    num_lang, num_layers, num_experts = arrays["assignments_NxLxE"].shape
-    out = cls(num_layers, num_experts, num_lang)
-    out.assignments_NxLxE = arrays["assignments_NxLxE"]
-    out.mass_NxLxE = arrays["mass_NxLxE"]
-    out.tokens_NxL = arrays["tokens_NxL"]
-    return out
+  layers = range(counts.shape[1])
+  per_layer = [compartmentalization(counts.usage(y), code, m) for y in layers]
+  mi = [mutual_information(counts.usage(y), "uniform") for y in layers]
+  mean = lambda name: float(np.mean([getattr(c, name) for c in per_layer]))
+  return {
+      "comp_top_m": m,
+      "comp_top_m_mass": mean("top_m_coverage"),
+      "comp_entropy": mean("normalized_entropy"),
+      "comp_specificity_bits": mean("specificity_bits"),
+      "comp_mi_bits": float(np.mean(mi)),
+  }

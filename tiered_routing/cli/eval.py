@@ -3,20 +3,20 @@ r"""Per-language validation loss, perplexity and bits per byte of a checkpoint.
   python -m tiered_routing.eval --gin_file=gin/quickstart.gin \
       --gin_file=gin/runs/eval.gin --gin.MODEL_DIR="'/tmp/tr_quickstart'"
 
-Give the gin files of the training run first (model, data, BATCH_SIZE,
+(`python -m tiered_routing.cli.eval` is the same binary.) Give the gin
+files of the training run first (model, data, BATCH_SIZE,
 TASK_FEATURE_LENGTHS), then gin/runs/eval.gin. Every language of every
-partition's mixture is evaluated on its whole SeqIO `split` (no sampling):
-partition p's tasks fill row block p of the [P, B/P, L] batches, so each
-language goes through its own partition's parameters. Bits per byte divide
-the summed loss (in bits) by the UTF-8 bytes of the detokenized evaluated
-tokens, which makes models with different vocabularies comparable.
+partition's mixture is evaluated on its whole SeqIO `split` (no sampling)
+by the per-language evaluator (`eval.language_eval`): partition p's tasks
+fill row block p of the [P, B/P, L] batches, so each language goes through
+its own partition's parameters.
 
 Two further paths (gin/runs/eval_routing.gin), each on unpacked rows:
-  * `routing`: tier-1 inference routing (`evaluation.routed_eval`): every
+  * `routing`: tier-1 inference routing (`eval.routed_eval`): every
     mode's per-language loss and bits per byte ('routing/{mode}/...'), its
     routing accuracy against the oracle and its utility cost (mode - oracle),
     also printed as a table. The classifier is fit on the tasks' train split.
-  * `seqio_evaluator`: SeqIO's own evaluation (`evaluation.seqio_eval`): a
+  * `seqio_evaluator`: SeqIO's own evaluation (`eval.seqio_eval`): a
     `seqio.Evaluator` per partition mixture, scored by the tasks' score
     metric fns from the model's per-example log-likelihoods ('seqio/...').
 
@@ -25,35 +25,32 @@ metrics.jsonl in MODEL_DIR/eval.
 """
 
 import dataclasses
-import functools
 import json
 import os
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from absl import app
 from absl import flags
 from absl import logging
 import gin
 import jax
-import numpy as np
-import seqio
 import tensorflow as tf
 
+from tiered_routing import sharding
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
-from tiered_routing.tier1 import languages
-from tiered_routing.train import metrics_writer
-from tiered_routing import sharding
-from tiered_routing.tier1 import schemes
 from tiered_routing.cli import train  # pylint: disable=unused-import
-from tiered_routing.train import trainer
-from tiered_routing.train import restore
-from tiered_routing.tier1 import language_classifier
-from tiered_routing.eval import lm_metrics
+from tiered_routing.data import eval_data
+from tiered_routing.eval import language_eval
 from tiered_routing.eval import routed_eval
 from tiered_routing.eval import scoring
 from tiered_routing.eval import seqio_eval
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
+from tiered_routing.tier1 import language_classifier
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import metrics_writer
+from tiered_routing.train import restore
 
 FLAGS = flags.FLAGS
 REQUIRED_MACROS = (
@@ -62,69 +59,6 @@ REQUIRED_MACROS = (
     "BATCH_SIZE",
     "TASK_FEATURE_LENGTHS",
 )
-RoutingConfig = gin.external_configurable(
-    routed_eval.RoutingConfig, module="eval_script"
-)
-
-
-def _partition_batches(
-    name, scheme, length, rows, split, pack
-) -> Iterator[dict]:
-  """All of `split` of one partition's tasks, in [rows, L] batches."""
-  for batch in seqio_eval.split_batches(
-      name, scheme, length, rows, split, pack
-  ):
-    yield scoring.pad_rows(batch, rows)
-
-
-def eval_batches(
-    names, scheme, length, rows, split="validation", pack=True
-) -> Iterator[dict[str, np.ndarray]]:
-  """[P, rows, L] batches covering every partition's split exactly once.
-
-  Partitions with fewer batches are padded with all-zero blocks.
-  """
-  streams = [
-      _partition_batches(n, scheme, length, rows, split, pack) for n in names
-  ]
-  while True:
-    blocks = [next(s, None) for s in streams]
-    if all(b is None for b in blocks):
-      return
-    template = next(b for b in blocks if b is not None)
-    yield {
-        k: np.stack([np.zeros_like(v) if b is None else b[k] for b in blocks])
-        for k, v in template.items()
-    }
-
-
-def bytes_per_language(
-    batch: Mapping[str, np.ndarray], vocabulary: seqio.Vocabulary
-) -> np.ndarray:
-  """UTF-8 bytes of the detokenized scored tokens, per language id.
-
-  Each packed segment (a row when unpacked) is decoded on its own; only
-  tokens with a non-zero loss weight count.
-  """
-  out = np.zeros(languages.NUM_LANGUAGES, np.int64)
-  targets = batch["decoder_target_tokens"].reshape(
-      -1, batch["decoder_target_tokens"].shape[-1]
-  )
-  weights = batch["decoder_loss_weights"].reshape(targets.shape)
-  langs = batch["decoder_language_ids"].reshape(targets.shape)
-  segments = batch.get("decoder_segment_ids")
-  segments = (
-      (weights > 0).astype(np.int32)
-      if segments is None
-      else (segments.reshape(targets.shape))
-  )
-  for row in range(targets.shape[0]):
-    for seg in np.unique(segments[row][segments[row] > 0]):
-      mask = (segments[row] == seg) & (weights[row] > 0)
-      if mask.any():
-        text = vocabulary.decode(targets[row][mask].tolist())
-        out[langs[row][mask][0]] += len(text.encode("utf-8"))
-  return out
 
 
 def _write_results(
@@ -148,25 +82,6 @@ def _write_results(
   return path
 
 
-def evaluate(
-    model: transformer.TieredDecoder,
-    params: Any,
-    batches: Iterable[Mapping[str, np.ndarray]],
-    mesh: jax.sharding.Mesh,
-    vocabulary: seqio.Vocabulary,
-) -> lm_metrics.LanguageLossAccumulator:
-  """Loss sums (device) and detokenized bytes (host) per language."""
-  step_fn = jax.jit(functools.partial(trainer.eval_step, model=model))
-  accumulator = lm_metrics.LanguageLossAccumulator()
-  for batch in batches:
-    sums = jax.device_get(step_fn(params, trainer.to_global_batch(batch, mesh)))
-    num_bytes = bytes_per_language(batch, vocabulary)
-    accumulator.add_language_sums(
-        sums["loss_sum_N"], sums["weight_sum_N"], num_bytes
-    )
-  return accumulator
-
-
 def evaluate_unpacked(
     model, params, mesh, data, routing, seqio_evaluator, step=None
 ) -> dict[str, float]:
@@ -181,10 +96,10 @@ def evaluate_unpacked(
   if routing is not None:
     clf = None
     if routing.needs_classifier:
-      texts = seqio_eval.train_texts(names, routing.classifier_docs)
+      texts = eval_data.train_texts(names, routing.classifier_docs)
       clf = language_classifier.LanguageClassifier().fit(texts)
     routed = routed_eval.RoutedScorer(scorer, scheme, vocabulary, routing, clf)
-    batches = seqio_eval.split_batches(names, scheme, length, rows, split)
+    batches = eval_data.split_batches(names, length, rows, split)
     out.update(routed_eval.evaluate(routed, batches))
     print(routed_eval.format_table(out, routing.labels), flush=True)
   if seqio_evaluator:
@@ -192,9 +107,7 @@ def evaluate_unpacked(
         scorer, scheme, vocabulary, routed_eval.RoutingConfig("oracle")
     )
     score_fn = seqio_eval.make_score_fn(oracle)
-    out.update(
-        seqio_eval.evaluate(names, scheme, length, score_fn, split, step)
-    )
+    out.update(seqio_eval.evaluate(names, length, score_fn, split, step))
   return out
 
 
@@ -206,7 +119,7 @@ def run(
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
     scheme: schemes.PartitionScheme = gin.REQUIRED,
-    model_config: transformer.DecoderConfig = gin.REQUIRED,
+    model_config: decoder_config.DecoderConfig = gin.REQUIRED,
     mesh_config: Optional[sharding.MeshConfig] = None,
     checkpoint_step: Optional[int] = None,
     split: str = "validation",
@@ -235,19 +148,23 @@ def run(
   length = gin_flags.task_feature_length(task_feature_lengths)
   mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
   model = transformer.TieredDecoder(model_config)
+  rows = batch_size // p
   with sharding.with_sharding_rules(mesh):
     # Read-only: evaluating a run that is still training must not clean up
     # the checkpoint it is writing.
     step, params = restore.restore_params(
         model_dir, model_config, mesh=mesh, step=checkpoint_step
     )
-    batches = eval_batches(names, scheme, length, batch_size // p, split, pack)
-    vocabulary = (
-        seqio_eval.tasks_of(names[0])[0].output_features["targets"].vocabulary
+    vocabulary = eval_data.vocabulary_of(names[0])
+    evaluator = language_eval.LanguageEvaluator(
+        model_config,
+        eval_data.partition_blocks(names, length, rows, split, pack),
+        vocabulary,
+        to_device=lambda b: sharding.to_global_batch(b, mesh),
+        partitions_alone=False,
     )
-    accumulator = evaluate(model, params, batches, mesh, vocabulary)
-    results = accumulator.results()
-    data = (names, scheme, length, batch_size // p, split, vocabulary)
+    results = evaluator.evaluate(params).flat()
+    data = (names, scheme, length, rows, split, vocabulary)
     results.update(
         evaluate_unpacked(
             model, params, mesh, data, routing, seqio_evaluator, step

@@ -23,15 +23,17 @@ from absl import logging
 import gin
 import jax
 
+from tiered_routing import sharding
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
-from tiered_routing.data import inputs
+from tiered_routing.data import pipeline
+from tiered_routing.model import decoder_config
+from tiered_routing.tier1 import schemes
 from tiered_routing.train import model_dir_lock
 from tiered_routing.train import optimizers
-from tiered_routing import sharding
-from tiered_routing.tier1 import schemes
+from tiered_routing.train import steps
+from tiered_routing.train import train_state
 from tiered_routing.train import trainer
-from tiered_routing.model import transformer
 
 FLAGS = flags.FLAGS
 REQUIRED_MACROS = (
@@ -75,13 +77,13 @@ def run(
     task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
     batch_size: int = gin.REQUIRED,
     scheme: schemes.PartitionScheme = gin.REQUIRED,
-    model_config: transformer.DecoderConfig = gin.REQUIRED,
-    train_config: trainer.TrainConfig = gin.REQUIRED,
+    model_config: decoder_config.DecoderConfig = gin.REQUIRED,
+    train_config: steps.TrainConfig = gin.REQUIRED,
     optimizer_config: Optional[optimizers.OptimizerConfig] = None,
     mesh_config: Optional[sharding.MeshConfig] = None,
     data_seed: int = 0,
     pack: bool = True,
-) -> trainer.TrainState:
+) -> train_state.TrainState:
   """Builds data, mesh and model from the arguments (gin); returns the state.
 
   Args:
@@ -108,10 +110,9 @@ def run(
   # Lock before touching anything in model_dir (config.gin included).
   with model_dir_lock.ModelDirLock(model_dir):
     mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
-    dataset = inputs.partitioned_dataset(
+    dataset = pipeline.partitioned_dataset(
         names,
         global_batch_size=batch_size,
-        scheme=scheme,
         sequence_length=batch_shape[2],
         seed=data_seed,
         pack=pack,
@@ -122,7 +123,7 @@ def run(
         model_config=model_config,
         optimizer_config=optimizer_config or optimizers.OptimizerConfig(),
         config=train_config,
-        batches=lambda start: inputs.batch_iterator(dataset, start),
+        batches=lambda start: pipeline.batch_iterator(dataset, start),
         batch_shape=batch_shape,
         mesh=mesh,
         metadata={"gin_config": gin_flags.write_config(model_dir)},

@@ -11,12 +11,11 @@ keeps the batches in memory; on mC4 it hands the trainer a streaming
 pipeline and keeps only the few batches unlearning needs.
 
 Training streams are exactly what the trainer's input pipeline yields:
-partition q of a `[P, B/P, L]` batch is `inputs.get_dataset(name_q,
-batch_size=B/P, seed=seed + q)`, the streams `inputs.partitioned_dataset`
-zips, so a model trained here sees the batches the `train` binary would. The
-'decoder_partition_ids' feature is dropped: the model never reads it (tier 1
-is the batch layout itself), and without it a stream does not depend on the
-partition scheme, so configurations with different schemes share it.
+partition q of a `[P, B/P, L]` batch is `pipeline.get_dataset(name_q,
+batch_size=B/P, seed=seed + q)`, the streams `pipeline.partitioned_dataset`
+zips, so a model trained here sees the batches the `train` binary would. A
+stream does not depend on the partition scheme (tier 1 is the batch layout),
+so configurations with different schemes share it.
 
 A partition without data (its only language was forgotten) is given as None
 and gets all-zero rows: loss weight 0, so it contributes nothing.
@@ -29,38 +28,18 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from tiered_routing.data import features
-from tiered_routing.data import inputs
+from tiered_routing.data import pipeline
+from tiered_routing.data import feature_rows
 from tiered_routing.tier1 import languages
-from tiered_routing.tier1 import schemes
-from tiered_routing.train import trainer
-from tiered_routing.eval import scoring
 
-Rows = dict[str, np.ndarray]  # feature -> [..., L] int32 arrays
+Rows = feature_rows.Rows
 BatchesFn = Callable[[int], Iterator[Rows]]
-FEATURES = trainer.MODEL_FEATURES
-_PACKING_FEATURES = ("decoder_segment_ids", "decoder_positions")
-# Only the feature converter reads the scheme, to fill the dropped
-# 'decoder_partition_ids'; any valid scheme gives the same kept features.
-_ANY_SCHEME = schemes.per_language()
+FEATURES = pipeline.MODEL_FEATURES
 
 
 def _keep(batch: Mapping[str, np.ndarray]) -> Rows:
   """The model's features (packing features only if packed)."""
   return {k: np.asarray(batch[k], np.int32) for k in FEATURES if k in batch}
-
-
-def zeros_like(rows: Rows) -> Rows:
-  return {k: np.zeros_like(v) for k, v in rows.items()}
-
-
-def stack(parts: Sequence[Rows], axis: int) -> Rows:
-  return {k: np.stack([p[k] for p in parts], axis=axis) for k in parts[0]}
-
-
-def scored_tokens(rows: Rows) -> int:
-  """Tokens with a non-zero loss weight (what a step actually trains on)."""
-  return int(np.sum(rows["decoder_loss_weights"] > 0))
 
 
 class DataCache:
@@ -69,7 +48,7 @@ class DataCache:
   Args:
     sequence_length: L, the packed row length.
     seed: data seed; partition q's training stream uses seed + q, as in
-      `inputs.partitioned_dataset`.
+      `pipeline.partitioned_dataset`.
     pack: pack several sequences per training row.
     materialize: keep whole training streams in memory (small corpora);
       False streams them from SeqIO during training.
@@ -96,9 +75,8 @@ class DataCache:
     self._validation: dict[str, Rows] = {}
 
   def _dataset(self, name: str, seed: int, rows: int) -> tf.data.Dataset:
-    return inputs.get_dataset(
+    return pipeline.get_dataset(
         name,
-        scheme=_ANY_SCHEME,
         sequence_length=self.sequence_length,
         batch_size=rows,
         seed=seed,
@@ -127,7 +105,7 @@ class DataCache:
               .as_numpy_iterator()
           )
       ]
-      cached = stack(batches, axis=0)
+      cached = feature_rows.stack(batches, axis=0)
       self._streams[key] = cached
     return {k: v[:num_batches] for k, v in cached.items()}
 
@@ -138,7 +116,7 @@ class DataCache:
 
     Returns:
       {feature: int32 [num_batches, P, rows, L]}; batch s is the batch
-      `inputs.partitioned_dataset(names, ...)` yields at step s.
+      `pipeline.partitioned_dataset(names, ...)` yields at step s.
     """
     parts = [
         None if n is None else self.stream(n, self.seed + q, rows, num_batches)
@@ -147,8 +125,9 @@ class DataCache:
     template = next((p for p in parts if p is not None), None)
     if template is None:
       raise ValueError(f"No partition has data: names={list(names)}.")
-    return stack(
-        [zeros_like(template) if p is None else p for p in parts], axis=1
+    return feature_rows.stack(
+        [feature_rows.zeros_like(template) if p is None else p for p in parts],
+        axis=1,
     )
 
   def training_batches(
@@ -175,7 +154,9 @@ class DataCache:
     return self._streaming(names, rows, num_steps), tokens
 
   def _streaming(self, names, rows, num_steps) -> BatchesFn:
-    keys = [k for k in FEATURES if self.pack or k not in _PACKING_FEATURES]
+    keys = [
+        k for k in FEATURES if self.pack or k not in pipeline.PACKING_FEATURES
+    ]
     zeros = tf.data.Dataset.from_tensors(
         {k: np.zeros((rows, self.sequence_length), np.int32) for k in keys}
     ).repeat()
@@ -188,7 +169,7 @@ class DataCache:
     )
 
     def batches_from(start: int) -> Iterator[Rows]:
-      return inputs.batch_iterator(zipped.take(num_steps), start)
+      return pipeline.batch_iterator(zipped.take(num_steps), start)
 
     return batches_from
 
@@ -216,9 +197,7 @@ class DataCache:
         if self.max_validation_examples is not None:
           ds = ds.take(self.max_validation_examples)
         dataset = ds if dataset is None else dataset.concatenate(ds)
-      converter = features.PartitionedLMFeatureConverter(
-          _ANY_SCHEME, pack=False
-      )
+      converter = pipeline.LanguageLMFeatureConverter(pack=False)
       batches = [
           _keep(b)
           for b in converter(dataset, length).batch(256).as_numpy_iterator()
@@ -250,51 +229,3 @@ def _from_arrays(batches: Rows) -> BatchesFn:
       yield {k: v[step] for k, v in batches.items()}
 
   return batches_from
-
-
-def rechunk(rows: Rows, rows_per_batch: int, num_batches: int) -> Rows:
-  """Regroups [..., R0, L] batches into `num_batches` of `rows_per_batch`.
-
-  The rows keep their order and are reused cyclically when there are fewer
-  than needed.
-
-  Args:
-    rows: {feature: [S, R0, L]} (e.g. one partition's training batches).
-    rows_per_batch: R of the result.
-    num_batches: N of the result.
-
-  Returns:
-    {feature: [N, R, L]}.
-  """
-  out = {}
-  for key, value in rows.items():
-    flat = value.reshape(-1, value.shape[-1])
-    index = np.arange(num_batches * rows_per_batch) % len(flat)
-    out[key] = flat[index].reshape(num_batches, rows_per_batch, -1)
-  return out
-
-
-def regroup(batches: Rows, rows_per_batch: int) -> Rows:
-  """[N, P, R, L] batches -> [N', P, R', L], rows in order, zero-padded.
-
-  Partition q of new batch i holds partition q's rows i * R' ... (i+1) * R'
-  - 1 of the old batches; missing rows at the end are zeros (weight 0).
-  """
-  n, p, r = batches[FEATURES[0]].shape[:3]
-  num = -(-n * r // rows_per_batch)
-  out = {}
-  for key, value in batches.items():
-    flat = np.moveaxis(value, 1, 0).reshape(p, n * r, -1)
-    flat = np.pad(flat, [(0, 0), (0, num * rows_per_batch - n * r), (0, 0)])
-    out[key] = np.moveaxis(flat.reshape(p, num, rows_per_batch, -1), 0, 1)
-  return out
-
-
-def chunk_rows(rows: Rows, rows_per_batch: int) -> list[Rows]:
-  """Cuts [n, L] rows into [R, L] batches, the last padded with zero rows."""
-  n = len(rows[FEATURES[0]])
-  out = []
-  for start in range(0, n, rows_per_batch):
-    batch = {k: v[start : start + rows_per_batch] for k, v in rows.items()}
-    out.append(scoring.pad_rows(batch, rows_per_batch))
-  return out

@@ -1,326 +1,326 @@
-"""Per-language validation loss, bits per byte and routing of in-memory params.
+"""The per-language evaluator: loss, bits per byte and routing of any params.
 
-The evaluation binary (`tiered_routing.eval`) scores a checkpoint; an
-unlearning sweep scores a dozen parameter sets per configuration, some with
-experts masked, so `LanguageEvaluator` works on parameters in memory and
-takes an optional per-layer expert mask. The numbers are the binary's: every
-language's whole validation split, each through its own tier-1 partition,
-loss summed per language (`trainer.per_language_sums`) and bits per byte over
-the UTF-8 bytes of the detokenized scored text (`eval.bytes_per_language`).
-Each call also returns the routing of every scored token
-(`analysis.routing_stats.RoutingCounts`), from which the forget language's
-compartmentalization is read.
+Every per-language number of the package comes from `LanguageEvaluator`:
+the eval binary's report, the trade-off sweep's dozen parameter sets per
+configuration (some with experts masked), the routing analysis of a
+checkpoint, and the related-method tables (MoEfication, ESFT, expert
+gates). Each language is scored by its own tier-1 partition: the evaluator
+holds one block of [R, L] rows per partition (`data.eval_data`), stacks the
+blocks into `[P, R, L]` batches (a partition with fewer batches gets all-zero
+rows), and sums the token loss per language (`losses.per_language_sums`)
+on the device. Bits per byte divide the summed loss (in bits) by the UTF-8
+bytes of the detokenized scored tokens (`bytes_per_language`), which makes
+models with different vocabularies comparable (Gao et al. 2020, "The Pile",
+Sec. 5).
 
-Expert ids in the routing counts are global: partition q's private expert e
-is q * E + e (sharing 'none' / 'attention'); under 'all' the P * E experts are
-one pool. So a language confined by tier 1 to its partition's E experts shows
-up as concentrated in E of the model's P * E experts.
+Strict partitions (sharing 'none') are P independent models, so with
+`partitions_alone` partition q is evaluated as a one-partition model with
+parameters `params[q]` (`tier1.one_partition`; the same computation on
+fewer rows): one compiled program then serves every configuration with
+sharing 'none' whatever P, and a method that changed only partition p is
+rescored on p's languages alone.
 
-Strict partitions (sharing 'none') are P independent models, so partition q
-is evaluated as a one-partition model with parameters `params[q]` (the same
-computation on fewer rows): one compiled program serves every configuration
-with sharing 'none', whatever P, and a method that changed only partition p
-is evaluated on p's languages alone.
+With `capture_routing` every scored token's routing is counted
+(`routing_counts.RoutingCounts`) with global expert ids: partition q's
+private expert e is q * E + e (sharing 'none' / 'attention'); under 'all' the
+P * E experts are one pool. So a language confined by tier 1 to its
+partition's E experts shows up as concentrated in E of the model's P * E
+experts.
 """
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import seqio
 
-from tiered_routing.cli import eval as eval_lib
-from tiered_routing.tier1 import languages
-from tiered_routing.tier1 import schemes
-from tiered_routing.train import trainer
-from tiered_routing.analysis import routing_stats
+from tiered_routing.data import feature_rows
 from tiered_routing.eval import lm_metrics
+from tiered_routing.eval import routing_counts
+from tiered_routing.model import decoder_config
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import losses
-from tiered_routing.tier1 import one_partition
 from tiered_routing.model import transformer
-from tiered_routing.data import stream_cache
-from tiered_routing.model import routing_capture
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import layout
+from tiered_routing.tier1 import one_partition
 
+Batch = Mapping[str, np.ndarray]
+# {code: {'loss', 'bpb', 'tokens', 'bytes'}}: the trade-off sweep's format.
 LanguageResults = dict[str, dict[str, float]]
+
+
+def bytes_per_language(batch: Batch, vocabulary: seqio.Vocabulary):
+  """int64 [N]: UTF-8 bytes of the detokenized scored tokens per language.
+
+  Each packed segment (a row when unpacked) is decoded on its own; only
+  tokens with a non-zero loss weight count.
+  """
+  out = np.zeros(languages.NUM_LANGUAGES, np.int64)
+  targets = batch["decoder_target_tokens"].reshape(
+      -1, batch["decoder_target_tokens"].shape[-1]
+  )
+  weights = batch["decoder_loss_weights"].reshape(targets.shape)
+  langs = batch["decoder_language_ids"].reshape(targets.shape)
+  segments = batch.get("decoder_segment_ids")
+  segments = (
+      (weights > 0).astype(np.int32)
+      if segments is None
+      else segments.reshape(targets.shape)
+  )
+  for row in range(targets.shape[0]):
+    for seg in np.unique(segments[row][segments[row] > 0]):
+      mask = (segments[row] == seg) & (weights[row] > 0)
+      if mask.any():
+        text = vocabulary.decode(targets[row][mask].tolist())
+        out[langs[row][mask][0]] += len(text.encode("utf-8"))
+  return out
+
+
+def _language_sums(params, batch, expert_mask_MxPxE, *, model, routing):
+  """Per-language loss sums (and every token's routing) of one batch."""
+  out = forward_lib.forward(
+      model,
+      params,
+      batch,
+      expert_mask_MxPxE=expert_mask_MxPxE,
+      capture_routing=routing,
+  )
+  weights = batch["decoder_loss_weights"].astype(jnp.float32)
+  _, _, ce = losses.cross_entropy_loss(
+      out.logits_PxBxLxV, batch["decoder_target_tokens"], weights
+  )
+  loss_sum, weight_sum = losses.per_language_sums(
+      ce, weights, batch["decoder_language_ids"]
+  )
+  sums = {"loss_sum_N": loss_sum, "weight_sum_N": weight_sum}
+  if routing:
+    sums["expert_index_MxTxK"] = out.routing.expert_index_MxTxK
+    sums["combine_weights_MxTxK"] = out.routing.combine_weights_MxTxK
+  return sums
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(config: decoder_config.DecoderConfig, routing: bool):
+  """The jitted `_language_sums` of one model config (built once)."""
+  return jax.jit(
+      functools.partial(
+          _language_sums,
+          model=transformer.TieredDecoder(config),
+          routing=routing,
+      )
+  )
+
+
+def _traced_in(context: Callable[[], Any], fn: Callable) -> Callable:
+  """`fn` jitted with `context()` active while it is traced (e.g.
+  `related.moefied_decoder.moefied`, which intercepts module calls)."""
+
+  def traced(*args):
+    with context():
+      return fn(*args)
+
+  return jax.jit(traced)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-  """Per-language metrics and routing of one evaluation.
+  """Per-language metrics (and routing) of one evaluation.
 
   Attributes:
-    languages: {code: {'loss', 'bpb', 'tokens', 'bytes'}} for every
-      evaluated language (`unlearning.metrics` reads 'loss' and 'bpb').
-    routing: counts per (language, MoE layer, global expert).
+    losses: `LossStats` of every evaluated language, canonical order.
+    routing: counts per (language, MoE layer, global expert), if captured.
   """
 
-  languages: LanguageResults
-  routing: routing_stats.RoutingCounts
+  losses: dict[str, lm_metrics.LossStats]
+  routing: Optional[routing_counts.RoutingCounts] = None
 
+  def flat(self) -> dict[str, float]:
+    """'{code}/{metric}', pooled 'all/...' and language-mean 'macro/...'."""
+    acc = lm_metrics.LanguageLossAccumulator()
+    for code, s in self.losses.items():
+      acc.add(code, s.nll_sum, s.num_tokens, s.num_bytes)
+    return acc.results()
 
-def _eval_step(params, batch, expert_mask_MxPxE, *, model):
-  """Per-language loss sums and every token's routing of one batch."""
-  logits, routing, _ = routing_capture.apply_with_routing(
-      model,
-      {"params": params},
-      batch["decoder_input_tokens"],
-      segment_ids_PxBxL=batch.get("decoder_segment_ids"),
-      positions_PxBxL=batch.get("decoder_positions"),
-      expert_mask_MxPxE=expert_mask_MxPxE,
-      deterministic=True,
-  )
-  weights = batch["decoder_loss_weights"].astype(jnp.float32)
-  _, _, ce = losses.cross_entropy_loss(
-      logits, batch["decoder_target_tokens"], weights
-  )
-  loss_sum, weight_sum = trainer.per_language_sums(
-      ce, weights, batch["decoder_language_ids"]
-  )
-  return {
-      "loss_sum_N": loss_sum,
-      "weight_sum_N": weight_sum,
-      "expert_index_LxTxK": routing.expert_index_LxTxK,
-      "combine_weights_LxTxK": routing.combine_weights_LxTxK,
-  }
-
-
-@functools.lru_cache(maxsize=None)
-def eval_fn(config: transformer.DecoderConfig):
-  """The jitted `_eval_step` of one model config (built once)."""
-  return jax.jit(
-      functools.partial(_eval_step, model=transformer.TieredDecoder(config))
-  )
-
-
-def check_moe(config: transformer.DecoderConfig) -> None:
-  if not config.num_experts:
-    raise ValueError(
-        "Unlearning by experts needs a MoE model; got "
-        f"num_experts={config.num_experts}."
-    )
+  def language_results(self) -> LanguageResults:
+    """{code: {'loss', 'bpb', 'tokens', 'bytes'}} (the sweep's format)."""
+    return {
+        code: {
+            "loss": s.loss,
+            "bpb": s.bits_per_byte,
+            "tokens": s.num_tokens,
+            "bytes": s.num_bytes,
+        }
+        for code, s in self.losses.items()
+    }
 
 
 class LanguageEvaluator:
-  """Evaluates parameter sets of one model config on every language.
+  """Evaluates parameter sets of one model config on fixed rows.
 
   Args:
     config: the model.
-    scheme: tier-1 partition of the languages (which partition scores which
-      language).
-    validation: {code: {feature: [n, L]}} all validation rows of each
-      language (`streams.DataCache.validation_rows`).
+    blocks: per tier-1 partition, its evaluation rows as [R, L] host
+      batches (`data.eval_data`): a list can be evaluated any number of
+      times, an iterator once.
     vocabulary: the targets' SeqIO vocabulary (for bytes).
-    rows_per_batch: R, rows per partition of an evaluation batch.
-    to_device: places a host batch (e.g. `trainer.to_global_batch` on a
-      mesh).
+    to_device: places a host batch (e.g. `sharding.to_global_batch`).
+    partitions_alone: evaluate each partition as a one-partition model (needs
+      sharing 'none'); default: whenever the sharing is 'none'.
   """
 
   def __init__(
       self,
-      config: transformer.DecoderConfig,
-      scheme: schemes.PartitionScheme,
-      validation: Mapping[str, stream_cache.Rows],
-      vocabulary,
-      rows_per_batch: int,
-      to_device=lambda b: b,
+      config: decoder_config.DecoderConfig,
+      blocks: Sequence[Iterable[Batch]],
+      vocabulary: seqio.Vocabulary,
+      *,
+      to_device: Callable[[Batch], Batch] = lambda b: b,
+      partitions_alone: Optional[bool] = None,
   ):
-    check_moe(config)
-    if scheme.num_partitions != config.num_partitions:
+    if len(blocks) != config.num_partitions:
       raise ValueError(
-          f"Scheme {scheme.name!r} has {scheme.num_partitions} "
-          f"partitions, the model {config.num_partitions}."
+          f"Got rows of {len(blocks)} partitions for a model with "
+          f"num_partitions={config.num_partitions}."
       )
-    missing = [c for c in languages.CODES if c not in validation]
-    if missing:
-      raise ValueError(f"No validation rows for languages {missing}.")
-    self.config, self.scheme = config, scheme
-    self.strict = config.sharing == "none"
+    if partitions_alone is None:
+      partitions_alone = config.sharing == "none"
+    if partitions_alone and config.sharing != "none":
+      raise ValueError(
+          "partitions_alone needs sharing 'none'; with sharing "
+          f"{config.sharing!r} every language depends on shared parameters."
+      )
+    self.config = config
+    self.partitions_alone = partitions_alone
+    self._blocks = list(blocks)
+    self._vocabulary = vocabulary
     self._to_device = to_device
-    self.num_bytes = {
-        c: int(
-            eval_lib.bytes_per_language(validation[c], vocabulary)[
-                languages.language_id(c)
-            ]
-        )
-        for c in languages.CODES
-    }
-    self._chunks = [
-        stream_cache.chunk_rows(
-            {
-                k: np.concatenate([validation[c][k] for c in codes])
-                for k in validation[codes[0]]
-            },
-            rows_per_batch,
-        )
-        for codes in scheme.partitions
-    ]
+    self._bytes: dict[tuple[int, int], np.ndarray] = {}
 
-  @property
-  def num_global_experts(self) -> int:
-    return self.config.num_partitions * self.config.num_experts
+  def _block_bytes(self, q: int, b: int, batch: Batch) -> np.ndarray:
+    """Bytes per language of batch b of partition q, decoded once."""
+    key = (q, b)
+    if key not in self._bytes:
+      self._bytes[key] = bytes_per_language(batch, self._vocabulary)
+    return self._bytes[key]
 
-  def new_counts(self) -> routing_stats.RoutingCounts:
-    return routing_stats.RoutingCounts(
-        len(self.config.moe_layers), self.num_global_experts
-    )
+  def full_batches(self) -> Iterable[tuple[Batch, np.ndarray]]:
+    """[P, R, L] host batches of every partition's rows, with their bytes
+    per language."""
+    for b, blocks in enumerate(itertools.zip_longest(*self._blocks)):
+      template = next(x for x in blocks if x is not None)
+      nbytes = sum(
+          self._block_bytes(q, b, x) for q, x in enumerate(blocks) if x
+      )
+      yield feature_rows.stack(
+          [feature_rows.zeros_like(template) if x is None else x
+           for x in blocks],
+          axis=0,
+      ), nbytes
 
-  def _full_batches(self):
-    for b in range(max(len(c) for c in self._chunks)):
-      blocks = [
-          c[b] if b < len(c) else stream_cache.zeros_like(c[0]) for c in self._chunks
-      ]
-      yield stream_cache.stack(blocks, axis=0)
+  def _partition_batches(self, q: int) -> Iterable[tuple[Batch, np.ndarray]]:
+    for b, batch in enumerate(self._blocks[q]):
+      yield {k: v[None] for k, v in batch.items()}, self._block_bytes(
+          q, b, batch
+      )
 
-  def run(
-      self,
-      params: Any,
-      batches,
-      expert_mask_MxPxE=None,
-      partition: Optional[int] = None,
-      sums=None,
-      counts=None,
-  ):
-    """Adds the loss sums and routing of `batches` to `sums` / `counts`.
-
-    Args:
-      params: the model's parameters (all partitions).
-      batches: iterable of [P', R, L] host batches: P' = 1 with `partition`
-        set (strict partitions: that partition's one-partition model), else
-        P' = P.
-      expert_mask_MxPxE: bool [M, P, E] (True = allowed); None = all allowed.
-      partition: see `batches`.
-      sums: {code: [nll, tokens]} to add to (new if None).
-      counts: `RoutingCounts` to add to (new if None).
-
-    Returns:
-      (sums, counts).
-    """
-    cfg, e = self.config, self.config.num_experts
-    sums = {} if sums is None else sums
-    counts = self.new_counts() if counts is None else counts
-    mask = (
-        np.ones(
-            (len(cfg.moe_layers), cfg.num_partitions, cfg.experts_per_layer),
-            bool,
-        )
-        if expert_mask_MxPxE is None
-        else np.asarray(expert_mask_MxPxE)
-    )
-    fn = eval_fn(cfg)
-    if partition is not None:
-      params = one_partition.partition_params(params, partition)
-      mask = mask[:, partition : partition + 1]
-      fn = eval_fn(one_partition.one_partition_config(cfg))
-    mask = jnp.asarray(mask)
-    for batch in batches:
-      out = jax.device_get(fn(params, self._to_device(batch), mask))
-      for i in np.flatnonzero(out["weight_sum_N"]):
-        entry = sums.setdefault(languages.CODES[i], [0.0, 0.0])
-        entry[0] += float(out["loss_sum_N"][i])
-        entry[1] += float(out["weight_sum_N"][i])
-      valid = batch["decoder_loss_weights"].reshape(-1) > 0
-      lang = batch["decoder_language_ids"].reshape(-1)
-      if partition is not None:
-        offset = partition * e
-      elif cfg.sharing == "attention":
-        offset = (
-            np.asarray(
-                routing_capture.token_partition_ids(
-                    batch["decoder_input_tokens"].shape
-                )
-            )[:, None]
-            * e
-        )
-      else:
-        offset = 0
-      for layer in range(out["expert_index_LxTxK"].shape[0]):
-        counts.add(
-            layer,
-            out["expert_index_LxTxK"][layer] + offset,
-            out["combine_weights_LxTxK"][layer],
-            lang,
-            valid,
-        )
-    return sums, counts
+  def _default_mask(self) -> Optional[np.ndarray]:
+    """An all-allowed per-layer mask: masked and unmasked evaluations then
+    share one compiled program."""
+    cfg = self.config
+    if not cfg.num_experts:
+      return None
+    shape = (len(cfg.moe_layers), cfg.num_partitions, cfg.experts_per_layer)
+    return np.ones(shape, bool)
 
   def evaluate(
       self,
       params: Any,
-      expert_mask_MxPxE=None,
-      partitions_to_score: Optional[Sequence[int]] = None,
+      *,
+      expert_mask_MxPxE: Optional[np.ndarray] = None,
+      partitions: Optional[Sequence[int]] = None,
+      capture_routing: bool = False,
+      trace_context: Optional[Callable[[], Any]] = None,
   ) -> EvalResult:
-    """Scores every language (or, for strict partitions, those of some
-    partitions only) on its whole validation split."""
-    if partitions_to_score is not None and not self.strict:
+    """Scores every language (or those of some partitions) on its rows.
+
+    Args:
+      params: the model's parameters (all partitions).
+      expert_mask_MxPxE: bool [M, P, E] (True = allowed); None = all allowed.
+      partitions: with `partitions_alone`, evaluate only these partitions.
+      capture_routing: also count every scored token's routing.
+      trace_context: returns a context manager that must be active while
+        the model is traced (e.g. MoEfication's `moefied`).
+    """
+    if partitions is not None and not self.partitions_alone:
       raise ValueError(
-          "partitions_to_score needs sharing 'none'; with "
-          f"sharing {self.config.sharing!r} every language "
-          "depends on the shared parameters."
+          "partitions= needs partitions_alone (sharing 'none'); with sharing"
+          f" {self.config.sharing!r} every language depends on the shared "
+          "parameters."
       )
-    sums, counts = {}, self.new_counts()
-    if self.strict:
-      for q in (
-          range(self.config.num_partitions)
-          if partitions_to_score is None
-          else partitions_to_score
-      ):
-        batches = ({k: v[None] for k, v in b.items()} for b in self._chunks[q])
-        self.run(params, batches, expert_mask_MxPxE, q, sums, counts)
+    mask = self._default_mask() if expert_mask_MxPxE is None else np.asarray(
+        expert_mask_MxPxE
+    )
+    acc = lm_metrics.LanguageLossAccumulator()
+    counts = self.new_counts() if capture_routing else None
+    if not self.partitions_alone:
+      fn = self._fn(self.config, capture_routing, trace_context)
+      self._run(fn, params, mask, self.full_batches(), acc, counts, None)
     else:
-      self.run(
-          params, self._full_batches(), expert_mask_MxPxE, None, sums, counts
+      one = one_partition.one_partition_config(self.config)
+      fn = self._fn(one, capture_routing, trace_context)
+      todo = range(self.config.num_partitions) if partitions is None else (
+          partitions)
+      for q in todo:
+        self._run(fn, one_partition.partition_params(params, q),
+                  None if mask is None else mask[:, q : q + 1],
+                  self._partition_batches(q), acc, counts, q)
+    return EvalResult(acc.per_language(), counts)
+
+  def _fn(self, config, routing, trace_context):
+    if trace_context is None:
+      return _compiled(config, routing)
+    model = transformer.TieredDecoder(config)
+    return _traced_in(
+        trace_context,
+        functools.partial(_language_sums, model=model, routing=routing),
+    )
+
+  def new_counts(self) -> routing_counts.RoutingCounts:
+    cfg = self.config
+    return routing_counts.RoutingCounts(
+        len(cfg.moe_layers), cfg.num_partitions * cfg.num_experts
+    )
+
+  def _run(self, fn, params, mask, batches, acc, counts, partition):
+    """Adds the loss sums (and routing) of `batches` to `acc` (`counts`)."""
+    mask = None if mask is None else jnp.asarray(mask)
+    for batch, nbytes in batches:
+      out = jax.device_get(fn(params, self._to_device(batch), mask))
+      acc.add_language_sums(out["loss_sum_N"], out["weight_sum_N"], nbytes)
+      if counts is not None:
+        self._count(counts, out, batch, partition)
+
+  def _count(self, counts, out, batch, partition):
+    """Adds one batch's routing with global expert ids."""
+    e = self.config.num_experts
+    shape = batch["decoder_input_tokens"].shape
+    if partition is not None:
+      offset = partition * e
+    else:
+      offset = layout.global_expert_offsets(shape, e, self.config.sharing)
+    valid = batch["decoder_loss_weights"].reshape(-1) > 0
+    lang = batch["decoder_language_ids"].reshape(-1)
+    for layer in range(out["expert_index_MxTxK"].shape[0]):
+      counts.add(
+          layer,
+          out["expert_index_MxTxK"][layer] + offset,
+          out["combine_weights_MxTxK"][layer],
+          lang,
+          valid,
       )
-    return EvalResult(self._results(sums), counts)
-
-  def _results(self, sums) -> LanguageResults:
-    out = {}
-    for code in languages.CODES:
-      if code not in sums:
-        continue
-      nll, tokens = sums[code]
-      stats = lm_metrics.LossStats(nll, tokens, self.num_bytes[code])
-      out[code] = {
-          "loss": stats.loss,
-          "bpb": stats.bits_per_byte,
-          "tokens": tokens,
-          "bytes": float(self.num_bytes[code]),
-      }
-    return out
-
-
-def compartmentalization(
-    counts: routing_stats.RoutingCounts, code: str, m: int
-) -> dict[str, float]:
-  """How concentrated a language is in experts, averaged over MoE layers.
-
-  Args:
-    counts: routing counts with global expert ids (`EvalResult.routing`).
-    code: the language (e.g. the one to forget).
-    m: experts counted by the top-m mass.
-
-  Returns:
-    comp_top_m (m), comp_top_m_mass (share of its routing in its m most used
-    experts), comp_entropy (normalized entropy over all the model's experts),
-    comp_specificity_bits (its KL term of I(L; E)) and comp_mi_bits (I(L; E)
-    over all languages, uniform language prior).
-  """
-  layers = range(counts.shape[1])
-  per_layer = [
-      routing_stats.compartmentalization(counts.usage(l), code, m)
-      for l in layers
-  ]
-  mi = [
-      routing_stats.mutual_information(counts.usage(l), "uniform")
-      for l in layers
-  ]
-  mean = lambda name: float(np.mean([getattr(c, name) for c in per_layer]))
-  return {
-      "comp_top_m": m,
-      "comp_top_m_mass": mean("top_m_coverage"),
-      "comp_entropy": mean("normalized_entropy"),
-      "comp_specificity_bits": mean("specificity_bits"),
-      "comp_mi_bits": float(np.mean(mi)),
-  }

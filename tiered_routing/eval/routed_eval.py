@@ -32,6 +32,7 @@ from tiered_routing.tier1 import schemes
 from tiered_routing.tier1 import language_classifier
 from tiered_routing.tier1 import inference_routing as ir
 from tiered_routing.eval import lm_metrics
+from tiered_routing.data import feature_rows
 from tiered_routing.eval import scoring
 
 MODES = ir.MODES
@@ -171,7 +172,7 @@ class RoutedScorer:
       self, batch: Mapping[str, np.ndarray]
   ) -> tuple[list[str], dict[str, RowScores]]:
     """Decoded texts and each mode's RowScores of a [rows, L] batch."""
-    batch = scoring.pad_rows(batch, self.scorer.rows)
+    batch = feature_rows.pad_rows(batch, self.scorer.rows)
     texts = scoring.row_texts(batch, self.vocabulary)
     lp_PxBxL = jnp.asarray(self.scorer(batch))
     mask_BxL = batch["decoder_loss_weights"].astype(np.float32)
@@ -304,7 +305,7 @@ def evaluate(
   acc = RoutingAccumulator(routed.config)
   for batch in batches:
     texts, scores = routed(batch)
-    acc.add(scoring.pad_rows(batch, routed.scorer.rows), texts, scores)
+    acc.add(feature_rows.pad_rows(batch, routed.scorer.rows), texts, scores)
   return acc.results()
 
 

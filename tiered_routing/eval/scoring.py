@@ -15,39 +15,24 @@ from typing import Any
 import jax
 import numpy as np
 
-from tiered_routing.train import trainer
+from tiered_routing import sharding
+from tiered_routing.data import pipeline
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import losses
 from tiered_routing.model import transformer
 
 
 def _token_logprobs(params, batch, *, model):
   """log p_p(target) of every block, [P, B, L] (the eval step's CE)."""
-  logits = model.apply(
-      {"params": params},
-      batch["decoder_input_tokens"],
-      segment_ids_PxBxL=batch.get("decoder_segment_ids"),
-      positions_PxBxL=batch.get("decoder_positions"),
-      deterministic=True,
-  )
+  logits = forward_lib.forward(model, params, batch).logits_PxBxLxV
   _, _, ce = losses.cross_entropy_loss(logits, batch["decoder_target_tokens"])
   return -ce
-
-
-def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict:
-  """Pads [b, L] features to [rows, L] with all-zero rows (weight 0)."""
-  b = len(next(iter(batch.values())))
-  if b > rows:
-    raise ValueError(f"batch has {b} rows; allowed: at most rows={rows}")
-  return {
-      k: np.pad(v, [(0, rows - b)] + [(0, 0)] * (v.ndim - 1))
-      for k, v in batch.items()
-  }
 
 
 class PartitionScorer:
   """Every partition's log-probability of the targets of [rows, L] batches.
 
-  Call it inside `partitioning.with_sharding_rules(mesh)`.
+  Call it inside `sharding.with_sharding_rules(mesh)`.
   """
 
   def __init__(
@@ -67,14 +52,14 @@ class PartitionScorer:
     tiled = {
         k: np.broadcast_to(v[None], (self.num_partitions,) + v.shape)
         for k, v in batch_BxL.items()
-        if k in trainer.MODEL_FEATURES
+        if k in pipeline.MODEL_FEATURES
     }
     if tiled["decoder_target_tokens"].shape[1] != self.rows:
       raise ValueError(
           f"batch has {tiled['decoder_target_tokens'].shape[1]} rows; "
           f"expected rows={self.rows} (pad with pad_rows)"
       )
-    out = self._fn(self._params, trainer.to_global_batch(tiled, self._mesh))
+    out = self._fn(self._params, sharding.to_global_batch(tiled, self._mesh))
     return np.asarray(jax.device_get(out))
 
 

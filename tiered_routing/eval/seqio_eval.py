@@ -1,6 +1,6 @@
 """SeqIO's own evaluation path: `seqio.Evaluator` with a model score_fn.
 
-The per-language tasks register the score metrics of `metrics`
+The per-language tasks register the score metrics of `lm_metrics`
 (`score_metric_fns`, with `scored_target_postprocessor`), so a
 `seqio.Evaluator` over a partition's mixture computes loss, perplexity and
 bits per byte of every task from the per-example log-likelihoods of a
@@ -11,33 +11,27 @@ enumerated dataset of (index, model features) and returns
 The score_fn here scores each example under a tier-1 inference mode of a
 `routed_eval.RoutedScorer` ('oracle' by default: the example's own
 partition). The Evaluator needs unpacked examples, so the numbers match the
-fast packed path of `tiered_routing.eval` exactly when routing drops no
-token (e.g. capacity_factor >= num_experts / top_k): packing changes the
-batch, not the per-sequence computation.
-
-This module also reads the evaluation data the routed evaluation needs:
-unpacked batches of every task and the train-split text the classifier is
-fit on.
+fast packed path of the eval binary exactly when routing drops no token
+(e.g. capacity_factor >= num_experts / top_k): packing changes the batch,
+not the per-sequence computation.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from absl import logging
-import numpy as np
 import seqio
 import tensorflow as tf
 
-from tiered_routing.data import features
-from tiered_routing.tier1 import languages
-from tiered_routing.tier1 import schemes
+from tiered_routing.data import pipeline
 from tiered_routing.eval import routed_eval
+from tiered_routing.tier1 import languages
 
 SEQIO_PREFIX = "seqio"
 # Metrics of the score metric fns that are copied into the results.
 _METRICS = ("loss", "perplexity", "bits_per_byte", "num_tokens", "num_bytes")
 
 
-class EvaluatorFeatureConverter(features.PartitionedLMFeatureConverter):
+class EvaluatorFeatureConverter(pipeline.LanguageLMFeatureConverter):
   """The unpacked converter, accepting a length for `language_ids` too.
 
   seqio.Evaluator hands the converter a length for every output feature of
@@ -45,73 +39,12 @@ class EvaluatorFeatureConverter(features.PartitionedLMFeatureConverter):
   """
 
   TASK_FEATURES = {
-      **features.PartitionedLMFeatureConverter.TASK_FEATURES,
-      features.LANGUAGE_IDS: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
+      **pipeline.LanguageLMFeatureConverter.TASK_FEATURES,
+      pipeline.LANGUAGE_IDS: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
   }
 
-  def __init__(self, scheme: schemes.PartitionScheme):
-    super().__init__(scheme, pack=False)
-
-
-def tasks_of(names: str | Sequence[str]) -> list[seqio.Task]:
-  """The tasks of one or more mixtures or tasks, in order, each once."""
-  names = [names] if isinstance(names, str) else list(names)
-  out, seen = [], set()
-  for name in names:
-    for task in seqio.get_subtasks(seqio.get_mixture_or_task(name)):
-      if task.name not in seen:
-        seen.add(task.name)
-        out.append(task)
-  return out
-
-
-def _check_split(task: seqio.Task, split: str) -> None:
-  if split not in task.splits:
-    raise ValueError(
-        f"Task {task.name!r} has no split {split!r}; it has "
-        f"{list(task.splits)}."
-    )
-
-
-def split_batches(
-    names: str | Sequence[str],
-    scheme: schemes.PartitionScheme,
-    length: int,
-    rows: int,
-    split: str = "validation",
-    pack: bool = False,
-) -> Iterator[dict[str, np.ndarray]]:
-  """Every example of the tasks' `split` once, in [<=rows, L] batches.
-
-  Unpacked: one example per row. One converter for all tasks: packing may
-  put two languages in one row, which the per-token language ids keep apart.
-  """
-  dataset = None
-  for task in tasks_of(names):
-    _check_split(task, split)
-    ds = task.get_dataset(
-        {"targets": length}, split=split, shuffle=False, num_epochs=1
-    )
-    dataset = ds if dataset is None else dataset.concatenate(ds)
-  converter = features.PartitionedLMFeatureConverter(scheme, pack=pack)
-  dataset = converter(dataset, {"targets": length})
-  yield from dataset.batch(rows).as_numpy_iterator()
-
-
-def train_texts(
-    names: str | Sequence[str], max_docs: int, split: str = "train"
-) -> dict[str, list[str]]:
-  """Up to `max_docs` whole documents of `split` per language."""
-  out = {}
-  for task in tasks_of(names):
-    _check_split(task, split)
-    ds = task.get_dataset(None, split=split, shuffle=False, num_epochs=1)
-    for ex in ds.take(max_docs).as_numpy_iterator():
-      code = languages.CODES[int(ex[features.LANGUAGE_IDS][0])]
-      docs = out.setdefault(code, [])
-      if len(docs) < max_docs:
-        docs.append(ex["targets_pretokenized"].decode("utf-8"))
-  return out
+  def __init__(self):
+    super().__init__(pack=False)
 
 
 def make_score_fn(routed: routed_eval.RoutedScorer, mode: str = "oracle"):
@@ -136,13 +69,12 @@ def make_score_fn(routed: routed_eval.RoutedScorer, mode: str = "oracle"):
 def _language(task_dataset) -> str:
   """The language of a per-language task's (cached) examples."""
   for ex in task_dataset.take(1).as_numpy_iterator():
-    return languages.CODES[int(ex[features.LANGUAGE_IDS][0])]
+    return languages.CODES[int(ex[pipeline.LANGUAGE_IDS][0])]
   raise ValueError("a task has no examples to evaluate")
 
 
 def evaluate(
     names: str | Sequence[str],
-    scheme: schemes.PartitionScheme,
     length: int,
     score_fn,
     split: str = "validation",
@@ -153,7 +85,7 @@ def evaluate(
   Returns:
     '{SEQIO_PREFIX}/{code}/{metric}' for the metrics of every evaluated task.
   """
-  converter = EvaluatorFeatureConverter(scheme)
+  converter = EvaluatorFeatureConverter()
   names = [names] if isinstance(names, str) else list(names)
   out = {}
   for name in names:

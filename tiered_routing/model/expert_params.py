@@ -13,7 +13,7 @@ Methods that act on single experts (adding or removing one, training only a
 few) address "expert e of partition p in MoE layer l" whatever the sharing
 level. `to_partition_expert` maps every expert-indexed leaf to the canonical
 view [P, Ep, rest...] and `from_partition_expert` maps it back, so those
-methods are written once. MoE layers are numbered 0..L-1 in depth order (the
+methods are written once. MoE layers are numbered 0..M-1 in depth order (the
 order of `token_routing.TokenRouting` and `routing_stats.RoutingCounts`).
 
 Freezing by parameter name (a regex on paths) cannot train expert 3 of a
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tiered_routing.model import transformer
+from tiered_routing.model import decoder_config
 
 EXPERT_WEIGHT_NAMES = ("wi", "wi_gate", "wo")
 # Router leaves and the position of their expert axis, counted from the end.
@@ -85,7 +85,7 @@ def _expert_leaf(names, ndim, config) -> Optional[ExpertLeaf]:
 
 
 def expert_leaves(
-    params: Any, config: transformer.DecoderConfig
+    params: Any, config: decoder_config.DecoderConfig
 ) -> dict[tuple, ExpertLeaf]:
   """{path names: ExpertLeaf} of every expert-indexed parameter.
 
@@ -126,7 +126,7 @@ def from_partition_expert(x_PxE: jax.Array, info: ExpertLeaf) -> jax.Array:
   return jnp.moveaxis(x, 0, info.expert_axis)
 
 
-def map_experts(params: Any, config: transformer.DecoderConfig, fn) -> Any:
+def map_experts(params: Any, config: decoder_config.DecoderConfig, fn) -> Any:
   """Applies `fn(names, info, x_PxEx...) -> y_PxE'x...` to expert leaves.
 
   Other leaves are returned unchanged. `fn` sees and returns canonical views.
@@ -145,12 +145,12 @@ def map_experts(params: Any, config: transformer.DecoderConfig, fn) -> Any:
 
 
 def check_selection(
-    selected_LxPxE,
-    config: transformer.DecoderConfig,
+    selected_MxPxE,
+    config: decoder_config.DecoderConfig,
     num_experts: Optional[int] = None,
 ) -> np.ndarray:
-  """Validates a bool [L MoE layers, P, Ep] selection of experts."""
-  selected = np.asarray(selected_LxPxE)
+  """Validates a bool [M MoE layers, P, Ep] selection of experts."""
+  selected = np.asarray(selected_MxPxE)
   num_experts = config.num_experts if num_experts is None else num_experts
   want = (len(config.moe_layers), config.num_partitions, num_experts)
   if selected.shape != want:
@@ -178,8 +178,8 @@ def _broadcast_mask(
 
 def trainable_mask(
     params: Any,
-    config: transformer.DecoderConfig,
-    selected_LxPxE,
+    config: decoder_config.DecoderConfig,
+    selected_MxPxE,
     *,
     include_router: bool = False,
     others: Any = False,
@@ -189,7 +189,7 @@ def trainable_mask(
   Args:
     params: unboxed parameters of `TieredDecoder(config)`.
     config: the model's config.
-    selected_LxPxE: bool [MoE layers, P, Ep], True = train this expert.
+    selected_MxPxE: bool [MoE layers, P, Ep], True = train this expert.
     include_router: also train the selected experts' router entries (their
       gate rows / kernel columns), e.g. for a newly added expert.
     others: what every other leaf gets (False = frozen): a bool, or a tree
@@ -199,7 +199,7 @@ def trainable_mask(
     A tree with the structure of `params` whose leaves are bool arrays
     broadcastable to the parameters (see `freeze`).
   """
-  selected = check_selection(selected_LxPxE, config)
+  selected = check_selection(selected_MxPxE, config)
   leaves = expert_leaves(params, config)
   if isinstance(others, bool):
     others = jax.tree.map(lambda _: others, params)

@@ -17,6 +17,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from tiered_routing.tier1 import languages
+
 
 def cross_entropy_loss(
     logits: jax.Array, targets: jax.Array, weights: Optional[jax.Array] = None,
@@ -56,6 +58,28 @@ def cross_entropy_loss(
     per_token = per_token + z_loss * jnp.square(log_z)
   per_token = per_token * weights
   return jnp.sum(per_token), jnp.sum(weights), per_token
+
+
+def per_language_sums(
+    per_token_loss: jax.Array, weights: jax.Array, language_ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Sums of weighted per-token loss and of weights for each language id.
+
+  Args:
+    per_token_loss: [...] loss already multiplied by `weights`.
+    weights: [...] loss weights (0 at padding).
+    language_ids: [...] int ids in [0, NUM_LANGUAGES).
+
+  Returns:
+    (loss_sum_N, weight_sum_N), float32 [NUM_LANGUAGES]; the exact
+    per-language mean loss is loss_sum_N / weight_sum_N.
+  """
+  n = languages.NUM_LANGUAGES
+  ids = language_ids.reshape(-1).astype(jnp.int32)
+  zeros = jnp.zeros((n,), jnp.float32)
+  loss_sum = zeros.at[ids].add(per_token_loss.reshape(-1).astype(jnp.float32))
+  weight_sum = zeros.at[ids].add(weights.reshape(-1).astype(jnp.float32))
+  return loss_sum, weight_sum
 
 
 def _sown_layer(path, name: str) -> Optional[str]:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from tiered_routing.model import dispatch as dispatch_lib
 from tiered_routing.model import layers
-from tiered_routing.model import routing
+from tiered_routing.model import router_registry
 
 # Names of the per-layer values sown into the 'intermediates' collection.
 # `losses` reads them only at '<layer path>/<name>/<i>', where `sow` puts
@@ -120,7 +120,7 @@ class MoeFeedForward(nn.Module):
     num_experts: E.
     expert_d_ff: hidden size F of every expert.
     top_k: experts per token (token-choice, hash and sequence-gate routers).
-    router: kind for `routing.make_router`.
+    router: kind for `router_registry.make_router`.
     router_jitter: Switch multiplicative jitter (token_topk only).
     vocab_size: vocabulary size, needed by the hash router.
     dispatch: implementation for `dispatch.moe_mlp`.
@@ -145,20 +145,10 @@ class MoeFeedForward(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def _make_router(self) -> nn.Module:
-    e, kind = self.num_experts, self.router
-    if kind == "token_topk":
-      kwargs = dict(num_experts=e, top_k=self.top_k,
-                    jitter_noise=self.router_jitter)
-    elif kind == "expert_choice":
-      kwargs = dict(num_experts=e, capacity_factor=self.capacity_factor)
-    elif kind == "hash":
-      kwargs = dict(num_experts=e, vocab_size=self.vocab_size, top_k=self.top_k)
-    elif kind == "sequence_gate":
-      kwargs = dict(num_experts=e, top_k=self.top_k)
-    else:
-      raise ValueError(f"Unknown router {kind!r}; choose one of "
-                       f"{routing.ROUTER_KINDS}.")
-    return routing.make_router(kind, name="router", **kwargs)
+    return router_registry.make_router(
+        self.router, num_experts=self.num_experts, name="router",
+        top_k=self.top_k, jitter_noise=self.router_jitter,
+        capacity_factor=self.capacity_factor, vocab_size=self.vocab_size)
 
   def _route(self, x_GxSxD, token_ids_GxS, segment_ids_GxS, expert_mask_GxSxE,
              deterministic):

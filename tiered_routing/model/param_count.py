@@ -1,26 +1,20 @@
-r"""Parameter counts of a `DecoderConfig`: total and active per token.
+"""Parameter counts of a `DecoderConfig`: total and active per token.
 
 Shapes come from `jax.eval_shape` of the model's `init`, so nothing is
-allocated and full-size configs are counted in seconds.
-
-Usage (the gin flags are the train/eval binaries', see `gin_flags`):
-  python -m tiered_routing.params --gin_file=gin/models/n16.gin \
-      [--gin_bindings="SHARING = 'attention'"] [--gin.VOCAB_SIZE=250112]
+allocated and full-size configs are counted in seconds. The research plan
+holds the total constant across the number of partitions n; the size
+configs (gin/models/n*.gin) are checked against these counts. The binary is
+`python -m tiered_routing.cli.count_params`.
 """
 
 import dataclasses
-from typing import Sequence
 
-from absl import app
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tiered_routing.cli import configurables
-from tiered_routing.cli import gin_flags
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
-
-FLAGS = gin_flags.FLAGS
 
 # Leaf-path substrings that name each parameter category (first match wins).
 _CATEGORIES = (("expert", "experts"), ("router", "routers"),
@@ -53,7 +47,7 @@ class ParamCount:
   expert: int
 
 
-def param_shapes(config: transformer.DecoderConfig):
+def param_shapes(config: decoder_config.DecoderConfig):
   """Abstract (shape-only) parameters of `TieredDecoder(config)`, boxed."""
   tokens = jnp.zeros((config.num_partitions, 1, 1), jnp.int32)
   init = lambda: transformer.TieredDecoder(config).init(
@@ -78,7 +72,7 @@ def _leaves(config):
   return out
 
 
-def count_params(config: transformer.DecoderConfig) -> ParamCount:
+def count_params(config: decoder_config.DecoderConfig) -> ParamCount:
   """Counts total and active parameters without allocating them."""
   p = config.num_partitions
   total = expert = one_partition = one_partition_expert = 0
@@ -101,7 +95,7 @@ def count_params(config: transformer.DecoderConfig) -> ParamCount:
                     per_partition_active=active, expert=expert)
 
 
-def param_breakdown(config: transformer.DecoderConfig) -> dict[str, int]:
+def param_breakdown(config: decoder_config.DecoderConfig) -> dict[str, int]:
   """Total parameters per category (embedding, attention, experts, ...)."""
   out = {}
   for path, size, _, _ in _leaves(config):
@@ -110,7 +104,7 @@ def param_breakdown(config: transformer.DecoderConfig) -> dict[str, int]:
   return out
 
 
-def format_table(config: transformer.DecoderConfig) -> str:
+def format_table(config: decoder_config.DecoderConfig) -> str:
   """A human-readable table of `count_params` and `param_breakdown`."""
   count = count_params(config)
   rows = [("partitions", config.num_partitions),
@@ -127,15 +121,3 @@ def format_table(config: transformer.DecoderConfig) -> str:
       value = f"{value:>15,d}  ({value / 1e6:,.1f}M)"
     lines.append(f"{name:<26}{value}")
   return "\n".join(lines)
-
-
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  gin_flags.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings,
-                      FLAGS.gin_search_paths)
-  print(format_table(configurables.DecoderConfig()))
-
-
-if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)

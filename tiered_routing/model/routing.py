@@ -1,4 +1,4 @@
-"""Tier-2 routers and the tier-1 partition mask.
+"""Tier-2 routers: token choice, expert choice and hash routing.
 
 Every router maps the T tokens of one group to K expert slots per token and
 returns a token-major `RouterOutput`; `dispatch.moe_mlp` consumes it. Routers
@@ -11,10 +11,12 @@ combine weight); this one hook serves tier-1 partition masking, unlearning by
 expert masking and forced routing. `segment_ids_T` 0 marks padding, routed
 nowhere (no capacity used, not in the auxiliary losses). A combine weight of
 0.0 marks an unused slot.
+
+The expert-owned sequence gates live in `sequence_gates`; `router_registry`
+lists every kind.
 """
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -25,9 +27,6 @@ import jax.numpy as jnp
 # exp(MASKED_LOGIT - max) underflows to exactly 0.0 in float32, and unlike
 # -inf it cannot produce NaN (inf - inf) when a whole row is masked.
 MASKED_LOGIT = -1e9
-
-ROUTER_KINDS = ('token_topk', 'expert_choice', 'hash', 'sequence_gate')
-
 
 @flax.struct.dataclass
 class RouterOutput:
@@ -40,8 +39,9 @@ class RouterOutput:
   z_loss: jax.Array                # scalar mean(logsumexp(logits)^2); 0 if N/A
 
 
-def _output(index_TxK, weights_TxK, probs_TxE, logits_TxE, balance_loss=0.0,
-            z_loss=0.0) -> RouterOutput:
+def router_output(index_TxK, weights_TxK, probs_TxE, logits_TxE,
+                  balance_loss=0.0, z_loss=0.0) -> RouterOutput:
+  """A `RouterOutput` with the contract's dtypes (used by every router)."""
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   return RouterOutput(index_TxK.astype(jnp.int32), f32(weights_TxK),
                       f32(probs_TxE), f32(logits_TxE), f32(balance_loss),
@@ -53,7 +53,7 @@ def _check_positive_int(name: str, value: Any) -> None:
     raise ValueError(f'{name} must be a positive int, got {value!r}.')
 
 
-def _check_top_k(top_k: Any, num_experts: Any) -> None:
+def check_top_k(top_k: Any, num_experts: Any) -> None:
   _check_positive_int('num_experts', num_experts)
   _check_positive_int('top_k', top_k)
   if top_k > num_experts:
@@ -62,7 +62,7 @@ def _check_top_k(top_k: Any, num_experts: Any) -> None:
         f'1 <= top_k <= num_experts.')
 
 
-def _allowed_mask(num_tokens: int, num_experts: int, expert_mask_TxE,
+def allowed_mask(num_tokens: int, num_experts: int, expert_mask_TxE,
                   segment_ids_T) -> jax.Array:
   """Combines the expert mask and padding into one bool [T, E] mask."""
   allowed_TxE = jnp.ones((num_tokens, num_experts), jnp.bool_)
@@ -77,7 +77,7 @@ def _allowed_mask(num_tokens: int, num_experts: int, expert_mask_TxE,
   return allowed_TxE
 
 
-def _safe_normalize(x_TxN: jax.Array) -> jax.Array:
+def safe_normalize(x_TxN: jax.Array) -> jax.Array:
   """x / x.sum(-1), with all-zero rows (padding, fully masked) left at zero.
 
   The double `where` keeps the gradient finite: dividing by a clamped tiny
@@ -169,7 +169,7 @@ class TokenTopKRouter(nn.Module):
   use_bias: bool = False
 
   def __post_init__(self):
-    _check_top_k(self.top_k, self.num_experts)
+    check_top_k(self.top_k, self.num_experts)
     if not 0.0 <= self.jitter_noise < 1.0:
       raise ValueError(f'jitter_noise={self.jitter_noise!r}; allowed: [0, 1).')
     super().__post_init__()
@@ -184,13 +184,13 @@ class TokenTopKRouter(nn.Module):
       x_TxD = x_TxD * jax.random.uniform(
           self.make_rng('jitter'), x_TxD.shape, jnp.float32, 1 - eps, 1 + eps)
     logits_TxE = _router_logits(self, x_TxD, self.num_experts, self.use_bias)
-    allowed_TxE = _allowed_mask(x_TxD.shape[0], self.num_experts,
+    allowed_TxE = allowed_mask(x_TxD.shape[0], self.num_experts,
                                 expert_mask_TxE, segment_ids_T)
     masked_TxE, probs_TxE = _masked_softmax(logits_TxE, allowed_TxE)
     top_p_TxK, index_TxK = jax.lax.top_k(probs_TxE, self.top_k)
     if self.renormalize:
-      top_p_TxK = _safe_normalize(top_p_TxK)
-    return _output(
+      top_p_TxK = safe_normalize(top_p_TxK)
+    return router_output(
         index_TxK, top_p_TxK, probs_TxE, masked_TxE,
         load_balance_loss(probs_TxE, index_TxK, top_p_TxK, allowed_TxE),
         router_z_loss(masked_TxE, allowed_TxE))
@@ -227,7 +227,7 @@ class ExpertChoiceRouter(nn.Module):
     del token_ids_T, deterministic
     num_tokens, num_experts = x_TxD.shape[0], self.num_experts
     logits_TxE = _router_logits(self, x_TxD, num_experts, self.use_bias)
-    allowed_TxE = _allowed_mask(num_tokens, num_experts, expert_mask_TxE,
+    allowed_TxE = allowed_mask(num_tokens, num_experts, expert_mask_TxE,
                                 segment_ids_T)
     masked_TxE, probs_TxE = _masked_softmax(logits_TxE, allowed_TxE)
     scores_ExT = jnp.where(allowed_TxE.T, probs_TxE.T, -1.0)
@@ -238,7 +238,7 @@ class ExpertChoiceRouter(nn.Module):
         token_ExC, expert_ExC].set(jnp.maximum(top_ExC, 0.0),
                                    unique_indices=True)
     index_TxE = jnp.broadcast_to(jnp.arange(num_experts), weights_TxE.shape)
-    return _output(index_TxE, weights_TxE, probs_TxE, masked_TxE,
+    return router_output(index_TxE, weights_TxE, probs_TxE, masked_TxE,
                    z_loss=router_z_loss(masked_TxE, allowed_TxE))
 
 
@@ -283,7 +283,7 @@ class HashRouter(nn.Module):
   seed: int = 0
 
   def __post_init__(self):
-    _check_top_k(self.top_k, self.num_experts)
+    check_top_k(self.top_k, self.num_experts)
     _check_positive_int('vocab_size', self.vocab_size)
     super().__post_init__()
 
@@ -293,7 +293,7 @@ class HashRouter(nn.Module):
     if token_ids_T is None:
       raise ValueError('HashRouter needs token_ids_T (got None).')
     num_tokens, num_experts = x_TxD.shape[0], self.num_experts
-    allowed_TxE = _allowed_mask(num_tokens, num_experts, expert_mask_TxE,
+    allowed_TxE = allowed_mask(num_tokens, num_experts, expert_mask_TxE,
                                 segment_ids_T)
     scores_TxE = jnp.where(
         allowed_TxE, hash_scores(token_ids_T, num_experts, self.seed), -1)
@@ -301,137 +301,5 @@ class HashRouter(nn.Module):
     weights_TxK = jnp.where(top_TxK >= 0, 1.0 / self.top_k, 0.0)
     probs_TxE = jnp.zeros((num_tokens, num_experts), jnp.float32).at[
         jnp.arange(num_tokens)[:, None], index_TxK].add(weights_TxK)
-    return _output(index_TxK, weights_TxK, probs_TxE,
+    return router_output(index_TxK, weights_TxK, probs_TxE,
                    jnp.where(allowed_TxE, 0.0, MASKED_LOGIT))
-
-
-class SequenceGateRouter(nn.Module):
-  """Sequence-level routing with expert-owned sigmoid gates.
-
-  A sequence (one segment id within the group; 0 = padding, routed nowhere)
-  is represented by the mean of its token activations h. Expert e owns one
-  gate row g_e ([E, D] param 'gates') and scores s_e = sigmoid(g_e . h). All
-  tokens of the sequence go to its top_k experts, weighted by their scores
-  renormalized over the chosen k. Because each score depends only on its own
-  row, appending a row (a new expert) or deleting one leaves the other
-  experts' scores unchanged; see `add_expert_gate` / `remove_expert_gate`.
-  load_balance_loss is Switch's loss on the scores normalized per token
-  (token-weighted, so long sequences count more); z_loss is 0 (no softmax).
-
-  Segment ids must lie in [0, T] (packed ids 1..n do).
-  """
-  num_experts: int
-  top_k: int
-
-  def __post_init__(self):
-    _check_top_k(self.top_k, self.num_experts)
-    super().__post_init__()
-
-  @nn.compact
-  def __call__(self, x_TxD, *, token_ids_T=None, segment_ids_T=None,
-               expert_mask_TxE=None, deterministic=True) -> RouterOutput:
-    del token_ids_T, deterministic
-    num_tokens, dim = x_TxD.shape
-    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal',
-                                            in_axis=-1, out_axis=-2)
-    gates_ExD = self.param(
-        'gates', nn.with_logical_partitioning(init, ('unmodeled', 'embed')),
-        (self.num_experts, dim), jnp.float32)
-    if segment_ids_T is None:
-      segment_ids_T = jnp.ones((num_tokens,), jnp.int32)
-    x_TxD = x_TxD.astype(jnp.float32)
-    seg_sum_SxD = jax.ops.segment_sum(x_TxD, segment_ids_T, num_tokens + 1)
-    seg_len_S = jax.ops.segment_sum(jnp.ones((num_tokens,), jnp.float32),
-                                    segment_ids_T, num_tokens + 1)
-    h_SxD = seg_sum_SxD / jnp.maximum(seg_len_S, 1.0)[:, None]
-    seq_logits_SxE = jnp.dot(h_SxD, gates_ExD.T,
-                             precision=jax.lax.Precision.HIGHEST)
-    logits_TxE = seq_logits_SxE[segment_ids_T]
-    allowed_TxE = _allowed_mask(num_tokens, self.num_experts, expert_mask_TxE,
-                                segment_ids_T)
-    scores_TxE = jax.nn.sigmoid(logits_TxE) * allowed_TxE
-    top_TxK, index_TxK = jax.lax.top_k(
-        jnp.where(allowed_TxE, scores_TxE, -1.0), self.top_k)
-    top_TxK = jnp.maximum(top_TxK, 0.0)
-    weights_TxK = _safe_normalize(top_TxK)
-    norm_probs_TxE = _safe_normalize(scores_TxE)
-    return _output(
-        index_TxK, weights_TxK, scores_TxE,
-        jnp.where(allowed_TxE, logits_TxE, MASKED_LOGIT),
-        load_balance_loss(norm_probs_TxE, index_TxK, weights_TxK, allowed_TxE))
-
-
-def _map_gates(params: Mapping[str, Any], fn) -> dict[str, Any]:
-  """Applies fn to the (possibly logically boxed) 'gates' array of params."""
-  if 'gates' not in params:
-    raise ValueError('expected a SequenceGateRouter param dict with key '
-                     f'"gates"; got keys {sorted(params)}.')
-  gates = params['gates']
-  boxed = isinstance(gates, nn.meta.AxisMetadata)
-  new = fn(gates.unbox() if boxed else gates)
-  return {**params, 'gates': gates.replace_boxed(new) if boxed else new}
-
-
-def add_expert_gate(params: Mapping[str, Any], new_row_D) -> dict[str, Any]:
-  """Returns router params with a gate row appended (new expert index E).
-
-  The module must then be built with num_experts + 1 (and the new expert's
-  weights appended). Existing experts' scores are unchanged.
-  """
-  def append(gates_ExD):
-    row = jnp.asarray(new_row_D, gates_ExD.dtype)
-    if row.shape != gates_ExD.shape[1:]:
-      raise ValueError(f'new_row_D has shape {row.shape}; expected '
-                       f'{gates_ExD.shape[1:]}.')
-    return jnp.concatenate([gates_ExD, row[None]], axis=0)
-  return _map_gates(params, append)
-
-
-def remove_expert_gate(params: Mapping[str, Any], e: int) -> dict[str, Any]:
-  """Returns router params without gate row e; experts above e shift down.
-
-  Sequences that chose e fall back to their next-best experts; the module must
-  be built with num_experts - 1 and expert e's weights removed likewise.
-  """
-  def drop(gates_ExD):
-    num_experts = gates_ExD.shape[0]
-    if not isinstance(e, int) or not 0 <= e < num_experts or num_experts < 2:
-      raise ValueError(f'cannot remove expert {e!r} of {num_experts}; allowed: '
-                       f'an int in [0, {num_experts}) with >= 2 experts.')
-    return jnp.concatenate([gates_ExD[:e], gates_ExD[e + 1:]], axis=0)
-  return _map_gates(params, drop)
-
-
-def partition_expert_mask(partition_ids_T: jax.Array, num_partitions: int,
-                          experts_per_partition: int) -> jax.Array:
-  """Tier-1 constraint for a flat MoE over P * Ep experts.
-
-  Args:
-    partition_ids_T: int partition of each token's sequence. Ids outside
-      [0, P) (e.g. -1 for padding) allow no expert.
-    num_partitions: P.
-    experts_per_partition: Ep.
-
-  Returns:
-    bool [T, P*Ep]: token of partition p may use experts [p*Ep, (p+1)*Ep).
-  """
-  _check_positive_int('num_partitions', num_partitions)
-  _check_positive_int('experts_per_partition', experts_per_partition)
-  owner_E = jnp.arange(num_partitions * experts_per_partition
-                       ) // experts_per_partition
-  return owner_E[None, :] == jnp.asarray(partition_ids_T)[..., None]
-
-
-_ROUTERS = {
-    'token_topk': TokenTopKRouter,
-    'expert_choice': ExpertChoiceRouter,
-    'hash': HashRouter,
-    'sequence_gate': SequenceGateRouter,
-}
-
-
-def make_router(kind: str, **kwargs) -> nn.Module:
-  """Builds a router by kind; kwargs go to its constructor (e.g. name=)."""
-  if kind not in _ROUTERS:
-    raise ValueError(f'unknown router kind {kind!r}; allowed: {ROUTER_KINDS}.')
-  return _ROUTERS[kind](**kwargs)

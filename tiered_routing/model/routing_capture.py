@@ -1,21 +1,18 @@
 """Per-token routing decisions of every MoE layer, captured from a forward pass.
 
-The MoE layers only sow aggregate router metrics; expert attribution and
-TRACE need each token's chosen experts. Flax's `capture_intermediates` records
-the `RouterOutput` each router returns, with the group (and, for private
-experts, partition) axes that `nn.vmap` adds in front:
-
-  logits, state = model.apply(
-      variables, tokens_PxBxL, mutable=['intermediates'],
-      capture_intermediates=is_router_call)
-  routing = token_routing(state['intermediates'])
+The MoE layers only sow aggregate router metrics; expert attribution, TRACE,
+routing analysis and expert gates need each token's chosen experts. Flax's
+`capture_intermediates` records the `RouterOutput` each router returns, with
+the group (and, for private experts, partition) axes that `nn.vmap` adds in
+front; `forward.forward(..., capture_routing=True)` asks for it and
+`token_routing` collects it into a `TokenRouting`.
 
 Every MoE layer groups tokens by a plain row-major reshape of the
 `[P, B/P, L]` batch (`moe.group_shape`), so flattening the captured leading
 axes gives token t = the t-th token of `tokens_PxBxL.reshape(-1)`, for all
-three sharing levels. The captured outputs share the 'intermediates'
-collection with the sown router metrics; `losses` reads only the sown values,
-so the collection can go to `losses.total_loss` as it is.
+three sharing levels (`tier1.layout.token_partition_ids` gives each token's
+partition). The captured outputs share the 'intermediates' collection with
+the sown router metrics; `losses` reads only the sown values.
 """
 
 import re
@@ -26,41 +23,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tiered_routing.model import router_registry
 from tiered_routing.model import routing
-
-_ROUTER_TYPES = (
-    routing.TokenTopKRouter,
-    routing.ExpertChoiceRouter,
-    routing.HashRouter,
-    routing.SequenceGateRouter,
-)
-
 
 def is_router_call(module: nn.Module, method_name: str) -> bool:
   """`capture_intermediates` filter: the output of every router's __call__."""
   # The group vmap wraps the call in a function that Flax also captures (as
   # 'route_group'); only '__call__' is kept so every layer appears once.
-  return isinstance(module, _ROUTER_TYPES) and method_name == "__call__"
+  return router_registry.is_router(module) and method_name == "__call__"
 
 
 @flax.struct.dataclass
 class TokenRouting:
-  """Routing of T tokens through L MoE layers.
+  """Routing of T tokens through M MoE layers.
 
   Attributes:
-    expert_index_LxTxK: int32 expert chosen in each of K slots.
-    combine_weights_LxTxK: float32 slot weights; 0 = slot unused (padding,
+    expert_index_MxTxK: int32 expert chosen in each of K slots.
+    combine_weights_MxTxK: float32 slot weights; 0 = slot unused (padding,
       masked or dropped by the router).
     layer_names: the MoE layers' module paths, e.g. 'decoder/layers_1/moe'.
   """
 
-  expert_index_LxTxK: jax.Array
-  combine_weights_LxTxK: jax.Array
+  expert_index_MxTxK: jax.Array
+  combine_weights_MxTxK: jax.Array
   layer_names: tuple[str, ...] = flax.struct.field(pytree_node=False)
 
   @property
   def num_tokens(self) -> int:
-    return self.expert_index_LxTxK.shape[1]
+    return self.expert_index_MxTxK.shape[1]
 
 
 def _natural_key(name: str):
@@ -119,38 +109,9 @@ def token_routing(intermediates: Any) -> TokenRouting:
   if len(set(shapes.values())) > 1:
     raise ValueError(f"MoE layers routed different [T, K] shapes: {shapes}.")
   return TokenRouting(
-      expert_index_LxTxK=jnp.stack([found[n][0] for n in names]),
-      combine_weights_LxTxK=jnp.stack([found[n][1] for n in names]).astype(
+      expert_index_MxTxK=jnp.stack([found[n][0] for n in names]),
+      combine_weights_MxTxK=jnp.stack([found[n][1] for n in names]).astype(
           jnp.float32
       ),
       layer_names=names,
   )
-
-
-def token_partition_ids(shape_PxBxL: tuple[int, int, int]) -> jax.Array:
-  """int32[T]: the tier-1 partition of each token of a `[P, B/P, L]` batch."""
-  if len(shape_PxBxL) != 3:
-    raise ValueError(f"Expected a [P, B/P, L] shape, got {shape_PxBxL}.")
-  p, b, l = shape_PxBxL
-  return jnp.repeat(jnp.arange(p, dtype=jnp.int32), b * l)
-
-
-def apply_with_routing(
-    model: nn.Module, variables: Any, tokens_PxBxL, **kwargs
-) -> tuple[jax.Array, TokenRouting, Any]:
-  """Runs `model.apply` and also returns every token's routing.
-
-  Returns:
-    (model output, TokenRouting, the 'intermediates' collection: the sown
-    router metrics, ready for `losses.total_loss`, plus the captured router
-    outputs, which `losses` ignores).
-  """
-  out, state = model.apply(
-      variables,
-      tokens_PxBxL,
-      capture_intermediates=is_router_call,
-      mutable=["intermediates"],
-      **kwargs,
-  )
-  intermediates = state["intermediates"]
-  return out, token_routing(intermediates), intermediates

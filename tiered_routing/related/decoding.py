@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tiered_routing.tier1 import one_partition
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 BOS_ID = 0  # SeqIO's decoder-only inputs start with token 0.
@@ -106,7 +107,7 @@ def choose(logits_BxV, rng, temperature, top_k) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted_step(config: transformer.DecoderConfig):
+def _jitted_step(config: decoder_config.DecoderConfig):
   """One jitted `_step` per model config, shared by every `Generator`."""
   return jax.jit(
       functools.partial(
@@ -159,7 +160,7 @@ class Generator:
   """
 
   def __init__(
-      self, config: transformer.DecoderConfig, params: Any, partition: int
+      self, config: decoder_config.DecoderConfig, params: Any, partition: int
   ):
     _check_int("partition", partition, 0, config.num_partitions - 1)
     self.partition = partition

@@ -35,6 +35,7 @@ import numpy as np
 from tiered_routing.model import expert_params
 from tiered_routing.tier1 import languages
 from tiered_routing.analysis import routing_stats
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 from tiered_routing.model import routing_capture
 
@@ -74,7 +75,7 @@ def collect_routing(
         positions_PxBxL=batch.get("decoder_positions"),
         **apply_kwargs,
     )
-    return routed.expert_index_LxTxK, routed.combine_weights_LxTxK
+    return routed.expert_index_MxTxK, routed.combine_weights_MxTxK
 
   counts = routing_stats.RoutingCounts(
       len(config.moe_layers), config.experts_per_layer
@@ -95,7 +96,7 @@ def expert_relevance(
     codes: Sequence[str],
     score: str = "token",
 ) -> np.ndarray:
-  """float64 [L, E]: relevance of each expert to the languages `codes`.
+  """float64 [M, E]: relevance of each expert to the languages `codes`.
 
   'token' = ESFT-Token (routed slots / tokens), 'gate' = ESFT-Gate (summed
   combine weights / tokens), both pooled over the given languages.
@@ -103,27 +104,27 @@ def expert_relevance(
   if score not in RELEVANCE:
     raise ValueError(f"score={score!r} is invalid; allowed: {RELEVANCE}.")
   rows = [languages.language_id(c) for c in codes]
-  source = counts.assignments_NxLxE if score == "token" else counts.mass_NxLxE
-  tokens_L = counts.tokens_NxL[rows].sum(axis=0)
-  if not (tokens_L > 0).all():
+  source = counts.assignments_NxMxE if score == "token" else counts.mass_NxMxE
+  tokens_M = counts.tokens_NxM[rows].sum(axis=0)
+  if not (tokens_M > 0).all():
     raise ValueError(
         f"No routed tokens of {list(codes)} in some MoE layer; "
         "collect routing on their data first."
     )
-  return source[rows].sum(axis=0) / tokens_L[:, None]
+  return source[rows].sum(axis=0) / tokens_M[:, None]
 
 
-def select_experts(relevance_LxE, coverage: float) -> np.ndarray:
-  """bool [L, E]: per layer, the most relevant experts until they cover p.
+def select_experts(relevance_MxE, coverage: float) -> np.ndarray:
+  """bool [M, E]: per layer, the most relevant experts until they cover p.
 
   Experts are taken in decreasing relevance (ties: lower index first) while
   the relevance already taken is below `coverage` of the layer's total
   (ESFT's threshold p), so at least one expert per layer is chosen.
   """
-  relevance = np.asarray(relevance_LxE, np.float64)
+  relevance = np.asarray(relevance_MxE, np.float64)
   if relevance.ndim != 2 or (relevance < 0).any():
     raise ValueError(
-        f"relevance must be a non-negative [L, E] array; got "
+        f"relevance must be a non-negative [M, E] array; got "
         f"shape {relevance.shape}."
     )
   if not 0 < coverage <= 1:
@@ -141,23 +142,23 @@ def select_experts(relevance_LxE, coverage: float) -> np.ndarray:
 
 
 def to_selection(
-    selected_LxE, config: transformer.DecoderConfig, partitions: Sequence[int]
+    selected_MxE, config: decoder_config.DecoderConfig, partitions: Sequence[int]
 ) -> np.ndarray:
-  """bool [L, P, Ep] (see `expert_params`) from a layer-level [L, E] choice.
+  """bool [M, P, Ep] (see `expert_params`) from a layer-level [M, E] choice.
 
   Args:
-    selected_LxE: experts of a MoE layer as the router numbers them (E =
+    selected_MxE: experts of a MoE layer as the router numbers them (E =
       `config.experts_per_layer`).
     config: the model's config.
     partitions: the partitions whose private experts are meant (those that
       see the task's data); ignored under sharing 'all', where the layer's
       experts are already global.
   """
-  selected = np.asarray(selected_LxE, bool)
+  selected = np.asarray(selected_MxE, bool)
   m, p, e = len(config.moe_layers), config.num_partitions, config.num_experts
   if selected.shape != (m, config.experts_per_layer):
     raise ValueError(
-        f"selected_LxE has shape {selected.shape}; expected "
+        f"selected_MxE has shape {selected.shape}; expected "
         f"{(m, config.experts_per_layer)}."
     )
   if config.sharing == "all":
@@ -178,17 +179,17 @@ def _check_partitions(partitions: Sequence[int], p: int) -> list[int]:
 
 
 def forced_routing_mask(
-    selected_LxE, config: transformer.DecoderConfig, partitions: Sequence[int]
+    selected_MxE, config: decoder_config.DecoderConfig, partitions: Sequence[int]
 ) -> np.ndarray:
   """expert_mask_MxPxE sending `partitions`' tokens to chosen experts only.
 
   Rows of other partitions allow every expert.
   """
-  selected = np.asarray(selected_LxE, bool)
+  selected = np.asarray(selected_MxE, bool)
   m, e = len(config.moe_layers), config.experts_per_layer
   if selected.shape != (m, e) or not selected.any(-1).all():
     raise ValueError(
-        f"selected_LxE must be bool {(m, e)} with at least one "
+        f"selected_MxE must be bool {(m, e)} with at least one "
         f"expert per layer; got shape {selected.shape}."
     )
   mask = np.ones((m, config.num_partitions, e), bool)
@@ -199,10 +200,10 @@ def forced_routing_mask(
 
 
 def trainable_mask(
-    params: Any, config: transformer.DecoderConfig, selected_LxPxE
+    params: Any, config: decoder_config.DecoderConfig, selected_MxPxE
 ) -> Any:
   """ESFT: only the selected experts train (routers frozen)."""
-  return expert_params.trainable_mask(params, config, selected_LxPxE)
+  return expert_params.trainable_mask(params, config, selected_MxPxE)
 
 
 # ----------------------------------------------------------------- router LoRA
@@ -228,7 +229,7 @@ def _set_path(tree: dict, names: tuple, value) -> None:
 
 
 def init_router_lora(
-    params: Any, config: transformer.DecoderConfig, rank: int, rng: jax.Array
+    params: Any, config: decoder_config.DecoderConfig, rank: int, rng: jax.Array
 ) -> dict:
   """LoRA adapters for every router: {path...: {'lora_a', 'lora_b'}}.
 
@@ -280,7 +281,7 @@ def merge_router_lora(
   return jax.tree_util.tree_map_with_path(merge, params)
 
 
-def lora_param_count(config: transformer.DecoderConfig, rank: int) -> int:
+def lora_param_count(config: decoder_config.DecoderConfig, rank: int) -> int:
   """Adapter parameter count: rank * (D + E) per router (and partition)."""
   copies = 1 if config.sharing == "all" else config.num_partitions
   return (
@@ -310,7 +311,7 @@ class FinetuneModel:
   lora_alpha: Optional[float] = None
 
   @property
-  def config(self) -> transformer.DecoderConfig:
+  def config(self) -> decoder_config.DecoderConfig:
     return self.base.config
 
   def base_params(self, params: Any) -> Any:

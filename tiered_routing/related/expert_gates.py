@@ -48,13 +48,14 @@ from tiered_routing.model import expert_params
 from tiered_routing.train import train_state
 from tiered_routing.model import losses
 from tiered_routing.model import routing
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 from tiered_routing.model import routing_capture
 
 TrainState = train_state.TrainState
 
 
-def _check_sequence_gates(config: transformer.DecoderConfig) -> None:
+def _check_sequence_gates(config: decoder_config.DecoderConfig) -> None:
   if config.router != "sequence_gate" or not config.num_experts:
     raise ValueError(
         f"Experts can be added or removed only with router='sequence_gate' "
@@ -64,8 +65,8 @@ def _check_sequence_gates(config: transformer.DecoderConfig) -> None:
 
 
 def resized_config(
-    config: transformer.DecoderConfig, num_experts: int
-) -> transformer.DecoderConfig:
+    config: decoder_config.DecoderConfig, num_experts: int
+) -> decoder_config.DecoderConfig:
   """`config` with `num_experts` experts per partition.
 
   The capacity factor is rescaled so that the per-expert capacity
@@ -87,7 +88,7 @@ def resized_config(
 
 
 def _per_layer_partition(values, config, name) -> np.ndarray:
-  """Broadcasts an int or [L] or [L, P] array of expert ids to int [L, P]."""
+  """Broadcasts an int or [M] or [M, P] array of expert ids to int [M, P]."""
   shape = (len(config.moe_layers), config.num_partitions)
   ids = np.asarray(values)
   if ids.ndim == 1:
@@ -97,7 +98,7 @@ def _per_layer_partition(values, config, name) -> np.ndarray:
   except ValueError:
     raise ValueError(
         f"{name} has shape {np.shape(values)}; expected an int, "
-        f"[L={shape[0]}] or [L, P]={shape}."
+        f"[M={shape[0]}] or [M, P]={shape}."
     ) from None
   if (
       not np.issubdtype(ids.dtype, np.integer)
@@ -111,11 +112,11 @@ def _per_layer_partition(values, config, name) -> np.ndarray:
 
 def add_expert(
     params: Any,
-    config: transformer.DecoderConfig,
+    config: decoder_config.DecoderConfig,
     *,
     source_experts: Any = 0,
-    gate_rows_LxPxD: Optional[Any] = None,
-) -> tuple[Any, transformer.DecoderConfig]:
+    gate_rows_MxPxD: Optional[Any] = None,
+) -> tuple[Any, decoder_config.DecoderConfig]:
   """Appends one expert to every partition of every MoE layer.
 
   The new expert has index Ep (the old Ep experts keep theirs) and starts as
@@ -126,8 +127,8 @@ def add_expert(
     params: unboxed parameters of `TieredDecoder(config)`.
     config: its config (router 'sequence_gate').
     source_experts: expert whose weights the new one copies: an int, or int
-      [L] (per MoE layer) or [L, P].
-    gate_rows_LxPxD: the new gate rows; None = zeros, i.e. score 0.5 for
+      [M] (per MoE layer) or [M, P].
+    gate_rows_MxPxD: the new gate rows; None = zeros, i.e. score 0.5 for
       every sequence until trained.
 
   Returns:
@@ -141,8 +142,8 @@ def add_expert(
     if info.is_router:
       rows = (
           jnp.zeros((p,) + x_PxE.shape[2:], x_PxE.dtype)
-          if gate_rows_LxPxD is None
-          else jnp.asarray(gate_rows_LxPxD, x_PxE.dtype)[info.moe_layer]
+          if gate_rows_MxPxD is None
+          else jnp.asarray(gate_rows_MxPxD, x_PxE.dtype)[info.moe_layer]
       )
       # The router's own helper (per partition) checks the row's shape.
       return jax.vmap(
@@ -156,8 +157,8 @@ def add_expert(
 
 
 def remove_expert(
-    params: Any, config: transformer.DecoderConfig, experts: Any
-) -> tuple[Any, transformer.DecoderConfig]:
+    params: Any, config: decoder_config.DecoderConfig, experts: Any
+) -> tuple[Any, decoder_config.DecoderConfig]:
   """Deletes one expert per MoE layer (the same index in every partition).
 
   Experts above the removed one shift down by one. The removed expert's gate
@@ -166,7 +167,7 @@ def remove_expert(
   Args:
     params: unboxed parameters of `TieredDecoder(config)`.
     config: its config (router 'sequence_gate').
-    experts: the expert to remove: an int, or int [L] (one per MoE layer).
+    experts: the expert to remove: an int, or int [M] (one per MoE layer).
 
   Returns:
     (new params, config with num_experts - 1).
@@ -203,9 +204,9 @@ def _check_owners(owners: Sequence[int], num_partitions: int) -> tuple:
 
 
 def new_expert_selection(
-    config: transformer.DecoderConfig, owners: Sequence[int] = (0,)
+    config: decoder_config.DecoderConfig, owners: Sequence[int] = (0,)
 ) -> np.ndarray:
-  """bool [L, P, Ep]: the last expert (the added one) of the owners."""
+  """bool [M, P, Ep]: the last expert (the added one) of the owners."""
   owners = _check_owners(owners, config.num_partitions)
   selected = np.zeros(
       (len(config.moe_layers), config.num_partitions, config.num_experts), bool
@@ -215,7 +216,7 @@ def new_expert_selection(
 
 
 def owner_expert_mask(
-    config: transformer.DecoderConfig, owners: Sequence[int] = (0,)
+    config: decoder_config.DecoderConfig, owners: Sequence[int] = (0,)
 ) -> Optional[np.ndarray]:
   """expert_mask_PxE keeping non-owner partitions off the added expert.
 
@@ -235,7 +236,7 @@ def owner_expert_mask(
   return ~new_PxE | np.isin(np.arange(p), owners)[:, None]
 
 
-def new_expert_ids(config: transformer.DecoderConfig) -> jax.Array:
+def new_expert_ids(config: decoder_config.DecoderConfig) -> jax.Array:
   """int32 [P]: layer-level index of partition p's added (last) expert."""
   e = config.num_experts
   p = jnp.arange(config.num_partitions, dtype=jnp.int32)
@@ -246,8 +247,8 @@ def uses_expert(
     routing_: routing_capture.TokenRouting, expert_T: jax.Array
 ) -> jax.Array:
   """bool [T]: whether token t is sent to expert expert_T[t] in any layer."""
-  hit = (routing_.expert_index_LxTxK == expert_T[None, :, None]) & (
-      routing_.combine_weights_LxTxK != 0
+  hit = (routing_.expert_index_MxTxK == expert_T[None, :, None]) & (
+      routing_.combine_weights_MxTxK != 0
   )
   return hit.any(axis=(0, 2))
 

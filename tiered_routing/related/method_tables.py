@@ -21,6 +21,7 @@ from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
 from tiered_routing.train import trainer
 from tiered_routing.eval import lm_metrics
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 from tiered_routing.model import routing_capture
 
@@ -86,7 +87,7 @@ class Evaluator:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_fn(config: transformer.DecoderConfig):
+def _forward_fn(config: decoder_config.DecoderConfig):
   """Jitted (logits, TokenRouting) of a config (cached: compiled once)."""
   model = transformer.TieredDecoder(config)
 

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tiered_routing.train import checkpoints
 from tiered_routing import sharding
 from tiered_routing.train import train_state
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 PARAMS_KEY = "params"
@@ -60,7 +61,7 @@ def _pick_step(directory: str, step: Optional[int]) -> int:
 
 
 def abstract_params(
-    config: transformer.DecoderConfig, mesh: jax.sharding.Mesh
+    config: decoder_config.DecoderConfig, mesh: jax.sharding.Mesh
 ) -> Any:
   """ShapeDtypeStructs of the model's params, sharded by the logical rules."""
   model = transformer.TieredDecoder(config)
@@ -107,7 +108,7 @@ def _check_shapes(saved_tree: Any, target: Any) -> None:
 
 def restore_params(
     model_dir: str,
-    config: Optional[transformer.DecoderConfig] = None,
+    config: Optional[decoder_config.DecoderConfig] = None,
     *,
     mesh: Optional[jax.sharding.Mesh] = None,
     step: Optional[int] = None,

@@ -1,46 +1,47 @@
-"""Pure train and eval steps of `TieredDecoder` (`trainer` runs the loop).
+"""The one optimizer step, and the language-modelling objective it trains.
 
-The loss weights partitions equally: partition p contributes its own
-token-mean cross-entropy, and the objective is the mean over partitions (plus
-router losses). Together with partition-wise optimization
-(`optimizers.partitionwise`) this keeps strict partitions (sharing 'none')
-exactly independent: partition p's parameters never depend on another
-partition's data, not even through a shared loss normalizer or clipping norm.
+`train_step` is generic: an *objective* gives the gradients and metrics of a
+batch, the optimizer applies them, and an optional update mask confines what
+may change. Pre-training, the reference models of the trade-off sweep,
+ESFT, router LoRA, the gradient unlearning methods (GA, GradDiff, NPO,
+TRACE) and new-expert training all run this step in the one loop
+(`loop.run`); what differs between them is data: an objective (a frozen
+dataclass), an optimizer and the step's fixed inputs (`StepInputs`).
+
+`LmObjective` is pre-training's: partitions are weighted equally (partition
+p contributes its own token-mean cross-entropy, the objective is the mean
+over partitions, plus router losses). Together with partition-wise
+optimization (`optimizers.partitionwise`) this keeps strict partitions
+(sharing 'none') exactly independent: partition p's parameters never depend
+on another partition's data, not even through a shared loss normalizer or
+clipping norm.
 
 Randomness (dropout, router jitter) is `fold_in(rng, step)`, so a step is a
-pure function of (state, batch, rng).
+pure function of (state, batch, rng, inputs).
 """
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
-import flax.linen as nn
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from tiered_routing.tier1 import languages
-from tiered_routing.train import train_state
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import losses
+from tiered_routing.model import transformer
+from tiered_routing.train import train_state
 
-TrainState = train_state.TrainState
-
-# Features the steps read from a [P, B/P, L] batch (see features.py).
-MODEL_FEATURES = (
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "decoder_loss_weights",
-    "decoder_language_ids",
-    "decoder_segment_ids",
-    "decoder_positions",
-)
 Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Loss and loop settings of `train` and `train_step`.
+  """Loss and loop settings of pre-training (`trainer.train`).
 
   Attributes:
     train_steps: total number of steps (a resumed run stops there too).
@@ -85,49 +86,102 @@ class TrainConfig:
         )
 
 
-def per_language_sums(
-    per_token_loss: jax.Array, weights: jax.Array, language_ids: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """Sums of weighted per-token loss and of weights for each language id.
+@flax.struct.dataclass
+class StepInputs:
+  """Traced inputs of a step that stay fixed over a run (not a batch).
+
+  Passing them as arguments, not constants, lets runs that differ only in
+  them (the unlearning methods, the partition an update is confined to)
+  share one compiled step.
+
+  Attributes:
+    update_mask: tree like the parameters with float leaves broadcastable
+      to them: 1.0 = may change, 0.0 = frozen. None = all train.
+    objective: whatever the objective reads besides parameters and batch
+      (e.g. the unlearning methods' reference parameters and coefficients).
+  """
+
+  update_mask: Any = None
+  objective: Any = None
+
+
+class Objective(Protocol):
+  """What `train_step` optimizes."""
+
+  def gradients(
+      self, params: Any, batch: Any, rng: jax.Array, inputs: Any
+  ) -> tuple[Any, Metrics]:
+    """(gradients with the structure of `params`, flat metrics)."""
+
+
+def masked(tree: Any, mask: Any) -> Any:
+  """`tree` times a 0 / 1 `mask` (frozen entries become 0.0); None = all."""
+  if mask is None:
+    return tree
+  return jax.tree.map(lambda u, m: u * m, tree, mask)
+
+
+def train_step(
+    state: train_state.TrainState,
+    batch: Any,
+    rng: jax.Array,
+    inputs: StepInputs = StepInputs(),
+    *,
+    objective: Objective,
+    tx: optax.GradientTransformation,
+) -> tuple[train_state.TrainState, Metrics]:
+  """One optimizer step (pure; bind the keyword arguments before `jit`).
+
+  Gradients of frozen entries are zeroed *before* the optimizer, so clipping
+  norms and Adam's moments see only the trainable entries, and updates are
+  zeroed *after* it, so nothing the optimizer does without a gradient
+  (decoupled weight decay, momentum) can move them: p + 0.0 == p.
 
   Args:
-    per_token_loss: [...] loss already multiplied by `weights`.
-    weights: [...] loss weights (0 at padding).
-    language_ids: [...] int ids in [0, NUM_LANGUAGES).
+    state: the train state before the step.
+    batch: what the objective reads (e.g. [P, B/P, L] features).
+    rng: base key; the step's key is `fold_in(rng, state.step)`.
+    inputs: the run's fixed inputs (update mask, objective inputs).
+    objective: gives gradients and metrics.
+    tx: the optimizer.
 
   Returns:
-    (loss_sum_N, weight_sum_N), float32 [NUM_LANGUAGES]; the exact
-    per-language mean loss is loss_sum_N / weight_sum_N.
+    The new state and device metrics: the objective's, plus 'grad_norm',
+    'param_norm' and 'finite' (loss, gradients and new parameters all
+    finite).
   """
-  n = languages.NUM_LANGUAGES
-  ids = language_ids.reshape(-1).astype(jnp.int32)
-  zeros = jnp.zeros((n,), jnp.float32)
-  loss_sum = zeros.at[ids].add(per_token_loss.reshape(-1).astype(jnp.float32))
-  weight_sum = zeros.at[ids].add(weights.reshape(-1).astype(jnp.float32))
-  return loss_sum, weight_sum
-
-
-def _apply(model, params, batch, rng, deterministic):
-  """Logits and sown intermediates of one [P, B/P, L] batch."""
-  rngs = None
-  if rng is not None:
-    dropout_rng, jitter_rng = jax.random.split(rng)
-    rngs = {"dropout": dropout_rng, "jitter": jitter_rng}
-  logits, variables = model.apply(
-      {"params": params},
-      batch["decoder_input_tokens"],
-      segment_ids_PxBxL=batch.get("decoder_segment_ids"),
-      positions_PxBxL=batch.get("decoder_positions"),
-      deterministic=deterministic,
-      rngs=rngs,
-      mutable=["intermediates"],
+  rng = jax.random.fold_in(rng, state.step)
+  grads, metrics = objective.gradients(state.params, batch, rng, inputs.objective)
+  grads = masked(grads, inputs.update_mask)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(
+      state.params, masked(updates, inputs.update_mask)
   )
-  return logits, variables.get("intermediates", {})
+  out = dict(metrics)
+  out["grad_norm"] = optax.tree.norm(grads)
+  out["param_norm"] = optax.tree.norm(params)
+  finite = [jnp.isfinite(out["loss"]), jnp.isfinite(out["grad_norm"])]
+  finite += [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]
+  out["finite"] = jnp.all(jnp.stack(finite))
+  return (
+      state.replace(step=state.step + 1, params=params, opt_state=opt_state),
+      out,
+  )
 
 
-def _microbatch_loss(params, batch, rng, inv_weight_P, *, model, config):
-  """Objective of one microbatch and its metrics (sums and means)."""
-  logits, intermediates = _apply(model, params, batch, rng, False)
+def _microbatch_loss(params, batch, rng, inv_weight_P, *, objective):
+  """LM objective of one microbatch and its metrics (sums and means)."""
+  config = objective.config
+  out = forward_lib.forward(
+      objective.model,
+      objective.model_params(params),
+      batch,
+      rng=rng,
+      deterministic=False,
+      expert_mask_MxPxE=objective.expert_mask(),
+      keep_intermediates=True,
+  )
+  logits, intermediates = out.logits_PxBxLxV, out.intermediates
   weights = batch["decoder_loss_weights"].astype(jnp.float32)
   _, _, ce_PxBxL = losses.cross_entropy_loss(
       logits, batch["decoder_target_tokens"], weights
@@ -146,7 +200,7 @@ def _microbatch_loss(params, batch, rng, inv_weight_P, *, model, config):
       )
       / m
   )
-  lang_loss, lang_weight = per_language_sums(
+  lang_loss, lang_weight = losses.per_language_sums(
       ce_PxBxL, weights, batch["decoder_language_ids"]
   )
   sums = {
@@ -174,34 +228,62 @@ def _split_microbatches(x: jax.Array, m: int) -> jax.Array:
   return jnp.moveaxis(x.reshape(p, b // m, m, *x.shape[2:]), 2, 0)
 
 
-def gradients(
-    params: Any,
-    batch: Batch,
-    rng: jax.Array,
-    *,
-    model: nn.Module,
-    config: TrainConfig,
-) -> tuple[Any, dict[str, Any]]:
-  """Gradients of the objective on a whole batch, and metrics.
+@dataclasses.dataclass(frozen=True)
+class LmObjective:
+  """Pre-training's objective (module doc), optionally seen through a view.
 
-  With `config.num_microbatches` > 1 the gradients are accumulated over
+  Attributes:
+    model: the decoder.
+    config: loss coefficients and gradient accumulation.
+    expert_mask_MxPxE: optional fixed per-MoE-layer expert mask (ESFT's
+      forced routing).
+    params_view: optional map from the trained parameters to the model's
+      (e.g. router LoRA adapters merged into the router kernels); None =
+      the trained parameters are the model's.
+  """
+
+  model: transformer.TieredDecoder
+  config: TrainConfig
+  expert_mask_MxPxE: Optional[np.ndarray] = None
+  params_view: Optional[Callable[[Any], Any]] = None
+
+  def model_params(self, params: Any) -> Any:
+    return params if self.params_view is None else self.params_view(params)
+
+  def expert_mask(self) -> Optional[jax.Array]:
+    if self.expert_mask_MxPxE is None:
+      return None
+    return jnp.asarray(self.expert_mask_MxPxE)
+
+  def gradients(self, params, batch, rng, inputs=None):
+    del inputs  # Pre-training has no fixed inputs besides the parameters.
+    grads, metrics = lm_gradients(params, batch, rng, objective=self)
+    return grads, {**metrics["sums"], **metrics["means"]}
+
+
+def lm_gradients(
+    params: Any, batch: Batch, rng: jax.Array, *, objective: LmObjective
+) -> tuple[Any, dict[str, Any]]:
+  """Gradients of the LM objective on a whole batch, and metrics.
+
+  With `num_microbatches` > 1 the gradients are accumulated over
   microbatches; the per-partition token normalizers come from the whole
   batch, so the result equals the full-batch gradient (router losses, being
   averages over routing groups, are averaged over microbatches).
 
   Returns:
-    (grads, {'sums': ..., 'means': ...}) with the structure of `params` and
-    the metrics of `train_step`.
+    (grads, {'sums': ..., 'means': ...}): summed metrics ('loss',
+    'cross_entropy_sum', 'weight_sum', per-language 'loss_sum_N' /
+    'weight_sum_N') and averaged ones (router losses and metrics).
   """
   weight_P = jnp.sum(
       batch["decoder_loss_weights"].astype(jnp.float32), axis=(1, 2)
   )
   inv_weight_P = 1.0 / jnp.maximum(weight_P, 1.0)
   grad_fn = jax.grad(
-      functools.partial(_microbatch_loss, model=model, config=config),
-      has_aux=True,
+      functools.partial(_microbatch_loss, objective=objective), has_aux=True
   )
-  m = config.num_microbatches
+  m = objective.config.num_microbatches
   if m == 1:
     return grad_fn(params, batch, rng, inv_weight_P)
   micro = {k: _split_microbatches(v, m) for k, v in batch.items()}
@@ -221,66 +303,3 @@ def gradients(
   (grads, metrics), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(m)))
   metrics["means"] = jax.tree.map(lambda x: x / m, metrics["means"])
   return grads, metrics
-
-
-def train_step(
-    state: TrainState,
-    batch: Batch,
-    rng: jax.Array,
-    *,
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    config: TrainConfig,
-) -> tuple[TrainState, dict[str, Any]]:
-  """One optimizer step (pure; bind the keyword arguments before `jit`).
-
-  Args:
-    state: the train state before the step.
-    batch: [P, B/P, L] features (MODEL_FEATURES).
-    rng: base key; the step's key is `fold_in(rng, state.step)`.
-    model: the `TieredDecoder`.
-    tx: its optimizer.
-    config: losses and gradient accumulation.
-
-  Returns:
-    The new state and device metrics: 'loss', 'cross_entropy_sum',
-    'weight_sum', per-language 'loss_sum_N' / 'weight_sum_N', router losses
-    and metrics, 'grad_norm', 'param_norm' and 'finite' (loss, gradients
-    and new parameters all finite).
-  """
-  rng = jax.random.fold_in(rng, state.step)
-  grads, metrics = gradients(
-      state.params, batch, rng, model=model, config=config
-  )
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  out = {**metrics["sums"], **metrics["means"]}
-  out["grad_norm"] = optax.tree.norm(grads)
-  out["param_norm"] = optax.tree.norm(params)
-  finite = [jnp.isfinite(out["loss"]), jnp.isfinite(out["grad_norm"])]
-  finite += [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]
-  out["finite"] = jnp.all(jnp.stack(finite))
-  return (
-      state.replace(step=state.step + 1, params=params, opt_state=opt_state),
-      out,
-  )
-
-
-def eval_step(
-    params: Any, batch: Batch, *, model: nn.Module
-) -> dict[str, jax.Array]:
-  """Per-language sums of the validation cross-entropy (no z-loss).
-
-  Returns:
-    {'loss_sum_N', 'weight_sum_N'}: float32 [NUM_LANGUAGES]; summed over
-    batches they give the exact per-language mean loss.
-  """
-  logits, _ = _apply(model, params, batch, None, True)
-  weights = batch["decoder_loss_weights"].astype(jnp.float32)
-  _, _, ce = losses.cross_entropy_loss(
-      logits, batch["decoder_target_tokens"], weights
-  )
-  loss_sum, weight_sum = per_language_sums(
-      ce, weights, batch["decoder_language_ids"]
-  )
-  return {"loss_sum_N": loss_sum, "weight_sum_N": weight_sum}

@@ -20,6 +20,7 @@ import optax
 
 from tiered_routing.train import optimizers
 from tiered_routing import sharding
+from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 
@@ -51,6 +52,17 @@ def _init_params(
   """Boxed parameters (parameter shapes do not depend on B/P or L)."""
   tokens = jnp.zeros(batch_shape, jnp.int32)
   return model.init({"params": rng}, tokens)["params"]
+
+
+def abstract_boxed_params(model: transformer.TieredDecoder) -> Any:
+  """Abstract boxed parameters (their logical axes); nothing allocated.
+
+  Parameter shapes do not depend on the batch, so a [P, 1, 2] batch is used.
+  """
+  tokens = jnp.zeros((model.config.num_partitions, 1, 2), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))[
+      "params"
+  ]
 
 
 def _path_keys(path) -> tuple[str, ...]:
@@ -129,7 +141,7 @@ def param_layout(
 
 
 def setup(
-    model_config: transformer.DecoderConfig,
+    model_config: decoder_config.DecoderConfig,
     optimizer_config: optimizers.OptimizerConfig,
     train_steps: int,
     mesh: Mesh,

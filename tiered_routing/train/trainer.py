@@ -1,10 +1,16 @@
-"""The training loop (`train`) over the pure steps of `steps`.
+"""A checkpointed pre-training run: restore or initialize, loop, save.
+
+`train` is what `python -m tiered_routing.train` and the trade-off sweep's
+original and reference models run. It owns the run directory (a lock,
+checkpoints/, train/ metrics) and drives the one loop (`loop.run`) with
+`steps.train_step` on the LM objective, adding two hooks: metrics (fetched
+from the device only at log and checkpoint steps, with the NaN / Inf guard)
+and checkpoints.
 
 Checkpoints hold the whole `TrainState`; the data order is a function of the
 step and the step's randomness is `fold_in(seed, step)`, so a run resumed
 from a checkpoint computes exactly what an uninterrupted run computes
-(bitwise, on the same mesh). Metrics (and the NaN / Inf guard) are fetched
-from the device only at log and checkpoint steps.
+(bitwise, on the same mesh).
 """
 
 import contextlib
@@ -17,41 +23,17 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from tiered_routing import sharding
+from tiered_routing.model import decoder_config
 from tiered_routing.train import checkpoints
+from tiered_routing.train import loop
 from tiered_routing.train import metrics_writer
 from tiered_routing.train import model_dir_lock
 from tiered_routing.train import optimizers
-from tiered_routing import sharding
 from tiered_routing.train import steps
 from tiered_routing.train import train_state
-from tiered_routing.model import transformer
-
-# The step API, re-exported: trainer.train_step, trainer.TrainConfig, ...
-TrainState = train_state.TrainState
-TrainConfig = steps.TrainConfig
-MODEL_FEATURES = steps.MODEL_FEATURES
-per_language_sums = steps.per_language_sums
-gradients = steps.gradients
-train_step = steps.train_step
-eval_step = steps.eval_step
 
 BatchesFn = Callable[[int], Iterator[Mapping[str, np.ndarray]]]
-
-
-def to_global_batch(
-    batch: Mapping[str, np.ndarray], mesh: Mesh, keys=MODEL_FEATURES
-) -> dict[str, jax.Array]:
-  """Places a host batch [P, B/P, L] (the same on every host) on the mesh."""
-  out = {}
-  for key in keys:
-    if key not in batch:
-      continue
-    array = np.asarray(batch[key])
-    placement = sharding.batch_sharding(mesh, array.ndim, array.shape)
-    out[key] = jax.make_array_from_callback(
-        array.shape, placement, lambda index, a=array: a[index]
-    )
-  return out
 
 
 def _restore_or_init(
@@ -59,7 +41,7 @@ def _restore_or_init(
     s: train_state.Setup,
     init_rng: jax.Array,
     batch_shape: tuple[int, int, int],
-) -> TrainState:
+) -> train_state.TrainState:
   if ckpt.latest_step() is None:
     logging.info("No checkpoint in %s: initializing.", ckpt.directory)
     return train_state.init_state(s, init_rng, batch_shape)
@@ -74,27 +56,32 @@ def _restore_or_init(
   return restored.state
 
 
-def _check_batch(batch: Mapping[str, np.ndarray], batch_shape) -> None:
-  shape = tuple(np.shape(batch["decoder_input_tokens"]))
-  if shape != tuple(batch_shape):
-    raise ValueError(
-        f"Batches have shape {shape} but batch_shape="
-        f"{tuple(batch_shape)} [P, B/P, L] was declared."
-    )
+def _checked(batches: Iterator, batch_shape) -> Iterator:
+  """`batches`, with the first one's [P, B/P, L] shape checked."""
+  first = next(batches, None)
+  if first is not None:
+    shape = tuple(np.shape(first["decoder_input_tokens"]))
+    if shape != tuple(batch_shape):
+      raise ValueError(
+          f"Batches have shape {shape} but batch_shape="
+          f"{tuple(batch_shape)} [P, B/P, L] was declared."
+      )
+    yield first
+  yield from batches
 
 
 def train(
     *,
     model_dir: str,
-    model_config: transformer.DecoderConfig,
+    model_config: decoder_config.DecoderConfig,
     optimizer_config: optimizers.OptimizerConfig,
-    config: TrainConfig,
+    config: steps.TrainConfig,
     batches: BatchesFn,
     batch_shape: tuple[int, int, int],
     mesh: Mesh,
     metadata: Optional[Mapping[str, Any]] = None,
     lock_model_dir: bool = True,
-) -> TrainState:
+) -> train_state.TrainState:
   """Trains (or resumes) to `config.train_steps`, checkpointing in model_dir.
 
   Args:
@@ -105,9 +92,9 @@ def train(
     config: losses and loop settings.
     batches: `batches(start_step)` iterates over host batches of
       [P, B/P, L] features from batch `start_step` on, the same on every host
-      (e.g. `inputs.batch_iterator(dataset, start_step)`).
+      (e.g. `pipeline.batch_iterator(dataset, start_step)`).
     batch_shape: [P, B/P, L] of the batches.
-    mesh: device mesh (see `partitioning.make_mesh`).
+    mesh: device mesh (see `sharding.make_mesh`).
     metadata: extra JSON saved with every checkpoint (e.g. the gin config).
     lock_model_dir: take the model_dir lock (False if the caller holds it).
 
@@ -149,25 +136,36 @@ def _train_locked(model_dir, s, config, batches, batch_shape, mesh, metadata):
       log = metrics_writer.TrainMetricsLog(
           writer, s.schedule, config.train_steps, ckpt_dir
       )
-      return _loop(
-          state,
-          s,
-          ckpt,
-          log,
-          batches,
-          batch_shape,
-          mesh,
-          config,
-          step_rng,
-          metadata,
-      )
+      return _loop(state, s, ckpt, log, batches, batch_shape, mesh, config,
+                   step_rng, metadata)
   finally:
     writer.close()
 
 
-def _loop(
-    state, s, ckpt, log, batches, batch_shape, mesh, config, step_rng, metadata
-) -> TrainState:
+def _save_hook(ckpt, log, config, metadata) -> loop.Hook:
+  """Logs every step's metrics; checks and writes them at log steps; saves
+  at checkpoint steps (after the check, so a diverged state is never
+  saved)."""
+  last_saved = [ckpt.latest_step()]
+
+  def hook(done, state, metrics):
+    log.add(done, metrics)
+    is_last = done == config.train_steps
+    save = is_last or done % config.save_every_steps == 0
+    write = is_last or done % config.log_every_steps == 0
+    if save or write:
+      log.check(last_saved[0])
+    if write:
+      log.write(done)
+    if save:
+      ckpt.save(done, state, {**metadata, "data_step": done}, force=True)
+      last_saved[0] = done
+
+  return hook
+
+
+def _loop(state, s, ckpt, log, batches, batch_shape, mesh, config, step_rng,
+          metadata) -> train_state.TrainState:
   """Steps from the state's step to config.train_steps."""
   start = int(jax.device_get(state.step))
   if start >= config.train_steps:
@@ -175,34 +173,19 @@ def _loop(
         "Step %d >= train_steps=%d: nothing to do.", start, config.train_steps
     )
     return state
+  objective = steps.LmObjective(s.model, config)
   step_fn = jax.jit(
-      functools.partial(train_step, model=s.model, tx=s.tx, config=config),
+      functools.partial(steps.train_step, objective=objective, tx=s.tx),
       out_shardings=(s.shardings, NamedSharding(mesh, PartitionSpec())),
       donate_argnums=0,
   )
-  last_saved = ckpt.latest_step()
-  iterator = batches(start)
-  for step in range(start, config.train_steps):
-    try:
-      host_batch = next(iterator)
-    except StopIteration:
-      raise ValueError(
-          f"The data ran out at step {step}; training data must "
-          "repeat (num_epochs=None)."
-      ) from None
-    if step == start:
-      _check_batch(host_batch, batch_shape)
-    state, metrics = step_fn(state, to_global_batch(host_batch, mesh), step_rng)
-    done = step + 1
-    log.add(done, metrics)
-    is_last = done == config.train_steps
-    save = is_last or done % config.save_every_steps == 0
-    write = is_last or done % config.log_every_steps == 0
-    if save or write:
-      log.check(last_saved)
-    if write:
-      log.write(done)
-    if save:
-      ckpt.save(done, state, {**metadata, "data_step": done}, force=True)
-      last_saved = done
+  state, _ = loop.run(
+      lambda state, batch: step_fn(state, batch, step_rng),
+      state,
+      _checked(iter(batches(start)), batch_shape),
+      start=start,
+      end=config.train_steps,
+      to_device=lambda batch: sharding.to_global_batch(batch, mesh),
+      hooks=[_save_hook(ckpt, log, config, metadata)],
+  )
   return state

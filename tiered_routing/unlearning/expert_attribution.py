@@ -25,7 +25,7 @@ share of the forget routing. A selection may never remove every expert of a
 layer.
 
 Masks follow the router convention (bool, True = allowed) with shape
-[L, P, E], L the MoE layers in order (the layers of `TokenRouting`): row p
+[M, P, E], M the MoE layers in order (the layers of `TokenRouting`): row p
 applies to tokens of tier-1 partition p. That is the decoder's per-layer
 `expert_mask_MxPxE`, so each layer loses only its own critical experts
 (`decoder_mask_kwargs`); `shared_layer_mask` collapses the layers into one
@@ -57,7 +57,7 @@ def routing_counts(
   """Per-layer expert activation counts over the selected tokens.
 
   Args:
-    routing: captured routing of T tokens through L layers.
+    routing: captured routing of T tokens through M MoE layers.
     num_experts: E (experts per MoE layer, P * E under sharing 'all').
     token_mask_T: bool, which tokens to count (e.g. forget-language tokens,
       not padding); None = all.
@@ -65,7 +65,7 @@ def routing_counts(
       their combine weights, the "average gate score" of ESFT-Gate).
 
   Returns:
-    (counts_LxE float32, number of counted tokens); sum them over batches and
+    (counts_MxE float32, number of counted tokens); sum them over batches and
     divide to get frequencies.
   """
   if weighting not in WEIGHTINGS:
@@ -83,19 +83,19 @@ def routing_counts(
         f"token_mask_T has shape {mask_T.shape}; expected ({t},)"
         " (one entry per routed token)."
     )
-  w = routing.combine_weights_LxTxK
-  slot_LxTxK = w if weighting == "mass" else (w > 0).astype(jnp.float32)
-  slot_LxTxK = slot_LxTxK * mask_T[None, :, None]
-  onehot = jax.nn.one_hot(routing.expert_index_LxTxK, num_experts)
-  counts_LxE = jnp.einsum("ltk,ltke->le", slot_LxTxK, onehot)
-  return counts_LxE, jnp.sum(mask_T)
+  w = routing.combine_weights_MxTxK
+  slot_MxTxK = w if weighting == "mass" else (w > 0).astype(jnp.float32)
+  slot_MxTxK = slot_MxTxK * mask_T[None, :, None]
+  onehot = jax.nn.one_hot(routing.expert_index_MxTxK, num_experts)
+  counts_MxE = jnp.einsum("ltk,ltke->le", slot_MxTxK, onehot)
+  return counts_MxE, jnp.sum(mask_T)
 
 
 def _check_frequencies(**arrays) -> None:
   shapes = {name: np.shape(a) for name, a in arrays.items()}
   if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
     raise ValueError(
-        f"Frequencies must be [L, E] arrays of one shape, got " f"{shapes}."
+        f"Frequencies must be [M, E] arrays of one shape, got " f"{shapes}."
     )
   for name, a in arrays.items():
     a = np.asarray(a)
@@ -104,21 +104,21 @@ def _check_frequencies(**arrays) -> None:
 
 
 def expert_scores(
-    forget_freq_LxE,
-    retain_freq_LxE,
+    forget_freq_MxE,
+    retain_freq_MxE,
     score: str = "log_ratio",
     smoothing: float = 0.1,
 ) -> np.ndarray:
-  """float64 [L, E] forget-criticality scores (higher = more critical)."""
+  """float64 [M, E] forget-criticality scores (higher = more critical)."""
   if score not in SCORES:
     raise ValueError(f"score={score!r} is invalid; allowed: {SCORES}.")
   if not smoothing > 0:
     raise ValueError(f"smoothing={smoothing!r} must be > 0.")
   _check_frequencies(
-      forget_freq_LxE=forget_freq_LxE, retain_freq_LxE=retain_freq_LxE
+      forget_freq_MxE=forget_freq_MxE, retain_freq_MxE=retain_freq_MxE
   )
-  f = np.asarray(forget_freq_LxE, np.float64)
-  r = np.asarray(retain_freq_LxE, np.float64)
+  f = np.asarray(forget_freq_MxE, np.float64)
+  r = np.asarray(retain_freq_MxE, np.float64)
   if score == "forget_frequency":
     return f
   if score == "difference":
@@ -131,20 +131,20 @@ def expert_scores(
   return np.log((f + a) / (r + a))
 
 
-def _check_leaves_one(critical_LxE: np.ndarray, how: str) -> np.ndarray:
-  full = np.flatnonzero(critical_LxE.all(axis=1))
+def _check_leaves_one(critical_MxE: np.ndarray, how: str) -> np.ndarray:
+  full = np.flatnonzero(critical_MxE.all(axis=1))
   if full.size:
     raise ValueError(
         f"Selection {how} marks every expert of layer(s) "
         f"{full.tolist()} critical; at least one must stay "
         "routable."
     )
-  return critical_LxE
+  return critical_MxE
 
 
-def select_top_m(scores_LxE, m: int) -> np.ndarray:
-  """bool [L, E]: the m highest-scoring experts of every layer."""
-  scores = np.asarray(scores_LxE)
+def select_top_m(scores_MxE, m: int) -> np.ndarray:
+  """bool [M, E]: the m highest-scoring experts of every layer."""
+  scores = np.asarray(scores_MxE)
   e = scores.shape[-1]
   if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < e:
     raise ValueError(
@@ -158,27 +158,27 @@ def select_top_m(scores_LxE, m: int) -> np.ndarray:
   return critical
 
 
-def select_threshold(scores_LxE, threshold: float) -> np.ndarray:
-  """bool [L, E]: experts whose score is >= threshold."""
-  critical = np.asarray(scores_LxE) >= threshold
+def select_threshold(scores_MxE, threshold: float) -> np.ndarray:
+  """bool [M, E]: experts whose score is >= threshold."""
+  critical = np.asarray(scores_MxE) >= threshold
   return _check_leaves_one(critical, f"threshold={threshold!r}")
 
 
 def select_by_coverage(
-    scores_LxE, forget_freq_LxE, coverage: float
+    scores_MxE, forget_freq_MxE, coverage: float
 ) -> np.ndarray:
-  """bool [L, E]: per layer, top-scoring experts until they carry `coverage`.
+  """bool [M, E]: per layer, top-scoring experts until they carry `coverage`.
 
   Experts are taken in decreasing score until their share of the layer's
   forget routing mass reaches `coverage` (ESFT's cumulative threshold p).
   """
   if not 0 < coverage <= 1:
     raise ValueError(f"coverage={coverage!r} must be in (0, 1].")
-  scores = np.asarray(scores_LxE)
-  f = np.asarray(forget_freq_LxE, np.float64)
+  scores = np.asarray(scores_MxE)
+  f = np.asarray(forget_freq_MxE, np.float64)
   if scores.shape != f.shape:
     raise ValueError(
-        f"scores_LxE has shape {scores.shape}, forget_freq_LxE "
+        f"scores_MxE has shape {scores.shape}, forget_freq_MxE "
         f"{f.shape}; they must match."
     )
   order = np.argsort(-scores, axis=-1, kind="stable")
@@ -227,36 +227,36 @@ class AttributionConfig:
 
 
 def critical_experts(
-    forget_freq_LxE,
-    retain_freq_LxE,
+    forget_freq_MxE,
+    retain_freq_MxE,
     config: AttributionConfig = AttributionConfig(),
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (critical bool [L, E], scores float64 [L, E])."""
+  """Returns (critical bool [M, E], scores float64 [M, E])."""
   scores = expert_scores(
-      forget_freq_LxE, retain_freq_LxE, config.score, config.smoothing
+      forget_freq_MxE, retain_freq_MxE, config.score, config.smoothing
   )
   if config.selection == "top_m":
     critical = select_top_m(scores, config.top_m)
   elif config.selection == "threshold":
     critical = select_threshold(scores, config.threshold)
   else:
-    critical = select_by_coverage(scores, forget_freq_LxE, config.coverage)
+    critical = select_by_coverage(scores, forget_freq_MxE, config.coverage)
   return critical, scores
 
 
 def router_mask(
-    critical_LxE,
+    critical_MxE,
     num_partitions: int,
     partitions: Optional[Sequence[int]] = None,
     base_mask_PxE=None,
 ) -> np.ndarray:
-  """bool [L, P, E] router masks (True = allowed) without critical experts.
+  """bool [M, P, E] router masks (True = allowed) without critical experts.
 
   The result is `TieredDecoder`'s `expert_mask_MxPxE` (entry l masks MoE
   layer l); see `decoder_mask_kwargs`.
 
   Args:
-    critical_LxE: experts to remove, per MoE layer.
+    critical_MxE: experts to remove, per MoE layer.
     num_partitions: P.
     partitions: tier-1 partitions whose tokens lose the critical experts; the
       forget language's partition when experts are private to a partition
@@ -265,10 +265,10 @@ def router_mask(
     base_mask_PxE: an existing mask to intersect with, e.g. the block-diagonal
       tier-1 mask under sharing 'all'.
   """
-  critical = np.asarray(critical_LxE, bool)
+  critical = np.asarray(critical_MxE, bool)
   if critical.ndim != 2:
     raise ValueError(
-        f"critical_LxE must be [L, E], got shape " f"{critical.shape}."
+        f"critical_MxE must be [M, E], got shape " f"{critical.shape}."
     )
   if (
       isinstance(num_partitions, bool)
@@ -297,7 +297,7 @@ def router_mask(
   return allowed
 
 
-def shared_layer_mask(allowed_LxPxE) -> np.ndarray:
+def shared_layer_mask(allowed_MxPxE) -> np.ndarray:
   """bool [P, E]: one mask for all layers, allowing what every layer allows.
 
   An explicit alternative to the per-layer mask, for a caller that needs one
@@ -306,10 +306,10 @@ def shared_layer_mask(allowed_LxPxE) -> np.ndarray:
   critical in any, which over-masks when layers disagree (expert e of layer 1
   and of layer 3 are unrelated networks).
   """
-  allowed = np.asarray(allowed_LxPxE, bool)
+  allowed = np.asarray(allowed_MxPxE, bool)
   if allowed.ndim != 3:
     raise ValueError(
-        f"allowed_LxPxE must be [L, P, E], got shape " f"{allowed.shape}."
+        f"allowed_MxPxE must be [M, P, E], got shape " f"{allowed.shape}."
     )
   shared = allowed.all(axis=0)
   empty = np.flatnonzero(~shared.any(axis=-1) & allowed.any(axis=(0, 2)))
@@ -322,20 +322,20 @@ def shared_layer_mask(allowed_LxPxE) -> np.ndarray:
   return shared
 
 
-def decoder_mask_kwargs(allowed_LxPxE, per_layer: bool = True) -> dict:
+def decoder_mask_kwargs(allowed_MxPxE, per_layer: bool = True) -> dict:
   """Keyword arguments that apply a `router_mask` result to `TieredDecoder`.
 
   Args:
-    allowed_LxPxE: bool [L, P, E] from `router_mask`.
+    allowed_MxPxE: bool [M, P, E] from `router_mask`.
     per_layer: True (the default) masks each MoE layer with its own row,
       `{'expert_mask_MxPxE': allowed}`; False applies `shared_layer_mask`
       in every layer, `{'expert_mask_PxE': ...}`.
   """
-  allowed = np.asarray(allowed_LxPxE, bool)
+  allowed = np.asarray(allowed_MxPxE, bool)
   if not per_layer:
     return {"expert_mask_PxE": shared_layer_mask(allowed)}
   if allowed.ndim != 3:
     raise ValueError(
-        f"allowed_LxPxE must be [L, P, E], got shape {allowed.shape}."
+        f"allowed_MxPxE must be [M, P, E], got shape {allowed.shape}."
     )
   return {"expert_mask_MxPxE": allowed}

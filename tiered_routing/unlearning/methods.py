@@ -1,32 +1,29 @@
 """The unlearning methods, applied to one trained configuration.
 
-`runner.run_configuration` builds a `Context` (settings, the trained
-parameters, their evaluation) and calls these in turn; each method returns a
-`Row`: its per-language validation results, cost and extra columns. See the
-`runner` module docstring for what each method does.
+Each function takes the immutable `configuration.TrainedConfiguration` and
+returns a `Row`: the method's per-language validation results, its cost and
+extra columns. See the `runner` module docstring for what each method does.
 """
 
-import dataclasses
 import math
 import os
 from typing import Any, NamedTuple, Optional
 
 from absl import logging
-import jax
 import numpy as np
 
+from tiered_routing.data import eval_data
+from tiered_routing.data import feature_rows
+from tiered_routing.eval import language_eval
+from tiered_routing.model import transformer
 from tiered_routing.tier1 import languages
-from tiered_routing.tier1 import schemes
-from tiered_routing.train import trainer
 from tiered_routing.tier1 import one_partition
-from tiered_routing.unlearning import exact
+from tiered_routing.unlearning import configuration
 from tiered_routing.unlearning import expert_attribution
 from tiered_routing.unlearning import gradient_methods
-from tiered_routing.eval import language_eval
 from tiered_routing.unlearning import tradeoff_metrics
-from tiered_routing.unlearning import specs
-from tiered_routing.data import stream_cache
-from tiered_routing.unlearning import trained_models
+
+Rows = feature_rows.Rows
 
 
 class Row(NamedTuple):
@@ -38,39 +35,7 @@ class Row(NamedTuple):
   extra: dict[str, Any]
 
 
-@dataclasses.dataclass
-class Context:
-  """One configuration being unlearned: its settings and trained state."""
-
-  run: str
-  scheme: schemes.PartitionScheme
-  spec: trained_models.TrainSpec
-  data: specs.DataSpec
-  config: specs.UnlearningConfig
-  cache: stream_cache.DataCache
-  mesh: Any
-  plan: exact.ExactPlan = None
-  original: Any = None
-  base: language_eval.EvalResult = None
-  evaluator: language_eval.LanguageEvaluator = None
-
-  @property
-  def strict(self) -> bool:
-    return self.spec.model_config.sharing == "none"
-
-  @property
-  def p(self) -> int:
-    return self.plan.partition
-
-  def to_device(self, batch):
-    return trainer.to_global_batch(batch, self.mesh)
-
-  def score(self, params, mask=None) -> tradeoff_metrics.LanguageResults:
-    """Every language's results; strict partitions rescore p's only."""
-    if not self.strict:
-      return self.evaluator.evaluate(params, mask).languages
-    part = self.evaluator.evaluate(params, mask, [self.p]).languages
-    return {**self.base.languages, **part}
+Trained = configuration.TrainedConfiguration
 
 
 def uniform_forget(
@@ -83,14 +48,14 @@ def uniform_forget(
   return {**results, code: r}
 
 
-def reference_names(c: Context) -> list[Optional[str]]:
+def reference_names(c: Trained) -> list[Optional[str]]:
   """The reference model's stream per partition: the trained model's, the
   forget partition's without the forget language (None if nothing is left).
   """
   names: list[Optional[str]] = list(c.data.partition_names)
-  retained = c.plan.retain_languages
-  names[c.p] = (
-      c.data.mixture_name(c.plan.routing.name, c.p, retained)
+  p, retained = c.forget_partition, c.plan.retain_languages
+  names[p] = (
+      c.data.mixture_name(c.plan.routing.name, p, retained)
       if retained
       else None
   )
@@ -98,16 +63,19 @@ def reference_names(c: Context) -> list[Optional[str]]:
 
 
 def reference_and_exact(
-    c: Context, work_dir: str, active: int
+    c: Trained, work_dir: str, active: int
 ) -> tuple[tradeoff_metrics.LanguageResults, Row]:
   """The never-saw-it reference's results and the exact method's row."""
-  code, cfg = c.config.forget_language, c.spec.model_config
+  code, cfg, p = c.config.forget_language, c.spec.model_config, c.plan.partition
   if c.strict and c.plan.action == "drop":
-    langs = uniform_forget(c.base.languages, code, cfg.vocab_size)
+    langs = uniform_forget(c.base, code, cfg.vocab_size)
     return langs, Row(
-        "exact_drop", langs, tradeoff_metrics.UnlearningCost(active_params=active), {}
+        "exact_drop",
+        langs,
+        tradeoff_metrics.UnlearningCost(active_params=active),
+        {},
     )
-  params, tokens = trained_models.train_model(
+  params, tokens = configuration.train_model(
       os.path.join(work_dir, "reference"),
       c.spec,
       reference_names(c),
@@ -117,16 +85,16 @@ def reference_and_exact(
   ref = c.score(params)
   extra = {}
   if c.strict:
-    same = trained_models.identical_except(c.original, params, c.p)
+    same = one_partition.identical_except(c.original, params, p)
     extra["other_partitions_identical"] = same
     if not same:
       logging.warning(
-          "%s: retraining partition %d changed other "
-          "partitions' parameters.",
+          "%s: retraining partition %d changed other partitions' "
+          "parameters.",
           c.run,
-          c.p,
+          p,
       )
-    tokens = tokens[c.p : c.p + 1]
+    tokens = tokens[p : p + 1]
   cost = tradeoff_metrics.UnlearningCost(
       steps=c.spec.train_config.train_steps,
       train_tokens=int(tokens.sum()),
@@ -135,56 +103,96 @@ def reference_and_exact(
   return ref, Row("exact_retrain", ref, cost, extra)
 
 
-def unlearning_batches(c: Context) -> tuple[stream_cache.Rows, stream_cache.Rows]:
-  """Forget and retain batches {feature: [N, P', R, L]} (P' = 1 strict)."""
+def unlearning_batches(c: Trained) -> dict[str, Rows]:
+  """{'forget', 'retain'}: {feature: [N, P', R, L]} (P' = 1 strict)."""
   ft = c.config.finetune
   n, r = ft.steps, ft.rows_per_batch
   forget = c.cache.stream(
       c.data.task_name(c.config.forget_language), c.config.seed, r, n
   )
   _, rows, _ = c.spec.batch_shape
-  touched = [c.p] if c.strict else range(c.spec.model_config.num_partitions)
+  p = c.forget_partition
+  touched = [p] if c.strict else range(c.spec.model_config.num_partitions)
   names = reference_names(c)
   retain = []
   for q in touched:  # The reference model's first training batches.
     if names[q] is None:
-      retain.append(stream_cache.zeros_like(forget))
+      retain.append(feature_rows.zeros_like(forget))
     else:
       ref = c.cache.stream(
           names[q], c.cache.seed + q, rows, math.ceil(n * r / rows)
       )
-      retain.append(stream_cache.rechunk(ref, r, n))
+      retain.append(feature_rows.rechunk(ref, r, n))
   forgets = [
-      forget if q == c.p else stream_cache.zeros_like(forget) for q in touched
+      forget if q == p else feature_rows.zeros_like(forget) for q in touched
   ]
-  return stream_cache.stack(forgets, axis=1), stream_cache.stack(retain, axis=1)
+  return {
+      "forget": feature_rows.stack(forgets, axis=1),
+      "retain": feature_rows.stack(retain, axis=1),
+  }
 
 
-def _frequencies(c: Context, counts) -> tuple[np.ndarray, np.ndarray]:
+def _frequencies(c: Trained, counts) -> tuple[np.ndarray, np.ndarray]:
   """Forget and retain activation frequencies [M, E'] of the experts the
   forget language can reach: its partition's E (private experts) or all
   P * E (sharing 'all'). Retain tokens are those that reach the same
   experts: its partition's other languages, or every other language."""
   code, e = c.config.forget_language, c.spec.model_config.num_experts
+  p = c.forget_partition
   if c.spec.model_config.sharing == "all":
     cols = slice(None)
     retained = [x for x in languages.CODES if x != code]
   else:
-    cols = slice(c.p * e, (c.p + 1) * e)
-    retained = [x for x in c.scheme.partitions[c.p] if x != code]
+    cols = slice(p * e, (p + 1) * e)
+    retained = [x for x in c.scheme.partitions[p] if x != code]
   ids = [languages.language_id(x) for x in retained]
   fid = languages.language_id(code)
-  f_forget = counts.assignments_NxLxE[fid][:, cols] / np.maximum(
-      counts.tokens_NxL[fid][:, None], 1
+  f_forget = counts.assignments_NxMxE[fid][:, cols] / np.maximum(
+      counts.tokens_NxM[fid][:, None], 1
   )
-  f_retain = counts.assignments_NxLxE[ids][:, :, cols].sum(0) / np.maximum(
-      counts.tokens_NxL[ids].sum(0)[:, None], 1
+  f_retain = counts.assignments_NxMxE[ids][:, :, cols].sum(0) / np.maximum(
+      counts.tokens_NxM[ids].sum(0)[:, None], 1
   )
   return f_forget, f_retain
 
 
+def _attribution_counts(c: Trained, batches: dict[str, Rows]):
+  """Routing counts of the first `attribution_batches` forget and retain
+  batches, regrouped into the evaluator's [P', eval rows, L] batches."""
+  a = c.config.attribution_batches
+  cfg = c.spec.model_config
+  counts = None
+  for rows in (batches["forget"], batches["retain"]):
+    merged = feature_rows.regroup(
+        feature_rows.steps_of(rows, a), c.config.eval_rows
+    )
+    blocks = [[] for _ in range(cfg.num_partitions)]
+    touched = [c.forget_partition] if c.strict else range(cfg.num_partitions)
+    for i, q in enumerate(touched):
+      blocks[q] = [
+          {k: v[b, i] for k, v in merged.items()}
+          for b in range(len(merged["decoder_input_tokens"]))
+      ]
+    evaluator = language_eval.LanguageEvaluator(
+        cfg,
+        blocks,
+        eval_data.vocabulary_of(c.data.task_name(c.config.forget_language)),
+        to_device=c.to_device,
+    )
+    result = evaluator.evaluate(
+        c.original,
+        partitions=[c.forget_partition] if c.strict else None,
+        capture_routing=True,
+    )
+    if counts is None:
+      counts = result.routing
+    else:
+      counts.merge(result.routing)
+  return counts
+
+
 def attribution(
-    c: Context, forget: stream_cache.Rows, retain: stream_cache.Rows
+    c: Trained, batches: dict[str, Rows]
 ) -> tuple[np.ndarray, int, dict[str, Any]]:
   """Forget-critical experts from the trained model's routing.
 
@@ -196,49 +204,54 @@ def attribution(
     tokens, every partition's under sharing 'all'), forward tokens spent,
     extra columns).
   """
-  a = c.config.attribution_batches
-  counts = c.evaluator.new_counts()
-  for batches in (forget, retain):
-    # The evaluator's batch shape, [P', eval rows, L].
-    merged = stream_cache.regroup(
-        {k: v[:a] for k, v in batches.items()}, c.config.eval_rows
-    )
-    c.evaluator.run(
-        c.original,
-        (
-            {k: v[i] for k, v in merged.items()}
-            for i in range(len(merged["decoder_input_tokens"]))
-        ),
-        partition=c.p if c.strict else None,
-        counts=counts,
-    )
+  counts = _attribution_counts(c, batches)
   critical, _ = expert_attribution.critical_experts(
       *_frequencies(c, counts), c.config.attribution
   )
+  cfg = c.spec.model_config
   allowed = expert_attribution.router_mask(
       critical,
-      c.spec.model_config.num_partitions,
-      partitions=None if c.spec.model_config.sharing == "all" else [c.p],
+      cfg.num_partitions,
+      partitions=None if cfg.sharing == "all" else [c.forget_partition],
   )
+  a = c.config.attribution_batches
   tokens = sum(
-      stream_cache.scored_tokens({k: v[:a] for k, v in b.items()})
-      for b in (forget, retain)
+      feature_rows.scored_tokens(feature_rows.steps_of(rows, a))
+      for rows in batches.values()
   )
   extra = {
       "masked_experts": int(critical.sum()),
       "critical_experts": " ".join(
-          f"L{l}:" + ",".join(map(str, np.flatnonzero(row)))
-          for l, row in enumerate(critical)
+          f"L{m}:" + ",".join(map(str, np.flatnonzero(row)))
+          for m, row in enumerate(critical)
       ),
   }
   return ~allowed, tokens, extra
 
 
+def mask_method(
+    c: Trained,
+    critical: np.ndarray,
+    active: int,
+    tokens: int,
+    extra: dict[str, Any],
+) -> Row:
+  """Masks the forget-critical experts out of the forget partition's router
+  (no training; the cost is the attribution's forward passes)."""
+  return Row(
+      "mask",
+      c.score(c.original, ~critical),
+      tradeoff_metrics.UnlearningCost(
+          forward_tokens=tokens, active_params=active
+      ),
+      extra,
+  )
+
+
 def gradient_method(
-    c: Context,
+    c: Trained,
     method: str,
-    forget: stream_cache.Rows,
-    retain: stream_cache.Rows,
+    batches: dict[str, Rows],
     critical: np.ndarray,
     active: int,
     attribution_tokens: int,
@@ -248,46 +261,47 @@ def gradient_method(
 
   Strict partitions unlearn the forget partition as a one-partition model
   (the others cannot change) and are scored on its languages only. With
-  `stop_nll` the method stops early (`finetune_loop.finetune`); its cost
+  `stop_nll` the method stops early (`gradient_methods.unlearn`); its cost
   counts the steps it took.
   """
   ft_config = c.config.finetune
   cfg = c.spec.model_config
-  strict = c.strict
-  model_cfg = one_partition.one_partition_config(cfg) if strict else cfg
-  ft = gradient_methods.make_finetuner(
-      model_cfg, c.spec.optimizer_config, ft_config
-  )
+  p = c.forget_partition
+  model_cfg = one_partition.one_partition_config(cfg) if c.strict else cfg
   start = (
-      one_partition.partition_params(c.original, c.p)
-      if strict
-      else c.original
+      one_partition.partition_params(c.original, p) if c.strict else c.original
   )
+  mask = None
   if cfg.sharing == "attention":
-    mask = gradient_methods.update_mask(ft.model, start, c.p)
-  else:
-    mask = jax.tree.map(lambda _: np.ones((), np.float32), start)
-  crit = critical[:, c.p : c.p + 1] if strict else critical
-  coeffs = ft_config.coefficients(method)
-  objective = ft_config.objective_config(method)
-  new, history = gradient_methods.finetune(
-      ft, start, forget, retain, coeffs, crit, mask, c.to_device, stop_nll
+    model = transformer.TieredDecoder(model_cfg)
+    mask = gradient_methods.update_mask(model, start, p)
+  new, history = gradient_methods.unlearn(
+      model_cfg,
+      c.spec.optimizer_config,
+      ft_config,
+      start,
+      batches,
+      ft_config.coefficients(method),
+      critical[:, p : p + 1] if c.strict else critical,
+      mask,
+      c.to_device,
+      stop_nll,
   )
-  steps = len(history["forget_nll"])
-  forget, retain = (
-      {k: v[:steps] for k, v in rows.items()} for rows in (forget, retain)
-  )
+  taken = len(history["forget_nll"])
+  used = {k: feature_rows.steps_of(v, taken) for k, v in batches.items()}
   params = (
-      one_partition.with_partition_params(c.original, c.p, new)
-      if strict
+      one_partition.with_partition_params(c.original, p, new)
+      if c.strict
       else new
   )
-  langs = c.score(params)
-  forget_tokens = stream_cache.scored_tokens(forget)
+  objective = ft_config.objective_config(method)
+  forget_tokens = feature_rows.scored_tokens(used["forget"])
   uses_retain = objective.effective_retain_coeff > 0
-  retain_tokens = stream_cache.scored_tokens(retain) if uses_retain else 0
+  retain_tokens = (
+      feature_rows.scored_tokens(used["retain"]) if uses_retain else 0
+  )
   cost = tradeoff_metrics.UnlearningCost(
-      steps=steps,
+      steps=taken,
       train_tokens=forget_tokens + retain_tokens,
       # NPO's reference log-likelihoods; TRACE's attribution.
       forward_tokens=(forget_tokens if objective.name == "npo" else 0)
@@ -299,4 +313,4 @@ def gradient_method(
       "final_retain_nll": float(history["retain_nll"][-1]),
       "learning_rate": ft_config.learning_rate,
   }
-  return Row(method, langs, cost, extra)
+  return Row(method, c.score(params), cost, extra)

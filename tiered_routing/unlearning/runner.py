@@ -29,35 +29,31 @@ method and returns one `metrics.UnlearningResult` per method:
                  `expert_attribution`) are masked out of its partition's
                  router, layer by layer; no training.
   ga, graddiff, npo, trace
-                 `finetune_loop` steps on forget batches (the language's own
+                 `gradient_methods` steps on forget batches (the language's own
                  task) and retain batches (the reference model's training
                  streams: the other languages of the forget partition under
                  sharing 'none', all other languages otherwise).
 
 Results are scored per language on the validation split
-(`language_eval`); the forget language's compartmentalization (top-m routing
+(`eval.language_eval`); the forget language's compartmentalization (top-m routing
 mass, normalized entropy, language-expert mutual information) comes from the
 trained model's validation routing and is added to every row.
 """
 
 import dataclasses
 import math
-import os
 
 from absl import logging
-import seqio
 
-from tiered_routing.tier1 import languages
+from tiered_routing.analysis import routing_stats
+from tiered_routing.data import stream_cache
 from tiered_routing.model import param_count
 from tiered_routing.tier1 import schemes
-from tiered_routing.unlearning import exact
+from tiered_routing.unlearning import configuration
 from tiered_routing.unlearning import gradient_methods
-from tiered_routing.eval import language_eval
-from tiered_routing.unlearning import methods as methods_lib
-from tiered_routing.unlearning import tradeoff_metrics
+from tiered_routing.unlearning import methods
 from tiered_routing.unlearning import specs
-from tiered_routing.data import stream_cache
-from tiered_routing.unlearning import trained_models
+from tiered_routing.unlearning import tradeoff_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +88,7 @@ def run_configuration(
     *,
     run: str,
     scheme: schemes.PartitionScheme,
-    spec: trained_models.TrainSpec,
+    spec: specs.TrainSpec,
     data: specs.DataSpec,
     config: specs.UnlearningConfig,
     cache: stream_cache.DataCache,
@@ -115,75 +111,44 @@ def run_configuration(
   Returns:
     The rows of the trade-off table and the per-language results.
   """
-  cfg = spec.model_config
-  language_eval.check_moe(cfg)
-  code = config.forget_language
-  c = methods_lib.Context(run, scheme, spec, data, config, cache, mesh)
-  c.plan = exact.plan(scheme, code, data.task_name)
-  c.original, _ = trained_models.train_model(
-      os.path.join(work_dir, "original"),
-      spec,
-      data.partition_names,
-      cache,
-      mesh,
+  c = configuration.prepare(
+      run=run, scheme=scheme, spec=spec, data=data, config=config,
+      cache=cache, work_dir=work_dir, mesh=mesh,
   )
-  targets = seqio.get_mixture_or_task(data.task_name(code)).output_features[
-      "targets"
-  ]
-  validation = cache.validation_rows(
-      {x: data.task_name(x) for x in languages.CODES}
-  )
-  c.evaluator = language_eval.LanguageEvaluator(
-      cfg, scheme, validation, targets.vocabulary, config.eval_rows, c.to_device
-  )
-  c.base = c.evaluator.evaluate(c.original)
-  active = param_count.count_params(cfg).active
-  reference, exact_row = methods_lib.reference_and_exact(c, work_dir, active)
+  active = param_count.count_params(spec.model_config).active
+  reference, exact_row = methods.reference_and_exact(c, work_dir, active)
   rows = [exact_row] if "exact" in config.methods else []
-  forget, retain = methods_lib.unlearning_batches(c)
-  critical, attribution_tokens, attribution_extra = methods_lib.attribution(
-      c, forget, retain
-  )
+  batches = methods.unlearning_batches(c)
+  critical, tokens, attribution_extra = methods.attribution(c, batches)
+  code = config.forget_language
   stop_nll = (
       reference[code]["loss"] if config.finetune.stop_at_reference else None
   )
   for method in config.methods:
     if method == "mask":
       rows.append(
-          methods_lib.Row(
-              "mask",
-              c.score(c.original, ~critical),
-              tradeoff_metrics.UnlearningCost(
-                  forward_tokens=attribution_tokens, active_params=active
-              ),
-              attribution_extra,
-          )
+          methods.mask_method(c, critical, active, tokens, attribution_extra)
       )
     elif method in gradient_methods.METHODS:
       rows.append(
-          methods_lib.gradient_method(
-              c,
-              method,
-              forget,
-              retain,
-              critical,
-              active,
-              attribution_tokens,
-              stop_nll,
+          methods.gradient_method(
+              c, method, batches, critical, active, tokens, stop_nll
           )
       )
   extra = {
       "scheme": scheme.name,
-      "num_partitions": cfg.num_partitions,
-      "sharing": cfg.sharing,
-      "forget_partition": c.p,
-      **language_eval.compartmentalization(c.base.routing, code, config.top_m),
+      "num_partitions": spec.model_config.num_partitions,
+      "sharing": spec.model_config.sharing,
+      "forget_partition": c.forget_partition,
+      **routing_stats.compartmentalization_columns(
+          c.base_routing, code, config.top_m
+      ),
   }
   results = tuple(_result(c, row, reference, extra) for row in rows)
   return ConfigurationResult(
       results,
       {
-          "original": c.base.languages,
+          "original": c.base,
           "reference": reference,
           **{row.method: row.languages for row in rows},
       },
@@ -191,7 +156,7 @@ def run_configuration(
 
 
 def _result(
-    c: methods_lib.Context, row: methods_lib.Row, reference, extra
+    c: configuration.TrainedConfiguration, row: methods.Row, reference, extra
 ) -> tradeoff_metrics.UnlearningResult:
   """A method's row of the trade-off table."""
   code = c.config.forget_language
@@ -201,9 +166,9 @@ def _result(
       method=row.method,
       forget_language=code,
       forget=tradeoff_metrics.forget_quality(
-          code, row.languages, c.base.languages, reference
+          code, row.languages, c.base, reference
       ),
-      utility=tradeoff_metrics.utility(code, row.languages, c.base.languages),
+      utility=tradeoff_metrics.utility(code, row.languages, c.base),
       cost=row.cost,
       extra={**extra, **row.extra},
   )

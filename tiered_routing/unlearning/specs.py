@@ -1,19 +1,47 @@
-"""What an unlearning experiment forgets, how, and from which data.
+"""What an unlearning experiment trains, forgets, how, and from which data.
 
-`DataSpec` names the SeqIO data of one configuration (the library never
-imports the `tasks` package, so callers pass names and naming functions);
+Immutable records: `TrainSpec` says how a configuration's models are trained,
+`DataSpec` names its SeqIO data (task and mixture names and the functions
+that make them; the library never imports the `tasks` package) and
 `UnlearningConfig` chooses the forget language, the methods and their
-settings. `runner.run_configuration` takes both.
+settings. `runner.run_configuration` takes all three.
 """
 
 import dataclasses
 from collections.abc import Callable
 
+from tiered_routing.model import decoder_config
 from tiered_routing.tier1 import languages
+from tiered_routing.train import optimizers
+from tiered_routing.train import steps
 from tiered_routing.unlearning import expert_attribution
 from tiered_routing.unlearning import gradient_methods
 
 METHODS = ("exact", "mask") + gradient_methods.METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """How a configuration's models are trained (original and reference)."""
+
+  model_config: decoder_config.DecoderConfig
+  optimizer_config: optimizers.OptimizerConfig
+  train_config: steps.TrainConfig
+  batch_size: int
+  sequence_length: int
+
+  def __post_init__(self):
+    p = self.model_config.num_partitions
+    if self.batch_size < p or self.batch_size % p:
+      raise ValueError(
+          f"batch_size={self.batch_size} must be a positive "
+          f"multiple of num_partitions={p}."
+      )
+
+  @property
+  def batch_shape(self) -> tuple[int, int, int]:
+    p = self.model_config.num_partitions
+    return (p, self.batch_size // p, self.sequence_length)
 
 
 @dataclasses.dataclass(frozen=True)

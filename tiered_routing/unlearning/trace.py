@@ -36,36 +36,36 @@ FORGET_OBJECTIVES = ("ga", "npo")
 
 def critical_hits(
     routing: routing_capture.TokenRouting,
-    critical_LxPxE: jax.Array,
+    critical_MxPxE: jax.Array,
     partition_ids_T: jax.Array,
 ) -> jax.Array:
   """bool [T]: whether each token uses a critical expert in some layer.
 
   Args:
-    routing: the tokens' routing (L layers, T tokens, K slots).
-    critical_LxPxE: bool, expert e of layer l is critical for tokens of tier-1
+    routing: the tokens' routing (M MoE layers, T tokens, K slots).
+    critical_MxPxE: bool, expert e of layer l is critical for tokens of tier-1
       partition p (`~expert_attribution.router_mask(...)`).
     partition_ids_T: int tier-1 partition of each token
-      (`token_routing.token_partition_ids`).
+      (`tier1.layout.token_partition_ids`).
   """
-  critical = jnp.asarray(critical_LxPxE, jnp.bool_)
-  l, t, _ = routing.expert_index_LxTxK.shape
-  if critical.ndim != 3 or critical.shape[0] != l:
+  critical = jnp.asarray(critical_MxPxE, jnp.bool_)
+  m, t, _ = routing.expert_index_MxTxK.shape
+  if critical.ndim != 3 or critical.shape[0] != m:
     raise ValueError(
-        f"critical_LxPxE has shape {critical.shape}; expected "
-        f"[L={l}, P, E]."
+        f"critical_MxPxE has shape {critical.shape}; expected "
+        f"[M={m}, P, E]."
     )
   if jnp.shape(partition_ids_T) != (t,):
     raise ValueError(
         f"partition_ids_T has shape {jnp.shape(partition_ids_T)};"
         f" expected ({t},)."
     )
-  crit_LxTxE = critical[:, partition_ids_T, :]
-  hit_LxTxK = jnp.take_along_axis(
-      crit_LxTxE, routing.expert_index_LxTxK, axis=-1
+  crit_MxTxE = critical[:, partition_ids_T, :]
+  hit_MxTxK = jnp.take_along_axis(
+      crit_MxTxE, routing.expert_index_MxTxK, axis=-1
   )
-  used_LxTxK = routing.combine_weights_LxTxK > 0
-  return jnp.any(hit_LxTxK & used_LxTxK, axis=(0, 2))
+  used_MxTxK = routing.combine_weights_MxTxK > 0
+  return jnp.any(hit_MxTxK & used_MxTxK, axis=(0, 2))
 
 
 def activation_frequency(

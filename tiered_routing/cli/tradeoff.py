@@ -1,0 +1,166 @@
+r"""The unlearnability-vs-utility trade-off sweep (the project's main job).
+
+For every configuration (n partitions x scheme x sharing level): train, score
+every language, train the reference model that never saw the forget
+language, forget it with every method (exact retrain or drop, expert
+masking, GA, GradDiff, NPO, TRACE) and score again; see
+`tiered_routing.unlearning.sweep` and `runner`. Writes into --output_dir:
+
+  results.csv       one row per (configuration, method), every column
+  results.md        the trade-off table (Markdown)
+  pareto.png        utility loss vs forget quality, Pareto front drawn
+  per_language.csv  validation loss / bpb of every model and language
+  runs/<config>/    checkpoints (original, reference) and result.json
+
+Presets (gin/experiments/tradeoff_<preset>.gin):
+  smoke   two tiny configurations, a handful of steps (the tests).
+  sample  n in {1, 4, 16}, family and one random scheme, the sharing levels
+          that differ per n, tiny model on the embedded corpus; under 15
+          minutes on 2 CPU cores.
+  mc4     the full sweep on mC4 with the size configs (TPU).
+
+  python -m tiered_routing.cli.tradeoff --preset=sample \
+      --output_dir=/tmp/tradeoff_sample
+  python scripts/tradeoff.py --preset=sample --output_dir=/tmp/t \
+      --gin.FORGET_LANGUAGE="'si'" --gin.UNLEARN_STEPS=40
+
+(`scripts/tradeoff.py` runs this binary, as the README's set-up command
+does.)
+
+Rerunning with the same --output_dir resumes: finished configurations are
+kept, unfinished ones resume from their checkpoints. A rerun whose
+configuration (gin files, bindings, XLA flags, jax version) differs from the
+one recorded in output_dir/sweep.json is refused, so results never mix.
+Results files are replaced atomically after every configuration.
+
+On CPU, unless XLA_FLAGS is set, XLA's backend optimisation is turned down
+(--cpu_fast_compile): compiling dominates these short runs, and the flags
+change no comparison (every model of a sweep is compiled the same way). The
+JAX compilation cache (--jax_cache_dir, default output_dir/jax_cache) lets
+identical programs (the reference model's training step, a resumed run) load
+instead of recompiling.
+"""
+
+import logging as std_logging
+import os
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+import jax
+
+from tiered_routing.cli import configurables  # pylint: disable=unused-import
+from tiered_routing.cli import gin_flags
+from tiered_routing.train import model_dir_lock
+from tiered_routing.unlearning import sweep as sweep_lib
+from tiered_routing.unlearning import sweep_report
+
+PRESETS = ("smoke", "sample", "mc4")
+FAST_CPU_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true"
+)
+
+flags.DEFINE_enum(
+    "preset",
+    None,
+    PRESETS,
+    "gin/experiments/tradeoff_<preset>.gin, read before any --gin_file.",
+)
+flags.DEFINE_string("output_dir", None, "Where results and checkpoints go.")
+flags.DEFINE_bool(
+    "cpu_fast_compile",
+    True,
+    f"On CPU and without XLA_FLAGS set, use {FAST_CPU_XLA_FLAGS}.",
+)
+flags.DEFINE_string(
+    "jax_cache_dir",
+    None,
+    "JAX compilation cache; default output_dir/jax_cache; '' disables it.",
+)
+FLAGS = flags.FLAGS
+
+
+@gin.configurable("sweep", module="tradeoff_script")
+def make_sweep(**kwargs) -> sweep_lib.Sweep:
+  for name in ("num_partitions", "scheme_kinds", "sharing_levels", "only"):
+    if kwargs.get(name) is not None:
+      kwargs[name] = tuple(kwargs[name])
+  return sweep_lib.Sweep(**kwargs)
+
+
+def _manifest(sweep_names: list[str]) -> dict[str, Any]:
+  return {
+      "gin_config": gin.config_str(),
+      "configurations": sweep_names,
+      "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "jax_version": jax.__version__,
+  }
+
+
+def _setup_jax(output_dir: str) -> None:
+  """XLA flags, RNG and compilation cache; before the backend starts.
+
+  On CPU (--cpu_fast_compile) XLA's expensive passes are off unless XLA_FLAGS
+  is set, and random bits come from the non-partitionable threefry, which
+  XLA:CPU compiles several times faster (initialising a model compiled for
+  ~25 s otherwise); both hold for every model of the sweep and are recorded
+  in sweep.json.
+  """
+  if FLAGS.cpu_fast_compile and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+    os.environ.setdefault("XLA_FLAGS", FAST_CPU_XLA_FLAGS)
+    jax.config.update("jax_threefry_partitionable", False)
+  cache_dir = FLAGS.jax_cache_dir
+  if cache_dir is None:
+    cache_dir = os.path.join(output_dir, "jax_cache")
+  if cache_dir:
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _quiet_library_logs() -> None:
+  """Orbax and SeqIO log every checkpoint and dataset at INFO; keep their
+  warnings only, so the sweep's own progress stays readable."""
+
+  def keep(record):
+    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "seqio"))
+    return not noisy or record.levelno >= std_logging.WARNING
+
+  logging.get_absl_handler().addFilter(keep)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS.output_dir:
+    raise app.UsageError("--output_dir is required.")
+  files = (
+      [f"gin/experiments/tradeoff_{FLAGS.preset}.gin"] if FLAGS.preset else []
+  ) + list(FLAGS.gin_file)
+  if not files:
+    raise app.UsageError("Give --preset or --gin_file.")
+  _quiet_library_logs()
+  output_dir = os.path.abspath(FLAGS.output_dir)
+  os.makedirs(output_dir, exist_ok=True)
+  with model_dir_lock.ModelDirLock(output_dir):
+    _setup_jax(output_dir)
+    gin_flags.parse_gin(files, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    sweep = make_sweep()
+    names = [c.name for c in sweep_lib.configurations(sweep)]
+    if sweep_report.check_or_write_manifest(output_dir, _manifest(names)):
+      logging.info("Resuming the sweep in %s.", output_dir)
+    start = time.time()
+    sweep_lib.run_sweep(sweep, output_dir)
+    logging.info(
+        "Sweep finished in %.0f s; results in %s.",
+        time.time() - start,
+        output_dir,
+    )
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.parse_flags)

@@ -1,0 +1,93 @@
+"""Host-side feature rows: padding, stacking and regrouping numpy batches.
+
+A `Rows` is {feature: int32 array} whose trailing axes are [..., R, L] (R
+rows of L tokens), e.g. one partition's [R, L] evaluation batch, the
+[P, R, L] model batch, or [N, P, R, L] for N steps. All-zero rows are
+padding: their loss weight is 0, so they change no loss, metric or count.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+Rows = dict[str, np.ndarray]
+_WEIGHTS = "decoder_loss_weights"
+
+
+def zeros_like(rows: Mapping[str, np.ndarray]) -> Rows:
+  return {k: np.zeros_like(v) for k, v in rows.items()}
+
+
+def stack(parts: Sequence[Mapping[str, np.ndarray]], axis: int) -> Rows:
+  return {k: np.stack([p[k] for p in parts], axis=axis) for k in parts[0]}
+
+
+def scored_tokens(rows: Mapping[str, np.ndarray]) -> int:
+  """Tokens with a non-zero loss weight (what a step actually trains on)."""
+  return int(np.sum(rows[_WEIGHTS] > 0))
+
+
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> Rows:
+  """Pads [b, L] features to [rows, L] with all-zero rows (weight 0)."""
+  b = len(next(iter(batch.values())))
+  if b > rows:
+    raise ValueError(f"batch has {b} rows; allowed: at most rows={rows}")
+  return {
+      k: np.pad(v, [(0, rows - b)] + [(0, 0)] * (v.ndim - 1))
+      for k, v in batch.items()
+  }
+
+
+def chunk_rows(rows: Mapping[str, np.ndarray], rows_per_batch: int) -> list:
+  """Cuts [n, L] rows into [R, L] batches, the last padded with zero rows."""
+  n = len(rows[_WEIGHTS])
+  out = []
+  for start in range(0, n, rows_per_batch):
+    batch = {k: v[start : start + rows_per_batch] for k, v in rows.items()}
+    out.append(pad_rows(batch, rows_per_batch))
+  return out
+
+
+def rechunk(
+    rows: Mapping[str, np.ndarray], rows_per_batch: int, num_batches: int
+) -> Rows:
+  """Regroups [..., R0, L] batches into `num_batches` of `rows_per_batch`.
+
+  The rows keep their order and are reused cyclically when there are fewer
+  than needed.
+
+  Args:
+    rows: {feature: [S, R0, L]} (e.g. one partition's training batches).
+    rows_per_batch: R of the result.
+    num_batches: N of the result.
+
+  Returns:
+    {feature: [N, R, L]}.
+  """
+  out = {}
+  for key, value in rows.items():
+    flat = value.reshape(-1, value.shape[-1])
+    index = np.arange(num_batches * rows_per_batch) % len(flat)
+    out[key] = flat[index].reshape(num_batches, rows_per_batch, -1)
+  return out
+
+
+def regroup(batches: Mapping[str, np.ndarray], rows_per_batch: int) -> Rows:
+  """[N, P, R, L] batches -> [N', P, R', L], rows in order, zero-padded.
+
+  Partition q of new batch i holds partition q's rows i * R' ... (i+1) * R'
+  - 1 of the old batches; missing rows at the end are zeros (weight 0).
+  """
+  n, p, r = batches[_WEIGHTS].shape[:3]
+  num = -(-n * r // rows_per_batch)
+  out = {}
+  for key, value in batches.items():
+    flat = np.moveaxis(value, 1, 0).reshape(p, n * r, -1)
+    flat = np.pad(flat, [(0, 0), (0, num * rows_per_batch - n * r), (0, 0)])
+    out[key] = np.moveaxis(flat.reshape(p, num, rows_per_batch, -1), 0, 1)
+  return out
+
+
+def steps_of(batches: Mapping[str, np.ndarray], steps: int) -> Rows:
+  """The first `steps` entries of [N, ...] batches."""
+  return {k: v[:steps] for k, v in batches.items()}
