@@ -26,7 +26,6 @@ Tokens are routed in groups of `--group_size` as in the model (0: one group).
 
 import functools
 import math
-import os
 import sys
 
 from absl import app
@@ -34,8 +33,6 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from tiered_routing.cli import benchmark_timing
 from tiered_routing.model import dispatch as dispatch_lib
 from tiered_routing.model import layers

@@ -36,17 +36,17 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiered_routing.cli import benchmark_timing
-from tasks import mixtures  # Registers the SeqIO tasks.
-from tiered_routing.data import inputs
-from tiered_routing.train import optimizers
-from tiered_routing.model import param_count
+import tasks  # pylint: disable=unused-import  (registers the SeqIO tasks)
 from tiered_routing import sharding
-from tiered_routing.tier1 import schemes
-from tiered_routing.train import train_state
-from tiered_routing.train import trainer
+from tiered_routing.cli import benchmark_timing
+from tiered_routing.data import pipeline
+from tiered_routing.data import seqio_names
 from tiered_routing.model import decoder_config
+from tiered_routing.model import param_count
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import optimizers
+from tiered_routing.train import steps as steps_lib
+from tiered_routing.train import train_state
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -213,11 +213,11 @@ def synthetic_batch(p, b, length, vocab_size, seed=0):
 
 
 def time_train_step(model_config, batch_size, length, steps, warmup):
-  """(median step seconds, compile seconds) of trainer.train_step."""
+  """(median step seconds, compile seconds) of steps_lib.train_step."""
   mesh = sharding.make_mesh(sharding.MeshConfig())
   p = model_config.num_partitions
   shape = (p, batch_size // p, length)
-  config = trainer.TrainConfig(train_steps=1000)
+  config = steps_lib.TrainConfig(train_steps=1000)
   s = train_state.setup(
       model_config,
       optimizers.OptimizerConfig(),
@@ -227,13 +227,15 @@ def time_train_step(model_config, batch_size, length, steps, warmup):
   )
   with sharding.with_sharding_rules(mesh):
     state = train_state.init_state(s, jax.random.key(0), shape)
-    batch = trainer.to_global_batch(
+    batch = sharding.to_global_batch(
         synthetic_batch(p, batch_size, length, model_config.vocab_size), mesh
     )
     rng = jax.random.key(1)
     step_fn = jax.jit(
         functools.partial(
-            trainer.train_step, model=s.model, tx=s.tx, config=config
+            steps_lib.train_step,
+            objective=steps_lib.LmObjective(s.model, config),
+            tx=s.tx,
         ),
         out_shardings=(s.shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
@@ -256,21 +258,20 @@ def time_train_step(model_config, batch_size, length, steps, warmup):
 def time_input_pipeline(n, batch_size, length, steps):
   """Median seconds per batch of the SeqIO pipeline incl. device transfer."""
   scheme = schemes.make_scheme("family", n)
-  names = mixtures.partition_mixture_names("sample", scheme)
-  dataset = inputs.partitioned_dataset(
+  names = seqio_names.partition_mixture_names("sample", scheme)
+  dataset = pipeline.partitioned_dataset(
       names,
       global_batch_size=batch_size,
-      scheme=scheme,
       sequence_length=length,
       seed=0,
       pack=True,
   )
   mesh = sharding.make_mesh(sharding.MeshConfig())
-  iterator = inputs.batch_iterator(dataset)
+  iterator = pipeline.batch_iterator(dataset)
   times = []
   for i in range(2 + steps):  # Two warm-up batches fill the pipeline.
     start = time.perf_counter()
-    jax.block_until_ready(trainer.to_global_batch(next(iterator), mesh))
+    jax.block_until_ready(sharding.to_global_batch(next(iterator), mesh))
     if i >= 2:
       times.append(time.perf_counter() - start)
   return statistics.median(times)
@@ -333,7 +334,7 @@ def main(argv):
     )
   header = (
       f"bench_train: {benchmark_timing.machine_description()}\n"
-      f"trainer.train_step (AdamW), synthetic batches on device; "
+      f"steps.train_step (AdamW, LM objective), synthetic batches on device; "
       f"median of {opts['steps']} steps\ncommand: {' '.join(sys.argv)}"
   )
   print(header)

@@ -61,15 +61,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiered_routing import sharding
 from tiered_routing.cli import benchmark_timing
 from tiered_routing.cli import configurables
 from tiered_routing.cli import gin_flags
-from tiered_routing.train import optimizers
+from tiered_routing.data import pipeline
 from tiered_routing.model import param_count
-from tiered_routing import sharding
+from tiered_routing.train import optimizers
+from tiered_routing.train import steps
 from tiered_routing.train import train_state
-from tiered_routing.train import trainer
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -164,7 +164,7 @@ def _per_device_bytes(abstract_tree, shardings) -> int:
 
 def _abstract_batch(mesh, shape):
   out = {}
-  for key in trainer.MODEL_FEATURES:
+  for key in pipeline.MODEL_FEATURES:
     placement = sharding.batch_sharding(mesh, len(shape), shape)
     out[key] = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=placement)
   return out
@@ -178,7 +178,7 @@ def compile_case(name: str, model_config, devices: int, layout: str) -> dict:
   data = mesh.shape["partition"] * mesh.shape["data"]
   batch = _BATCH.value * data
   shape = (p, batch // p, _LENGTH.value)
-  config = trainer.TrainConfig(train_steps=100_000)
+  config = steps.TrainConfig(train_steps=100_000)
   s = train_state.setup(
       model_config,
       optimizers.OptimizerConfig(),
@@ -195,7 +195,9 @@ def compile_case(name: str, model_config, devices: int, layout: str) -> dict:
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
   step = jax.jit(
       functools.partial(
-          trainer.train_step, model=s.model, tx=s.tx, config=config
+          steps.train_step,
+          objective=steps.LmObjective(s.model, config),
+          tx=s.tx,
       ),
       out_shardings=(s.shardings, replicated),
       donate_argnums=0,
@@ -257,7 +259,7 @@ def main(argv):
   )
   header = (
       f"compile_check: {benchmark_timing.machine_description()}\n"
-      f"trainer.train_step (AdamW; float32 parameters and moments)"
+      f"steps.train_step (AdamW, LM objective; float32 parameters and moments)"
       f"{layers_note}; per-device bytes; fits = peak < HBM of "
       f"{TPU_HBM_GIB} GiB\ncommand: {' '.join(sys.argv)}"
   )

@@ -17,7 +17,7 @@ import tensorflow as tf
 from tasks import preprocessors
 from tasks import vocab
 from tiered_routing.data import seqio_names
-from tiered_routing.eval import lm_metrics
+from tiered_routing.eval import seqio_metrics
 from tiered_routing.tier1 import languages
 
 TFDS_NAME = "c4/multilingual:3.1.0"
@@ -68,8 +68,8 @@ def _eval_args() -> dict:
   """Score metrics for seqio.Evaluator (see tiered_routing.evaluation)."""
   vocabulary = vocab.get_vocabulary()
   return {
-      "postprocess_fn": lm_metrics.scored_target_postprocessor(vocabulary),
-      "metric_fns": lm_metrics.score_metric_fns(vocabulary),
+      "postprocess_fn": seqio_metrics.scored_target_postprocessor(vocabulary),
+      "metric_fns": seqio_metrics.score_metric_fns(vocabulary),
   }
 
 

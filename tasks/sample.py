@@ -11,7 +11,7 @@ from tasks import preprocessors
 from tasks import vocab
 from tiered_routing.data import corpora
 from tiered_routing.data import seqio_names
-from tiered_routing.eval import lm_metrics
+from tiered_routing.eval import seqio_metrics
 from tiered_routing.tier1 import languages
 
 SOURCE = "sample"
@@ -47,10 +47,10 @@ def register() -> None:
         output_features=vocab.output_features(),
         # Score metrics (loss, perplexity, bits per byte) for seqio.Evaluator
         # with a score_fn; see tiered_routing.evaluation.seqio_eval.
-        postprocess_fn=lm_metrics.scored_target_postprocessor(
+        postprocess_fn=seqio_metrics.scored_target_postprocessor(
             vocab.get_vocabulary()
         ),
-        metric_fns=lm_metrics.score_metric_fns(vocab.get_vocabulary()),
+        metric_fns=seqio_metrics.score_metric_fns(vocab.get_vocabulary()),
     )
 
 

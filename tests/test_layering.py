@@ -8,8 +8,9 @@ one, nor a package beside it on the same layer (unlearning and related do
 not know each other). The module import graph has no cycles. The library
 never imports the `tasks` package or a script, only the binaries in `cli`
 use gin, and nothing edits `sys.path`. `__main__` modules are entry points
-(`python -m tiered_routing.train` runs the train binary): they may import
-`cli`, and nothing imports them.
+(`python -m tiered_routing.train` runs the train binary), and so is
+`tiered_routing.params` (`python -m tiered_routing.params`, the v1 command of
+`cli.count_params`): they may import `cli`, and nothing imports them.
 
 These rules are the README's "Layout" section; this test keeps the code and
 that section from drifting apart.
@@ -34,6 +35,7 @@ LAYERS = (
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_MODULE_LINES = 400
+LEGACY_ENTRY_POINTS = ("tiered_routing.params",)
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -70,7 +72,7 @@ def _package(module: str) -> str:
 
 
 def _is_entry_point(module: str) -> bool:
-  return module.endswith(".__main__")
+  return module.endswith(".__main__") or module in LEGACY_ENTRY_POINTS
 
 
 GRAPH = {
@@ -79,7 +81,7 @@ GRAPH = {
 
 
 def test_every_package_has_a_layer():
-  packages = {_package(m) for m in MODULES} - {""}
+  packages = {_package(m) for m in MODULES if not _is_entry_point(m)} - {""}
   assert packages <= set(LAYER_OF), packages - set(LAYER_OF)
 
 

@@ -1,4 +1,4 @@
-"""SeqIO tasks, mixtures, the partitioned feature converter and inputs."""
+"""SeqIO tasks, mixtures, the feature converter and the input pipeline."""
 
 import gzip
 import json
@@ -17,10 +17,9 @@ import tensorflow_datasets as tfds
 import tasks  # pylint: disable=unused-import
 from tasks import mc4
 from tasks import mixtures
-from tiered_routing.data import seqio_names
 from tiered_routing.data import corpora
-from tiered_routing.data import features
-from tiered_routing.data import inputs
+from tiered_routing.data import pipeline
+from tiered_routing.data import seqio_names
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
 
@@ -44,7 +43,7 @@ def test_sample_split_is_fixed_disjoint_and_complete():
     corpora.split_paragraphs("en", "test")
 
 
-@pytest.mark.parametrize("source", mixtures.SOURCES)
+@pytest.mark.parametrize("source", seqio_names.SOURCES)
 def test_all_tasks_and_default_mixtures_are_registered(source):
   for code in languages.CODES:
     assert seqio_names.task_name(source, code) in seqio.TaskRegistry.names()
@@ -95,7 +94,7 @@ def test_feature_converter_packs_ids_golden():
           "language_ids": tf.TensorSpec([None], tf.int32),
       },
   )
-  converter = features.PartitionedLMFeatureConverter(schemes.family(4))
+  converter = pipeline.LanguageLMFeatureConverter()
   ex = next(converter(ds, {"targets": 6}).as_numpy_iterator())
   expected = {
       "decoder_target_tokens": [3, 9, 1, 4, 1, 0],
@@ -103,39 +102,34 @@ def test_feature_converter_packs_ids_golden():
       "decoder_loss_weights": [1, 1, 1, 1, 1, 0],
       # Id 0 (hi, partition 0) must not be mistaken for padding by packing.
       "decoder_language_ids": [0, 0, 0, 13, 13, 0],
-      "decoder_partition_ids": [0, 0, 0, 3, 3, 0],  # hi -> 0, en -> 3
       "decoder_segment_ids": [1, 1, 1, 2, 2, 0],
       "decoder_positions": [0, 1, 2, 0, 1, 0],
   }
-  assert set(ex) == set(expected)
+  assert set(ex) == set(expected) == set(pipeline.MODEL_FEATURES)
   for key, value in expected.items():
     np.testing.assert_array_equal(ex[key], value, err_msg=key)
+  # Tier 1 is a lookup from the language ids: hi -> 0, en -> 3.
+  table = schemes.family(4).language_to_partition_table()
+  np.testing.assert_array_equal(
+      table[ex["decoder_language_ids"]][ex["decoder_loss_weights"] > 0],
+      [0, 0, 0, 3, 3],
+  )
 
 
 def test_feature_converter_requires_language_ids():
   ds = tf.data.Dataset.from_tensors({"targets": tf.constant([3, 1])})
-  converter = features.PartitionedLMFeatureConverter(schemes.family(4))
+  converter = pipeline.LanguageLMFeatureConverter()
   with pytest.raises(ValueError, match="language_ids"):
     converter(ds, {"targets": 4})
 
 
-def test_partition_ids_survive_packing_in_the_all_language_mixture():
-  scheme = schemes.random(4, seed=0)
+def test_language_ids_survive_packing_in_the_all_language_mixture():
   # Rows longer than most paragraphs, so several sequences share a row.
-  ds = inputs.get_dataset(
-      "tr.sample.all_v1",
-      scheme=scheme,
-      sequence_length=256,
-      batch_size=16,
-      seed=3,
+  ds = pipeline.get_dataset(
+      "tr.sample.all_v1", sequence_length=256, batch_size=16, seed=3
   )
-  batch = next(inputs.batch_iterator(ds))
-  table = scheme.language_to_partition_table()
+  batch = next(pipeline.batch_iterator(ds))
   used = batch["decoder_loss_weights"] > 0
-  np.testing.assert_array_equal(
-      batch["decoder_partition_ids"][used],
-      table[batch["decoder_language_ids"][used]],
-  )
   mixed_rows = 0
   for row in range(16):
     segs = batch["decoder_segment_ids"][row]
@@ -148,15 +142,16 @@ def test_partition_ids_survive_packing_in_the_all_language_mixture():
 
 def test_partitioned_batches_keep_each_partition_in_its_block():
   scheme = schemes.family(4)
-  names = mixtures.partition_mixture_names("sample", scheme)
-  ds = inputs.partitioned_dataset(
-      names, global_batch_size=8, scheme=scheme, sequence_length=32
+  names = seqio_names.partition_mixture_names("sample", scheme)
+  ds = pipeline.partitioned_dataset(
+      names, global_batch_size=8, sequence_length=32
   )
-  for batch in inputs.batch_iterator(ds.take(3)):
+  table = scheme.language_to_partition_table()
+  for batch in pipeline.batch_iterator(ds.take(3)):
     assert batch["decoder_target_tokens"].shape == (4, 2, 32)
     for p in range(4):
       used = batch["decoder_loss_weights"][p] > 0
-      assert set(batch["decoder_partition_ids"][p][used]) == {p}
+      assert set(table[batch["decoder_language_ids"][p][used]]) == {p}
       langs = {
           languages.CODES[i] for i in batch["decoder_language_ids"][p][used]
       }
@@ -165,21 +160,21 @@ def test_partitioned_batches_keep_each_partition_in_its_block():
 
 def test_data_order_is_a_function_of_step():
   scheme = schemes.family(2)
-  names = mixtures.partition_mixture_names("sample", scheme)
+  names = seqio_names.partition_mixture_names("sample", scheme)
 
   def make():
-    return inputs.partitioned_dataset(
-        names, global_batch_size=4, scheme=scheme, sequence_length=16, seed=11
+    return pipeline.partitioned_dataset(
+        names, global_batch_size=4, sequence_length=16, seed=11
     )
 
-  uninterrupted = list(inputs.batch_iterator(make().take(5)))
-  resumed = next(inputs.batch_iterator(make(), start_step=4))
+  uninterrupted = list(pipeline.batch_iterator(make().take(5)))
+  resumed = next(pipeline.batch_iterator(make(), start_step=4))
   for key, value in uninterrupted[4].items():
     np.testing.assert_array_equal(resumed[key], value, err_msg=key)
 
 
 def test_temperature_sampling_rates():
-  name = mixtures.all_languages_mixture("sample", temperature=2.0)
+  name = seqio_names.all_languages_mixture("sample", temperature=2.0)
   assert name == "tr.sample.all_t2_v1"
   mix = seqio.get_mixture_or_task(name)
   for task in mix.tasks:
@@ -190,23 +185,17 @@ def test_temperature_sampling_rates():
 @pytest.mark.parametrize(
     "build, message",
     [
-        (lambda: mixtures.all_languages_mixture("wiki"), "'wiki'"),
-        (lambda: mixtures.all_languages_mixture("sample", temperature=0), "0"),
+        (lambda: seqio_names.all_languages_mixture("wiki"), "'wiki'"),
+        (lambda: seqio_names.all_languages_mixture("sample", temperature=0), "0"),
         (
-            lambda: inputs.partitioned_dataset(
-                ["tr.sample.hi_v1"] * 4,
-                global_batch_size=6,
-                scheme=schemes.family(4),
-                sequence_length=8,
+            lambda: pipeline.partitioned_dataset(
+                ["tr.sample.hi_v1"] * 4, global_batch_size=6, sequence_length=8
             ),
             "global_batch_size=6",
         ),
         (
-            lambda: inputs.get_dataset(
-                "tr.sample.hi_v1",
-                scheme=schemes.family(4),
-                sequence_length=1,
-                batch_size=2,
+            lambda: pipeline.get_dataset(
+                "tr.sample.hi_v1", sequence_length=1, batch_size=2
             ),
             "sequence_length=1",
         ),
@@ -230,14 +219,9 @@ def test_mc4_tfds_tasks_under_mock_data():
         ).as_numpy_iterator()
     )
     assert set(ex["language_ids"]) == {languages.language_id("kk")}
-    ds = inputs.get_dataset(
-        "tr.mc4.all_v1",
-        scheme=schemes.family(4),
-        sequence_length=16,
-        batch_size=4,
-    )
-    batch = next(inputs.batch_iterator(ds))
-  assert batch["decoder_partition_ids"].shape == (4, 16)
+    ds = pipeline.get_dataset("tr.mc4.all_v1", sequence_length=16, batch_size=4)
+    batch = next(pipeline.batch_iterator(ds))
+  assert batch["decoder_language_ids"].shape == (4, 16)
   assert batch["decoder_target_tokens"].dtype == np.int32
 
 

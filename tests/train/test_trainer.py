@@ -1,4 +1,4 @@
-"""Tests for tiered_routing.trainer on 8 simulated CPU devices."""
+"""Tests for the trainer, the step and the loop on 8 simulated CPU devices."""
 
 import json
 import math
@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 
 import tasks  # pylint: disable=unused-import  (registers the sample tasks)
-from tasks import mixtures
-from tiered_routing.train import checkpoints
-from tiered_routing.data import inputs
-from tiered_routing.tier1 import languages
-from tiered_routing.train import metrics_writer
-from tiered_routing.train import optimizers
 from tiered_routing import sharding
-from tiered_routing.tier1 import schemes
-from tiered_routing.train import train_state
-from tiered_routing.train import trainer
+from tiered_routing.data import pipeline
+from tiered_routing.data import seqio_names
 from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import checkpoints
+from tiered_routing.train import metrics_writer
+from tiered_routing.train import optimizers
+from tiered_routing.train import steps
+from tiered_routing.train import train_state
+from tiered_routing.train import trainer
 
 NUM_PARTITIONS = 2
 ROWS, LENGTH = 4, 32  # B/P rows of L tokens per partition.
@@ -68,11 +69,10 @@ def _one_device_mesh():
 @pytest.fixture(scope="module")
 def dataset():
   scheme = schemes.family(NUM_PARTITIONS)
-  names = mixtures.partition_mixture_names("sample", scheme)
-  return inputs.partitioned_dataset(
+  names = seqio_names.partition_mixture_names("sample", scheme)
+  return pipeline.partitioned_dataset(
       names,
       global_batch_size=NUM_PARTITIONS * ROWS,
-      scheme=scheme,
       sequence_length=LENGTH,
       seed=0,
   )
@@ -80,7 +80,7 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def host_batches(dataset):
-  iterator = inputs.batch_iterator(dataset, 0)
+  iterator = pipeline.batch_iterator(dataset, 0)
   return [next(iterator) for _ in range(2)]
 
 
@@ -100,8 +100,8 @@ def _train(model_dir, dataset, steps, mesh=None, learning_rate=3e-2, **config):
       optimizer_config=optimizers.OptimizerConfig(
           learning_rate=learning_rate, warmup_steps=3
       ),
-      config=trainer.TrainConfig(**config),
-      batches=lambda start: inputs.batch_iterator(dataset, start),
+      config=steps.TrainConfig(**config),
+      batches=lambda start: pipeline.batch_iterator(dataset, start),
       batch_shape=BATCH_SHAPE,
       mesh=mesh or _mesh(),
   )
@@ -227,7 +227,7 @@ def test_restore_onto_another_mesh(trained):
 
 def _run_steps(runs, mesh, config=None):
   """Final states of several runs (lists of host batches) from one init."""
-  config = config or trainer.TrainConfig(train_steps=10)
+  config = config or steps.TrainConfig(train_steps=10)
   s = train_state.setup(
       _model_config(),
       optimizers.OptimizerConfig(learning_rate=1e-2, warmup_steps=0),
@@ -236,8 +236,12 @@ def _run_steps(runs, mesh, config=None):
       BATCH_SHAPE,
   )
   step = jax.jit(
-      lambda st, b, r: trainer.train_step(
-          st, b, r, model=s.model, tx=s.tx, config=config
+      lambda st, b, r: steps.train_step(
+          st,
+          b,
+          r,
+          objective=steps.LmObjective(s.model, config),
+          tx=s.tx,
       )
   )
   states = []
@@ -247,7 +251,7 @@ def _run_steps(runs, mesh, config=None):
       state = init
       for batch in batches:
         state, _ = step(
-            state, trainer.to_global_batch(batch, mesh), jax.random.key(1)
+            state, sharding.to_global_batch(batch, mesh), jax.random.key(1)
         )
       states.append(state)
   return states
@@ -284,9 +288,9 @@ def test_gradient_accumulation_matches_full_batch(host_batches):
   results = []
   with sharding.with_sharding_rules(mesh):
     state = train_state.init_state(s, jax.random.key(0), BATCH_SHAPE)
-    batch = trainer.to_global_batch(host_batches[0], mesh)
+    batch = sharding.to_global_batch(host_batches[0], mesh)
     for m in (1, 2):
-      cfg = trainer.TrainConfig(
+      cfg = steps.TrainConfig(
           train_steps=1,
           num_microbatches=m,
           load_balance_factor=0.0,
@@ -294,8 +298,11 @@ def test_gradient_accumulation_matches_full_batch(host_batches):
       )
       results.append(
           jax.jit(
-              lambda p, b, c=cfg: trainer.gradients(
-                  p, b, jax.random.key(0), model=model, config=c
+              lambda p, b, c=cfg: steps.lm_gradients(
+                  p,
+                  b,
+                  jax.random.key(0),
+                  objective=steps.LmObjective(model, c),
               )
           )(state.params, batch)
       )
@@ -309,44 +316,6 @@ def test_gradient_accumulation_matches_full_batch(host_batches):
     np.testing.assert_array_equal(
         m["sums"]["weight_sum_N"], m1["sums"]["weight_sum_N"]
     )
-
-
-def test_eval_step_sums_per_language_exactly():
-  config = _model_config()
-  model = transformer.TieredDecoder(config)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(2, 4096, BATCH_SHAPE).astype(np.int32)
-  langs = rng.integers(0, languages.NUM_LANGUAGES, BATCH_SHAPE).astype(np.int32)
-  weights = (rng.random(BATCH_SHAPE) < 0.8).astype(np.int32)
-  batch = {
-      "decoder_input_tokens": tokens,
-      "decoder_target_tokens": np.roll(tokens, -1, axis=-1),
-      "decoder_loss_weights": weights,
-      "decoder_language_ids": langs,
-  }
-  params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
-  out = jax.jit(lambda p, b: trainer.eval_step(p, b, model=model))(
-      params, batch
-  )
-  logits = np.asarray(
-      jax.jit(model.apply)({"params": params}, tokens), np.float64
-  )
-  log_probs = (
-      logits
-      - np.log(
-          np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
-      )
-      - logits.max(-1, keepdims=True)
-  )
-  nll = -np.take_along_axis(
-      log_probs, batch["decoder_target_tokens"][..., None], -1
-  )[..., 0]
-  for lang in range(languages.NUM_LANGUAGES):
-    mask = (langs == lang) & (weights > 0)
-    np.testing.assert_allclose(
-        out["loss_sum_N"][lang], nll[mask].sum(), rtol=1e-5
-    )
-    assert out["weight_sum_N"][lang] == mask.sum()
 
 
 def test_nan_guard_stops_and_keeps_last_good_checkpoint(
@@ -380,11 +349,11 @@ def test_microbatches_must_divide_rows(host_batches):
   s = train_state.setup(
       _model_config(), optimizers.OptimizerConfig(), 10, _mesh(), BATCH_SHAPE
   )
-  config = trainer.TrainConfig(train_steps=1, num_microbatches=3)
+  config = steps.TrainConfig(train_steps=1, num_microbatches=3)
   with pytest.raises(ValueError, match="num_microbatches=3 must divide"):
     jax.eval_shape(
-        lambda p, b: trainer.gradients(
-            p, b, jax.random.key(0), model=s.model, config=config
+        lambda p, b: steps.lm_gradients(
+            p, b, jax.random.key(0), objective=steps.LmObjective(s.model, config)
         ),
         s.abstract_state.params,
         host_batches[0],
@@ -393,9 +362,9 @@ def test_microbatches_must_divide_rows(host_batches):
 
 def test_train_config_rejects_bad_values():
   with pytest.raises(ValueError, match="num_microbatches=0"):
-    trainer.TrainConfig(train_steps=1, num_microbatches=0)
+    steps.TrainConfig(train_steps=1, num_microbatches=0)
   with pytest.raises(ValueError, match="z_loss=-1"):
-    trainer.TrainConfig(train_steps=1, z_loss=-1)
+    steps.TrainConfig(train_steps=1, z_loss=-1)
 
 
 def test_metrics_jsonl_skips_torn_lines(tmp_path):

@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny TieredDecoder per sharing level, jitted once."""
 
+import functools
+
 import jax
 import pytest
 
 from tiered_routing.model import decoder_config
+from tiered_routing.model import forward
 from tiered_routing.model import transformer
-from tiered_routing.model import routing_capture
 
 P, B, L, E = 2, 2, 6, 4
 
@@ -19,8 +21,14 @@ def _fast_cpu_rng_compile():
     yield
 
 
+def _routed_forward(model, params, batch, **masks):
+  """(logits, TokenRouting, intermediates) of one forward pass."""
+  out = forward.forward(model, params, batch, capture_routing=True, **masks)
+  return out.logits_PxBxLxV, out.routing, out.intermediates
+
+
 class TinyModel:
-  """A 2-layer MoE decoder with jitted init and routing-capturing apply."""
+  """A 2-layer MoE decoder with jitted init and routing-capturing forward."""
 
   def __init__(self, sharing: str):
     self.config = decoder_config.DecoderConfig(
@@ -44,10 +52,10 @@ class TinyModel:
     self.variables = jax.jit(self.model.init)(
         jax.random.PRNGKey(1), self.tokens
     )
-    self.apply_with_routing = jax.jit(
-        lambda variables, tokens, **kw: routing_capture.apply_with_routing(
-            self.model, variables, tokens, **kw
-        )
+    self.params = self.variables["params"]
+    # routed_forward(params, batch, **expert masks).
+    self.routed_forward = jax.jit(
+        functools.partial(_routed_forward, self.model)
     )
 
 

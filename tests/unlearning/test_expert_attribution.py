@@ -9,6 +9,7 @@ import pytest
 from tiered_routing.model import losses
 from tiered_routing.unlearning import expert_attribution as ea
 from tiered_routing.model import routing_capture
+from tiered_routing.tier1 import layout
 
 # Planted per-token frequencies (top-2 routing: each row sums to 2). Expert 1
 # is rare but forget-specific, expert 0 is used by forget a lot and by retain
@@ -149,15 +150,14 @@ def test_captured_routing_follows_token_order(sharing, tiny_model):
     first = (p * E if sharing == "all" else 0) + 2 * p
     mask[p, first : first + 2] = True
   seg = jnp.ones((P, B, L), jnp.int32).at[1, 0, 4].set(0)
-  _, routing, inter = tiny.apply_with_routing(
-      variables,
-      tokens,
+  _, routing, inter = tiny.routed_forward(
+      variables["params"],
+      {"decoder_input_tokens": tokens, "decoder_segment_ids": seg},
       expert_mask_PxE=jnp.asarray(mask),
-      segment_ids_PxBxL=seg,
   )
   assert routing.layer_names == ("decoder/layers_0/moe", "decoder/layers_1/moe")
   assert routing.expert_index_MxTxK.shape == (2, P * B * L, 2)
-  pid = routing_capture.token_partition_ids((P, B, L))
+  pid = layout.token_partition_ids((P, B, L))
   idx = np.asarray(routing.expert_index_MxTxK)
   used = np.asarray(routing.combine_weights_MxTxK) > 0
   allowed_for_token = mask[np.asarray(pid)]  # [T, E]
@@ -181,15 +181,15 @@ def test_token_routing_errors():
   with pytest.raises(ValueError, match="capture_intermediates"):
     routing_capture.token_routing({"decoder": {"moe": {"load_balance_loss": (1.0,)}}})
   with pytest.raises(ValueError, match=r"\[P, B/P, L\]"):
-    routing_capture.token_partition_ids((2, 3))
+    layout.token_partition_ids((2, 3))
 
 
 def test_attribution_end_to_end_masks_critical_experts(tiny_model):
   tiny = tiny_model("none")
   # Forget data lives in partition 0 only (partition 1 rows are padding).
   seg = jnp.ones((P, B, L), jnp.int32).at[1].set(0)
-  _, routing, _ = tiny.apply_with_routing(
-      tiny.variables, tiny.tokens, segment_ids_PxBxL=seg
+  _, routing, _ = tiny.routed_forward(
+      tiny.params, {"decoder_input_tokens": tiny.tokens, "decoder_segment_ids": seg}
   )
   forget_mask = np.asarray(seg).reshape(-1) > 0
   f_counts, n_f = ea.routing_counts(routing, E, forget_mask)
@@ -209,8 +209,10 @@ def test_attribution_end_to_end_masks_critical_experts(tiny_model):
   # Default: each MoE layer loses only its own critical experts.
   kwargs = ea.decoder_mask_kwargs(allowed)
   assert set(kwargs) == {"expert_mask_MxPxE"}
-  _, masked, _ = tiny.apply_with_routing(
-      tiny.variables, tiny.tokens, segment_ids_PxBxL=seg, **kwargs
+  _, masked, _ = tiny.routed_forward(
+      tiny.params,
+      {"decoder_input_tokens": tiny.tokens, "decoder_segment_ids": seg},
+      **kwargs,
   )
   counts = np.asarray(ea.routing_counts(masked, E, forget_mask)[0])
   np.testing.assert_array_equal(counts[crit], 0.0)
@@ -220,8 +222,10 @@ def test_attribution_end_to_end_masks_critical_experts(tiny_model):
   kwargs = ea.decoder_mask_kwargs(allowed, per_layer=False)
   shared = kwargs["expert_mask_PxE"]
   np.testing.assert_array_equal(shared, ea.shared_layer_mask(allowed))
-  _, masked, _ = tiny.apply_with_routing(
-      tiny.variables, tiny.tokens, segment_ids_PxBxL=seg, **kwargs
+  _, masked, _ = tiny.routed_forward(
+      tiny.params,
+      {"decoder_input_tokens": tiny.tokens, "decoder_segment_ids": seg},
+      **kwargs,
   )
   counts = np.asarray(ea.routing_counts(masked, E, forget_mask)[0])
   removed = ~shared[0]

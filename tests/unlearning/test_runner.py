@@ -1,4 +1,4 @@
-"""Tests for the unlearning runner, its loop, evaluator and data cache.
+"""Tests for the unlearning runner, its methods, evaluator and data cache.
 
 One small strict-partition configuration (family2_none: ur in partition 1
 with seven other languages) is trained once for the module and unlearned with
@@ -17,26 +17,27 @@ import pytest
 import seqio
 
 import tasks  # pylint: disable=unused-import  (registers the sample tasks)
-from tasks import mixtures
-from tiered_routing.data import seqio_names
-from tiered_routing.data import inputs
-from tiered_routing.tier1 import languages
-from tiered_routing.train import optimizers
 from tiered_routing import sharding
-from tiered_routing.tier1 import schemes
-from tiered_routing.train import trainer
-from tiered_routing.model import decoder_config
-from tiered_routing.model import transformer
-from tiered_routing.unlearning import gradient_methods
+from tiered_routing.data import eval_data
+from tiered_routing.data import feature_rows
+from tiered_routing.data import pipeline
+from tiered_routing.data import seqio_names
+from tiered_routing.data import stream_cache
 from tiered_routing.eval import language_eval
-from tiered_routing.unlearning import objectives
+from tiered_routing.model import decoder_config
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import layout
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import optimizers
+from tiered_routing.train import steps
+from tiered_routing.unlearning import combined_objective
+from tiered_routing.unlearning import configuration
+from tiered_routing.unlearning import gradient_methods
 from tiered_routing.unlearning import methods
+from tiered_routing.unlearning import objectives
 from tiered_routing.unlearning import runner
 from tiered_routing.unlearning import specs
-from tiered_routing.data import stream_cache
-from tiered_routing.model import routing_capture
 from tiered_routing.unlearning import trace
-from tiered_routing.unlearning import trained_models
 
 SCHEME = schemes.family(2)
 FORGET = "ur"
@@ -57,7 +58,7 @@ def _register(table_name, partition, codes):
 
 
 DATA = specs.DataSpec(
-    partition_names=tuple(mixtures.partition_mixture_names("sample", SCHEME)),
+    partition_names=tuple(seqio_names.partition_mixture_names("sample", SCHEME)),
     task_name=functools.partial(seqio_names.task_name, "sample"),
     mixture_name=_register,
 )
@@ -79,10 +80,10 @@ def _spec(sharing="none"):
       num_partitions=2,
       sharing=sharing,
   )
-  return trained_models.TrainSpec(
+  return specs.TrainSpec(
       config,
       optimizers.OptimizerConfig(learning_rate=1e-2, warmup_steps=5),
-      trainer.TrainConfig(
+      steps.TrainConfig(
           train_steps=STEPS,
           save_every_steps=STEPS,
           log_every_steps=STEPS,
@@ -194,15 +195,15 @@ def test_exact_retrain_equals_training_without_the_language(
   and the other partitions are bitwise the original's."""
   work_dir, _, _ = outcome
   spec = _spec()
-  original, _ = trained_models.train_model(
+  original, _ = configuration.train_model(
       f"{work_dir}/original", spec, DATA.partition_names, cache, mesh
   )
   retained = tuple(c for c in SCHEME.partitions[1] if c != FORGET)
   ref_names = [DATA.partition_names[0], _register("family2-ur", 1, retained)]
-  reference, _ = trained_models.train_model(
+  reference, _ = configuration.train_model(
       f"{work_dir}/reference", spec, ref_names, cache, mesh
   )  # Restored, not retrained.
-  other, _ = trained_models.train_model(
+  other, _ = configuration.train_model(
       str(tmp_path / "other"),
       spec,
       [seqio_names.task_name("sample", "en"), ref_names[1]],
@@ -239,13 +240,11 @@ def _random_batch(key, shape, vocab):
 @pytest.fixture(scope="module")
 def combined_loss(tiny_model):
   """The jitted combined objective of the conftest's 'attention' model."""
+  objective = combined_objective.UnlearningObjective(
+      tiny_model("attention").model, w_min=0.1, w_max=10.0
+  )
   return jax.jit(
-      functools.partial(
-          gradient_methods.combined_loss,
-          model=tiny_model("attention").model,
-          w_min=0.1,
-          w_max=10.0,
-      )
+      functools.partial(combined_objective.combined_loss, objective=objective)
   )
 
 
@@ -264,15 +263,20 @@ def test_combined_loss_equals_the_library_objectives(
   critical[0, 1, [0, 3]] = True  # layer 1 (the MoE layers are 0 and 1)
   critical = np.concatenate([critical, critical[:, ::-1]])
   config = gradient_methods.FinetuneConfig()
+  inputs = combined_objective.UnlearningInputs(
+      ref_params, critical, config.coefficients(method)
+  )
   loss, _ = combined_loss(
-      params, ref_params, forget, retain, critical, config.coefficients(method)
+      params, {"forget": forget, "retain": retain}, inputs
   )
 
   def log_probs(p, batch):
-    logits, routing, _ = m.apply_with_routing(
-        {"params": p},
-        batch["decoder_input_tokens"],
-        segment_ids_PxBxL=batch["decoder_segment_ids"],
+    logits, routing, _ = m.routed_forward(
+        p,
+        {
+            "decoder_input_tokens": batch["decoder_input_tokens"],
+            "decoder_segment_ids": batch["decoder_segment_ids"],
+        },
     )
     logp = objectives.token_log_likelihood(
         logits, batch["decoder_target_tokens"]
@@ -291,7 +295,7 @@ def test_combined_loss_equals_the_library_objectives(
   r, routing_r = log_probs(params, retain)
   ref = log_probs(ref_params, forget)[0].logp
   if method == "trace":
-    pids = routing_capture.token_partition_ids(shape)
+    pids = layout.token_partition_ids(shape)
     f_freq = trace.activation_frequency(
         trace.critical_hits(routing_f, critical, pids),
         f.weights.reshape(-1) > 0,
@@ -309,11 +313,12 @@ def test_combined_loss_equals_the_library_objectives(
         config.objective_config(method), f, r, ref
     )
   np.testing.assert_allclose(loss, want, rtol=2e-5)
-  # The coefficient vector encodes the method's objective.
+  # The method's record of coefficients encodes its objective.
   coeffs = config.coefficients(method)
-  assert (coeffs[0] > 0) == (method in ("ga", "graddiff"))
-  assert (coeffs[1] > 0) == (method in ("npo", "trace"))
-  assert (coeffs[2] > 0) == (method in ("graddiff", "trace"))
+  assert (coeffs.ga > 0) == (method in ("ga", "graddiff"))
+  assert (coeffs.npo > 0) == (method in ("npo", "trace"))
+  assert (coeffs.retain > 0) == (method in ("graddiff", "trace"))
+  assert (coeffs.trace > 0) == (method == "trace")
 
 
 def test_update_mask_confines_attention_unlearning_to_one_partition(tiny_model):
@@ -322,19 +327,17 @@ def test_update_mask_confines_attention_unlearning_to_one_partition(tiny_model):
   m = tiny_model("attention")
   params = nn.meta.unbox(m.variables["params"])
   config = gradient_methods.FinetuneConfig(steps=2, rows_per_batch=2)
-  ft = gradient_methods.make_finetuner(
-      m.config, optimizers.OptimizerConfig(), config
-  )
-  mask = gradient_methods.update_mask(ft.model, params, partition=1)
+  mask = gradient_methods.update_mask(m.model, params, partition=1)
   batches = [
       _random_batch(jax.random.PRNGKey(i), m.tokens.shape, 32) for i in range(4)
   ]
   stack = lambda bs: {k: np.stack([b[k] for b in bs]) for k in bs[0]}
-  new, history = gradient_methods.finetune(
-      ft,
+  new, history = gradient_methods.unlearn(
+      m.config,
+      optimizers.OptimizerConfig(),
+      config,
       params,
-      stack(batches[:2]),
-      stack(batches[2:]),
+      {"forget": stack(batches[:2]), "retain": stack(batches[2:])},
       config.coefficients("graddiff"),
       np.zeros((2, 2, 4), bool),
       mask,
@@ -364,19 +367,17 @@ def test_stop_at_reference_ends_after_the_step_that_reached_it(tiny_model):
   m = tiny_model("none")
   params = nn.meta.unbox(m.variables["params"])
   config = gradient_methods.FinetuneConfig(steps=4, rows_per_batch=2)
-  ft = gradient_methods.make_finetuner(
-      m.config, optimizers.OptimizerConfig(), config
-  )
   batches = [
       _random_batch(jax.random.PRNGKey(i), m.tokens.shape, 32) for i in range(8)
   ]
   stack = lambda bs: {k: np.stack([b[k] for b in bs]) for k in bs[0]}
   mask = jax.tree.map(lambda _: np.ones((), np.float32), params)
-  run = lambda n, stop=None: gradient_methods.finetune(
-      ft,
+  run = lambda n, stop=None: gradient_methods.unlearn(
+      m.config,
+      optimizers.OptimizerConfig(),
+      config,
       params,
-      stack(batches[:n]),
-      stack(batches[4 : 4 + n]),
+      {"forget": stack(batches[:n]), "retain": stack(batches[4 : 4 + n])},
       config.coefficients("ga"),
       np.zeros((2, 2, 4), bool),
       mask,
@@ -395,14 +396,10 @@ def test_stop_at_reference_ends_after_the_step_that_reached_it(tiny_model):
 def test_cached_streams_are_the_trainers_batches(cache):
   names = DATA.partition_names
   got = cache.partitioned(names, ROWS, 3)
-  dataset = inputs.partitioned_dataset(
-      names,
-      global_batch_size=2 * ROWS,
-      scheme=SCHEME,
-      sequence_length=LENGTH,
-      seed=0,
+  dataset = pipeline.partitioned_dataset(
+      names, global_batch_size=2 * ROWS, sequence_length=LENGTH, seed=0
   )
-  for step, batch in enumerate(inputs.batch_iterator(dataset, 0)):
+  for step, batch in enumerate(pipeline.batch_iterator(dataset, 0)):
     if step == 3:
       break
     for key, value in got.items():
@@ -417,59 +414,42 @@ def test_cached_streams_are_the_trainers_batches(cache):
 
 def test_rechunk_and_chunk_rows():
   rows = {"decoder_input_tokens": np.arange(2 * 3 * 2).reshape(2, 3, 2)}
-  out = stream_cache.rechunk(rows, 4, 2)["decoder_input_tokens"]
+  out = feature_rows.rechunk(rows, 4, 2)["decoder_input_tokens"]
   flat = np.arange(12).reshape(6, 2)
   np.testing.assert_array_equal(out.reshape(8, 2), flat[np.arange(8) % 6])
-  chunks = stream_cache.chunk_rows({"decoder_input_tokens": flat}, 4)
+  chunks = feature_rows.chunk_rows({"decoder_input_tokens": flat}, 4)
   assert [c["decoder_input_tokens"].shape for c in chunks] == [(4, 2), (4, 2)]
   np.testing.assert_array_equal(chunks[1]["decoder_input_tokens"][2:], 0)
 
 
-def test_evaluator_matches_the_trainers_eval_step(outcome, cache, mesh):
-  """Per-partition (one-partition model) evaluation equals the full model's
-  `trainer.eval_step` on the same rows."""
+def test_evaluator_alone_matches_the_full_model(outcome, cache, mesh):
+  """Per-partition (one-partition model) evaluation, the sweep's, equals the
+  full model's evaluation of the same rows."""
   work_dir, _, result = outcome
   spec = _spec()
-  params, _ = trained_models.train_model(
+  params, _ = configuration.train_model(
       f"{work_dir}/original", spec, DATA.partition_names, cache, mesh
   )
   validation = cache.validation_rows(
       {c: DATA.task_name(c) for c in languages.CODES}
   )
-  sums = np.zeros((2, languages.NUM_LANGUAGES))
-  step = jax.jit(
-      functools.partial(
-          trainer.eval_step, model=transformer.TieredDecoder(spec.model_config)
-      )
+  evaluator = language_eval.LanguageEvaluator(
+      spec.model_config,
+      eval_data.language_blocks(validation, SCHEME, 2),
+      vocabulary=None,
+      partitions_alone=False,
   )
-  chunks = [
-      stream_cache.chunk_rows(
-          {
-              k: np.concatenate([validation[c][k] for c in codes])
-              for k in validation[codes[0]]
-          },
-          2,
-      )
-      for codes in SCHEME.partitions
-  ]
-  for b in range(max(map(len, chunks))):
-    batch = stream_cache.stack(
-        [c[b] if b < len(c) else stream_cache.zeros_like(c[0]) for c in chunks],
-        axis=0,
-    )
-    out = jax.device_get(step(params, batch))
-    sums += np.stack([out["loss_sum_N"], out["weight_sum_N"]])
+  full = evaluator.evaluate(params).losses
   for code, r in result.languages["original"].items():
-    i = languages.language_id(code)
-    assert r["tokens"] == sums[1, i]
-    np.testing.assert_allclose(r["loss"], sums[0, i] / sums[1, i], rtol=1e-5)
+    assert r["tokens"] == full[code].num_tokens
+    np.testing.assert_allclose(r["loss"], full[code].loss, rtol=1e-5)
 
 
 def test_regroup_pads_with_zero_rows():
   batches = {
       "decoder_input_tokens": np.arange(3 * 2 * 2 * 1).reshape(3, 2, 2, 1) + 1
   }
-  out = stream_cache.regroup(batches, 4)["decoder_input_tokens"]
+  out = feature_rows.regroup(batches, 4)["decoder_input_tokens"]
   assert out.shape == (2, 2, 4, 1)
   np.testing.assert_array_equal(out[0, 1, :, 0], [3, 4, 7, 8])
   np.testing.assert_array_equal(out[1, 0, :, 0], [9, 10, 0, 0])
@@ -498,6 +478,6 @@ def test_config_validation():
   with pytest.raises(ValueError, match="batch_size"):
     dataclasses.replace(_spec(), batch_size=3)
   with pytest.raises(ValueError, match="num_experts"):
-    language_eval.check_moe(
+    configuration.check_moe(
         dataclasses.replace(_spec().model_config, num_experts=0)
     )

@@ -8,6 +8,7 @@ import pytest
 from tiered_routing.unlearning import expert_attribution as ea
 from tiered_routing.unlearning import objectives as obj
 from tiered_routing.model import routing_capture
+from tiered_routing.tier1 import layout
 from tiered_routing.unlearning import trace
 
 P, B, L, E = 2, 2, 6, 4  # The conftest's tiny model.
@@ -184,12 +185,12 @@ def test_trace_step_through_the_model(tiny_model):
   """A TRACE gradient step on a real decoder raises the forget loss."""
   tiny = tiny_model("none")
   tokens, forget_w, retain_w, seg = _mixed_batch()
-  pid = routing_capture.token_partition_ids(tokens.shape)
+  pid = layout.token_partition_ids(tokens.shape)
   cfg = trace.TraceConfig("ga", retain_coeff=0.1)
 
   def loss_fn(params, critical, f_forget):
-    logits, routing, _ = routing_capture.apply_with_routing(
-        tiny.model, {"params": params}, tokens, segment_ids_PxBxL=seg
+    logits, routing, _ = tiny.routed_forward(
+        params, {"decoder_input_tokens": tokens, "decoder_segment_ids": seg}
     )
     logp = obj.token_log_likelihood(logits, tokens)
     hits = trace.critical_hits(routing, critical, pid)

@@ -155,15 +155,19 @@ def run(
     step, params = restore.restore_params(
         model_dir, model_config, mesh=mesh, step=checkpoint_step
     )
-    vocabulary = eval_data.vocabulary_of(names[0])
-    evaluator = language_eval.LanguageEvaluator(
+    evaluator = language_eval.split_evaluator(
         model_config,
-        eval_data.partition_blocks(names, length, rows, split, pack),
-        vocabulary,
+        names,
+        length,
+        rows,
+        split=split,
+        pack=pack,
+        materialize=False,
         to_device=lambda b: sharding.to_global_batch(b, mesh),
         partitions_alone=False,
     )
     results = evaluator.evaluate(params).flat()
+    vocabulary = eval_data.vocabulary_of(names[0])
     data = (names, scheme, length, rows, split, vocabulary)
     results.update(
         evaluate_unpacked(

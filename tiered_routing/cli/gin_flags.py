@@ -209,10 +209,20 @@ def mixture_names(mixture_or_task_name, num_partitions: int) -> list[str]:
     raise ValueError(
         f"MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} must be a list of "
         f"num_partitions={num_partitions} names (one mixture per partition, "
-        "e.g. @tasks.mixtures.partition_mixture_names()); a single name "
+        "e.g. @seqio_names.partition_mixture_names()); a single name "
         "works only with one partition."
     )
   return names
+
+
+def check_scheme(scheme, num_partitions: int) -> None:
+  """SCHEME and the model must agree on the number of partitions."""
+  if scheme.num_partitions != num_partitions:
+    raise ValueError(
+        f"The partition scheme {scheme.name!r} has {scheme.num_partitions} "
+        f"partitions but the model has num_partitions={num_partitions}; set "
+        "NUM_PARTITIONS once for both."
+    )
 
 
 def task_feature_length(task_feature_lengths) -> int:

@@ -40,7 +40,7 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> Rows:
 
 def chunk_rows(rows: Mapping[str, np.ndarray], rows_per_batch: int) -> list:
   """Cuts [n, L] rows into [R, L] batches, the last padded with zero rows."""
-  n = len(rows[_WEIGHTS])
+  n = len(next(iter(rows.values())))
   out = []
   for start in range(0, n, rows_per_batch):
     batch = {k: v[start : start + rows_per_batch] for k, v in rows.items()}
@@ -78,7 +78,7 @@ def regroup(batches: Mapping[str, np.ndarray], rows_per_batch: int) -> Rows:
   Partition q of new batch i holds partition q's rows i * R' ... (i+1) * R'
   - 1 of the old batches; missing rows at the end are zeros (weight 0).
   """
-  n, p, r = batches[_WEIGHTS].shape[:3]
+  n, p, r = next(iter(batches.values())).shape[:3]
   num = -(-n * r // rows_per_batch)
   out = {}
   for key, value in batches.items():

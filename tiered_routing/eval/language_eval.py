@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from tiered_routing.data import eval_data
 from tiered_routing.data import feature_rows
 from tiered_routing.eval import lm_metrics
 from tiered_routing.eval import routing_counts
@@ -152,7 +153,7 @@ class EvalResult:
     return {
         code: {
             "loss": s.loss,
-            "bpb": s.bits_per_byte,
+            "bpb": s.bits_per_byte if s.num_bytes else float("nan"),
             "tokens": s.num_tokens,
             "bytes": s.num_bytes,
         }
@@ -168,7 +169,8 @@ class LanguageEvaluator:
     blocks: per tier-1 partition, its evaluation rows as [R, L] host
       batches (`data.eval_data`): a list can be evaluated any number of
       times, an iterator once.
-    vocabulary: the targets' SeqIO vocabulary (for bytes).
+    vocabulary: the targets' SeqIO vocabulary (for bytes); None = no bytes
+      (and no bits per byte), e.g. when only routing is wanted.
     to_device: places a host batch (e.g. `sharding.to_global_batch`).
     partitions_alone: evaluate each partition as a one-partition model (needs
       sharing 'none'); default: whenever the sharing is 'none'.
@@ -178,7 +180,7 @@ class LanguageEvaluator:
       self,
       config: decoder_config.DecoderConfig,
       blocks: Sequence[Iterable[Batch]],
-      vocabulary: seqio.Vocabulary,
+      vocabulary: Optional[seqio.Vocabulary],
       *,
       to_device: Callable[[Batch], Batch] = lambda b: b,
       partitions_alone: Optional[bool] = None,
@@ -206,7 +208,11 @@ class LanguageEvaluator:
     """Bytes per language of batch b of partition q, decoded once."""
     key = (q, b)
     if key not in self._bytes:
-      self._bytes[key] = bytes_per_language(batch, self._vocabulary)
+      self._bytes[key] = (
+          np.zeros(languages.NUM_LANGUAGES, np.int64)
+          if self._vocabulary is None
+          else bytes_per_language(batch, self._vocabulary)
+      )
     return self._bytes[key]
 
   def full_batches(self) -> Iterable[tuple[Batch, np.ndarray]]:
@@ -229,10 +235,10 @@ class LanguageEvaluator:
           q, b, batch
       )
 
-  def _default_mask(self) -> Optional[np.ndarray]:
+  @staticmethod
+  def _default_mask(cfg) -> Optional[np.ndarray]:
     """An all-allowed per-layer mask: masked and unmasked evaluations then
     share one compiled program."""
-    cfg = self.config
     if not cfg.num_experts:
       return None
     shape = (len(cfg.moe_layers), cfg.num_partitions, cfg.experts_per_layer)
@@ -246,6 +252,7 @@ class LanguageEvaluator:
       partitions: Optional[Sequence[int]] = None,
       capture_routing: bool = False,
       trace_context: Optional[Callable[[], Any]] = None,
+      config: Optional[decoder_config.DecoderConfig] = None,
   ) -> EvalResult:
     """Scores every language (or those of some partitions) on its rows.
 
@@ -256,57 +263,81 @@ class LanguageEvaluator:
       capture_routing: also count every scored token's routing.
       trace_context: returns a context manager that must be active while
         the model is traced (e.g. MoEfication's `moefied`).
+      config: evaluate a model of another config on the same rows (e.g.
+        with an expert added); default the evaluator's.
     """
+    cfg = self.config if config is None else config
+    if cfg.num_partitions != self.config.num_partitions:
+      raise ValueError(
+          f"config has num_partitions={cfg.num_partitions}; the rows are laid"
+          f" out for {self.config.num_partitions}."
+      )
     if partitions is not None and not self.partitions_alone:
       raise ValueError(
           "partitions= needs partitions_alone (sharing 'none'); with sharing"
           f" {self.config.sharing!r} every language depends on the shared "
           "parameters."
       )
-    mask = self._default_mask() if expert_mask_MxPxE is None else np.asarray(
-        expert_mask_MxPxE
-    )
+    mask = self._default_mask(cfg) if expert_mask_MxPxE is None else (
+        np.asarray(expert_mask_MxPxE))
     acc = lm_metrics.LanguageLossAccumulator()
-    counts = self.new_counts() if capture_routing else None
+    counts = new_counts(cfg) if capture_routing else None
     if not self.partitions_alone:
-      fn = self._fn(self.config, capture_routing, trace_context)
-      self._run(fn, params, mask, self.full_batches(), acc, counts, None)
-    else:
-      one = one_partition.one_partition_config(self.config)
-      fn = self._fn(one, capture_routing, trace_context)
-      todo = range(self.config.num_partitions) if partitions is None else (
-          partitions)
-      for q in todo:
-        self._run(fn, one_partition.partition_params(params, q),
-                  None if mask is None else mask[:, q : q + 1],
-                  self._partition_batches(q), acc, counts, q)
+      fn = _evaluation_fn(cfg, capture_routing, trace_context)
+      run = _Run(fn, self._to_device, acc, counts, cfg)
+      run(params, mask, self.full_batches(), None)
+      return EvalResult(acc.per_language(), counts)
+    one = one_partition.one_partition_config(cfg)
+    run = _Run(_evaluation_fn(one, capture_routing, trace_context),
+               self._to_device, acc, counts, cfg)
+    todo = range(cfg.num_partitions) if partitions is None else partitions
+    for q in todo:
+      run(one_partition.partition_params(params, q),
+          None if mask is None else mask[:, q : q + 1],
+          self._partition_batches(q), q)
     return EvalResult(acc.per_language(), counts)
 
-  def _fn(self, config, routing, trace_context):
-    if trace_context is None:
-      return _compiled(config, routing)
-    model = transformer.TieredDecoder(config)
-    return _traced_in(
-        trace_context,
-        functools.partial(_language_sums, model=model, routing=routing),
-    )
 
-  def new_counts(self) -> routing_counts.RoutingCounts:
-    cfg = self.config
-    return routing_counts.RoutingCounts(
-        len(cfg.moe_layers), cfg.num_partitions * cfg.num_experts
-    )
+def new_counts(
+    cfg: decoder_config.DecoderConfig,
+) -> routing_counts.RoutingCounts:
+  """Empty routing counts with the model's global expert ids."""
+  return routing_counts.RoutingCounts(
+      len(cfg.moe_layers), cfg.num_partitions * cfg.num_experts
+  )
 
-  def _run(self, fn, params, mask, batches, acc, counts, partition):
-    """Adds the loss sums (and routing) of `batches` to `acc` (`counts`)."""
+
+def _evaluation_fn(config, routing, trace_context):
+  if trace_context is None:
+    return _compiled(config, routing)
+  model = transformer.TieredDecoder(config)
+  return _traced_in(
+      trace_context,
+      functools.partial(_language_sums, model=model, routing=routing),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """Adds the loss sums (and routing) of batches to an accumulator."""
+
+  fn: Callable
+  to_device: Callable
+  acc: lm_metrics.LanguageLossAccumulator
+  counts: Optional[routing_counts.RoutingCounts]
+  config: decoder_config.DecoderConfig
+
+  def __call__(self, params, mask, batches, partition):
     mask = None if mask is None else jnp.asarray(mask)
     for batch, nbytes in batches:
-      out = jax.device_get(fn(params, self._to_device(batch), mask))
-      acc.add_language_sums(out["loss_sum_N"], out["weight_sum_N"], nbytes)
-      if counts is not None:
-        self._count(counts, out, batch, partition)
+      out = jax.device_get(self.fn(params, self.to_device(batch), mask))
+      self.acc.add_language_sums(
+          out["loss_sum_N"], out["weight_sum_N"], nbytes
+      )
+      if self.counts is not None:
+        self._count(out, batch, partition)
 
-  def _count(self, counts, out, batch, partition):
+  def _count(self, out, batch, partition):
     """Adds one batch's routing with global expert ids."""
     e = self.config.num_experts
     shape = batch["decoder_input_tokens"].shape
@@ -317,10 +348,41 @@ class LanguageEvaluator:
     valid = batch["decoder_loss_weights"].reshape(-1) > 0
     lang = batch["decoder_language_ids"].reshape(-1)
     for layer in range(out["expert_index_MxTxK"].shape[0]):
-      counts.add(
+      self.counts.add(
           layer,
           out["expert_index_MxTxK"][layer] + offset,
           out["combine_weights_MxTxK"][layer],
           lang,
           valid,
       )
+
+
+def split_evaluator(
+    config: decoder_config.DecoderConfig,
+    names: Sequence[str],
+    length: int,
+    rows: int,
+    *,
+    split: str = "validation",
+    pack: bool = True,
+    materialize: bool = True,
+    **kwargs,
+) -> LanguageEvaluator:
+  """The evaluator of every partition mixture's whole `split`.
+
+  Args:
+    config: the model.
+    names: one task or mixture per partition.
+    length: L.
+    rows: rows per partition of a batch.
+    split: the split.
+    pack: pack several sequences per row (the eval binary's layout).
+    materialize: keep the rows in memory, so that the evaluator can score
+      several parameter sets; False streams them (one evaluation).
+    **kwargs: passed to `LanguageEvaluator` (to_device, partitions_alone).
+  """
+  blocks = eval_data.partition_blocks(names, length, rows, split, pack)
+  if materialize:
+    blocks = [list(b) for b in blocks]
+  vocabulary = eval_data.vocabulary_of(names[0])
+  return LanguageEvaluator(config, blocks, vocabulary, **kwargs)

@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tiered_routing.tier1 import one_partition
 from tiered_routing.model import decoder_config
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import transformer
+from tiered_routing.tier1 import one_partition
 
 BOS_ID = 0  # SeqIO's decoder-only inputs start with token 0.
 _BUFFER_MULTIPLE = 32  # Buffer lengths are rounded up: fewer recompiles.
@@ -77,13 +78,12 @@ def _step(
   place = lambda x: jax.lax.dynamic_update_index_in_dim(
       jnp.zeros((num_partitions, b, l), x.dtype), x, block, 0
   )
-  logits_PxBxLxV = model.apply(
-      {"params": params},
-      place(tokens_BxL),
-      segment_ids_PxBxL=place(segment_BxL),
-      positions_PxBxL=place(positions_BxL),
-      deterministic=True,
-  )
+  batch = {
+      "decoder_input_tokens": place(tokens_BxL),
+      "decoder_segment_ids": place(segment_BxL),
+      "decoder_positions": place(positions_BxL),
+  }
+  logits_PxBxLxV = forward_lib.forward(model, params, batch).logits_PxBxLxV
   logits_BxLxV = jax.lax.dynamic_index_in_dim(
       logits_PxBxLxV, block, 0, keepdims=False
   )

@@ -10,21 +10,22 @@ model on a task by training only the experts the task's tokens use most:
   2. Per layer, take experts in decreasing relevance until their relevance
      adds up to a share p of the layer's total (`select_experts`).
   3. Train those experts only; routers, attention, embeddings, dense layers
-     and all other experts stay frozen (`trainable_mask`, applied with
-     `expert_params.freeze`, since the chosen experts are slices of stacked
-     [E, D, F] tensors that name-based freezing cannot separate).
+     and all other experts stay frozen (`trainable_mask`, applied as the
+     step's update mask, element-wise, since the chosen experts are slices
+     of stacked [E, D, F] tensors that name-based freezing cannot
+     separate).
 
 Two variants: forced routing (`forced_routing_mask`: the task's tokens may
 use the chosen experts only) and LoRA on the routers (`init_router_lora`:
 kernel + A @ B * alpha / r with B = 0 at init, Hu et al. 2022; only A and B
-train), which re-routes tokens without touching any expert. Both run through
-`FinetuneModel`, a stand-in for `TieredDecoder` that `trainer.train_step`
-and `trainer.eval_step` accept: it merges the adapters into the router
-kernels and adds the expert mask before calling the real model, so the model
-code needs no change.
+train), which re-routes tokens without touching any expert. Both train with
+the one step (`train.steps.train_step`) on the LM objective: forced routing
+as its fixed expert mask, LoRA as its `params_view` (`lora_view` merges the
+adapters into the router kernels before every forward pass), so the model
+code needs no change; the chosen experts are trained through the step's
+update mask.
 """
 
-import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -32,67 +33,61 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tiered_routing.eval import language_eval
+from tiered_routing.eval import routing_counts
+from tiered_routing.model import decoder_config
 from tiered_routing.model import expert_params
 from tiered_routing.tier1 import languages
-from tiered_routing.analysis import routing_stats
-from tiered_routing.model import decoder_config
-from tiered_routing.model import transformer
-from tiered_routing.model import routing_capture
 
 RELEVANCE = ("token", "gate")
 LORA_TARGETS = ("kernel", "gates")  # Token-choice kernels, sequence gates.
 
 
 def collect_routing(
-    model: Any,
+    config: decoder_config.DecoderConfig,
     params: Any,
     batches: Iterable[Mapping[str, np.ndarray]],
-    **apply_kwargs,
-) -> routing_stats.RoutingCounts:
+    expert_mask_MxPxE: Optional[np.ndarray] = None,
+) -> routing_counts.RoutingCounts:
   """Per-language expert use of every MoE layer over `batches`.
 
   Args:
-    model: a `TieredDecoder` (or `FinetuneModel`).
+    config: the model's config.
     params: its parameters.
     batches: [P, B/P, L] feature batches (`decoder_input_tokens`,
       `decoder_language_ids`, `decoder_loss_weights`, optionally segment ids
       and positions).
-    **apply_kwargs: passed to `apply`, e.g. `expert_mask_MxPxE`.
+    expert_mask_MxPxE: optional expert mask (e.g. forced routing).
 
   Returns:
     `RoutingCounts` with one row per language and one column per expert of a
-    MoE layer (P * Ep under sharing 'all'); only scored tokens count.
+    MoE layer as the router numbers it (P * Ep under sharing 'all'); only
+    scored tokens count.
   """
-  config = model.config
-
-  @jax.jit
-  def route(params, batch):
-    _, routed, _ = routing_capture.apply_with_routing(
-        model,
-        {"params": params},
-        batch["decoder_input_tokens"],
-        segment_ids_PxBxL=batch.get("decoder_segment_ids"),
-        positions_PxBxL=batch.get("decoder_positions"),
-        **apply_kwargs,
-    )
-    return routed.expert_index_MxTxK, routed.combine_weights_MxTxK
-
-  counts = routing_stats.RoutingCounts(
-      len(config.moe_layers), config.experts_per_layer
+  p = config.num_partitions
+  batches = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
+  blocks = [[{k: v[q] for k, v in b.items()} for b in batches] for q in range(p)]
+  evaluator = language_eval.LanguageEvaluator(
+      config, blocks, vocabulary=None, partitions_alone=False
   )
-  for batch in batches:
-    index, weights = jax.device_get(
-        route(params, {k: jnp.asarray(v) for k, v in batch.items()})
-    )
-    language_T = np.asarray(batch["decoder_language_ids"]).reshape(-1)
-    valid_T = np.asarray(batch["decoder_loss_weights"]).reshape(-1) > 0
-    for layer in range(index.shape[0]):
-      counts.add(layer, index[layer], weights[layer], language_T, valid_T)
-  return counts
+  routing = evaluator.evaluate(
+      params, expert_mask_MxPxE=expert_mask_MxPxE, capture_routing=True
+  ).routing
+  if config.sharing == "all":
+    return routing
+  # Private experts: fold the global ids q * Ep + e back onto e.
+  out = routing_counts.RoutingCounts(
+      len(config.moe_layers), config.num_experts, routing.shape[0]
+  )
+  fold = lambda a: a.reshape(a.shape[:2] + (p, -1)).sum(axis=2)
+  out.assignments_NxMxE = fold(routing.assignments_NxMxE)
+  out.mass_NxMxE = fold(routing.mass_NxMxE)
+  out.tokens_NxM = routing.tokens_NxM
+  return out
 
 
 def expert_relevance(
-    counts: routing_stats.RoutingCounts,
+    counts: routing_counts.RoutingCounts,
     codes: Sequence[str],
     score: str = "token",
 ) -> np.ndarray:
@@ -292,41 +287,15 @@ def lora_param_count(config: decoder_config.DecoderConfig, rank: int) -> int:
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneModel:
-  """A `TieredDecoder` seen through router LoRA and a fixed expert mask.
+def lora_view(alpha: float):
+  """`params_view` of {'base': model params, 'lora': adapters}: the model's
+  parameters with the adapters merged (for `train.steps.LmObjective` and
+  evaluation)."""
 
-  Has the `apply` signature `trainer.train_step` / `eval_step` use. With
-  `lora_alpha` set, its parameters are {'base': model params, 'lora':
-  adapters} and the adapters are merged before every call.
+  def view(params):
+    return merge_router_lora(params["base"], params["lora"], alpha)
 
-  Attributes:
-    base: the model.
-    expert_mask_MxPxE: optional per-MoE-layer expert mask (forced routing).
-    lora_alpha: LoRA scale alpha (update = A B alpha / r); None = no LoRA.
-  """
-
-  base: transformer.TieredDecoder
-  expert_mask_MxPxE: Optional[np.ndarray] = None
-  lora_alpha: Optional[float] = None
-
-  @property
-  def config(self) -> decoder_config.DecoderConfig:
-    return self.base.config
-
-  def base_params(self, params: Any) -> Any:
-    """The plain model parameters these parameters stand for."""
-    if self.lora_alpha is None:
-      return params
-    return merge_router_lora(params["base"], params["lora"], self.lora_alpha)
-
-  def apply(self, variables: Mapping[str, Any], *args, **kwargs):
-    if self.expert_mask_MxPxE is not None:
-      kwargs.setdefault(
-          "expert_mask_MxPxE", jnp.asarray(self.expert_mask_MxPxE)
-      )
-    variables = {**variables, "params": self.base_params(variables["params"])}
-    return self.base.apply(variables, *args, **kwargs)
+  return view
 
 
 def lora_trainable_mask(params: Mapping[str, Any]) -> dict:

@@ -1,6 +1,6 @@
 """Adding and removing experts of sequence-gated MoE layers.
 
-With `router='sequence_gate'` (`routing.SequenceGateRouter`) every expert owns
+With `router='sequence_gate'` (`model.sequence_gates`) every expert owns
 one gate row g_e and scores a sequence independently of the other experts,
 s_e = sigmoid(g_e . h) (as in the expert-owned gates of Lifelong-MoE-style
 and DEMix-style models, Gururangan et al. 2022). So an expert can be added
@@ -8,20 +8,22 @@ for a new language, or removed, without retraining the others:
 
   add       `add_expert` appends one expert (a gate row and expert weights)
             at the end of every partition's experts in every MoE layer.
-            Training it alone (`new_expert_selection` + `expert_params.freeze`)
-            leaves every other parameter bit-identical, so a sequence of an
-            old language that does not select the new expert in any layer
-            computes exactly what it computed before, provided no token is
-            dropped (a sequence moving to the new expert frees capacity and
-            can change another's drops): use a capacity of T (capacity
-            factor E / K) or the dropless 'ragged' dispatch. The 'reference'
-            loop is not bitwise stable across expert counts under the group
-            vmap (XLA sums it in an E-dependent order, ~1e-6 apart).
+            Training it alone (`new_expert_selection` as the train step's
+            update mask) leaves every other parameter bit-identical, so a
+            sequence of an old language that does not select the new expert
+            in any layer computes exactly what it computed before, provided
+            no token is dropped (a sequence moving to the new expert frees
+            capacity and can change another's drops): use a capacity of T
+            (capacity factor E / K) or the dropless 'ragged' dispatch. The
+            'reference' loop is not bitwise stable across expert counts
+            under the group vmap (XLA sums it in an E-dependent order, ~1e-6
+            apart).
   remove    `remove_expert` deletes one expert per MoE layer; sequences that
             used it fall back to their next-best expert, the others are
             unchanged.
 
-Training the new expert (`new_expert_step`) minimizes the new language's
+Training the new expert (`NewExpertObjective`, run by the one training loop)
+minimizes the new language's
 token cross-entropy plus a one-vs-rest gate loss: binary cross-entropy of the
 new gate's logit against "is this the new language" over the sequences of a
 batch that also holds old-language sequences. The LM loss alone would only
@@ -44,15 +46,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tiered_routing.model import decoder_config
 from tiered_routing.model import expert_params
-from tiered_routing.train import train_state
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import losses
 from tiered_routing.model import routing
-from tiered_routing.model import decoder_config
-from tiered_routing.model import transformer
 from tiered_routing.model import routing_capture
-
-TrainState = train_state.TrainState
+from tiered_routing.model import sequence_gates
+from tiered_routing.model import transformer
+from tiered_routing.tier1 import layout
 
 
 def _check_sequence_gates(config: decoder_config.DecoderConfig) -> None:
@@ -147,7 +149,7 @@ def add_expert(
       )
       # The router's own helper (per partition) checks the row's shape.
       return jax.vmap(
-          lambda g, r: routing.add_expert_gate({"gates": g}, r)["gates"]
+          lambda g, r: sequence_gates.add_expert_gate({"gates": g}, r)["gates"]
       )(x_PxE, rows)
     new = x_PxE[np.arange(p), source[info.moe_layer]]
     return jnp.concatenate([x_PxE, new[:, None]], axis=1)
@@ -186,7 +188,7 @@ def remove_expert(
     e = int(ids[info.moe_layer])
     if info.is_router:
       return jax.vmap(
-          lambda g: routing.remove_expert_gate({"gates": g}, e)["gates"]
+          lambda g: sequence_gates.remove_expert_gate({"gates": g}, e)["gates"]
       )(x_PxE)
     return jnp.concatenate([x_PxE[:, :e], x_PxE[:, e + 1 :]], axis=1)
 
@@ -299,42 +301,36 @@ def new_expert_loss(
 
   Returns:
     (loss, {'lm_loss', 'gate_loss', 'gate_accuracy', 'new_expert_use',
-    'old_expert_use'}): the use fractions are over the new / old language's
-    tokens that reach the added expert in some layer.
+    'old_expert_use', 'loss'}): the use fractions are over the new / old
+    language's tokens that reach the added expert in some layer.
   """
   tokens = batch["decoder_input_tokens"]
-  logits, state = model.apply(
-      {"params": params},
-      tokens,
-      segment_ids_PxBxL=batch.get("decoder_segment_ids"),
-      positions_PxBxL=batch.get("decoder_positions"),
-      expert_mask_PxE=expert_mask_PxE,
-      capture_intermediates=routing_capture.is_router_call,
-      mutable=["intermediates"],
+  out = forward_lib.forward(
+      model, params, batch, expert_mask_PxE=expert_mask_PxE,
+      capture_routing=True,
   )
   weights = batch["decoder_loss_weights"].astype(jnp.float32)
   is_new = (batch["decoder_language_ids"] == config.language_id).astype(
       jnp.float32
   )
   ce_sum, new_weight, _ = losses.cross_entropy_loss(
-      logits, batch["decoder_target_tokens"], weights * is_new
+      out.logits_PxBxLxV, batch["decoder_target_tokens"], weights * is_new
   )
   lm_loss = ce_sum / jnp.maximum(new_weight, 1.0)
-  ids_T = new_expert_ids(model.config)[
-      routing_capture.token_partition_ids(tokens.shape)
-  ]
+  ids_T = new_expert_ids(model.config)[layout.token_partition_ids(tokens.shape)]
   w_T, new_T = weights.reshape(-1), is_new.reshape(-1)
   gate_terms, correct = [], []
-  for logits_TxE in _router_logits(state["intermediates"]):
+  for logits_TxE in _router_logits(out.intermediates):
     z_T = jnp.take_along_axis(logits_TxE, ids_T[:, None], axis=1)[:, 0]
     gate_terms.append(optax.sigmoid_binary_cross_entropy(z_T, new_T))
     correct.append((z_T > 0) == (new_T > 0))
   norm = jnp.maximum(w_T.sum(), 1.0)
   gate_loss = jnp.mean(jnp.stack([(g * w_T).sum() / norm for g in gate_terms]))
-  routed = routing_capture.token_routing(state["intermediates"])
-  used_T = uses_expert(routed, ids_T).astype(jnp.float32)
+  used_T = uses_expert(out.routing, ids_T).astype(jnp.float32)
   old_T = (1.0 - new_T) * w_T
+  loss = lm_loss + config.gate_loss_weight * gate_loss
   metrics = {
+      "loss": loss,
       "lm_loss": lm_loss,
       "gate_loss": gate_loss,
       "gate_accuracy": jnp.mean(
@@ -345,37 +341,38 @@ def new_expert_loss(
       ),
       "old_expert_use": (used_T * old_T).sum() / jnp.maximum(old_T.sum(), 1.0),
   }
-  return lm_loss + config.gate_loss_weight * gate_loss, metrics
+  return loss, metrics
 
 
-def new_expert_step(
-    state: TrainState,
-    batch: Mapping[str, jax.Array],
-    *,
-    model: transformer.TieredDecoder,
-    tx: optax.GradientTransformation,
-    config: NewExpertConfig,
-    expert_mask_PxE: Optional[jax.Array] = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on `new_expert_loss` (bind keywords before `jit`).
+@dataclasses.dataclass(frozen=True)
+class NewExpertObjective:
+  """`new_expert_loss` as the objective of `train.steps.train_step`.
 
-  `tx` should be `expert_params.freeze(optimizer, mask)` with the mask of
-  `new_expert_selection`, so that only the added expert moves.
+  Train with the update mask of `new_expert_selection` (through
+  `expert_params.trainable_mask(..., include_router=True)`), so that only
+  the added expert moves.
+
+  Attributes:
+    model: the grown decoder.
+    config: the new language and the gate loss weight.
+    expert_mask_PxE: optional mask keeping non-owner partitions off the new
+      expert (`owner_expert_mask`).
   """
-  grad_fn = jax.grad(
-      functools.partial(
-          new_expert_loss,
-          model=model,
-          config=config,
-          expert_mask_PxE=expert_mask_PxE,
-      ),
-      has_aux=True,
-  )
-  grads, metrics = grad_fn(state.params, batch)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-  return (
-      state.replace(step=state.step + 1, params=params, opt_state=opt_state),
-      metrics,
-  )
+
+  model: transformer.TieredDecoder
+  config: NewExpertConfig
+  expert_mask_PxE: Optional[np.ndarray] = None
+
+  def gradients(self, params, batch, rng, inputs=None):
+    del rng, inputs  # Deterministic; no fixed inputs besides the params.
+    mask = None if self.expert_mask_PxE is None else jnp.asarray(
+        self.expert_mask_PxE
+    )
+    grad_fn = jax.grad(
+        functools.partial(
+            new_expert_loss, model=self.model, config=self.config,
+            expert_mask_PxE=mask,
+        ),
+        has_aux=True,
+    )
+    return grad_fn(params, batch)

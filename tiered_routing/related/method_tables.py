@@ -1,89 +1,24 @@
-"""Per-language evaluation and result tables for the method scripts.
+"""What the related-method binaries share: row comparisons and tables.
 
-Shared by scripts/moefy.py, scripts/expert_gates.py and scripts/finetune.py
-(the related-methods experiments; they restore parameters with
-`tiered_routing.analysis.restore`): evaluate any parameters on whole SeqIO validation splits per language
-(the batches of the eval binary, `tiered_routing.eval.eval_batches`),
-compare two models' logits row by row, and write Markdown tables.
+The MoEfication, ESFT and expert-gates binaries evaluate parameter sets with
+the per-language evaluator (`eval.language_eval`, on the eval binary's
+packed validation batches); this module compares two models' logits row by
+row (did a change touch rows it should not have?) and writes their Markdown
+tables.
 """
 
-import contextlib
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 
-from tiered_routing.cli import eval as eval_lib
-from tiered_routing.tier1 import languages
-from tiered_routing.tier1 import schemes
-from tiered_routing.train import trainer
-from tiered_routing.eval import lm_metrics
+from tiered_routing.eval import language_eval
 from tiered_routing.model import decoder_config
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import transformer
-from tiered_routing.model import routing_capture
-
-
-class Evaluator:
-  """Per-language validation loss of any parameters of one model layout.
-
-  The validation batches are built once and reused for every evaluation.
-  """
-
-  def __init__(
-      self,
-      names: Sequence[str],
-      scheme: schemes.PartitionScheme,
-      length: int,
-      rows: int,
-      split: str = "validation",
-  ):
-    self.batches = list(
-        eval_lib.eval_batches(names, scheme, length, rows, split)
-    )
-    vocabulary = (
-        seqio.get_mixture_or_task(names[0])
-        .output_features["targets"]
-        .vocabulary
-    )
-    self.num_bytes = [
-        eval_lib.bytes_per_language(b, vocabulary) for b in self.batches
-    ]
-
-  def evaluate(
-      self,
-      model: Any,
-      params: Any,
-      context: Callable[[], Any] = contextlib.nullcontext,
-  ) -> dict[str, float]:
-    """Flat '{code}/loss', 'all/loss', 'macro/loss', bits per byte, ...
-
-    Args:
-      model: a `TieredDecoder` or a stand-in with its `apply`.
-      params: its parameters.
-      context: returns a context manager active while the step is traced
-        (e.g. `moefication.moefied`).
-    """
-
-    def step(params, batch):
-      with context():
-        return trainer.eval_step(params, batch, model=model)
-
-    step = jax.jit(step)
-    acc = lm_metrics.LanguageLossAccumulator()
-    for batch, num_bytes in zip(self.batches, self.num_bytes):
-      sums = jax.device_get(
-          step(
-              params,
-              {k: batch[k] for k in trainer.MODEL_FEATURES if k in batch},
-          )
-      )
-      acc.add_language_sums(
-          sums["loss_sum_N"], sums["weight_sum_N"], num_bytes
-      )
-    return acc.results()
+from tiered_routing.tier1 import languages
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,20 +27,20 @@ def _forward_fn(config: decoder_config.DecoderConfig):
   model = transformer.TieredDecoder(config)
 
   @jax.jit
-  def forward(params, batch):
-    logits, routed, _ = routing_capture.apply_with_routing(
-        model,
-        {"params": params},
-        batch["decoder_input_tokens"],
-        segment_ids_PxBxL=batch["decoder_segment_ids"],
-        positions_PxBxL=batch["decoder_positions"],
-    )
-    return logits, routed
+  def run(params, batch):
+    out = forward_lib.forward(model, params, batch, capture_routing=True)
+    return out.logits_PxBxLxV, out.routing
 
-  return forward
+  return run
 
 
-def compare_rows(evaluator, before, after, exclude: str, on_fn=None):
+def compare_rows(
+    evaluator: language_eval.LanguageEvaluator,
+    before,
+    after,
+    exclude: str,
+    on_fn=None,
+):
   """How far another model's logits moved on validation rows.
 
   Args:
@@ -128,7 +63,7 @@ def compare_rows(evaluator, before, after, exclude: str, on_fn=None):
   max_diff = 0.0
   excluded = languages.language_id(exclude)
   keys = ("decoder_input_tokens", "decoder_segment_ids", "decoder_positions")
-  for batch in evaluator.batches:
+  for batch, _ in evaluator.full_batches():
     inputs = {k: jnp.asarray(batch[k]) for k in keys}
     old_logits, base_routed = base_fn(base, inputs)
     logits, routed = fn(params, inputs)

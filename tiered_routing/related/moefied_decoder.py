@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tiered_routing.model import expert_params
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import layers
 from tiered_routing.related import moefication
 
@@ -159,24 +160,18 @@ def collect_mlp_inputs(
     return next_fun(*args, **kwargs)
 
   @jax.jit
-  def run(params, tokens, segment_ids, positions):
+  def run(params, inputs):
     with nn.intercept_methods(interceptor):
-      _, state = model.apply(
-          {"params": params},
-          tokens,
-          segment_ids_PxBxL=segment_ids,
-          positions_PxBxL=positions,
-          mutable=["intermediates"],
-      )
-    return state["intermediates"]
+      out = forward_lib.forward(model, params, inputs, keep_intermediates=True)
+    return out.intermediates
 
   found: dict[tuple, list] = {}
   for batch in batches:
     # Packed rows need their segment ids and positions: without them
     # attention would mix the packed sequences and the inputs the routers
     # are fitted on would not be the ones they see at evaluation.
-    features = [batch.get(k) for k in _INPUT_FEATURES]
-    sown = run(params, *(f if f is None else jnp.asarray(f) for f in features))
+    inputs = {k: jnp.asarray(batch[k]) for k in _INPUT_FEATURES if k in batch}
+    sown = run(params, inputs)
     valid = np.asarray(batch["decoder_loss_weights"]) > 0
     for path, x in jax.tree_util.tree_flatten_with_path(sown)[0]:
       names = expert_params.path_names(path)

@@ -10,9 +10,9 @@ import os
 from typing import Any, NamedTuple, Optional
 
 from absl import logging
+import jax
 import numpy as np
 
-from tiered_routing.data import eval_data
 from tiered_routing.data import feature_rows
 from tiered_routing.eval import language_eval
 from tiered_routing.model import transformer
@@ -174,10 +174,7 @@ def _attribution_counts(c: Trained, batches: dict[str, Rows]):
           for b in range(len(merged["decoder_input_tokens"]))
       ]
     evaluator = language_eval.LanguageEvaluator(
-        cfg,
-        blocks,
-        eval_data.vocabulary_of(c.data.task_name(c.config.forget_language)),
-        to_device=c.to_device,
+        cfg, blocks, vocabulary=None, to_device=c.to_device
     )
     result = evaluator.evaluate(
         c.original,
@@ -271,10 +268,13 @@ def gradient_method(
   start = (
       one_partition.partition_params(c.original, p) if c.strict else c.original
   )
-  mask = None
+  # Always an update mask (all ones where nothing is confined): one compiled
+  # step whether or not an update is confined to a partition.
   if cfg.sharing == "attention":
     model = transformer.TieredDecoder(model_cfg)
     mask = gradient_methods.update_mask(model, start, p)
+  else:
+    mask = jax.tree.map(lambda _: np.ones((), np.float32), start)
   new, history = gradient_methods.unlearn(
       model_cfg,
       c.spec.optimizer_config,

@@ -1,0 +1,348 @@
+r"""Adds an expert for a new language to a sequence-gated MoE, then removes one.
+
+  python -m tiered_routing.cli.add_expert \
+      --gin_file=gin/experiments/expert_gates.gin \
+      --gin.MODEL_DIR="'/tmp/rm_expert_gates'"
+
+(`scripts/expert_gates.py` runs this binary too.) One partition (P = 1).
+Steps (`related.expert_gates`; training in the one loop, `train.loop`):
+
+  1. Train a base model with router='sequence_gate' on every language but
+     NEW_LANGUAGE (trainer library; MODEL_DIR/base, resumable).
+  2. Add one expert per MoE layer, copied from the expert the new language's
+     sequences score highest, and train only it (weights + gate row) on
+     batches holding NEW_LANGUAGE rows (cross-entropy) and old-language rows
+     (negatives of the one-vs-rest gate loss).
+  3. Check the old languages: validation sequences that do not select the new
+     expert must have bit-identical logits.
+  4. Remove the added expert (which restores the base model exactly: the new
+     language is forgotten) and, separately, the old expert the old languages
+     use most (its sequences re-route to their next-best experts).
+
+The table goes to stdout and OUTPUT (default MODEL_DIR/expert_gates.md).
+"""
+
+import functools
+import os
+from typing import Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tiered_routing import sharding
+from tiered_routing.cli import configurables  # pylint: disable=unused-import
+from tiered_routing.cli import gin_flags
+from tiered_routing.data import pipeline
+from tiered_routing.data import seqio_names
+from tiered_routing.eval import language_eval
+from tiered_routing.model import decoder_config
+from tiered_routing.model import expert_params
+from tiered_routing.model import transformer
+from tiered_routing.related import esft
+from tiered_routing.related import expert_gates
+from tiered_routing.related import method_tables
+from tiered_routing.tier1 import languages
+from tiered_routing.train import atomic_file
+from tiered_routing.train import loop
+from tiered_routing.train import optimizers
+from tiered_routing.train import steps as steps_lib
+from tiered_routing.train import train_state
+from tiered_routing.train import trainer
+
+FLAGS = flags.FLAGS
+REQUIRED_MACROS = ("MODEL_DIR",)
+COLUMNS = (
+    "model",
+    "experts",
+    "new_language_loss",
+    "old_languages_loss",
+    "old_seqs_on_expert",
+    "old_seqs_changed",
+    "max_abs_logit_diff",
+)
+
+
+def _register_without(code: str) -> str:
+  """Registers (once) the sample mixture of every language but `code`."""
+  tasks = [
+      seqio_names.task_name("sample", c) for c in languages.CODES if c != code
+  ]
+  return seqio_names.register_mixture(f"rm.sample.without_{code}_v1", tasks)
+
+
+def _stream(name, rows, length, seed):
+  return pipeline.batch_iterator(
+      pipeline.partitioned_dataset(
+          [name], global_batch_size=rows, sequence_length=length, seed=seed
+      )
+  )
+
+
+def _mixed_batches(new_task, old_mixture, new_rows, old_rows, length):
+  """[1, new_rows + old_rows, L]: new-language rows, then old ones."""
+  new = _stream(new_task, new_rows, length, 11)
+  old = _stream(old_mixture, old_rows, length, 12)
+  for a, b in zip(new, old):
+    yield {k: np.concatenate([a[k], b[k]], axis=1) for k in a}
+
+
+def _train_base(model_dir, config, opt, mixture, steps, shape, mesh):
+  """Trains (or resumes) the base model in MODEL_DIR/base; its params."""
+  batch_size, length = shape
+  dataset = pipeline.partitioned_dataset(
+      [mixture], global_batch_size=batch_size, sequence_length=length, seed=0
+  )
+  state = trainer.train(
+      model_dir=os.path.join(model_dir, "base"),
+      model_config=config,
+      optimizer_config=opt,
+      config=steps_lib.TrainConfig(
+          train_steps=steps,
+          save_every_steps=steps,
+          log_every_steps=max(steps // 8, 1),
+      ),
+      batches=lambda start: pipeline.batch_iterator(dataset, start),
+      batch_shape=(1, batch_size, length),
+      mesh=mesh,
+  )
+  return jax.device_get(state.params)
+
+
+def _log_every(steps: int) -> loop.Hook:
+  """Logs the new expert's metrics eight times over a run."""
+
+  def hook(done, state, metrics):
+    del state
+    if done % max(steps // 8, 1) == 0:
+      logging.info(
+          "new expert step %d: %s",
+          done,
+          {k: round(float(v), 4) for k, v in metrics.items()},
+      )
+
+  return hook
+
+
+def _train_new_expert(
+    config, params, batches, steps, opt, code, gate_weight, mesh
+):
+  model = transformer.TieredDecoder(config)
+  boxed = train_state.param_layout(model, mesh, (1, 1, 8))[0]
+  mask = expert_params.trainable_mask(
+      params,
+      config,
+      expert_gates.new_expert_selection(config, (0,)),
+      include_router=True,
+  )
+  tx = optimizers.make_optimizer(
+      opt, steps, optimizers.partitioned_mask(boxed)
+  )
+  objective = expert_gates.NewExpertObjective(
+      model,
+      expert_gates.NewExpertConfig(languages.language_id(code), gate_weight),
+  )
+  step_fn = jax.jit(
+      functools.partial(steps_lib.train_step, objective=objective, tx=tx)
+  )
+  inputs = steps_lib.StepInputs(
+      update_mask=jax.tree.map(lambda m: np.asarray(m, np.float32), mask)
+  )
+  rng = jax.random.key(0)  # Unused: the objective is deterministic.
+  state = train_state.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+  )
+  state, _ = loop.run(
+      lambda state, batch: step_fn(state, batch, rng, inputs),
+      state,
+      batches,
+      start=0,
+      end=steps,
+      to_device=lambda b: {k: jnp.asarray(v) for k, v in b.items()},
+      hooks=[_log_every(steps)],
+  )
+  return jax.device_get(state.params), expert_params.count_trainable(
+      params, mask
+  )
+
+
+def _on_added(expert: int):
+  """Rows on the added expert: tokens reaching `expert` in any layer."""
+
+  def on(base_routed, routed):
+    del base_routed
+    expert_T = jnp.full(routed.expert_index_MxTxK.shape[1], expert, jnp.int32)
+    return expert_gates.uses_expert(routed, expert_T)
+
+  return on
+
+
+def _on_removed(experts_M):
+  """Rows on a removed expert: tokens the base sent to experts_M[l] in l."""
+
+  def on(base_routed, routed):
+    del routed
+    hit = (
+        base_routed.expert_index_MxTxK == jnp.asarray(experts_M)[:, None, None]
+    )
+    return (hit & (base_routed.combine_weights_MxTxK != 0)).any(axis=(0, 2))
+
+  return on
+
+
+@gin.configurable("run", module="expert_gates_script")
+def run(
+    *,
+    model_dir: str = gin.REQUIRED,
+    model_config: decoder_config.DecoderConfig = gin.REQUIRED,
+    new_language: str = "ur",
+    base_steps: int = 400,
+    new_expert_steps: int = 150,
+    batch_size: int = 32,
+    new_rows: int = 8,
+    length: int = 128,
+    learning_rate: float = 3e-3,
+    new_expert_learning_rate: float = 3e-3,
+    gate_loss_weight: float = 1.0,
+    output: Optional[str] = None,
+) -> list[dict]:
+  """Runs the add / remove experiment (see the module docstring)."""
+  if model_config.num_partitions != 1:
+    raise ValueError(
+        "This script uses one partition; got num_partitions="
+        f"{model_config.num_partitions}."
+    )
+  mesh = sharding.make_mesh(sharding.MeshConfig())
+  old_mixture = _register_without(new_language)
+  new_task = seqio_names.task_name("sample", new_language)
+  opt = optimizers.OptimizerConfig(learning_rate=learning_rate, warmup_steps=30)
+  new_opt = optimizers.OptimizerConfig(
+      learning_rate=new_expert_learning_rate, warmup_steps=10
+  )
+  mixed = _mixed_batches(
+      new_task, old_mixture, new_rows, batch_size - new_rows, length
+  )
+  with sharding.with_sharding_rules(mesh):
+    shape = (batch_size, length)
+    base = _train_base(
+        model_dir, model_config, opt, old_mixture, base_steps, shape, mesh
+    )
+    data = (next(_stream(new_task, batch_size, length, 3)), mixed)
+    training = (new_expert_steps, new_opt, gate_loss_weight)
+    grown = _grow_and_train(
+        model_config, base, new_language, data, training, mesh
+    )
+    evaluator = language_eval.split_evaluator(
+        model_config,
+        [seqio_names.all_languages_mixture("sample")],
+        length,
+        batch_size,
+        partitions_alone=False,
+    )
+    rows = _evaluate_all(evaluator, model_config, base, new_language, *grown)
+  header = (
+      f"Expert-owned sequence gates, {model_dir}: base trained "
+      f"{base_steps} steps without {new_language}; the added expert "
+      f"trained {new_expert_steps} steps ({new_rows} {new_language} + "
+      f"{batch_size - new_rows} old rows per batch). Validation loss "
+      "in nats/token (old = mean over the 15 other languages).\n\n"
+  )
+  text = header + method_tables.markdown_table(rows, COLUMNS) + "\n"
+  print(text)
+  atomic_file.write_text(
+      output or os.path.join(model_dir, "expert_gates.md"), text
+  )
+  return rows
+
+
+def _grow_and_train(config, base, code, data, training, mesh):
+  """Adds an expert copied from the new language's favourite and trains it.
+
+  Args:
+    config: the base model's config.
+    base: its parameters.
+    code: the new language.
+    data: (one new-language batch to pick the source expert, an iterator of
+      mixed training batches).
+    training: (steps, optimizer config, gate loss weight).
+    mesh: device mesh.
+
+  Returns:
+    (grown config, grown params, trained params, trainable entries).
+  """
+  probe, batches = data  # A new-language batch; mixed training batches.
+  steps, opt, gate_weight = training
+  counts = esft.collect_routing(config, base, [probe])
+  source = esft.expert_relevance(counts, [code], "gate").argmax(-1)
+  grown, grown_config = expert_gates.add_expert(
+      base, config, source_experts=source
+  )
+  trained, num_trainable = _train_new_expert(
+      grown_config, grown, batches, steps, opt, code, gate_weight, mesh
+  )
+  return grown_config, grown, trained, num_trainable
+
+
+def _evaluate_all(
+    evaluator, config, base, code, grown_config, grown, trained, num_trainable
+):
+  """The table rows: base, grown (untrained / trained), experts removed."""
+  olds = [c for c in languages.CODES if c != code]
+  results = []
+
+  def add(name, cfg, params, on_fn=None):
+    res = evaluator.evaluate(params, config=cfg).flat()
+    on, changed, diff = method_tables.compare_rows(
+        evaluator, (config, base), (cfg, params), code, on_fn
+    )
+    results.append(
+        {
+            "model": name,
+            "experts": cfg.num_experts,
+            "new_language_loss": res[f"{code}/loss"],
+            "old_languages_loss": method_tables.mean_loss(res, olds),
+            "old_seqs_on_expert": on if on_fn is not None else "-",
+            "old_seqs_changed": changed,
+            "max_abs_logit_diff": diff,
+        }
+    )
+
+  new = _on_added(config.num_experts)
+  add("base", config, base)
+  add("grown, untrained", grown_config, grown, new)
+  add(
+      f"grown, new expert trained ({num_trainable} params)",
+      grown_config,
+      trained,
+      new,
+  )
+  removed, removed_config = expert_gates.remove_expert(
+      trained, grown_config, config.num_experts
+  )
+  exact = all(jax.tree.leaves(jax.tree.map(np.array_equal, removed, base)))
+  add(f"new expert removed (== base: {exact})", removed_config, removed)
+  old_counts = esft.collect_routing(
+      config, base, [batch for batch, _ in evaluator.full_batches()]
+  )
+  busiest = esft.expert_relevance(old_counts, olds).argmax(-1)
+  pruned, pruned_config = expert_gates.remove_expert(base, config, busiest)
+  add(
+      f"base minus busiest expert {busiest.tolist()}",
+      pruned_config,
+      pruned,
+      _on_removed(busiest),
+  )
+  return results
+
+
+def main(argv):
+  gin_flags.parse_command_line(argv, REQUIRED_MACROS)
+  run()
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=gin_flags.parse_flags)
