@@ -109,9 +109,8 @@ _LAYERS = flags.DEFINE_integer(
     "Override the number of layers (to reduce compile time; rows are "
     "labelled).",
 )
-_OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", None, "Writes compile_check.csv / .md."
-)
+# --output_dir (gin_flags'): writes compile_check.csv / .md.
+_OUTPUT_DIR = gin_flags.OUTPUT_DIR
 
 
 def load_model_config(name: str):

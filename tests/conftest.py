@@ -17,3 +17,22 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import pathlib
+
+import gin
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def clean_gin():
+  """An empty gin config that finds gin files from the repository root, and
+  nothing left behind for the next test."""
+  gin.clear_config()
+  for path in (".", str(REPO)):
+    gin.add_config_file_search_path(path)
+  yield
+  gin.clear_config()

@@ -1,13 +1,15 @@
 """Every gin file under gin/ parses and builds its model (abstractly).
 
 Files that include a model or pretrain.gin are parsed on their own. The rest
-(run pieces such as runs/eval.gin and second-stage files of scripts) are
+(run pieces such as runs/eval.gin and second-stage files of binaries) are
 parsed after gin/quickstart.gin, which supplies the model and the data
-macros. Bindings of script configurables (`<name>_script.<fn>`) that are not
-registered in this process are skipped; the binaries' own are checked.
+macros. Every binary is imported, so every binding of every file is checked
+against a registered configurable, and the experiment files of the
+related-method binaries bind every required argument.
 """
 
 import glob
+import inspect
 import os
 import re
 
@@ -16,14 +18,19 @@ import jax
 import pytest
 import seqio
 
-from tiered_routing.cli import configurables
-from tiered_routing.cli import eval as eval_lib  # pylint: disable=unused-import
 from tiered_routing import sharding
-from tiered_routing.tier1 import schemes
-from tiered_routing.cli import train as train_lib
-from tiered_routing.train import train_state
+from tiered_routing.cli import add_expert
+from tiered_routing.cli import configurables
+from tiered_routing.cli import eval as eval_binary  # pylint: disable=unused-import
+from tiered_routing.cli import finetune_experts
+from tiered_routing.cli import gin_flags
+from tiered_routing.cli import moefy
+from tiered_routing.cli import tradeoff  # pylint: disable=unused-import
+from tiered_routing.cli import train as train_binary
 from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import train_state
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(
@@ -33,7 +40,6 @@ GIN_FILES = sorted(
     )
 )
 BASE = "gin/quickstart.gin"
-REGISTERED_SCRIPTS = ("train_script", "eval_script")
 
 
 def _read(path):
@@ -49,29 +55,17 @@ def _self_contained(path):
   )
 
 
-def _unknown_script_configurables(paths):
-  """Names such as 'finetune_script.run' bound by files but not registered."""
-  names = set()
-  for path in paths:
-    names.update(re.findall(r"^(\w+_script\.\w+)\.", _read(path), re.M))
-  return sorted(n for n in names if n.split(".")[0] not in REGISTERED_SCRIPTS)
-
-
 @pytest.fixture(autouse=True)
-def clean_gin():
-  gin.clear_config()
+def _clean(clean_gin):
+  del clean_gin
   yield
-  gin.clear_config()
 
 
 def _parse(files, bindings=()):
   for path in (".", REPO_ROOT):
     gin.add_config_file_search_path(path)
   gin.parse_config_files_and_bindings(
-      files,
-      list(bindings),
-      finalize_config=False,
-      skip_unknown=_unknown_script_configurables(files),
+      files, list(bindings), finalize_config=False
   )
 
 
@@ -131,7 +125,7 @@ def test_parses_and_builds_model(path):
 def test_runnable_files_need_only_model_dir(path):
   _parse([path], ["MODEL_DIR = '/tmp/unused'"])
   gin.finalize()
-  for name in train_lib.REQUIRED_MACROS:
+  for name in train_binary.REQUIRED_MACROS:
     gin.query_parameter(f"%{name}")
   args = gin.get_bindings("train_script.train")
   assert args["train_config"].train_steps >= 1
@@ -146,3 +140,38 @@ def test_quickstart_is_tiny_family4_none():
   assert config.vocab_size == 4096 and config.d_model <= 128
   assert args["scheme"] == schemes.family(4)
   assert args["train_config"].train_steps <= 500
+
+
+@pytest.mark.parametrize(
+    "binary,scope,files",
+    [
+        (
+            add_expert,
+            "expert_gates_script.run",
+            ["gin/experiments/expert_gates.gin"],
+        ),
+        (
+            moefy,
+            "moefy_script.run",
+            ["gin/experiments/moefication.gin", "gin/experiments/moefy.gin"],
+        ),
+        (
+            finetune_experts,
+            "finetune_script.run",
+            ["gin/experiments/esft.gin", "gin/experiments/finetune.gin"],
+        ),
+    ],
+)
+def test_method_gin_files_bind_every_required_argument(binary, scope, files):
+  # gin checks every bound name against the signature; every required
+  # argument of the binary's entry function must be bound too.
+  gin_flags.parse_gin(
+      files, ["MODEL_DIR = '/tmp/unused'"], [REPO_ROOT], binary.REQUIRED_MACROS
+  )
+  signature = inspect.signature(binary.run)
+  required = [
+      n for n, p in signature.parameters.items() if p.default is gin.REQUIRED
+  ]
+  assert required
+  for name in required:
+    assert gin.query_parameter(f"{scope}.{name}") is not None

@@ -29,7 +29,7 @@ from tiered_routing.tier1 import schemes
 from tiered_routing.analysis import checkpoint_analysis
 from tiered_routing.analysis import routing_report
 from tiered_routing.train import restore
-from tiered_routing.analysis import routing_stats
+from tiered_routing.eval import routing_counts
 from tiered_routing.model import decoder_config
 
 P, E, D, L, ROWS = 2, 4, 16, 8, 2
@@ -179,6 +179,6 @@ def test_analysis_reproduces_planted_routing(model_dir, tmp_path):
 
 
 def test_report_bad_top_m():
-  counts = routing_stats.RoutingCounts(2, P * E)
+  counts = routing_counts.RoutingCounts(2, P * E)
   with pytest.raises(ValueError, match=r"top_m=5; allowed: 1..4"):
     routing_report.build_report(counts, CONFIG, SCHEME, top_m=5)

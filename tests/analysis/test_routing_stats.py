@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiered_routing.tier1 import languages
-from tiered_routing.tier1 import schemes
 from tiered_routing.analysis import routing_stats as rs
+from tiered_routing.eval import routing_counts as rc
 from tiered_routing.model import routing
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import layout
+from tiered_routing.tier1 import schemes
 
 H_QUARTER = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))  # 0.811278
 
@@ -114,7 +116,7 @@ def test_compartmentalization_golden():
 
 
 def test_accumulator_counts_by_hand():
-  acc = rs.RoutingCounts(num_layers=2, num_experts=4, num_languages=3)
+  acc = rc.RoutingCounts(num_layers=2, num_experts=4, num_languages=3)
   expert_index = np.array([[[0, 1], [2, 3]], [[0, 3], [1, 1]]])  # [G, S, K]
   weights = np.array([[[0.7, 0.3], [1.0, 0.0]], [[0.5, 0.5], [0.6, 0.4]]])
   lang = np.array([[0, 2], [2, 7]])  # the padding token carries a bad id
@@ -130,11 +132,11 @@ def test_accumulator_counts_by_hand():
   np.testing.assert_allclose(acc.usage(1, weighted=True), mass)
   np.testing.assert_array_equal(acc.tokens_NxM[:, 1], [1, 0, 2])
   assert not acc.usage(0).any()
-  other = rs.RoutingCounts(2, 4, 3)
+  other = rc.RoutingCounts(2, 4, 3)
   other.add(0, [[1]], [[1.0]], [0])
   acc.merge(other)
   assert acc.usage(0)[0, 1] == 1
-  summary = acc.summary(m=1)
+  summary = rs.summary(acc, m=1)
   assert summary["top_m_coverage_MxN"].shape == (2, 3)
   assert summary["mutual_information_bits_M"][1] == pytest.approx(
       rs.mutual_information(expected, "uniform")
@@ -148,10 +150,10 @@ def test_accumulator_counts_by_hand():
 
 
 def test_save_load(tmp_path):
-  acc = rs.RoutingCounts(1, 2, 2)
+  acc = rc.RoutingCounts(1, 2, 2)
   acc.add(0, [[0], [1]], [[1.0], [0.5]], [0, 1])
   acc.save(tmp_path / "counts.npz")
-  loaded = rs.RoutingCounts.load(tmp_path / "counts.npz")
+  loaded = rc.RoutingCounts.load(tmp_path / "counts.npz")
   np.testing.assert_array_equal(loaded.mass_NxMxE, acc.mass_NxMxE)
   np.testing.assert_array_equal(loaded.tokens_NxM, acc.tokens_NxM)
 
@@ -165,12 +167,12 @@ def test_partition_masked_router_is_compartmentalized():
   lang_T = np.arange(num_tokens) % languages.NUM_LANGUAGES
   part_T = scheme.language_to_partition_table()[lang_T]
   per_part = num_experts // scheme.num_partitions
-  mask_TxE = (np.arange(num_experts)[None] // per_part) == part_T[:, None]
+  mask_TxE = layout.partition_expert_mask(part_T, 4, per_part)
   router = routing.TokenTopKRouter(num_experts=num_experts, top_k=2)
   x_TxD = jax.random.normal(jax.random.PRNGKey(0), (num_tokens, 16))
   params = router.init(jax.random.PRNGKey(1), x_TxD)
   out = router.apply(params, x_TxD, expert_mask_TxE=jnp.asarray(mask_TxE))
-  acc = rs.RoutingCounts(num_layers=1, num_experts=num_experts)
+  acc = rc.RoutingCounts(num_layers=1, num_experts=num_experts)
   acc.add(0, out.expert_index_TxK, out.combine_weights_TxK, lang_T)
   usage = acc.usage(0)
   allowed_NxE = (

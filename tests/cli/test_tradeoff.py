@@ -1,4 +1,4 @@
-"""Tests for scripts/tradeoff.py (the trade-off sweep) and its report.
+"""Tests for the trade-off sweep binary (cli.tradeoff), its sweep and report.
 
 The end-to-end test runs the smoke preset in a subprocess, as a user would,
 then reruns it to check that a finished sweep is resumed, not redone.
@@ -6,7 +6,6 @@ then reruns it to check that a finished sweep is resumed, not redone.
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 
 from tiered_routing.cli import configurables
+from tiered_routing.cli import tradeoff
+from tiered_routing.unlearning import sweep as sweep_lib
 from tiered_routing.unlearning import sweep_report
 
 REPO = os.path.dirname(
@@ -25,27 +26,7 @@ REPO = os.path.dirname(
 METHODS = ["exact_retrain", "mask", "ga", "graddiff", "npo", "trace"]
 
 
-@pytest.fixture(scope="module")
-def tradeoff():
-  """scripts/tradeoff.py as a module (registers its gin configurables)."""
-  spec = importlib.util.spec_from_file_location(
-      "tradeoff_under_test", os.path.join(REPO, "scripts", "tradeoff.py")
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-@pytest.fixture
-def clean_gin():
-  gin.clear_config()
-  for path in (".", REPO):
-    gin.add_config_file_search_path(path)
-  yield
-  gin.clear_config()
-
-
-def _sweep(tradeoff, preset, bindings=()):
+def _sweep(preset, bindings=()):
   gin.parse_config_files_and_bindings(
       [os.path.join(REPO, f"gin/experiments/tradeoff_{preset}.gin")],
       list(bindings),
@@ -53,16 +34,14 @@ def _sweep(tradeoff, preset, bindings=()):
   return tradeoff.make_sweep()
 
 
-def test_configurations_skip_redundant_combinations(tradeoff, clean_gin):
-  sweep = _sweep(
-      tradeoff,
-      "sample",
+def test_configurations_skip_redundant_combinations(clean_gin):
+  sweep = _sweep("sample",
       [
           "tradeoff_script.sweep.num_partitions = [1, 2, 16]",
           "CONFIGURATIONS = None",
       ],
   )
-  names = [c.name for c in tradeoff.configurations(sweep)]
+  names = [c.name for c in sweep_lib.configurations(sweep)]
   assert names == [
       "family1_none",
       "family2_none",
@@ -75,16 +54,16 @@ def test_configurations_skip_redundant_combinations(tradeoff, clean_gin):
       "family16_attention",
       "family16_all",
   ]
-  for c in tradeoff.configurations(sweep):
+  for c in sweep_lib.configurations(sweep):
     assert c.model_config.num_partitions == c.scheme.num_partitions
     assert c.name.endswith(c.model_config.sharing)
   with pytest.raises(ValueError, match="family3_none"):
-    tradeoff.configurations(dataclasses.replace(sweep, only=("family3_none",)))
+    sweep_lib.configurations(dataclasses.replace(sweep, only=("family3_none",)))
 
 
-def test_sample_preset(tradeoff, clean_gin):
-  sweep = _sweep(tradeoff, "sample")
-  names = [c.name for c in tradeoff.configurations(sweep)]
+def test_sample_preset(clean_gin):
+  sweep = _sweep("sample")
+  names = [c.name for c in sweep_lib.configurations(sweep)]
   assert names == [
       "family1_none",
       "family4_none",
@@ -98,10 +77,10 @@ def test_sample_preset(tradeoff, clean_gin):
   assert sweep.train_config.save_every_steps == sweep.train_config.train_steps
 
 
-def test_mc4_preset_uses_the_size_configs(tradeoff, clean_gin):
+def test_mc4_preset_uses_the_size_configs(clean_gin):
   """tradeoff_mc4.gin's per-n widths are those of gin/models/n{n}.gin."""
-  sweep = _sweep(tradeoff, "mc4")
-  configs = tradeoff.configurations(sweep)
+  sweep = _sweep("mc4")
+  configs = sweep_lib.configurations(sweep)
   assert len(configs) == 1 + 3 * 2 * 3 + 3  # n=1; n=2,4,8 x 2 x 3; n=16.
   for n in (1, 2, 4, 8, 16):
     gin.clear_config()

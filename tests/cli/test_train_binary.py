@@ -20,7 +20,6 @@ import gin
 import jax
 import numpy as np
 import pytest
-import seqio
 
 from tiered_routing.train import checkpoints
 from tiered_routing.cli import eval as eval_lib
@@ -76,12 +75,6 @@ def _parse(model_dir, extra_files=()):
       [REPO_ROOT],
       train_lib.REQUIRED_MACROS,
   )
-
-
-@pytest.fixture
-def clean_gin():
-  yield
-  gin.clear_config()
 
 
 def _wait_for(proc, path, timeout=600):
@@ -290,33 +283,6 @@ def test_eval_routing_gin_rejects_bad_mode(clean_gin):
   )
   with pytest.raises(ValueError, match=r"'oracel'; allowed: \('oracle'"):
     eval_lib.run()
-
-
-def test_bytes_per_language_counts_detokenized_text():
-  vocab = seqio.SentencePieceVocabulary(
-      os.path.join(REPO_ROOT, "tiered_routing/data/udhr16_spm.model")
-  )
-  texts = {"en": "All human beings are born free.", "hi": "सभी मनुष्य"}
-  ids = {c: vocab.encode(t) + [1] for c, t in texts.items()}  # 1 = EOS.
-  n_en, n_hi = len(ids["en"]), len(ids["hi"])
-  length = n_en + n_hi + 3
-  row = np.zeros((2, length), np.int32)
-  row[0, :n_en], row[0, n_en : n_en + n_hi] = ids["en"], ids["hi"]
-  segments = np.zeros_like(row)
-  segments[0, :n_en], segments[0, n_en : n_en + n_hi] = 1, 2
-  langs = np.zeros_like(row)
-  langs[0, :n_en] = languages.CODES.index("en")
-  langs[0, n_en : n_en + n_hi] = languages.CODES.index("hi")
-  batch = {
-      "decoder_target_tokens": row[None],
-      "decoder_loss_weights": (segments > 0).astype(np.int32)[None],
-      "decoder_language_ids": langs[None],
-      "decoder_segment_ids": segments[None],
-  }
-  out = eval_lib.bytes_per_language(batch, vocab)
-  assert out[languages.CODES.index("en")] == len(texts["en"].encode())
-  assert out[languages.CODES.index("hi")] == len(texts["hi"].encode())
-  assert out.sum() == sum(len(t.encode()) for t in texts.values())
 
 
 def test_missing_macro_names_it(clean_gin):

@@ -1,12 +1,10 @@
-"""Tests for tiered_routing.params and the gin model configs."""
+"""Tests for model.param_count and the gin model configs."""
 
 import pathlib
 
 import gin
-import pytest
 
 from tiered_routing.cli import configurables
-from tiered_routing.cli import gin_flags
 from tiered_routing.model import param_count
 from tiered_routing.model import decoder_config
 
@@ -61,13 +59,6 @@ def test_counts_sharing_all_untied():
   assert breakdown["embedding"] == V * D
 
 
-@pytest.fixture
-def clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
-
 def _parse(path, bindings=()):
   gin.clear_config()
   gin.parse_config_files_and_bindings([str(path)], list(bindings))
@@ -99,19 +90,3 @@ def test_size_configs_match_in_total(clean_gin):
     assert abs(count.total - reference) / reference < 0.05, (n, count)
     assert count.per_partition_total * n == count.total
   assert abs(counts[16].per_partition_total - 49e6) / 49e6 < 0.05
-
-
-def test_binary_prints_table(clean_gin, capsys):
-  argv = gin_flags.parse_flags([
-      "params", f"--gin_file={MODELS / 'tiny.gin'}", "--gin.VOCAB_SIZE=100"])
-  try:
-    param_count.main(argv)
-  finally:
-    gin_flags.FLAGS.unparse_flags()
-  out = capsys.readouterr().out
-  config = configurables.DecoderConfig()
-  assert config.vocab_size == 100
-  count = param_count.count_params(config)
-  assert f"{count.total:,d}" in out
-  assert f"{count.active:,d}" in out
-  assert "active per token" in out

@@ -1,4 +1,4 @@
-"""Routers, auxiliary losses and the tier-1 partition mask."""
+"""Routers, their registry, auxiliary losses and the tier-1 partition mask."""
 
 import functools
 import math
@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from tiered_routing.model import dispatch
+from tiered_routing.model import router_registry
 from tiered_routing.model import routing
+from tiered_routing.model import sequence_gates
+from tiered_routing.tier1 import layout
 
 D = 8
 
@@ -109,7 +112,7 @@ def test_load_balance_loss_is_one_at_balance_within_a_partition_mask():
   # Two partitions of 2 experts; all 4 tokens in partition 1: balance over
   # experts {2, 3} is the best the mask allows and scores 1.0.
   x = jnp.eye(4, D)
-  mask = routing.partition_expert_mask(jnp.ones(4, jnp.int32), 2, 2)
+  mask = layout.partition_expert_mask(jnp.ones(4, jnp.int32), 2, 2)
   kernel = np.zeros((D, 4))
   kernel[[0, 2], 2] = kernel[[1, 3], 3] = 3.0
   out = _apply(routing.TokenTopKRouter(4, 1), _with_kernel(kernel), x,
@@ -177,7 +180,7 @@ def test_padding_tokens_are_routed_nowhere():
   x = jax.random.normal(jax.random.PRNGKey(6), (6, D))
   seg = jnp.array([1, 1, 2, 2, 0, 0])
   for router in (routing.TokenTopKRouter(4, 2),
-                 routing.SequenceGateRouter(4, 2),
+                 sequence_gates.SequenceGateRouter(4, 2),
                  routing.ExpertChoiceRouter(4, 2.0)):
     _, out = _init_apply(router, x, segment_ids_T=seg)
     np.testing.assert_array_equal(out.combine_weights_TxK[4:], 0.0)
@@ -256,7 +259,7 @@ SEG = jnp.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5, 5, 0, 0])
 
 def _sequence_routing(num_experts=4, top_k=2, x_rng=11):
   x = jax.random.normal(jax.random.PRNGKey(x_rng), (SEG.shape[0], D))
-  router = routing.SequenceGateRouter(num_experts=num_experts, top_k=top_k)
+  router = sequence_gates.SequenceGateRouter(num_experts=num_experts, top_k=top_k)
   variables, out = _init_apply(router, x, segment_ids_T=SEG)
   return x, router, variables, out
 
@@ -281,7 +284,7 @@ def test_router_gradients_are_finite_with_padding_tokens(kind):
   # Padding (segment id 0) rows are all-zero after masking; normalizing them
   # must not put 0 * inf = NaN into the gradient of packed batches.
   x = jax.random.normal(jax.random.PRNGKey(3), (SEG.shape[0], D))
-  router = routing.make_router(kind, num_experts=4, top_k=2)
+  router = router_registry.make_router(kind, num_experts=4, top_k=2)
   variables = router.init(jax.random.PRNGKey(0), x, segment_ids_T=SEG)
 
   def loss(params):
@@ -301,9 +304,9 @@ def test_add_expert_gate_leaves_other_sequences_unchanged():
                     for s in range(1, 6)])
   new_row = np.linalg.lstsq(means, np.where(np.arange(1, 6) == 3, 5., -5.),
                             rcond=None)[0]
-  params = routing.add_expert_gate(variables['params'], new_row)
+  params = sequence_gates.add_expert_gate(variables['params'], new_row)
   assert params['gates'].unbox().shape == (5, D)
-  new = _apply(routing.SequenceGateRouter(5, 2), {'params': params}, x,
+  new = _apply(sequence_gates.SequenceGateRouter(5, 2), {'params': params}, x,
                                                segment_ids_T=SEG)
   np.testing.assert_array_equal(new.router_probs_TxE[:, :4],
                                 old.router_probs_TxE)
@@ -319,8 +322,8 @@ def test_add_expert_gate_leaves_other_sequences_unchanged():
 def test_remove_expert_gate_routes_around_the_removed_expert():
   x, _, variables, old = _sequence_routing(num_experts=5)
   removed = int(old.expert_index_TxK[0, 0])  # Sequence 1's favourite.
-  params = routing.remove_expert_gate(nn.unbox(variables['params']), removed)
-  new = _apply(routing.SequenceGateRouter(4, 2), {'params': params}, x,
+  params = sequence_gates.remove_expert_gate(nn.unbox(variables['params']), removed)
+  new = _apply(sequence_gates.SequenceGateRouter(4, 2), {'params': params}, x,
                                                segment_ids_T=SEG)
   old_probs = np.asarray(old.router_probs_TxE)
   keep = [e for e in range(5) if e != removed]
@@ -331,16 +334,16 @@ def test_remove_expert_gate_routes_around_the_removed_expert():
     np.testing.assert_array_equal(new.expert_index_TxK[t],
                                   [keep.index(e) for e in ranking])
   with pytest.raises(ValueError, match='cannot remove expert 7'):
-    routing.remove_expert_gate(params, 7)
+    sequence_gates.remove_expert_gate(params, 7)
   with pytest.raises(ValueError, match='expected'):
-    routing.add_expert_gate(params, np.zeros(D + 1))
+    sequence_gates.add_expert_gate(params, np.zeros(D + 1))
 
 
 # ------------------------------------------------------------ partition masking
 
 
 def test_partition_mask_values():
-  mask = np.asarray(routing.partition_expert_mask(jnp.array([0, 2, 1, -1]),
+  mask = np.asarray(layout.partition_expert_mask(jnp.array([0, 2, 1, -1]),
                                                   3, 2))
   expected = np.array([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1],
                        [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], bool)
@@ -359,8 +362,8 @@ def test_routing_never_leaves_the_token_partition(kind, kwargs):
   ids = jax.random.randint(ks[2], (t,), 0, 500)
   seg = jnp.arange(t) // 4 + 1
   pid = pid[(seg - 1) * 4]  # One partition per sequence.
-  mask = routing.partition_expert_mask(pid, p, ep)
-  router = routing.make_router(kind, num_experts=p * ep, **kwargs)
+  mask = layout.partition_expert_mask(pid, p, ep)
+  router = router_registry.make_router(kind, num_experts=p * ep, **kwargs)
   _, out = _init_apply(router, x, token_ids_T=ids, segment_ids_T=seg,
                        expert_mask_TxE=mask)
   routed = np.asarray(out.combine_weights_TxK) != 0
@@ -374,19 +377,19 @@ def test_routing_never_leaves_the_token_partition(kind, kwargs):
 
 
 def test_make_router_kinds_and_bad_input():
-  assert isinstance(routing.make_router('hash', num_experts=2, vocab_size=9),
+  assert isinstance(router_registry.make_router('hash', num_experts=2, vocab_size=9),
                     routing.HashRouter)
   with pytest.raises(ValueError, match="'switch'.*allowed"):
-    routing.make_router('switch', num_experts=2)
+    router_registry.make_router('switch', num_experts=2)
   with pytest.raises(ValueError, match='top_k=5 exceeds num_experts=4'):
     routing.TokenTopKRouter(num_experts=4, top_k=5)
   with pytest.raises(ValueError, match='top_k=3 exceeds num_experts=2'):
-    routing.make_router('sequence_gate', num_experts=2, top_k=3)
+    router_registry.make_router('sequence_gate', num_experts=2, top_k=3)
   with pytest.raises(ValueError, match=r'capacity_factor=0.0.*allowed: > 0'):
     routing.ExpertChoiceRouter(num_experts=4, capacity_factor=0.0)
   with pytest.raises(ValueError, match=r'capacity_factor=-1.*allowed'):
-    routing.make_router('expert_choice', num_experts=4, capacity_factor=-1)
+    router_registry.make_router('expert_choice', num_experts=4, capacity_factor=-1)
   with pytest.raises(ValueError, match='jitter_noise=1.5'):
     routing.TokenTopKRouter(num_experts=4, top_k=1, jitter_noise=1.5)
   with pytest.raises(ValueError, match='experts_per_partition'):
-    routing.partition_expert_mask(jnp.zeros(3, jnp.int32), 2, 0)
+    layout.partition_expert_mask(jnp.zeros(3, jnp.int32), 2, 0)

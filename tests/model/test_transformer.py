@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tiered_routing.model import decoder_config
+from tiered_routing.model import forward
 from tiered_routing.model import layers
 from tiered_routing.model import losses
-from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
-from tiered_routing.model import routing_capture
+from tiered_routing.tier1 import layout
 
 P, B, L, V = 2, 2, 8, 32
 SEGMENTS = jnp.array([1, 1, 1, 2, 2, 2, 2, 0])
@@ -244,8 +245,10 @@ def _per_layer_run(sharing: str):
   tokens, mask = _tokens(4), _per_layer_mask(model.config)
 
   def loss(params):
-    logits, route, inter = routing_capture.apply_with_routing(
-        model, {"params": params}, tokens, expert_mask_MxPxE=mask)
+    out = forward.forward(
+        model, params, {"decoder_input_tokens": tokens},
+        expert_mask_MxPxE=mask, capture_routing=True)
+    logits, route, inter = out.logits_PxBxLxV, out.routing, out.intermediates
     ce, _, _ = losses.cross_entropy_loss(logits[0, :, :-1], tokens[0, :, 1:])
     if sharing != "all":  # Partition 0's own router losses.
       ce += sum(v[0] for path, v in _flat(inter).items()
@@ -269,7 +272,7 @@ def _per_layer_run(sharing: str):
 def test_per_layer_mask_routing(sharing):
   model, logits, route, _, (via_pxe, via_mxpxe) = _per_layer_run(sharing)
   assert route.layer_names == ("decoder/layers_1/moe", "decoder/layers_3/moe")
-  pid = np.asarray(routing_capture.token_partition_ids((P, B, L)))
+  pid = np.asarray(layout.token_partition_ids((P, B, L)))
   used = np.asarray(route.combine_weights_MxTxK) > 0
   uses_e = (used & (np.asarray(route.expert_index_MxTxK) == E_OFF)).any(-1)
   assert not uses_e[1, pid == 0].any()  # Masked: MoE layer 1, partition 0.

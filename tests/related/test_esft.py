@@ -1,27 +1,22 @@
-"""Tests for tiered_routing.finetune (ESFT, forced routing, router LoRA)."""
+"""Tests for related.esft (ESFT, forced routing, router LoRA) on the one loop."""
 
 import functools
-import importlib.util
-import inspect
-import os
-import sys
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiered_routing.model import expert_params
-from tiered_routing.related import esft
-from tiered_routing.cli import gin_flags
-from tiered_routing.tier1 import languages
-from tiered_routing.train import optimizers
-from tiered_routing.train import train_state
-from tiered_routing.train import trainer
-from tiered_routing.analysis import routing_stats
+from tiered_routing.eval import routing_counts
 from tiered_routing.model import decoder_config
+from tiered_routing.model import expert_params
 from tiered_routing.model import transformer
+from tiered_routing.related import esft
+from tiered_routing.tier1 import languages
+from tiered_routing.train import loop
+from tiered_routing.train import optimizers
+from tiered_routing.train import steps
+from tiered_routing.train import train_state
 
 P, B, L, V, E = 2, 4, 8, 64, 4
 # Partition 0 holds languages 0 and 1, partition 1 languages 2 and 3.
@@ -82,8 +77,8 @@ def _setup(sharing):
   return config, model, boxed, train_state._strip_boxes(boxed)
 
 
-def _tx(boxed, mask=None, partitioned=None):
-  inner = optimizers.make_optimizer(
+def _tx(boxed, partitioned=None):
+  return optimizers.make_optimizer(
       optimizers.OptimizerConfig(
           learning_rate=1e-2,
           warmup_steps=0,
@@ -95,24 +90,33 @@ def _tx(boxed, mask=None, partitioned=None):
       if partitioned is None
       else partitioned,
   )
-  return inner if mask is None else expert_params.freeze(inner, mask)
 
 
-def _steps(model, tx, params, opt_state, n):
+def _steps(objective, tx, params, opt_state, n, mask=None):
+  """n steps of the one loop; `mask` (bool tree) = which entries train."""
   step = jax.jit(
-      functools.partial(
-          trainer.train_step,
-          model=model,
-          tx=tx,
-          config=trainer.TrainConfig(train_steps=n),
-      )
+      functools.partial(steps.train_step, objective=objective, tx=tx)
   )
-  state = trainer.TrainState(
+  inputs = steps.StepInputs(
+      update_mask=None
+      if mask is None
+      else jax.tree.map(lambda m: np.asarray(m, np.float32), mask)
+  )
+  state = train_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state
   )
-  for i in range(n):
-    state, _ = step(state, _batch(i), jax.random.PRNGKey(0))
+  state, _ = loop.run(
+      lambda st, b: step(st, b, jax.random.PRNGKey(0), inputs),
+      state,
+      (_batch(i) for i in range(n)),
+      start=0,
+      end=n,
+  )
   return state
+
+
+def _lm(model, n, **kwargs):
+  return steps.LmObjective(model, steps.TrainConfig(train_steps=n), **kwargs)
 
 
 def test_select_experts_cumulative_threshold():
@@ -135,7 +139,7 @@ def test_select_experts_cumulative_threshold():
 
 
 def test_expert_relevance_token_and_gate():
-  counts = routing_stats.RoutingCounts(num_layers=1, num_experts=3)
+  counts = routing_counts.RoutingCounts(num_layers=1, num_experts=3)
   # Two tokens of 'hi', top-2 routing with weights.
   counts.add(
       0,
@@ -164,7 +168,7 @@ def test_expert_relevance_token_and_gate():
 
 def test_esft_trains_only_chosen_experts_even_with_adam_momentum():
   config, model, boxed, params = _setup("attention")
-  counts = esft.collect_routing(model, params, [_batch(0), _batch(1)])
+  counts = esft.collect_routing(config, params, [_batch(0), _batch(1)])
   # Partition 1's languages ids 2 and 3 route only through partition 1.
   assert counts.tokens_NxM[2:4].sum() == 2 * 2 * B // 2 * L * 2
   assert counts.tokens_NxM[4:].sum() == 0
@@ -175,12 +179,12 @@ def test_esft_trains_only_chosen_experts_even_with_adam_momentum():
   assert 0 < chosen_MxE.sum() < chosen_MxE.size
   selection = esft.to_selection(chosen_MxE, config, partitions=[1])
   mask = esft.trainable_mask(params, config, selection)
-  tx = _tx(boxed, mask)
+  tx = _tx(boxed)
   # Non-zero Adam moments everywhere, as when resuming from pre-training.
   opt_state = jax.tree.map(
       lambda x: x + 0.01 if x.dtype == jnp.float32 else x, tx.init(params)
   )
-  state = _steps(model, tx, params, opt_state, 3)
+  state = _steps(_lm(model, 3), tx, params, opt_state, 3, mask)
   flat_mask = dict(jax.tree_util.tree_flatten_with_path(mask)[0])
   for path, before in jax.tree_util.tree_flatten_with_path(params)[0]:
     after = np.asarray(
@@ -203,8 +207,9 @@ def test_forced_routing_keeps_partition_tokens_on_chosen_experts():
   config, model, _, params = _setup("attention")
   chosen = np.array([[True, False, True, False], [False, True, False, False]])
   mask = esft.forced_routing_mask(chosen, config, partitions=[1])
-  forced = esft.FinetuneModel(model, expert_mask_MxPxE=mask)
-  counts = esft.collect_routing(forced, params, [_batch(0)])
+  counts = esft.collect_routing(
+      config, params, [_batch(0)], expert_mask_MxPxE=mask
+  )
   for layer in range(2):
     used = counts.assignments_NxMxE[2:4, layer].sum(0) > 0
     np.testing.assert_array_equal(used, chosen[layer])
@@ -242,13 +247,13 @@ def test_router_lora_adds_only_adapters_and_starts_at_base(sharing, router):
       for p, _ in jax.tree_util.tree_flatten_with_path(lora)[0]
   ]
   assert all("router" in p for p in paths)
-  adapted = esft.FinetuneModel(model, lora_alpha=8.0)
+  view = esft.lora_view(8.0)
   both = {"base": params, "lora": lora}
   tokens = _batch(0)["decoder_input_tokens"]
   logits = jax.jit(
       lambda base, both: (
           model.apply({"params": base}, tokens),
-          adapted.apply({"params": both}, tokens),
+          model.apply({"params": view(both)}, tokens),
       )
   )
   base_logits, lora_logits = logits(params, both)
@@ -259,64 +264,17 @@ def test_router_lora_adds_only_adapters_and_starts_at_base(sharing, router):
       "base": optimizers.partitioned_mask(boxed),
       "lora": jax.tree.map(lambda _: sharing != "all", lora),
   }
-  tx = _tx(boxed, esft.lora_trainable_mask(both), partitioned)
-  state = _steps(adapted, tx, both, tx.init(both), 3)
+  tx = _tx(boxed, partitioned)
+  state = _steps(
+      _lm(model, 3, params_view=view),
+      tx,
+      both,
+      tx.init(both),
+      3,
+      esft.lora_trainable_mask(both),
+  )
   jax.tree.map(np.testing.assert_array_equal, state.params["base"], params)
   for names, b in jax.tree_util.tree_flatten_with_path(state.params["lora"])[0]:
     if expert_params.path_names(names)[-1] == "lora_b":
       assert bool(jnp.any(b != 0)), names
   assert not np.array_equal(logits(params, state.params)[1], base_logits)
-
-
-REPO_ROOT = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-)
-
-
-def _load_script(name):
-  """Imports scripts/<name>.py (registers its gin configurable once)."""
-  module_name = f"rm_test_script_{name}"
-  if module_name not in sys.modules:
-    path = os.path.join(REPO_ROOT, "scripts", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    sys.modules[module_name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules[module_name])
-  return sys.modules[module_name]
-
-
-@pytest.mark.parametrize(
-    "script,files",
-    [
-        ("expert_gates", ["gin/experiments/expert_gates.gin"]),
-        (
-            "moefy",
-            ["gin/experiments/moefication.gin", "gin/experiments/moefy.gin"],
-        ),
-        (
-            "finetune",
-            ["gin/experiments/esft.gin", "gin/experiments/finetune.gin"],
-        ),
-    ],
-)
-def test_method_gin_files_bind_every_required_script_argument(script, files):
-  # tests/test_gin_files.py skips script configurables it cannot import;
-  # here the scripts are imported, so gin checks every bound name against
-  # the signature and every required argument must be bound.
-  module = _load_script(script)
-  gin.clear_config()
-  try:
-    gin_flags.parse_gin(
-        files,
-        ["MODEL_DIR = '/tmp/unused'"],
-        [REPO_ROOT],
-        module.REQUIRED_MACROS,
-    )
-    signature = inspect.signature(module.run)
-    required = [
-        n for n, p in signature.parameters.items() if p.default is gin.REQUIRED
-    ]
-    assert required
-    for name in required:
-      assert gin.query_parameter(f"{script}_script.run.{name}") is not None
-  finally:
-    gin.clear_config()

@@ -1,4 +1,4 @@
-"""Tests for tiered_routing.expert_gates and expert_params (tiny models)."""
+"""Tests for related.expert_gates and model.expert_params (tiny models)."""
 
 import dataclasses
 import functools
@@ -9,13 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from tiered_routing.related import expert_gates
-from tiered_routing.model import expert_params
-from tiered_routing.train import train_state
-from tiered_routing.train import trainer
 from tiered_routing.model import decoder_config
+from tiered_routing.model import expert_params
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import transformer
-from tiered_routing.model import routing_capture
+from tiered_routing.related import expert_gates
+from tiered_routing.tier1 import layout
+from tiered_routing.train import steps as steps_lib
+from tiered_routing.train import train_state
 
 B, L, V = 8, 8, 32
 NEW_LANGUAGE = 5
@@ -103,13 +104,14 @@ def _trained_base(config, steps=8):
   tx = optax.adamw(1e-2)
   step = jax.jit(
       functools.partial(
-          trainer.train_step,
-          model=model,
+          steps_lib.train_step,
+          objective=steps_lib.LmObjective(
+              model, steps_lib.TrainConfig(train_steps=steps)
+          ),
           tx=tx,
-          config=trainer.TrainConfig(train_steps=steps),
       )
   )
-  state = trainer.TrainState(
+  state = train_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
   )
   batch = _batch(config.num_partitions, new_rows=())
@@ -125,20 +127,13 @@ def _forward(config):
   model = transformer.TieredDecoder(config)
 
   def forward(params, batch, mask):
-    logits, state = model.apply(
-        {"params": params},
-        batch["decoder_input_tokens"],
-        segment_ids_PxBxL=batch["decoder_segment_ids"],
-        positions_PxBxL=batch["decoder_positions"],
-        expert_mask_PxE=mask,
-        capture_intermediates=routing_capture.is_router_call,
-        mutable=["intermediates"],
+    out = forward_lib.forward(
+        model, params, batch, expert_mask_PxE=mask, capture_routing=True
     )
-    inter = state["intermediates"]
     return (
-        logits,
-        routing_capture.token_routing(inter),
-        expert_gates._router_logits(inter),
+        out.logits_PxBxLxV,
+        out.routing,
+        expert_gates._router_logits(out.intermediates),
     )
 
   return jax.jit(forward)
@@ -157,22 +152,24 @@ def _train_new_expert(config, params, batch, owners, steps=25):
       expert_gates.new_expert_selection(config, owners),
       include_router=True,
   )
-  tx = expert_params.freeze(optax.adamw(3e-2, weight_decay=0.1), trainable)
-  state = expert_gates.TrainState(
+  tx = optax.adamw(3e-2, weight_decay=0.1)
+  state = train_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
   )
+  objective = expert_gates.NewExpertObjective(
+      transformer.TieredDecoder(config),
+      expert_gates.NewExpertConfig(NEW_LANGUAGE),
+      expert_mask_PxE=mask,
+  )
   step = jax.jit(
-      functools.partial(
-          expert_gates.new_expert_step,
-          model=transformer.TieredDecoder(config),
-          tx=tx,
-          config=expert_gates.NewExpertConfig(NEW_LANGUAGE),
-          expert_mask_PxE=mask,
-      )
+      functools.partial(steps_lib.train_step, objective=objective, tx=tx)
+  )
+  inputs = steps_lib.StepInputs(
+      update_mask=jax.tree.map(lambda m: np.asarray(m, np.float32), trainable)
   )
   history = []
   for _ in range(steps):
-    state, metrics = step(state, batch)
+    state, metrics = step(state, batch, jax.random.PRNGKey(0), inputs)
     history.append(jax.device_get(metrics))
   return state.params, history, trainable
 
@@ -212,7 +209,7 @@ def test_new_expert_leaves_old_sequences_bitwise_unchanged(
   mask = expert_gates.owner_expert_mask(grown_config, owners)
   new_logits, routed = _logits_and_routing(grown_config, trained, batch, mask)
   ids_T = expert_gates.new_expert_ids(grown_config)[
-      routing_capture.token_partition_ids(new_logits.shape[:3])
+      layout.token_partition_ids(new_logits.shape[:3])
   ]
   uses = np.asarray(expert_gates.uses_expert(routed, ids_T)).reshape(
       new_logits.shape[:3]
@@ -280,7 +277,6 @@ def _check_removal_reroutes(config, params, batch):
 
 def test_add_expert_copies_source_and_appends_gate_row():
   config = _config("none", 2)
-  batch = _batch(2)
   params = _init(config)
   rows = np.random.default_rng(1).normal(size=(2, 2, 16)).astype(np.float32)
   grown, grown_config = expert_gates.add_expert(
@@ -328,21 +324,3 @@ def test_owner_mask_and_new_expert_ids():
   assert expert_gates.owner_expert_mask(private, (0, 1)) is None
   with pytest.raises(ValueError, match="owners"):
     expert_gates.owner_expert_mask(private, (2,))
-
-
-def test_freeze_keeps_frozen_entries_bitwise_under_adamw():
-  params = {"a": jnp.arange(6.0).reshape(2, 3) + 0.5, "b": jnp.ones(3)}
-  mask = {"a": np.array([[True], [False]]), "b": np.asarray(False)}
-  tx = expert_params.freeze(optax.adamw(0.1, weight_decay=0.5), mask)
-  state = tx.init(params)
-  # A non-zero first moment, as restored from an earlier run.
-  state = jax.tree.map(
-      lambda x: x + 1.0 if x.dtype == jnp.float32 else x, state
-  )
-  for _ in range(3):
-    grads = jax.tree.map(jnp.ones_like, params)
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-  np.testing.assert_array_equal(params["a"][1], [3.5, 4.5, 5.5])
-  np.testing.assert_array_equal(params["b"], np.ones(3))
-  assert (params["a"][0] != np.array([0.5, 1.5, 2.5])).all()

@@ -47,7 +47,7 @@ def test_tfidf_golden_on_tiny_corpus():
   np.testing.assert_allclose(x, expected / np.linalg.norm(expected))
   # Each centroid is its one document's unit vector: " a " has tf(" ") = 2.
   np.testing.assert_allclose(
-      clf.centroids_CxF[0],
+      clf.centroids_NxX[0],
       np.array([1 + math.log(2), idf_rare, 0.0])
       / math.hypot(1 + math.log(2), idf_rare),
   )

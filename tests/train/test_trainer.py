@@ -22,7 +22,7 @@ from tiered_routing.tier1 import schemes
 from tiered_routing.train import checkpoints
 from tiered_routing.train import metrics_writer
 from tiered_routing.train import optimizers
-from tiered_routing.train import steps
+from tiered_routing.train import steps as steps_lib
 from tiered_routing.train import train_state
 from tiered_routing.train import trainer
 
@@ -100,7 +100,7 @@ def _train(model_dir, dataset, steps, mesh=None, learning_rate=3e-2, **config):
       optimizer_config=optimizers.OptimizerConfig(
           learning_rate=learning_rate, warmup_steps=3
       ),
-      config=steps.TrainConfig(**config),
+      config=steps_lib.TrainConfig(**config),
       batches=lambda start: pipeline.batch_iterator(dataset, start),
       batch_shape=BATCH_SHAPE,
       mesh=mesh or _mesh(),
@@ -227,7 +227,7 @@ def test_restore_onto_another_mesh(trained):
 
 def _run_steps(runs, mesh, config=None):
   """Final states of several runs (lists of host batches) from one init."""
-  config = config or steps.TrainConfig(train_steps=10)
+  config = config or steps_lib.TrainConfig(train_steps=10)
   s = train_state.setup(
       _model_config(),
       optimizers.OptimizerConfig(learning_rate=1e-2, warmup_steps=0),
@@ -236,11 +236,11 @@ def _run_steps(runs, mesh, config=None):
       BATCH_SHAPE,
   )
   step = jax.jit(
-      lambda st, b, r: steps.train_step(
+      lambda st, b, r: steps_lib.train_step(
           st,
           b,
           r,
-          objective=steps.LmObjective(s.model, config),
+          objective=steps_lib.LmObjective(s.model, config),
           tx=s.tx,
       )
   )
@@ -290,7 +290,7 @@ def test_gradient_accumulation_matches_full_batch(host_batches):
     state = train_state.init_state(s, jax.random.key(0), BATCH_SHAPE)
     batch = sharding.to_global_batch(host_batches[0], mesh)
     for m in (1, 2):
-      cfg = steps.TrainConfig(
+      cfg = steps_lib.TrainConfig(
           train_steps=1,
           num_microbatches=m,
           load_balance_factor=0.0,
@@ -298,11 +298,11 @@ def test_gradient_accumulation_matches_full_batch(host_batches):
       )
       results.append(
           jax.jit(
-              lambda p, b, c=cfg: steps.lm_gradients(
+              lambda p, b, c=cfg: steps_lib.lm_gradients(
                   p,
                   b,
                   jax.random.key(0),
-                  objective=steps.LmObjective(model, c),
+                  objective=steps_lib.LmObjective(model, c),
               )
           )(state.params, batch)
       )
@@ -349,11 +349,11 @@ def test_microbatches_must_divide_rows(host_batches):
   s = train_state.setup(
       _model_config(), optimizers.OptimizerConfig(), 10, _mesh(), BATCH_SHAPE
   )
-  config = steps.TrainConfig(train_steps=1, num_microbatches=3)
+  config = steps_lib.TrainConfig(train_steps=1, num_microbatches=3)
   with pytest.raises(ValueError, match="num_microbatches=3 must divide"):
     jax.eval_shape(
-        lambda p, b: steps.lm_gradients(
-            p, b, jax.random.key(0), objective=steps.LmObjective(s.model, config)
+        lambda p, b: steps_lib.lm_gradients(
+            p, b, jax.random.key(0), objective=steps_lib.LmObjective(s.model, config)
         ),
         s.abstract_state.params,
         host_batches[0],
@@ -362,9 +362,9 @@ def test_microbatches_must_divide_rows(host_batches):
 
 def test_train_config_rejects_bad_values():
   with pytest.raises(ValueError, match="num_microbatches=0"):
-    steps.TrainConfig(train_steps=1, num_microbatches=0)
+    steps_lib.TrainConfig(train_steps=1, num_microbatches=0)
   with pytest.raises(ValueError, match="z_loss=-1"):
-    steps.TrainConfig(train_steps=1, z_loss=-1)
+    steps_lib.TrainConfig(train_steps=1, z_loss=-1)
 
 
 def test_metrics_jsonl_skips_torn_lines(tmp_path):

@@ -130,7 +130,7 @@ def test_router_mask_and_shared_layer_mask():
   np.testing.assert_array_equal(
       ea.decoder_mask_kwargs(allowed)["expert_mask_MxPxE"], allowed
   )
-  with pytest.raises(ValueError, match=r"\[L, P, E\]"):
+  with pytest.raises(ValueError, match=r"\[M, P, E\]"):
     ea.decoder_mask_kwargs(allowed[0])
 
 

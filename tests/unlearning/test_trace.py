@@ -115,7 +115,7 @@ def test_critical_hits_golden():
   hits = trace.critical_hits(routing, np.zeros((2, 2, 3), bool), pid)
   w, _ = trace.retain_token_weights(hits, np.ones(3, bool), 0.4)
   np.testing.assert_array_equal(w, 1.0)  # no critical experts
-  with pytest.raises(ValueError, match=r"\[L=2, P, E\]"):
+  with pytest.raises(ValueError, match=r"\[M=2, P, E\]"):
     trace.critical_hits(routing, crit[0], pid)
 
 

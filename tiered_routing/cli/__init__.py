@@ -1,0 +1,12 @@
+"""The binaries: gin-configured (T5X-style flags) entry points.
+
+  python -m tiered_routing.cli.train ...        (= python -m tiered_routing.train)
+  python -m tiered_routing.cli.eval ...         (= python -m tiered_routing.eval)
+  python -m tiered_routing.cli.tradeoff ...     (= python scripts/tradeoff.py)
+  python -m tiered_routing.cli.analyze_routing, generate, moefy,
+      finetune_experts, add_expert, count_params
+
+Modules besides the binaries: `gin_flags` (the flags every binary shares),
+`configurables` (gin registrations of the library's configs) and
+`benchmark_timing` (timing and tables of the benchmark scripts).
+"""

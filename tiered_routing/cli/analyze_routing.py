@@ -43,12 +43,6 @@ from tiered_routing.model import decoder_config
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
 
-_OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", None, "Where to write; default MODEL_DIR/routing."
-)
-_STEP = flags.DEFINE_integer(
-    "checkpoint_step", None, "Checkpoint step; default the newest."
-)
 _TOP_M = flags.DEFINE_integer("top_m", 1, "m of the top-m coverage.")
 _ROWS = flags.DEFINE_integer(
     "rows_per_batch", 8, "Validation rows per partition per batch."
@@ -135,7 +129,7 @@ def run(
   validation, vocabulary = validation_data(
       data_source, length, _MAX_EXAMPLES.value
   )
-  output_dir = _OUTPUT_DIR.value or os.path.join(model_dir, "routing")
+  output_dir = gin_flags.OUTPUT_DIR.value or os.path.join(model_dir, "routing")
   report, paths = checkpoint_analysis.analyze_checkpoint(
       model_dir,
       model_config,
@@ -144,7 +138,7 @@ def run(
       vocabulary,
       output_dir,
       top_m=_TOP_M.value,
-      step=_STEP.value,
+      step=gin_flags.CHECKPOINT_STEP.value,
       mesh=sharding.make_mesh(mesh_config or sharding.MeshConfig()),
       rows_per_batch=_ROWS.value,
       weighted=_WEIGHTED.value,

@@ -42,9 +42,6 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among k tokens; 0 = all.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_STEP = flags.DEFINE_integer(
-    "checkpoint_step", None, "Checkpoint step; default the newest."
-)
 
 FLAGS = flags.FLAGS
 REQUIRED_MACROS = ("MODEL_DIR", "DATA_SOURCE", "SCHEME")
@@ -102,7 +99,7 @@ def run(
   )
   mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
   step, params = restore.restore_params(
-      model_dir, model_config, mesh=mesh, step=_STEP.value
+      model_dir, model_config, mesh=mesh, step=gin_flags.CHECKPOINT_STEP.value
   )
   with sharding.with_sharding_rules(mesh):
     generator = decoding.Generator(model_config, params, partition)

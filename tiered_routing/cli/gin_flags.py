@@ -1,4 +1,4 @@
-"""T5X-style gin flags shared by the `train` and `eval` binaries.
+"""T5X-style gin flags shared by the binaries.
 
 --gin_file=gin/quickstart.gin          (repeatable; later files win)
 --gin_bindings="TRAIN_STEPS = 100"     (repeatable; applied after files)
@@ -51,6 +51,17 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "jax.distributed process count.")
 flags.DEFINE_integer("process_id", None, "jax.distributed process id.")
+# Flags several binaries take, defined once so that every binary can be
+# imported in one process (the tests do).
+OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir",
+    None,
+    "Where the binary writes its results (required by the trade-off sweep; "
+    "analyze_routing's default is MODEL_DIR/routing).",
+)
+CHECKPOINT_STEP = flags.DEFINE_integer(
+    "checkpoint_step", None, "Checkpoint step to restore; default the newest."
+)
 
 FLAGS = flags.FLAGS
 

@@ -70,7 +70,6 @@ flags.DEFINE_enum(
     PRESETS,
     "gin/experiments/tradeoff_<preset>.gin, read before any --gin_file.",
 )
-flags.DEFINE_string("output_dir", None, "Where results and checkpoints go.")
 flags.DEFINE_bool(
     "cpu_fast_compile",
     True,

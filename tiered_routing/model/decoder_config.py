@@ -29,7 +29,7 @@ class DecoderConfig:
     vocab_size: V.
     d_model: residual width D.
     num_heads: attention heads H.
-    head_dim: per-head width K (even: rotary embeddings rotate pairs).
+    head_dim: per-head width Q (even: rotary embeddings rotate pairs).
     num_layers: number of decoder blocks.
     d_ff: hidden size of the dense feed-forward layers (needed iff some layer
       is dense).

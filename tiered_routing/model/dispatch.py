@@ -39,7 +39,7 @@ IMPLS = ('einsum', 'sort_gather', 'ragged', 'auto', 'reference')
 # scripts/bench_moe.py on a 2-core CPU (docs/performance.md): sort_gather was
 # the fastest in every case; at E=32, K=2, T=8192 (D=256, F=512, capacity
 # 1.25, forward+backward) it costs 1.17x a dense FFN of the same active
-# FLOPs, einsum 3.4x (its [S, E, C] one-hot tensors grow quadratically per
+# FLOPs, einsum 3.4x (its [T*K, E, C] one-hot tensors grow quadratically per
 # group) and ragged 5.0x (no fast CPU ragged_dot).
 _CPU_AUTO_IMPL = 'sort_gather'
 _ACCEL_BACKENDS = ('tpu', 'gpu', 'cuda', 'rocm')
@@ -147,33 +147,33 @@ def _einsum_moe(x_TxD, idx_TxK, cw_TxK, keep_TxK, pos_TxK, capacity, weights,
 def _sort_slots(idx_TxK, valid_TxK, num_experts, k_major):
   """Stable sort of slots by expert; invalid slots go last (key E).
 
-  Returns (order_S, counts_E): order_S lists slot ids s (k * T + t when
+  Returns (order_R, counts_E): order_R lists slot ids s (k * T + t when
   k_major, else t * K + k) grouped by expert, original order within one.
   """
   if k_major:
     idx_TxK, valid_TxK = idx_TxK.T, valid_TxK.T
-  key_S = jnp.where(valid_TxK, idx_TxK, num_experts).reshape(-1)
-  order_S = jnp.argsort(key_S, stable=True)
-  counts_E = jnp.zeros((num_experts,), jnp.int32).at[key_S].add(1, mode='drop')
-  return order_S, counts_E
+  key_R = jnp.where(valid_TxK, idx_TxK, num_experts).reshape(-1)
+  order_R = jnp.argsort(key_R, stable=True)
+  counts_E = jnp.zeros((num_experts,), jnp.int32).at[key_R].add(1, mode='drop')
+  return order_R, counts_E
 
 
 def _sort_gather_moe(x_TxD, idx_TxK, cw_TxK, valid_TxK, capacity, weights,
                      activation):
   """Capacity dispatch by sort + gather; returns (y, keep_TxK)."""
   (t, k), e, c = idx_TxK.shape, weights[0].shape[0], capacity
-  order_S, counts_E = _sort_slots(idx_TxK, valid_TxK, e, k_major=True)
+  order_R, counts_E = _sort_slots(idx_TxK, valid_TxK, e, k_major=True)
   starts_E = jnp.cumsum(counts_E) - counts_E
   # Buffer slot (e, c) holds the c-th slot routed to e, if there is one.
   src_ExC = jnp.minimum(starts_E[:, None] + jnp.arange(c), t * k - 1)
   filled_ExC = jnp.arange(c)[None, :] < counts_E[:, None]
-  token_ExC = jnp.where(filled_ExC, order_S[src_ExC] % t, t)
+  token_ExC = jnp.where(filled_ExC, order_R[src_ExC] % t, t)
   x_ExCxD = jnp.take(x_TxD, token_ExC, axis=0, mode='fill', fill_value=0)
   out_ECxD = _expert_ffn(x_ExCxD, weights, activation).reshape(e * c, -1)
   # Position of every slot within its expert, back in (t, k) layout.
-  sorted_expert_S = jnp.minimum(idx_TxK.T.reshape(-1)[order_S], e - 1)
-  rank_S = jnp.arange(t * k) - starts_E[sorted_expert_S]
-  pos_TxK = jnp.zeros((t * k,), jnp.int32).at[order_S].set(rank_S).reshape(
+  sorted_expert_R = jnp.minimum(idx_TxK.T.reshape(-1)[order_R], e - 1)
+  rank_R = jnp.arange(t * k) - starts_E[sorted_expert_R]
+  pos_TxK = jnp.zeros((t * k,), jnp.int32).at[order_R].set(rank_R).reshape(
       k, t).T
   keep_TxK = valid_TxK & (pos_TxK < c)
   dest_TxK = jnp.where(keep_TxK, idx_TxK * c + pos_TxK, e * c)
@@ -252,66 +252,66 @@ def moe_mlp(x_TxD, route: RouterOutput, wi_ExDxF, wo_ExFxD, *, impl: str,
 # ----------------------------------------------------------------------------
 
 
-def _gmm(lhs_SxA, rhs_ExAxB, counts_E):
-  return jax.lax.ragged_dot(lhs_SxA, rhs_ExAxB.astype(lhs_SxA.dtype), counts_E,
+def _gmm(lhs_RxX, rhs_ExXxY, counts_E):
+  return jax.lax.ragged_dot(lhs_RxX, rhs_ExXxY.astype(lhs_RxX.dtype), counts_E,
                             preferred_element_type=_F32)
 
 
-def _tgmm(lhs_SxA, rhs_SxB, counts_E):
+def _tgmm(lhs_RxX, rhs_RxY, counts_E):
   """Per-group lhs^T @ rhs over the row groups: [E, A, B] float32."""
   dims = jax.lax.RaggedDotDimensionNumbers(
       dot_dimension_numbers=(([0], [0]), ([], [])),
       lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
-  return jax.lax.ragged_dot_general(lhs_SxA, rhs_SxB.astype(lhs_SxA.dtype),
+  return jax.lax.ragged_dot_general(lhs_RxX, rhs_RxY.astype(lhs_RxX.dtype),
                                     counts_E, dims, preferred_element_type=_F32)
 
 
 def _ragged_layout(idx_TxK, cw_TxK, num_experts):
-  order_S, counts_E = _sort_slots(idx_TxK, cw_TxK != 0, num_experts,
+  order_R, counts_E = _sort_slots(idx_TxK, cw_TxK != 0, num_experts,
                                   k_major=False)
-  inverse_S = jnp.zeros_like(order_S).at[order_S].set(
-      jnp.arange(order_S.shape[0], dtype=order_S.dtype))
-  return order_S, inverse_S, counts_E, order_S // idx_TxK.shape[1]
+  inverse_R = jnp.zeros_like(order_R).at[order_R].set(
+      jnp.arange(order_R.shape[0], dtype=order_R.dtype))
+  return order_R, inverse_R, counts_E, order_R // idx_TxK.shape[1]
 
 
 def _ragged_fwd(activation, x_TxD, idx_TxK, cw_TxK, weights):
   """Returns y_TxD (float32) and the sorted residuals (h, gate, out)."""
   dtype, (t, k) = x_TxD.dtype, idx_TxK.shape
-  order_S, inverse_S, counts_E, token_S = _ragged_layout(
+  order_R, inverse_R, counts_E, token_R = _ragged_layout(
       idx_TxK, cw_TxK, weights[0].shape[0])
-  xs_SxD = x_TxD[token_S]
-  h_SxF = _gmm(xs_SxD, weights[0], counts_E)
-  g_SxF = _gmm(xs_SxD, weights[2], counts_E) if len(weights) == 3 else None
-  a_SxF = activation(h_SxF) if g_SxF is None else activation(h_SxF) * g_SxF
-  out_SxD = _gmm(a_SxF.astype(dtype), weights[1], counts_E)
-  out_TxKxD = out_SxD[inverse_S].reshape(t, k, -1)
+  xs_RxD = x_TxD[token_R]
+  h_RxF = _gmm(xs_RxD, weights[0], counts_E)
+  g_RxF = _gmm(xs_RxD, weights[2], counts_E) if len(weights) == 3 else None
+  a_RxF = activation(h_RxF) if g_RxF is None else activation(h_RxF) * g_RxF
+  out_RxD = _gmm(a_RxF.astype(dtype), weights[1], counts_E)
+  out_TxKxD = out_RxD[inverse_R].reshape(t, k, -1)
   y_TxD = jnp.einsum('tk,tkd->td', cw_TxK, out_TxKxD)
-  return y_TxD, (h_SxF, g_SxF, out_SxD)
+  return y_TxD, (h_RxF, g_RxF, out_RxD)
 
 
 def _ragged_bwd(activation, x_TxD, idx_TxK, cw_TxK, weights, res, dy_TxD):
   """Hand-written VJP of _ragged_fwd w.r.t. (x, cw, weights)."""
   dtype, (t, k) = x_TxD.dtype, idx_TxK.shape
-  h_SxF, g_SxF, out_SxD = res
-  order_S, inverse_S, counts_E, token_S = _ragged_layout(
+  h_RxF, g_RxF, out_RxD = res
+  order_R, inverse_R, counts_E, token_R = _ragged_layout(
       idx_TxK, cw_TxK, weights[0].shape[0])
-  xs_SxD = x_TxD[token_S]
-  dy_SxD = dy_TxD.astype(_F32)[token_S]
-  dcw_TxK = jnp.sum(dy_SxD * out_SxD, -1)[inverse_S].reshape(t, k)
-  dout_SxD = (cw_TxK.reshape(-1)[order_S][:, None] * dy_SxD).astype(dtype)
-  act_SxF, act_vjp = jax.vjp(activation, h_SxF)
-  a_SxF = act_SxF if g_SxF is None else act_SxF * g_SxF
-  da_SxF = _gmm(dout_SxD, jnp.swapaxes(weights[1], 1, 2), counts_E)
-  dwo = _tgmm(a_SxF.astype(dtype), dout_SxD, counts_E)
-  dh_SxF = act_vjp(da_SxF if g_SxF is None else da_SxF * g_SxF)[0]
-  dxs_SxD = _gmm(dh_SxF.astype(dtype), jnp.swapaxes(weights[0], 1, 2),
+  xs_RxD = x_TxD[token_R]
+  dy_RxD = dy_TxD.astype(_F32)[token_R]
+  dcw_TxK = jnp.sum(dy_RxD * out_RxD, -1)[inverse_R].reshape(t, k)
+  dout_RxD = (cw_TxK.reshape(-1)[order_R][:, None] * dy_RxD).astype(dtype)
+  act_RxF, act_vjp = jax.vjp(activation, h_RxF)
+  a_RxF = act_RxF if g_RxF is None else act_RxF * g_RxF
+  da_RxF = _gmm(dout_RxD, jnp.swapaxes(weights[1], 1, 2), counts_E)
+  dwo = _tgmm(a_RxF.astype(dtype), dout_RxD, counts_E)
+  dh_RxF = act_vjp(da_RxF if g_RxF is None else da_RxF * g_RxF)[0]
+  dxs_RxD = _gmm(dh_RxF.astype(dtype), jnp.swapaxes(weights[0], 1, 2),
                  counts_E)
-  dweights = [_tgmm(xs_SxD, dh_SxF.astype(dtype), counts_E), dwo]
-  if g_SxF is not None:
-    dg_SxF = (da_SxF * act_SxF).astype(dtype)
-    dxs_SxD += _gmm(dg_SxF, jnp.swapaxes(weights[2], 1, 2), counts_E)
-    dweights.append(_tgmm(xs_SxD, dg_SxF, counts_E))
-  dx_TxD = jnp.zeros(x_TxD.shape, _F32).at[token_S].add(dxs_SxD)
+  dweights = [_tgmm(xs_RxD, dh_RxF.astype(dtype), counts_E), dwo]
+  if g_RxF is not None:
+    dg_RxF = (da_RxF * act_RxF).astype(dtype)
+    dxs_RxD += _gmm(dg_RxF, jnp.swapaxes(weights[2], 1, 2), counts_E)
+    dweights.append(_tgmm(xs_RxD, dg_RxF, counts_E))
+  dx_TxD = jnp.zeros(x_TxD.shape, _F32).at[token_R].add(dxs_RxD)
   dweights = tuple(dw.astype(w.dtype) for dw, w in zip(dweights, weights))
   return dx_TxD.astype(dtype), jnp.where(cw_TxK != 0, dcw_TxK, 0.0), dweights
 

@@ -17,8 +17,9 @@ methods are written once. MoE layers are numbered 0..M-1 in depth order (the
 order of `token_routing.TokenRouting` and `routing_stats.RoutingCounts`).
 
 Freezing by parameter name (a regex on paths) cannot train expert 3 of a
-stacked [E, D, F] tensor and freeze expert 4: `freeze` masks gradients and
-updates element-wise along the expert axis instead.
+stacked [E, D, F] tensor and freeze expert 4: `trainable_mask` marks entries
+element-wise along the expert axis instead, and the train step applies it as
+its update mask (`train.steps.StepInputs`) to gradients and updates.
 """
 
 import dataclasses
@@ -28,7 +29,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tiered_routing.model import decoder_config
 
@@ -197,7 +197,8 @@ def trainable_mask(
 
   Returns:
     A tree with the structure of `params` whose leaves are bool arrays
-    broadcastable to the parameters (see `freeze`).
+    broadcastable to the parameters (the train step's update mask, as
+    float 0 / 1).
   """
   selected = check_selection(selected_MxPxE, config)
   leaves = expert_leaves(params, config)
@@ -221,35 +222,3 @@ def count_trainable(params: Any, mask: Any) -> int:
       mask,
   )
   return int(sum(jax.tree.leaves(sizes)))
-
-
-def freeze(
-    inner: optax.GradientTransformation, mask: Any
-) -> optax.GradientTransformation:
-  """`inner` restricted to the entries where `mask` is True.
-
-  Gradients of frozen entries are zeroed *before* `inner`, so clipping norms
-  and Adam's moments see only the trainable entries; updates of frozen
-  entries are zeroed *after* it, so nothing `inner` does without a gradient
-  (decoupled weight decay, momentum restored from an earlier run) can move
-  them: their update is exactly 0.0 and p + 0.0 == p.
-
-  Args:
-    inner: the optimizer (e.g. `optimizers.make_optimizer(...)`).
-    mask: tree with the structure of the parameters whose leaves are bool
-      arrays broadcastable to them (e.g. from `trainable_mask`).
-  """
-
-  def keep(tree):
-    return jax.tree.map(
-        lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), tree, mask
-    )
-
-  def init_fn(params):
-    return inner.init(params)
-
-  def update_fn(updates, state, params=None):
-    updates, state = inner.update(keep(updates), state, params)
-    return keep(updates), state
-
-  return optax.GradientTransformation(init_fn, update_fn)

@@ -92,15 +92,15 @@ class RMSNorm(nn.Module):
     return (x * scale_D).astype(self.dtype)
 
 
-def apply_rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array,
+def apply_rotary(x_BxLxHxQ: jax.Array, positions_BxL: jax.Array,
                  max_wavelength: float = 10_000.0) -> jax.Array:
   """Rotary position embedding (RoFormer, Su et al. 2021).
 
-  Rotates feature pairs (i, i + K/2) by angle position / wavelength_i, so the
+  Rotates feature pairs (i, i + Q/2) by angle position / wavelength_i, so the
   query-key dot product depends only on the relative position. Positions come
   from the data (they restart at 0 in every packed segment).
   """
-  k = x_BxLxHxK.shape[-1]
+  k = x_BxLxHxQ.shape[-1]
   if k % 2:
     raise ValueError(f"Rotary embeddings need an even head_dim, got {k}.")
   fraction_K2 = 2.0 * jnp.arange(k // 2, dtype=jnp.float32) / k
@@ -108,9 +108,9 @@ def apply_rotary(x_BxLxHxK: jax.Array, positions_BxL: jax.Array,
   angle_BxLx1xK2 = (positions_BxL.astype(jnp.float32)[:, :, None, None]
                     * inv_wavelength_K2)
   sin, cos = jnp.sin(angle_BxLx1xK2), jnp.cos(angle_BxLx1xK2)
-  x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BxLxHxQ.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x_BxLxHxK.dtype)
+  return rotated.astype(x_BxLxHxQ.dtype)
 
 
 def causal_segment_mask(length: int,
@@ -133,7 +133,7 @@ class MultiHeadAttention(nn.Module):
 
   Attributes:
     num_heads: H.
-    head_dim: K (even, for rotary embeddings).
+    head_dim: Q (even, for rotary embeddings).
     dtype: activation dtype; softmax is computed in float32.
     dropout_rate: dropout on attention probabilities.
     rope_max_wavelength: base of the rotary frequencies.
@@ -158,19 +158,19 @@ class MultiHeadAttention(nn.Module):
     b, l, d = x_BxLxD.shape
     h, k = self.num_heads, self.head_dim
     qkv_axes = ("embed", "heads", "kv")
-    wq_DxHxK = self._kernel("query", (d, h, k), qkv_axes, 0, (1, 2))
-    wk_DxHxK = self._kernel("key", (d, h, k), qkv_axes, 0, (1, 2))
-    wv_DxHxK = self._kernel("value", (d, h, k), qkv_axes, 0, (1, 2))
-    wo_HxKxD = self._kernel("out", (h, k, d), ("heads", "kv", "embed"),
+    wq_DxHxQ = self._kernel("query", (d, h, k), qkv_axes, 0, (1, 2))
+    wk_DxHxQ = self._kernel("key", (d, h, k), qkv_axes, 0, (1, 2))
+    wv_DxHxQ = self._kernel("value", (d, h, k), qkv_axes, 0, (1, 2))
+    wo_HxQxD = self._kernel("out", (h, k, d), ("heads", "kv", "embed"),
                             (0, 1), 2)
     x_BxLxD = x_BxLxD.astype(self.dtype)
     act_axes = ("batch", "length", "heads", "kv")
     q = nn.with_logical_constraint(
-        jnp.einsum("bld,dhk->blhk", x_BxLxD, wq_DxHxK), act_axes)
+        jnp.einsum("bld,dhk->blhk", x_BxLxD, wq_DxHxQ), act_axes)
     k_ = nn.with_logical_constraint(
-        jnp.einsum("bld,dhk->blhk", x_BxLxD, wk_DxHxK), act_axes)
+        jnp.einsum("bld,dhk->blhk", x_BxLxD, wk_DxHxQ), act_axes)
     v = nn.with_logical_constraint(
-        jnp.einsum("bld,dhk->blhk", x_BxLxD, wv_DxHxK), act_axes)
+        jnp.einsum("bld,dhk->blhk", x_BxLxD, wv_DxHxQ), act_axes)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(l), (b, l))
     q = apply_rotary(q, positions_BxL, self.rope_max_wavelength)
@@ -184,8 +184,8 @@ class MultiHeadAttention(nn.Module):
                                jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(self.dtype)
     probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-    y_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, wo_HxKxD)
+    out_BxLxHxQ = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+    y_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxQ, wo_HxQxD)
     return nn.with_logical_constraint(y_BxLxD, ("batch", "length", "embed"))
 
 

@@ -46,15 +46,13 @@ def make_router(kind: str, *, num_experts: int, name: str = 'router',
     num_experts: E.
     name: the module name.
     **settings: any of top_k, jitter_noise, capacity_factor, vocab_size;
-      each router takes the ones its registry entry lists.
+      each router takes those its registry entry lists (the others are
+      ignored; one it takes but is not given keeps the router's default).
   """
   if kind not in ROUTERS:
     raise ValueError(f'unknown router kind {kind!r}; allowed: {ROUTER_KINDS}.')
   entry = ROUTERS[kind]
-  missing = [k for k in entry.settings if k not in settings]
-  if missing:
-    raise ValueError(f'router {kind!r} needs settings {missing}.')
-  kwargs = {k: settings[k] for k in entry.settings}
+  kwargs = {k: settings[k] for k in entry.settings if k in settings}
   return entry.module(num_experts=num_experts, name=name, **kwargs)
 
 

@@ -77,16 +77,16 @@ def allowed_mask(num_tokens: int, num_experts: int, expert_mask_TxE,
   return allowed_TxE
 
 
-def safe_normalize(x_TxN: jax.Array) -> jax.Array:
+def safe_normalize(x_TxX: jax.Array) -> jax.Array:
   """x / x.sum(-1), with all-zero rows (padding, fully masked) left at zero.
 
   The double `where` keeps the gradient finite: dividing by a clamped tiny
   denominator has a 0 * inf (NaN) VJP on an all-zero row.
   """
-  total_Tx1 = x_TxN.sum(-1, keepdims=True)
+  total_Tx1 = x_TxX.sum(-1, keepdims=True)
   positive_Tx1 = total_Tx1 > 0
   return jnp.where(positive_Tx1,
-                   x_TxN / jnp.where(positive_Tx1, total_Tx1, 1.0), 0.0)
+                   x_TxX / jnp.where(positive_Tx1, total_Tx1, 1.0), 0.0)
 
 
 def load_balance_loss(probs_TxE: jax.Array, expert_index_TxK: jax.Array,

@@ -55,13 +55,13 @@ class SequenceGateRouter(nn.Module):
     if segment_ids_T is None:
       segment_ids_T = jnp.ones((num_tokens,), jnp.int32)
     x_TxD = x_TxD.astype(jnp.float32)
-    seg_sum_SxD = jax.ops.segment_sum(x_TxD, segment_ids_T, num_tokens + 1)
-    seg_len_S = jax.ops.segment_sum(jnp.ones((num_tokens,), jnp.float32),
+    seg_sum_ZxD = jax.ops.segment_sum(x_TxD, segment_ids_T, num_tokens + 1)
+    seg_len_Z = jax.ops.segment_sum(jnp.ones((num_tokens,), jnp.float32),
                                     segment_ids_T, num_tokens + 1)
-    h_SxD = seg_sum_SxD / jnp.maximum(seg_len_S, 1.0)[:, None]
-    seq_logits_SxE = jnp.dot(h_SxD, gates_ExD.T,
+    h_ZxD = seg_sum_ZxD / jnp.maximum(seg_len_Z, 1.0)[:, None]
+    seq_logits_ZxE = jnp.dot(h_ZxD, gates_ExD.T,
                              precision=jax.lax.Precision.HIGHEST)
-    logits_TxE = seq_logits_SxE[segment_ids_T]
+    logits_TxE = seq_logits_ZxE[segment_ids_T]
     allowed_TxE = routing.allowed_mask(num_tokens, self.num_experts,
                                        expert_mask_TxE, segment_ids_T)
     scores_TxE = jax.nn.sigmoid(logits_TxE) * allowed_TxE

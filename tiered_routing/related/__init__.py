@@ -1,0 +1,11 @@
+"""Related methods, each on the one loop, evaluator and forward pass.
+
+Modules:
+  esft              expert-specialized fine-tuning, forced routing, router
+                    LoRA.
+  expert_gates      adding and removing experts of sequence-gated layers.
+  moefication       a dense FFN split into experts.
+  moefied_decoder   MoEfication of every dense FFN of a `TieredDecoder`.
+  decoding          text generation from one tier-1 partition.
+  method_tables     row comparisons and Markdown tables of the binaries.
+"""

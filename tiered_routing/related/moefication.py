@@ -4,13 +4,13 @@ Zhang et al. 2022 ("MoEfication: Transformer Feed-forward Layers are
 Mixtures of Experts") observe that few hidden units of a trained FFN are
 active per token and that co-activating units can be grouped. The recipe:
 
-  1. Cluster the F hidden units into N groups of equal size F/N by balanced
+  1. Cluster the F hidden units into E groups of equal size F/E by balanced
      k-means on each unit's input weights (a column of wi, here together with
      its wi_gate column for gated units), L2-normalized (`balanced_kmeans`).
   2. Permute the hidden units so every cluster is contiguous; this does not
      change the function (`permute_hidden`). Expert e is then the slice
-     wi[:, e*F/N:(e+1)*F/N] and wo[e*F/N:(e+1)*F/N] (`split_experts`), giving
-     stacked expert weights [N, D, F/N] and [N, F/N, D]. The FFN output is
+     wi[:, e*F/E:(e+1)*F/E] and wo[e*F/E:(e+1)*F/E] (`split_experts`), giving
+     stacked expert weights [E, D, F/E] and [E, F/E, D]. The FFN output is
      exactly the sum of all experts' outputs (combine weight 1 each).
   3. Per token, compute only the top-k experts. The paper's oracle selects
      the experts with the largest sum of positive hidden activations
@@ -42,7 +42,7 @@ class MoeficationConfig:
   """How a dense FFN is split.
 
   Attributes:
-    num_experts: N; must divide the hidden size F.
+    num_experts: E; must divide the hidden size F.
     kmeans_iterations: maximum balanced k-means iterations.
     seed: k-means initialization seed.
   """
@@ -69,27 +69,27 @@ def neuron_features(mlp: Mapping[str, Any]) -> np.ndarray:
   return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
 
 
-def balanced_assignment(dist_FxN: np.ndarray) -> np.ndarray:
-  """Labels [F] minimizing total distance with exactly F/N points per cluster.
+def balanced_assignment(dist_FxE: np.ndarray) -> np.ndarray:
+  """Labels [F] minimizing total distance with exactly F/E points per cluster.
 
-  Each cluster gets F/N slots and the points are matched to slots by the
+  Each cluster gets F/E slots and the points are matched to slots by the
   Hungarian algorithm (exact; as in balanced k-means, Malinen & Franti 2014).
   """
-  f, n = dist_FxN.shape
+  f, n = dist_FxE.shape
   if f % n:
     raise ValueError(f"{f} points cannot form {n} clusters of equal size.")
   slots = np.repeat(np.arange(n), f // n)
-  rows, cols = optimize.linear_sum_assignment(dist_FxN[:, slots])
+  rows, cols = optimize.linear_sum_assignment(dist_FxE[:, slots])
   labels = np.empty(f, np.int64)
   labels[rows] = slots[cols]
   return labels
 
 
 def balanced_kmeans(
-    points_FxC, num_clusters: int, iterations: int = 30, seed: int = 0
+    points_FxX, num_clusters: int, iterations: int = 30, seed: int = 0
 ) -> np.ndarray:
-  """Balanced k-means labels [F]: every cluster has exactly F/N points."""
-  points = np.asarray(points_FxC, np.float64)
+  """Balanced k-means labels [F]: every cluster has exactly F/E points."""
+  points = np.asarray(points_FxX, np.float64)
   f = points.shape[0]
   if not 1 <= num_clusters <= f or f % num_clusters:
     raise ValueError(
@@ -129,7 +129,7 @@ def permute_hidden(mlp: Mapping[str, Any], perm_F) -> dict[str, Any]:
 
 
 def split_experts(mlp: Mapping[str, Any], num_experts: int) -> dict:
-  """Experts of a permuted FFN: wi, wi_gate [N, D, F/N] and wo [N, F/N, D]."""
+  """Experts of a permuted FFN: wi, wi_gate [E, D, F/E] and wo [E, F/E, D]."""
   d, f = np.shape(mlp["wi"])
   if f % num_experts:
     raise ValueError(f"num_experts={num_experts} must divide d_ff={f}.")
@@ -149,7 +149,7 @@ def split_experts(mlp: Mapping[str, Any], num_experts: int) -> dict:
 def expert_hidden(
     x_TxD: jax.Array, experts: Mapping[str, jax.Array], activation: str = "gelu"
 ) -> jax.Array:
-  """Hidden activations h [T, N, F/N] of every expert (float32)."""
+  """Hidden activations h [T, E, F/E] of every expert (float32)."""
   x = x_TxD.astype(jnp.float32)
   act = layers.get_activation(activation)
   h = act(jnp.einsum("td,ndm->tnm", x, experts["wi"]))
@@ -158,23 +158,23 @@ def expert_hidden(
   return h
 
 
-def partition_scores(h_TxNxM: jax.Array, score: str = "positive") -> jax.Array:
-  """[T, N] expert scores: sum of positive (or absolute) activations."""
+def partition_scores(h_TxExF: jax.Array, score: str = "positive") -> jax.Array:
+  """[T, E] expert scores: sum of positive (or absolute) activations."""
   if score not in SCORES:
     raise ValueError(f"score={score!r} is invalid; allowed: {SCORES}.")
-  part = jnp.maximum(h_TxNxM, 0.0) if score == "positive" else jnp.abs(h_TxNxM)
+  part = jnp.maximum(h_TxExF, 0.0) if score == "positive" else jnp.abs(h_TxExF)
   return part.sum(-1)
 
 
-def top_k_mask(scores_TxN: jax.Array, top_k: int) -> jax.Array:
-  """bool [T, N]: each token's top_k experts."""
-  n = scores_TxN.shape[-1]
+def top_k_mask(scores_TxE: jax.Array, top_k: int) -> jax.Array:
+  """bool [T, E]: each token's top_k experts."""
+  n = scores_TxE.shape[-1]
   if not 1 <= top_k <= n:
     raise ValueError(f"top_k={top_k} must be in [1, {n}].")
-  index = jax.lax.top_k(scores_TxN, top_k)[1]
+  index = jax.lax.top_k(scores_TxE, top_k)[1]
   return (
-      jnp.zeros(scores_TxN.shape, bool)
-      .at[jnp.arange(scores_TxN.shape[0])[:, None], index]
+      jnp.zeros(scores_TxE.shape, bool)
+      .at[jnp.arange(scores_TxE.shape[0])[:, None], index]
       .set(True)
   )
 
@@ -202,17 +202,17 @@ def moe_ffn(
   return jnp.einsum("tnm,nmd->td", h, experts["wo"])
 
 
-def fit_router(x_TxD, targets_TxN, l2: float = 1e-3) -> dict[str, np.ndarray]:
-  """Ridge regression x -> expert scores: {'kernel' [D, N], 'bias' [N]}.
+def fit_router(x_TxD, targets_TxE, l2: float = 1e-3) -> dict[str, np.ndarray]:
+  """Ridge regression x -> expert scores: {'kernel' [D, E], 'bias' [E]}.
 
   `l2` is relative to the mean diagonal of the centred Gram matrix.
   """
   x = np.asarray(x_TxD, np.float64)
-  y = np.asarray(targets_TxN, np.float64)
+  y = np.asarray(targets_TxE, np.float64)
   if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
     raise ValueError(
         f"x {x.shape} and targets {y.shape} must be [T, D] and "
-        "[T, N] with the same T."
+        "[T, E] with the same T."
     )
   mean_x, mean_y = x.mean(0), y.mean(0)
   xc, yc = x - mean_x, y - mean_y

@@ -82,8 +82,8 @@ def _l2_normalize_rows(x):
   return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
-def _softmax(logits_NxC: np.ndarray) -> np.ndarray:
-  z = logits_NxC - logits_NxC.max(axis=1, keepdims=True)
+def _softmax(logits_BxN: np.ndarray) -> np.ndarray:
+  z = logits_BxN - logits_BxN.max(axis=1, keepdims=True)
   e = np.exp(z)
   return e / e.sum(axis=1, keepdims=True)
 
@@ -94,7 +94,7 @@ class LanguageClassifier:
   Usage:
     clf = LanguageClassifier().fit({"hi": [...], "en": [...], ...})
     clf.predict_language(texts)                  # ["hi", ...]
-    clf.partition_posterior(texts, scheme)       # float64[N, P]
+    clf.partition_posterior(texts, scheme)       # float64[B, P]
   """
 
   def __init__(self, config: ClassifierConfig = ClassifierConfig()):
@@ -102,8 +102,8 @@ class LanguageClassifier:
     self.codes: tuple[str, ...] = ()
     self.ngrams: tuple[str, ...] = ()
     self._index: dict[str, int] = {}
-    self.idf_F = np.zeros((0,), np.float64)
-    self.centroids_CxF = np.zeros((0, 0), np.float64)
+    self.idf_X = np.zeros((0,), np.float64)
+    self.centroids_NxX = np.zeros((0, 0), np.float64)
 
   @property
   def is_fitted(self) -> bool:
@@ -138,18 +138,18 @@ class LanguageClassifier:
     self.ngrams = tuple(g for g, _ in ranked)
     self._index = {g: i for i, g in enumerate(self.ngrams)}
     num_docs = sum(len(per_lang) for per_lang in counts)
-    df_F = np.array([df for _, df in ranked], np.float64)
+    df_X = np.array([df for _, df in ranked], np.float64)
     # Smoothed idf: as if one extra document contained every n-gram.
-    self.idf_F = np.log((1.0 + num_docs) / (1.0 + df_F)) + 1.0
+    self.idf_X = np.log((1.0 + num_docs) / (1.0 + df_X)) + 1.0
     centroids = [
         np.asarray(self._tfidf(per_lang).mean(axis=0)).ravel()
         for per_lang in counts
     ]
-    self.centroids_CxF = _l2_normalize_rows(np.stack(centroids))
+    self.centroids_NxX = _l2_normalize_rows(np.stack(centroids))
     return self
 
   def _tfidf(self, doc_counts: Sequence[collections.Counter]):
-    """Unit-norm sublinear tf-idf rows, csr float64[N, F]."""
+    """Unit-norm sublinear tf-idf rows, csr float64[B, X]."""
     indptr, indices, values = [0], [], []
     for doc in doc_counts:
       for gram, count in doc.items():
@@ -166,39 +166,39 @@ class LanguageClassifier:
         ),
         shape=(len(doc_counts), len(self.ngrams)),
     )
-    return _l2_normalize_rows(x @ scipy.sparse.diags(self.idf_F))
+    return _l2_normalize_rows(x @ scipy.sparse.diags(self.idf_X))
 
   def _check_fitted(self) -> None:
     if not self.is_fitted:
       raise ValueError("LanguageClassifier is not fitted; call fit or load")
 
   def transform(self, texts: Sequence[str]):
-    """Unit-norm tf-idf vectors of `texts`, csr float64[N, F]."""
+    """Unit-norm tf-idf vectors of `texts`, csr float64[B, X]."""
     self._check_fitted()
     if isinstance(texts, str):
       raise ValueError("texts must be a sequence of str, got one str")
     return self._tfidf([_ngram_counts(t, self.config) for t in texts])
 
   def similarities(self, texts: Sequence[str]) -> np.ndarray:
-    """Cosine similarity of every text to every centroid, float64[N, C]."""
-    return np.asarray(self.transform(texts) @ self.centroids_CxF.T)
+    """Cosine similarity of every text to every centroid, float64[B, N]."""
+    return np.asarray(self.transform(texts) @ self.centroids_NxX.T)
 
   def predict_language(self, texts: Sequence[str]) -> list[str]:
     """The language of the nearest centroid for every text."""
-    best_N = self.similarities(texts).argmax(axis=1)
-    return [self.codes[i] for i in best_N]
+    best_B = self.similarities(texts).argmax(axis=1)
+    return [self.codes[i] for i in best_B]
 
   def language_posterior(
       self, texts: Sequence[str], temperature: float = 0.1
   ) -> np.ndarray:
-    """c-BTM weights softmax(-||x - c||^2 / T) over languages, float64[N, C].
+    """c-BTM weights softmax(-||x - c||^2 / T) over languages, float64[B, N].
 
     x and c have unit norm, so ||x - c||^2 = 2 - 2 cos(x, c).
     """
     if not temperature > 0:
       raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    sq_dist_NxC = 2.0 - 2.0 * self.similarities(texts)
-    return _softmax(-sq_dist_NxC / temperature)
+    sq_dist_BxN = 2.0 - 2.0 * self.similarities(texts)
+    return _softmax(-sq_dist_BxN / temperature)
 
   def partition_posterior(
       self,
@@ -206,19 +206,19 @@ class LanguageClassifier:
       scheme: schemes.PartitionScheme,
       temperature: float = 0.1,
   ) -> np.ndarray:
-    """P(partition | text) = sum of its languages' posteriors, float64[N, P].
+    """P(partition | text) = sum of its languages' posteriors, float64[B, P].
 
     Partitions none of whose languages were fitted get probability 0.
     """
-    member_CxP = np.zeros((len(self.codes), scheme.num_partitions))
+    member_NxP = np.zeros((len(self.codes), scheme.num_partitions))
     for c, code in enumerate(self.codes):
-      member_CxP[c, scheme.partition_of(code)] = 1.0
-    return self.language_posterior(texts, temperature) @ member_CxP
+      member_NxP[c, scheme.partition_of(code)] = 1.0
+    return self.language_posterior(texts, temperature) @ member_NxP
 
   def predict_partition(
       self, texts: Sequence[str], scheme: schemes.PartitionScheme
   ) -> np.ndarray:
-    """Partition of the predicted language, int32[N]."""
+    """Partition of the predicted language, int32[B]."""
     return np.array(
         [scheme.partition_of(c) for c in self.predict_language(texts)], np.int32
     )
@@ -236,8 +236,8 @@ class LanguageClassifier:
           meta=np.array(json.dumps(meta)),
           codes=np.array(self.codes),
           ngrams=np.array(self.ngrams),
-          idf_F=self.idf_F.astype(np.float32),
-          centroids_CxF=self.centroids_CxF.astype(np.float32),
+          idf_X=self.idf_X.astype(np.float32),
+          centroids_NxX=self.centroids_NxX.astype(np.float32),
       )
 
   @classmethod
@@ -255,6 +255,6 @@ class LanguageClassifier:
     clf.codes = tuple(str(c) for c in arrays["codes"])
     clf.ngrams = tuple(str(g) for g in arrays["ngrams"])
     clf._index = {g: i for i, g in enumerate(clf.ngrams)}
-    clf.idf_F = arrays["idf_F"].astype(np.float64)
-    clf.centroids_CxF = arrays["centroids_CxF"].astype(np.float64)
+    clf.idf_X = arrays["idf_X"].astype(np.float64)
+    clf.centroids_NxX = arrays["centroids_NxX"].astype(np.float64)
     return clf

@@ -95,10 +95,10 @@ def _opt_state_shardings(
     keys = _path_keys(path)
     for start in range(len(keys)):
       if keys[start:] in table:
-        shape, sharding = table[keys[start:]]
+        shape, placement = table[keys[start:]]
         if tuple(leaf.shape) == tuple(shape):
-          return sharding
-        lead = sharding.spec[0] if sharding.spec else None
+          return placement
+        lead = placement.spec[0] if placement.spec else None
         if lead is not None and leaf.ndim and leaf.shape[0] == shape[0]:
           return NamedSharding(mesh, PartitionSpec(lead))
         return replicated

@@ -140,9 +140,9 @@ def sequence_log_likelihood(
       (any shape with a last token axis otherwise).
 
   Returns:
-    (seq_logp_N, seq_mask_N): log pi(y|x) = sum_t w_t logp_t per sequence and
-    whether the sequence has any weighted token. Without segment ids N is
-    the number of rows; with them N = B * L (slot b * L + id - 1 holds
+    (seq_logp_Z, seq_mask_Z): log pi(y|x) = sum_t w_t logp_t per sequence and
+    whether the sequence has any weighted token. Without segment ids Z is
+    the number of rows; with them Z = B * L (slot b * L + id - 1 holds
     segment `id` of row b; unused slots are masked out).
   """
   _check_same_shape(
@@ -181,9 +181,9 @@ def gradient_ascent(
 
 
 def npo_from_sequences(
-    seq_logp_N: jax.Array,
-    ref_seq_logp_N: jax.Array,
-    seq_mask_N: jax.Array,
+    seq_logp_Z: jax.Array,
+    ref_seq_logp_Z: jax.Array,
+    seq_mask_Z: jax.Array,
     beta: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """NPO over sequence log-likelihoods (Zhang et al. 2024, Sec. 3).
@@ -197,12 +197,12 @@ def npo_from_sequences(
   becomes sequence-level GA.
   """
   _check_same_shape(
-      seq_logp=seq_logp_N, ref_seq_logp=ref_seq_logp_N, seq_mask=seq_mask_N
+      seq_logp=seq_logp_Z, ref_seq_logp=ref_seq_logp_Z, seq_mask=seq_mask_Z
   )
-  mask = seq_mask_N.astype(jnp.float32)
+  mask = seq_mask_Z.astype(jnp.float32)
   count = jnp.maximum(jnp.sum(mask), 1.0)
   # The reference model is frozen: no gradient flows into its likelihoods.
-  log_ratio = seq_logp_N - jax.lax.stop_gradient(ref_seq_logp_N)
+  log_ratio = seq_logp_Z - jax.lax.stop_gradient(ref_seq_logp_Z)
   per_seq = (2.0 / beta) * jax.nn.softplus(beta * log_ratio)
   loss = jnp.sum(mask * per_seq) / count
   metrics = {
