@@ -1,4 +1,4 @@
-r"""Routing statistics of a checkpoint: runs `tiered_routing.cli.analyze_routing`.
+r"""Routing statistics of a checkpoint (`tiered_routing.cli.analyze_routing`).
 
   python scripts/analyze_routing.py --gin_file=gin/quickstart.gin \
       --gin.MODEL_DIR="'/tmp/tr_quickstart'" \

@@ -264,9 +264,8 @@ def _moe_cases(e, k, tokens, base, cfg, history):
     )
     past.append((tokens, timings[-1].median_s))
     rows.append(_row(impl, e, k, tokens, timings, base, compile_s))
-    print(
-        benchmark_timing.text_table(rows[-1:], COLUMNS).splitlines()[-1], flush=True
-    )
+    last = benchmark_timing.text_table(rows[-1:], COLUMNS).splitlines()[-1]
+    print(last, flush=True)
   return rows
 
 

@@ -1,4 +1,4 @@
-r"""ESFT, router LoRA and full fine-tuning: runs `tiered_routing.cli.finetune_experts`.
+r"""ESFT, router LoRA, full fine-tuning (`tiered_routing.cli.finetune_experts`).
 
   python scripts/finetune.py --gin_file=gin/experiments/esft.gin \
       --gin_file=gin/experiments/finetune.gin \

@@ -1,4 +1,4 @@
-r"""Text from one tier-1 partition of a checkpoint: runs `tiered_routing.cli.generate`.
+r"""Text from one partition of a checkpoint (`tiered_routing.cli.generate`).
 
   python scripts/generate.py --gin_file=gin/quickstart.gin \
       --gin.MODEL_DIR="'/tmp/tr_quickstart'" --language=en \

@@ -1,6 +1,7 @@
 r"""Prints one batch of the all-16 mixture and one of a family partition.
 
-  python scripts/preview_data.py --source=sample --scheme=family --num_partitions=4
+  python scripts/preview_data.py --source=sample --scheme=family \
+      --num_partitions=4
 
 Shows the packed features with their per-token language ids, the tier-1
 partition each row's languages belong to under the scheme, decoded text of

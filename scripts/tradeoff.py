@@ -1,4 +1,4 @@
-r"""The trade-off sweep, at the README's path: runs `tiered_routing.cli.tradeoff`.
+r"""The trade-off sweep (`tiered_routing.cli.tradeoff`) at the README's path.
 
   python scripts/tradeoff.py --preset=sample --output_dir=/tmp/tradeoff_sample
 """

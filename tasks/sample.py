@@ -38,7 +38,8 @@ def register() -> None:
             _dataset_fn(lang.code),
             splits=corpora.SPLITS,
             num_input_examples={
-                s: len(corpora.split_paragraphs(lang.code, s)) for s in corpora.SPLITS
+                s: len(corpora.split_paragraphs(lang.code, s))
+                for s in corpora.SPLITS
             },
         ),
         preprocessors=preprocessors.lm_preprocessors(
@@ -46,7 +47,7 @@ def register() -> None:
         ),
         output_features=vocab.output_features(),
         # Score metrics (loss, perplexity, bits per byte) for seqio.Evaluator
-        # with a score_fn; see tiered_routing.evaluation.seqio_eval.
+        # with a score_fn; see tiered_routing.eval.seqio_eval.
         postprocess_fn=seqio_metrics.scored_target_postprocessor(
             vocab.get_vocabulary()
         ),

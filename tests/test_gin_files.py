@@ -21,7 +21,8 @@ import seqio
 from tiered_routing import sharding
 from tiered_routing.cli import add_expert
 from tiered_routing.cli import configurables
-from tiered_routing.cli import eval as eval_binary  # pylint: disable=unused-import
+# pylint: disable-next=unused-import  (registers eval_script.evaluate)
+from tiered_routing.cli import eval as eval_binary
 from tiered_routing.cli import finetune_experts
 from tiered_routing.cli import gin_flags
 from tiered_routing.cli import moefy

@@ -35,6 +35,7 @@ LAYERS = (
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
 LEGACY_ENTRY_POINTS = ("tiered_routing.params",)
 
 
@@ -162,6 +163,15 @@ def test_scripts_are_imported_by_nothing():
 def test_library_modules_stay_small(module):
   lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())
   assert lines <= MAX_MODULE_LINES, f"{module}: {lines} lines"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_library_functions_stay_short(module):
+  tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      lines = node.end_lineno - node.lineno + 1
+      assert lines <= MAX_FUNCTION_LINES, f"{module}.{node.name}: {lines}"
 
 
 def test_at_most_eight_layers():

@@ -31,7 +31,8 @@ its shape, e.g. `tokens_PxBxL`, `expert_index_MxTxK`):
   H attention heads        Q width per head                  T tokens
   E experts (per layer)    K expert slots per token (top-k)  C expert capacity
   G routing groups         S tokens per group                M MoE layers
-  N languages              R routed slots (T * K, sorted)    X, Y any width
+  N languages              R routed slots (T * K, sorted)    Z sequences
+  I steps (batches)        X, Y any other width
 """
 
 __version__ = "0.1.0"

@@ -185,7 +185,9 @@ def _warn_fallbacks(notes: list[str]) -> None:
         "(%d arrays affected):\n  %s", len(notes), "\n  ".join(unique))
 
 
-def _logical_spec(names: Any, rules: Sequence[tuple[str, Any]]) -> PartitionSpec:
+def _logical_spec(
+    names: Any, rules: Sequence[tuple[str, Any]]
+) -> PartitionSpec:
   """Maps a tuple of logical names (or a PartitionSpec of them) to mesh axes.
 
   Unlike flax, an unknown logical name is an error rather than silently

@@ -173,7 +173,11 @@ def test_analysis_reproduces_planted_routing(model_dir, tmp_path):
     with open(paths[key], "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert sorted(os.listdir(out)) == sorted(
-      [routing_report.CSV_NAME, routing_report.JSON_NAME, routing_report.USAGE_PNG]
+      [
+          routing_report.CSV_NAME,
+          routing_report.JSON_NAME,
+          routing_report.USAGE_PNG,
+      ]
       + [routing_report.js_png_name(m) for m in range(2)]
   )
 

@@ -1,4 +1,4 @@
-"""Tests for the parameter-count binary (python -m tiered_routing.cli.count_params)."""
+"""Tests for the parameter-count binary (`cli.count_params`)."""
 
 import pathlib
 

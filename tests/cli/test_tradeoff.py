@@ -108,7 +108,9 @@ def test_pareto_front_golden():
   forget = [0.2, 0.5, 0.5, 1.0, 3.0, np.nan, 0.9]
   loss = [0.0, 0.1, 0.05, 0.3, 0.2, 0.0, 0.4]
   # 3.0 is capped to 1 and then dominates (1.0, 0.3); NaN is never on it.
-  np.testing.assert_array_equal(sweep_report.pareto_front(forget, loss), [0, 2, 4])
+  np.testing.assert_array_equal(
+      sweep_report.pareto_front(forget, loss), [0, 2, 4]
+  )
 
 
 def test_markdown_table_formats_rows():
@@ -121,7 +123,9 @@ def test_markdown_table_formats_rows():
   assert lines[0].startswith("| config | method | forget loss rise")
   assert lines[2].startswith("| family4_none | npo | +0.500 | n/a |")
   with pytest.raises(ValueError, match="flops"):
-    sweep_report.markdown_table([{k: v for k, v in row.items() if k != "flops"}])
+    sweep_report.markdown_table(
+        [{k: v for k, v in row.items() if k != "flops"}]
+    )
 
 
 def _run(output_dir, *args):

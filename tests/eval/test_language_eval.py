@@ -37,7 +37,8 @@ def test_sums_every_language_exactly_through_its_partition(partitions_alone):
   model = transformer.TieredDecoder(config)
   rng = np.random.default_rng(0)
   tokens = rng.integers(2, 4096, (P, ROWS, LENGTH)).astype(np.int32)
-  langs = rng.integers(0, languages.NUM_LANGUAGES, (P, ROWS, LENGTH)).astype(np.int32)
+  langs = rng.integers(0, languages.NUM_LANGUAGES, (P, ROWS, LENGTH))
+  langs = langs.astype(np.int32)
   weights = (rng.random((P, ROWS, LENGTH)) < 0.8).astype(np.int32)
   batch = {
       "decoder_input_tokens": tokens,

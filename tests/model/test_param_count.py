@@ -32,7 +32,8 @@ def _config(**overrides):
 def test_counts_sharing_none():
   one = EMBED + ATTN + DENSE + ROUTER + EXPERTS
   active = one - EXPERTS + EXPERTS * 2 // E
-  assert param_count.count_params(_config(sharing="none")) == param_count.ParamCount(
+  count = param_count.count_params(_config(sharing="none"))
+  assert count == param_count.ParamCount(
       total=P * one, active=active, per_partition_total=one,
       per_partition_active=active, expert=P * EXPERTS)
 
@@ -40,7 +41,8 @@ def test_counts_sharing_none():
 def test_counts_sharing_attention():
   shared, private = EMBED + ATTN, DENSE + ROUTER + EXPERTS
   active = shared + private - EXPERTS + EXPERTS * 2 // E
-  assert param_count.count_params(_config(sharing="attention")) == param_count.ParamCount(
+  count = param_count.count_params(_config(sharing="attention"))
+  assert count == param_count.ParamCount(
       total=shared + P * private, active=active,
       per_partition_total=shared + private, per_partition_active=active,
       expert=P * EXPERTS)

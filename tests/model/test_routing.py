@@ -259,7 +259,8 @@ SEG = jnp.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5, 5, 0, 0])
 
 def _sequence_routing(num_experts=4, top_k=2, x_rng=11):
   x = jax.random.normal(jax.random.PRNGKey(x_rng), (SEG.shape[0], D))
-  router = sequence_gates.SequenceGateRouter(num_experts=num_experts, top_k=top_k)
+  router = sequence_gates.SequenceGateRouter(
+      num_experts=num_experts, top_k=top_k)
   variables, out = _init_apply(router, x, segment_ids_T=SEG)
   return x, router, variables, out
 
@@ -322,7 +323,8 @@ def test_add_expert_gate_leaves_other_sequences_unchanged():
 def test_remove_expert_gate_routes_around_the_removed_expert():
   x, _, variables, old = _sequence_routing(num_experts=5)
   removed = int(old.expert_index_TxK[0, 0])  # Sequence 1's favourite.
-  params = sequence_gates.remove_expert_gate(nn.unbox(variables['params']), removed)
+  params = sequence_gates.remove_expert_gate(
+      nn.unbox(variables['params']), removed)
   new = _apply(sequence_gates.SequenceGateRouter(4, 2), {'params': params}, x,
                                                segment_ids_T=SEG)
   old_probs = np.asarray(old.router_probs_TxE)
@@ -377,8 +379,8 @@ def test_routing_never_leaves_the_token_partition(kind, kwargs):
 
 
 def test_make_router_kinds_and_bad_input():
-  assert isinstance(router_registry.make_router('hash', num_experts=2, vocab_size=9),
-                    routing.HashRouter)
+  router = router_registry.make_router('hash', num_experts=2, vocab_size=9)
+  assert isinstance(router, routing.HashRouter)
   with pytest.raises(ValueError, match="'switch'.*allowed"):
     router_registry.make_router('switch', num_experts=2)
   with pytest.raises(ValueError, match='top_k=5 exceeds num_experts=4'):
@@ -388,7 +390,8 @@ def test_make_router_kinds_and_bad_input():
   with pytest.raises(ValueError, match=r'capacity_factor=0.0.*allowed: > 0'):
     routing.ExpertChoiceRouter(num_experts=4, capacity_factor=0.0)
   with pytest.raises(ValueError, match=r'capacity_factor=-1.*allowed'):
-    router_registry.make_router('expert_choice', num_experts=4, capacity_factor=-1)
+    router_registry.make_router(
+        'expert_choice', num_experts=4, capacity_factor=-1)
   with pytest.raises(ValueError, match='jitter_noise=1.5'):
     routing.TokenTopKRouter(num_experts=4, top_k=1, jitter_noise=1.5)
   with pytest.raises(ValueError, match='experts_per_partition'):

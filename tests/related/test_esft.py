@@ -1,4 +1,4 @@
-"""Tests for related.esft (ESFT, forced routing, router LoRA) on the one loop."""
+"""Tests for related.esft: ESFT, forced routing and router LoRA."""
 
 import functools
 

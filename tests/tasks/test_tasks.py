@@ -36,7 +36,8 @@ def test_sample_split_is_fixed_disjoint_and_complete():
     assert 9 <= len(val) <= 10
   # Every 6th paragraph, counting from 1, is held out.
   assert (
-      corpora.split_paragraphs("en", "validation")[0] == corpora.paragraphs("en")[5]
+      corpora.split_paragraphs("en", "validation")[0]
+      == corpora.paragraphs("en")[5]
   )
   assert corpora.paragraphs("en")[5].startswith("Whereas the peoples")
   with pytest.raises(ValueError, match="'test'"):
@@ -186,7 +187,10 @@ def test_temperature_sampling_rates():
     "build, message",
     [
         (lambda: seqio_names.all_languages_mixture("wiki"), "'wiki'"),
-        (lambda: seqio_names.all_languages_mixture("sample", temperature=0), "0"),
+        (
+            lambda: seqio_names.all_languages_mixture("sample", temperature=0),
+            "0",
+        ),
         (
             lambda: pipeline.partitioned_dataset(
                 ["tr.sample.hi_v1"] * 4, global_batch_size=6, sequence_length=8

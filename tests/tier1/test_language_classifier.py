@@ -34,13 +34,15 @@ def _validation_accuracy(clf, truncate=None):
 
 
 def test_tfidf_golden_on_tiny_corpus():
-  clf = language_classifier.LanguageClassifier(language_classifier.ClassifierConfig(1, 1))
+  clf = language_classifier.LanguageClassifier(
+      language_classifier.ClassifierConfig(1, 1)
+  )
   clf.fit({"de": ["B"], "en": ["a"]})  # lowercased: " b " and " a "
   assert clf.codes == ("en", "de")  # canonical language order
   assert clf.ngrams == (" ", "a", "b")  # df 2, 1, 1; ties by n-gram
   # Smoothed idf ln((1 + N) / (1 + df)) + 1 with N = 2 documents.
   idf_rare = math.log(1.5) + 1
-  np.testing.assert_allclose(clf.idf_F, [1.0, idf_rare, idf_rare])
+  np.testing.assert_allclose(clf.idf_X, [1.0, idf_rare, idf_rare])
   # "a   a" becomes " a a ": tf(" ") = 3, tf(a) = 2; sublinear tf 1 + ln tf.
   x = clf.transform(["a   a"]).toarray()[0]
   expected = np.array([1 + math.log(3), (1 + math.log(2)) * idf_rare, 0.0])

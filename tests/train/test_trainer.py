@@ -353,7 +353,10 @@ def test_microbatches_must_divide_rows(host_batches):
   with pytest.raises(ValueError, match="num_microbatches=3 must divide"):
     jax.eval_shape(
         lambda p, b: steps_lib.lm_gradients(
-            p, b, jax.random.key(0), objective=steps_lib.LmObjective(s.model, config)
+            p,
+            b,
+            jax.random.key(0),
+            objective=steps_lib.LmObjective(s.model, config),
         ),
         s.abstract_state.params,
         host_batches[0],

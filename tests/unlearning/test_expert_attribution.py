@@ -179,7 +179,9 @@ def test_captured_routing_follows_token_order(sharing, tiny_model):
 
 def test_token_routing_errors():
   with pytest.raises(ValueError, match="capture_intermediates"):
-    routing_capture.token_routing({"decoder": {"moe": {"load_balance_loss": (1.0,)}}})
+    routing_capture.token_routing(
+        {"decoder": {"moe": {"load_balance_loss": (1.0,)}}}
+    )
   with pytest.raises(ValueError, match=r"\[P, B/P, L\]"):
     layout.token_partition_ids((2, 3))
 
@@ -189,7 +191,8 @@ def test_attribution_end_to_end_masks_critical_experts(tiny_model):
   # Forget data lives in partition 0 only (partition 1 rows are padding).
   seg = jnp.ones((P, B, L), jnp.int32).at[1].set(0)
   _, routing, _ = tiny.routed_forward(
-      tiny.params, {"decoder_input_tokens": tiny.tokens, "decoder_segment_ids": seg}
+      tiny.params,
+      {"decoder_input_tokens": tiny.tokens, "decoder_segment_ids": seg},
   )
   forget_mask = np.asarray(seg).reshape(-1) > 0
   f_counts, n_f = ea.routing_counts(routing, E, forget_mask)

@@ -58,7 +58,9 @@ def _register(table_name, partition, codes):
 
 
 DATA = specs.DataSpec(
-    partition_names=tuple(seqio_names.partition_mixture_names("sample", SCHEME)),
+    partition_names=tuple(
+        seqio_names.partition_mixture_names("sample", SCHEME)
+    ),
     task_name=functools.partial(seqio_names.task_name, "sample"),
     mixture_name=_register,
 )

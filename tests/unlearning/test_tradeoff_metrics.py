@@ -52,7 +52,9 @@ def test_utility_golden():
   assert u["family_bpb_delta"] == pytest.approx(0.1)
   assert u["other_loss"] == pytest.approx(2.75)  # hi, en
   assert u["other_bpb_delta"] == pytest.approx(0.05)
-  alone = tradeoff_metrics.utility("ur", {"ur": UNLEARNED["ur"], "en": UNLEARNED["en"]})
+  alone = tradeoff_metrics.utility(
+      "ur", {"ur": UNLEARNED["ur"], "en": UNLEARNED["en"]}
+  )
   assert set(alone) == set(u)
   assert math.isnan(alone["family_loss"])
   assert math.isnan(alone["retain_loss_delta"])
@@ -114,6 +116,8 @@ def test_result_row_and_csv():
   assert lines[1].startswith("family4_none,npo,ur,3.5,2.0,1.5,")
   assert lines[2].endswith(",,")  # no extra columns for masking
   with pytest.raises(ValueError, match="'steps' appears twice"):
-    tradeoff_metrics.UnlearningResult("a", "b", "ur", q, u, extra={"steps": 1}).to_row()
+    tradeoff_metrics.UnlearningResult(
+        "a", "b", "ur", q, u, extra={"steps": 1}
+    ).to_row()
   with pytest.raises(ValueError, match="method must be"):
     tradeoff_metrics.UnlearningResult("a", "", "ur", q, u)

@@ -1,8 +1,8 @@
 """The binaries: gin-configured (T5X-style flags) entry points.
 
-  python -m tiered_routing.cli.train ...        (= python -m tiered_routing.train)
-  python -m tiered_routing.cli.eval ...         (= python -m tiered_routing.eval)
-  python -m tiered_routing.cli.tradeoff ...     (= python scripts/tradeoff.py)
+  python -m tiered_routing.cli.train     (= python -m tiered_routing.train)
+  python -m tiered_routing.cli.eval      (= python -m tiered_routing.eval)
+  python -m tiered_routing.cli.tradeoff  (= python scripts/tradeoff.py)
   python -m tiered_routing.cli.analyze_routing, generate, moefy,
       finetune_experts, add_expert, count_params
 

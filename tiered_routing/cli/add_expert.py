@@ -22,6 +22,7 @@ Steps (`related.expert_gates`; training in the one loop, `train.loop`):
 The table goes to stdout and OUTPUT (default MODEL_DIR/expert_gates.md).
 """
 
+import dataclasses
 import functools
 import os
 from typing import Optional
@@ -220,8 +221,8 @@ def run(
   old_mixture = _register_without(new_language)
   new_task = seqio_names.task_name("sample", new_language)
   opt = optimizers.OptimizerConfig(learning_rate=learning_rate, warmup_steps=30)
-  new_opt = optimizers.OptimizerConfig(
-      learning_rate=new_expert_learning_rate, warmup_steps=10
+  new_opt = dataclasses.replace(
+      opt, learning_rate=new_expert_learning_rate, warmup_steps=10
   )
   mixed = _mixed_batches(
       new_task, old_mixture, new_rows, batch_size - new_rows, length
@@ -251,12 +252,15 @@ def run(
       f"{batch_size - new_rows} old rows per batch). Validation loss "
       "in nats/token (old = mean over the 15 other languages).\n\n"
   )
+  path = output or os.path.join(model_dir, "expert_gates.md")
+  _write_table(header, rows, path)
+  return rows
+
+
+def _write_table(header: str, rows, path: str) -> None:
   text = header + method_tables.markdown_table(rows, COLUMNS) + "\n"
   print(text)
-  atomic_file.write_text(
-      output or os.path.join(model_dir, "expert_gates.md"), text
-  )
-  return rows
+  atomic_file.write_text(path, text)
 
 
 def _grow_and_train(config, base, code, data, training, mesh):

@@ -111,6 +111,24 @@ def evaluate_unpacked(
   return out
 
 
+def _packed_results(config, params, mesh, data, pack) -> dict[str, float]:
+  """Every language's whole split, packed like training rows, through its
+  own partition (the per-language evaluator, streaming)."""
+  names, _, length, rows, split, _ = data
+  evaluator = language_eval.split_evaluator(
+      config,
+      names,
+      length,
+      rows,
+      split=split,
+      pack=pack,
+      materialize=False,
+      to_device=lambda b: sharding.to_global_batch(b, mesh),
+      partitions_alone=False,
+  )
+  return evaluator.evaluate(params).flat()
+
+
 @gin.configurable("evaluate", module="eval_script")
 def run(
     *,
@@ -148,27 +166,15 @@ def run(
   length = gin_flags.task_feature_length(task_feature_lengths)
   mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
   model = transformer.TieredDecoder(model_config)
-  rows = batch_size // p
   with sharding.with_sharding_rules(mesh):
     # Read-only: evaluating a run that is still training must not clean up
     # the checkpoint it is writing.
     step, params = restore.restore_params(
         model_dir, model_config, mesh=mesh, step=checkpoint_step
     )
-    evaluator = language_eval.split_evaluator(
-        model_config,
-        names,
-        length,
-        rows,
-        split=split,
-        pack=pack,
-        materialize=False,
-        to_device=lambda b: sharding.to_global_batch(b, mesh),
-        partitions_alone=False,
-    )
-    results = evaluator.evaluate(params).flat()
     vocabulary = eval_data.vocabulary_of(names[0])
-    data = (names, scheme, length, rows, split, vocabulary)
+    data = (names, scheme, length, batch_size // p, split, vocabulary)
+    results = _packed_results(model_config, params, mesh, data, pack)
     results.update(
         evaluate_unpacked(
             model, params, mesh, data, routing, seqio_evaluator, step

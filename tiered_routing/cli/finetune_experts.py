@@ -193,6 +193,17 @@ def _check_methods(methods: Sequence[str]) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Settings:
+  """How every method trains."""
+
+  steps: int
+  learning_rate: float  # Constant, no warmup.
+  lora_rank: int
+  lora_alpha: float
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True)
 class _Context:
   """What every method's fine-tuning run shares."""
 
@@ -204,32 +215,31 @@ class _Context:
   base: Mapping[str, float]  # The base model's evaluation.
   batches: Any  # () -> iterator over target-language batches.
   code: str
-  steps: int
-  learning_rate: float  # Constant, no warmup.
-  lora_rank: int
-  lora_alpha: float
-  seed: int
+  settings: _Settings
 
 
 def _tune(ctx: _Context, name: str) -> dict:
   """Fine-tunes with method `name` and returns its table row."""
-  config = ctx.model.config
+  config, settings = ctx.model.config, ctx.settings
   m = _method(
-      name, ctx.params, ctx.boxed, config, ctx.selection, ctx.lora_rank,
-      ctx.lora_alpha,
+      name, ctx.params, ctx.boxed, config, ctx.selection, settings.lora_rank,
+      settings.lora_alpha,
   )
   opt = optimizers.OptimizerConfig(
-      learning_rate=ctx.learning_rate, warmup_steps=0, schedule="constant"
+      learning_rate=settings.learning_rate,
+      warmup_steps=0,
+      schedule="constant",
   )
-  tx = optimizers.make_optimizer(opt, ctx.steps, m.partitioned)
+  tx = optimizers.make_optimizer(opt, settings.steps, m.partitioned)
   objective = steps_lib.LmObjective(
       ctx.model,
-      steps_lib.TrainConfig(train_steps=ctx.steps),
+      steps_lib.TrainConfig(train_steps=settings.steps),
       expert_mask_MxPxE=m.expert_mask_MxPxE,
       params_view=m.params_view,
   )
   tuned = _train(
-      objective, m.init, tx, m.mask, ctx.batches(), ctx.steps, ctx.seed
+      objective, m.init, tx, m.mask, ctx.batches(), settings.steps,
+      settings.seed,
   )
   tuned = objective.model_params(tuned)
   res = ctx.evaluator.evaluate(
@@ -289,26 +299,20 @@ def run(
         partitions_alone=False,
     )
     probe = list(itertools.islice(batches(rows, length, 0), routing_batches))
-    selection = _selections(
-        model_config, params, probe, target_language, partition, coverage
-    )
-    base = evaluator.evaluate(params).flat()
     ctx = _Context(
         model=model,
         params=params,
         boxed=train_state.param_layout(model, mesh, (p, rows, length))[0],
-        selection=selection,
+        selection=_selections(
+            model_config, params, probe, target_language, partition, coverage
+        ),
         evaluator=evaluator,
-        base=base,
+        base=evaluator.evaluate(params).flat(),
         batches=functools.partial(batches, rows, length, 1),
         code=target_language,
-        steps=steps,
-        learning_rate=learning_rate,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        seed=seed,
+        settings=_Settings(steps, learning_rate, lora_rank, lora_alpha, seed),
     )
-    results = [_row("base", base, base, target_language, 0, "-")]
+    results = [_row("base", ctx.base, ctx.base, target_language, 0, "-")]
     results += [_tune(ctx, name) for name in methods]
   text = _header(ctx, model_dir, step, coverage)
   text += method_tables.markdown_table(results, COLUMNS) + "\n"
@@ -332,10 +336,11 @@ def _row(name, res, base, code, trainable, experts):
 
 
 def _header(ctx: _Context, model_dir: str, step: int, coverage: float) -> str:
+  s = ctx.settings
   return (
       f"Fine-tuning {model_dir} (step {step}) on {ctx.code} for "
-      f"{ctx.steps} steps (AdamW, constant lr {ctx.learning_rate}); "
-      f"ESFT coverage p={coverage}; router LoRA rank {ctx.lora_rank}. "
+      f"{s.steps} steps (AdamW, constant lr {s.learning_rate}); "
+      f"ESFT coverage p={coverage}; router LoRA rank {s.lora_rank}. "
       "Validation loss in nats/token; other = mean over the other "
       "languages; gain = base - tuned.\n\n"
   )

@@ -115,13 +115,13 @@ def language_blocks(
     scheme: schemes.PartitionScheme,
     rows_per_batch: int,
 ) -> list[list[feature_rows.Rows]]:
-  """Per partition of `scheme`, its languages' rows cut into [R, L] batches.
+  """Per partition of `scheme`, its languages' rows cut into [B, L] batches.
 
   Args:
     rows_by_language: {code: {feature: [n, L]}} for all 16 languages, one
       sequence per row (`stream_cache.DataCache.validation_rows`).
     scheme: which partition scores which language.
-    rows_per_batch: R (the last batch of a partition is zero-padded).
+    rows_per_batch: B (the last batch of a partition is zero-padded).
   """
   if not isinstance(rows_per_batch, int) or rows_per_batch < 1:
     raise ValueError(f"rows_per_batch={rows_per_batch!r} must be an int >= 1.")

@@ -1,8 +1,8 @@
 """Host-side feature rows: padding, stacking and regrouping numpy batches.
 
-A `Rows` is {feature: int32 array} whose trailing axes are [..., R, L] (R
-rows of L tokens), e.g. one partition's [R, L] evaluation batch, the
-[P, R, L] model batch, or [N, P, R, L] for N steps. All-zero rows are
+A `Rows` is {feature: int32 array} whose trailing axes are [..., B, L] (B
+rows of L tokens), e.g. one partition's [B, L] evaluation batch, the
+[P, B, L] model batch, or [I, P, B, L] for I steps. All-zero rows are
 padding: their loss weight is 0, so they change no loss, metric or count.
 """
 
@@ -39,7 +39,7 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> Rows:
 
 
 def chunk_rows(rows: Mapping[str, np.ndarray], rows_per_batch: int) -> list:
-  """Cuts [n, L] rows into [R, L] batches, the last padded with zero rows."""
+  """Cuts [n, L] rows into [B, L] batches, the last padded with zero rows."""
   n = len(next(iter(rows.values())))
   out = []
   for start in range(0, n, rows_per_batch):
@@ -51,18 +51,18 @@ def chunk_rows(rows: Mapping[str, np.ndarray], rows_per_batch: int) -> list:
 def rechunk(
     rows: Mapping[str, np.ndarray], rows_per_batch: int, num_batches: int
 ) -> Rows:
-  """Regroups [..., R0, L] batches into `num_batches` of `rows_per_batch`.
+  """Regroups [..., B0, L] batches into `num_batches` of `rows_per_batch`.
 
   The rows keep their order and are reused cyclically when there are fewer
   than needed.
 
   Args:
-    rows: {feature: [S, R0, L]} (e.g. one partition's training batches).
-    rows_per_batch: R of the result.
-    num_batches: N of the result.
+    rows: {feature: [I0, B0, L]} (e.g. one partition's training batches).
+    rows_per_batch: B of the result.
+    num_batches: I of the result.
 
   Returns:
-    {feature: [N, R, L]}.
+    {feature: [I, B, L]}.
   """
   out = {}
   for key, value in rows.items():
@@ -73,9 +73,9 @@ def rechunk(
 
 
 def regroup(batches: Mapping[str, np.ndarray], rows_per_batch: int) -> Rows:
-  """[N, P, R, L] batches -> [N', P, R', L], rows in order, zero-padded.
+  """[I, P, B, L] batches -> [I', P, B', L], rows in order, zero-padded.
 
-  Partition q of new batch i holds partition q's rows i * R' ... (i+1) * R'
+  Partition q of new batch i holds partition q's rows i * B' ... (i+1) * B'
   - 1 of the old batches; missing rows at the end are zeros (weight 0).
   """
   n, p, r = next(iter(batches.values())).shape[:3]
@@ -89,5 +89,5 @@ def regroup(batches: Mapping[str, np.ndarray], rows_per_batch: int) -> Rows:
 
 
 def steps_of(batches: Mapping[str, np.ndarray], steps: int) -> Rows:
-  """The first `steps` entries of [N, ...] batches."""
+  """The first `steps` entries of [I, ...] batches (I steps)."""
   return {k: v[:steps] for k, v in batches.items()}

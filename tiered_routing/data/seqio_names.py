@@ -1,7 +1,7 @@
 """Permanent, versioned SeqIO task and mixture names, and mixture registration.
 
 Names:
-  tr.{source}.{code}_v1            one language of a source, e.g. tr.sample.hi_v1
+  tr.{source}.{code}_v1            one language, e.g. tr.sample.hi_v1
   tr.{source}.all_v1               all 16 languages, default temperature
   tr.{source}.all_t{T}_v1          all 16, temperature T
   tr.{source}.{scheme}.p{i}_v1     partition i of a scheme (or of a routing

@@ -1,4 +1,4 @@
-"""`python -m tiered_routing.eval`: the eval binary, `tiered_routing.cli.eval`."""
+"""`python -m tiered_routing.eval`: runs the eval binary (`cli.eval`)."""
 
 from absl import app
 

@@ -5,8 +5,8 @@ the eval binary's report, the trade-off sweep's dozen parameter sets per
 configuration (some with experts masked), the routing analysis of a
 checkpoint, and the related-method tables (MoEfication, ESFT, expert
 gates). Each language is scored by its own tier-1 partition: the evaluator
-holds one block of [R, L] rows per partition (`data.eval_data`), stacks the
-blocks into `[P, R, L]` batches (a partition with fewer batches gets all-zero
+holds one block of [B, L] rows per partition (`data.eval_data`), stacks the
+blocks into `[P, B, L]` batches (a partition with fewer batches gets all-zero
 rows), and sums the token loss per language (`losses.per_language_sums`)
 on the device. Bits per byte divide the summed loss (in bits) by the UTF-8
 bytes of the detokenized scored tokens (`bytes_per_language`), which makes
@@ -166,7 +166,7 @@ class LanguageEvaluator:
 
   Args:
     config: the model.
-    blocks: per tier-1 partition, its evaluation rows as [R, L] host
+    blocks: per tier-1 partition, its evaluation rows as [B, L] host
       batches (`data.eval_data`): a list can be evaluated any number of
       times, an iterator once.
     vocabulary: the targets' SeqIO vocabulary (for bytes); None = no bytes
@@ -216,7 +216,7 @@ class LanguageEvaluator:
     return self._bytes[key]
 
   def full_batches(self) -> Iterable[tuple[Batch, np.ndarray]]:
-    """[P, R, L] host batches of every partition's rows, with their bytes
+    """[P, B, L] host batches of every partition's rows, with their bytes
     per language."""
     for b, blocks in enumerate(itertools.zip_longest(*self._blocks)):
       template = next(x for x in blocks if x is not None)

@@ -14,7 +14,7 @@ few) address "expert e of partition p in MoE layer l" whatever the sharing
 level. `to_partition_expert` maps every expert-indexed leaf to the canonical
 view [P, Ep, rest...] and `from_partition_expert` maps it back, so those
 methods are written once. MoE layers are numbered 0..M-1 in depth order (the
-order of `token_routing.TokenRouting` and `routing_stats.RoutingCounts`).
+order of `routing_capture.TokenRouting` and `routing_counts.RoutingCounts`).
 
 Freezing by parameter name (a regex on paths) cannot train expert 3 of a
 stacked [E, D, F] tensor and freeze expert 4: `trainable_mask` marks entries

@@ -4,7 +4,7 @@ Parameters are stored in float32 and annotated with logical axis names
 (`nn.with_logical_partitioning`); activations are computed in the module's
 `dtype` (bfloat16 for real runs, float32 in tests) and key activations are
 constrained with `nn.with_logical_constraint`. Logical names are mapped to mesh
-axes only in `tiered_routing/partitioning.py`.
+axes only in `tiered_routing/sharding.py`.
 """
 
 from typing import Callable, Optional

@@ -42,7 +42,7 @@ def _partition_vmap(target, in_axes):
   Variables get a leading axis with logical name 'partition'. With
   spmd_axis_name, sharding constraints in the body put that axis on the
   mesh's 'partition' axis; call the result inside
-  `partitioning.inside_partition_map()` so that the body's own logical axes
+  `sharding.inside_partition_map()` so that the body's own logical axes
   do not claim 'partition' a second time.
   """
   return nn.vmap(

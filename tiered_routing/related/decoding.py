@@ -155,7 +155,7 @@ class Generator:
   Args:
     config: the model.
     params: its params (all partitions), e.g. from
-      `analysis.restore.restore_params`.
+      `train.restore.restore_params`.
     partition: the tier-1 partition to run, 0..P-1.
   """
 

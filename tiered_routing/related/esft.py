@@ -66,7 +66,9 @@ def collect_routing(
   """
   p = config.num_partitions
   batches = [{k: np.asarray(v) for k, v in b.items()} for b in batches]
-  blocks = [[{k: v[q] for k, v in b.items()} for b in batches] for q in range(p)]
+  blocks = [
+      [{k: v[q] for k, v in b.items()} for b in batches] for q in range(p)
+  ]
   evaluator = language_eval.LanguageEvaluator(
       config, blocks, vocabulary=None, partitions_alone=False
   )
@@ -137,7 +139,9 @@ def select_experts(relevance_MxE, coverage: float) -> np.ndarray:
 
 
 def to_selection(
-    selected_MxE, config: decoder_config.DecoderConfig, partitions: Sequence[int]
+    selected_MxE,
+    config: decoder_config.DecoderConfig,
+    partitions: Sequence[int],
 ) -> np.ndarray:
   """bool [M, P, Ep] (see `expert_params`) from a layer-level [M, E] choice.
 
@@ -174,7 +178,9 @@ def _check_partitions(partitions: Sequence[int], p: int) -> list[int]:
 
 
 def forced_routing_mask(
-    selected_MxE, config: decoder_config.DecoderConfig, partitions: Sequence[int]
+    selected_MxE,
+    config: decoder_config.DecoderConfig,
+    partitions: Sequence[int],
 ) -> np.ndarray:
   """expert_mask_MxPxE sending `partitions`' tokens to chosen experts only.
 

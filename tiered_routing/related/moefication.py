@@ -19,7 +19,7 @@ active per token and that co-activating units can be grouped. The recipe:
      learned router predicts those scores from the FFN input (the paper's
      "MLP selection"; here a ridge-regression linear map, `fit_router`).
 
-This module works on one FFN's parameters; `moefication_model` applies it
+This module works on one FFN's parameters; `moefied_decoder` applies it
 to every dense FFN of a `TieredDecoder`.
 """
 

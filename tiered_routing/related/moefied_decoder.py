@@ -12,7 +12,7 @@ expert mixture from the module's own permuted parameters, and the learned
 routers are extra parameters stored next to them (`moefication_router`), so
 under partition vmaps every partition sees its own slice. The evaluation
 computes every expert and masks (it measures quality, not speed); a fast path
-would dispatch the [N, D, F/N] experts with `dispatch.moe_mlp`, which needs a
+would dispatch the [E, D, F/E] experts with `dispatch.moe_mlp`, which needs a
 router whose combine weights are 1 (the model's routers normalize them).
 """
 

@@ -236,8 +236,11 @@ class LanguageClassifier:
           meta=np.array(json.dumps(meta)),
           codes=np.array(self.codes),
           ngrams=np.array(self.ngrams),
-          idf_X=self.idf_X.astype(np.float32),
-          centroids_NxX=self.centroids_NxX.astype(np.float32),
+          # File keys kept from format version 1 (before the package's
+          # shape letters were unified): idf_F = idf_X, centroids_CxF =
+          # centroids_NxX.
+          idf_F=self.idf_X.astype(np.float32),
+          centroids_CxF=self.centroids_NxX.astype(np.float32),
       )
 
   @classmethod
@@ -255,6 +258,6 @@ class LanguageClassifier:
     clf.codes = tuple(str(c) for c in arrays["codes"])
     clf.ngrams = tuple(str(g) for g in arrays["ngrams"])
     clf._index = {g: i for i, g in enumerate(clf.ngrams)}
-    clf.idf_X = arrays["idf_X"].astype(np.float64)
-    clf.centroids_NxX = arrays["centroids_NxX"].astype(np.float64)
+    clf.idf_X = arrays["idf_F"].astype(np.float64)
+    clf.centroids_NxX = arrays["centroids_CxF"].astype(np.float64)
     return clf

@@ -1,4 +1,4 @@
-"""`python -m tiered_routing.train`: the train binary, `tiered_routing.cli.train`."""
+"""`python -m tiered_routing.train`: runs the train binary (`cli.train`)."""
 
 from absl import app
 

@@ -142,7 +142,7 @@ def read_jsonl(path: str) -> dict[int, dict[str, Any]]:
 
 
 def summarize(step_metrics: list[Mapping[str, Any]]) -> tuple[dict, dict]:
-  """Averages the host metrics of several `trainer.train_step`s.
+  """Averages the host metrics of several train steps (`steps.train_step`).
 
   Returns:
     (scalars, extra): scalars for TensorBoard and JSON, including the exact

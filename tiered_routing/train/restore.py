@@ -5,7 +5,7 @@ and they often run somewhere else than training did (a laptop, one GPU, a
 smaller TPU slice). Orbax writes every array per shard together with its
 global shape, so the parameters can be read into any target layout: here
 the layout the logical-axis rules give on a mesh of the current devices
-(`partitioning.MeshConfig()` puts them all on 'data', which replicates the
+(`sharding.MeshConfig()` puts them all on 'data', which replicates the
 parameters and splits evaluation batches), or, without a model config, the
 saved tree replicated on that mesh.
 

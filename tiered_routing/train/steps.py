@@ -151,7 +151,9 @@ def train_step(
     finite).
   """
   rng = jax.random.fold_in(rng, state.step)
-  grads, metrics = objective.gradients(state.params, batch, rng, inputs.objective)
+  grads, metrics = objective.gradients(
+      state.params, batch, rng, inputs.objective
+  )
   grads = masked(grads, inputs.update_mask)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(

@@ -3,7 +3,7 @@
 Parameters are created boxed (`nn.with_logical_partitioning`), which is where
 their logical axes are declared; the state itself holds plain arrays (Orbax
 saves unboxed trees), and its shardings are derived once from the boxes:
-parameters through `partitioning.params_shardings`, optimizer statistics
+parameters through `sharding.params_shardings`, optimizer statistics
 through the parameter they belong to.
 """
 

@@ -9,7 +9,7 @@ equals `objectives.unlearning_loss` / `trace.trace_loss` on the same batch
 (tested). `gradient_methods` runs it in the one training loop.
 
 Per step the model runs once on a forget batch and once on a retain batch,
-both `[P, R, L]`, capturing each token's routing (`model.routing_capture`):
+both `[P, B, L]`, capturing each token's routing (`model.routing_capture`):
 TRACE reweights the retain tokens that reach forget-critical experts *under
 the current parameters*, with the forget frequency measured on the same
 step's forget batch. NPO's reference log-likelihoods come from the frozen
@@ -67,13 +67,13 @@ class UnlearningInputs:
 
 
 def _forward(model, params, batch):
-  """Logits and routing of one [P, R, L] batch (deterministic)."""
+  """Logits and routing of one [P, B, L] batch (deterministic)."""
   out = forward_lib.forward(model, params, batch, capture_routing=True)
   return out.logits_PxBxLxV, out.routing
 
 
 def _token_log_probs(logits, batch) -> objectives.TokenLogProbs:
-  """Per-token log-likelihoods with rows flattened to [P*R, L]."""
+  """Per-token log-likelihoods with rows flattened to [P*B, L]."""
   logp = objectives.token_log_likelihood(logits, batch["decoder_target_tokens"])
   flat = lambda x: x.reshape(-1, x.shape[-1])
   segments = batch.get("decoder_segment_ids")
@@ -89,7 +89,7 @@ def combined_loss(params, batch, inputs: UnlearningInputs, *, objective):
 
   Args:
     params: the parameters being unlearned.
-    batch: {'forget': [P, R, L] features, 'retain': [P, R, L] features}.
+    batch: {'forget': [P, B, L] features, 'retain': [P, B, L] features}.
     inputs: reference parameters, critical experts, coefficients.
     objective: the `UnlearningObjective` (model and TRACE clip range).
   """

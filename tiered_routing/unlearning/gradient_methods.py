@@ -47,7 +47,7 @@ class FinetuneConfig:
   Attributes:
     steps: optimizer steps per method.
     learning_rate: constant learning rate (no warmup: a few steps only).
-    rows_per_batch: R, rows per partition of the forget and retain batches.
+    rows_per_batch: B, rows per partition of the forget and retain batches.
     graddiff_retain_coeff: GradDiff's retain coefficient.
     npo_beta: NPO inverse temperature (also TRACE's, with NPO forgetting).
     trace: TRACE settings (forget objective, coefficients, weight clip).
@@ -114,7 +114,8 @@ def update_mask(
   Shared parameters get a scalar 1; partition-private ones (leading logical
   axis 'partition') a one-hot over that axis, shaped to broadcast.
   """
-  private = optimizers.partitioned_mask(train_state.abstract_boxed_params(model))
+  boxed = train_state.abstract_boxed_params(model)
+  private = optimizers.partitioned_mask(boxed)
   p = model.config.num_partitions
   onehot = (np.arange(p) == partition).astype(np.float32)
 
@@ -208,6 +209,39 @@ def _initial_state(unlearner: _Unlearner, params: Any):
   )
 
 
+def _check_paired(forget, retain) -> int:
+  """The number of steps of paired forget / retain batches."""
+  num_steps = len(forget["decoder_input_tokens"])
+  if len(retain["decoder_input_tokens"]) != num_steps:
+    raise ValueError(
+        "forget_batches and retain_batches must hold the same "
+        "number of batches."
+    )
+  return num_steps
+
+
+def _paired_steps(forget, retain):
+  """Step i's {'forget', 'retain'} host batch of [I, P, B, L] batches."""
+  for i in range(len(forget["decoder_input_tokens"])):
+    yield {
+        "forget": {k: v[i] for k, v in forget.items()},
+        "retain": {k: v[i] for k, v in retain.items()},
+    }
+
+
+def _recorder(history: list, stop_nll: Optional[float]) -> loop.Hook:
+  """Keeps every step's device metrics; stops after the first step whose
+  forget NLL reached `stop_nll` (reading it waits for the step, so only
+  when stopping early)."""
+
+  def hook(done, state, metrics):
+    del done, state
+    history.append(metrics)
+    return stop_nll is not None and float(metrics["forget_nll"]) >= stop_nll
+
+  return hook
+
+
 def unlearn(
     model_config: decoder_config.DecoderConfig,
     optimizer_config: optimizers.OptimizerConfig,
@@ -227,7 +261,7 @@ def unlearn(
     optimizer_config: its training optimizer (see `_unlearner`).
     config: the gradient methods' settings.
     params: the trained parameters (not modified; NPO's reference).
-    batches: {'forget': {feature: [N, P, R, L]}, 'retain': same shape}.
+    batches: {'forget': {feature: [I, P, B, L]}, 'retain': same shape}.
     method: `config.coefficients(name)`.
     critical_MxPxE: bool forget-critical experts (TRACE; any value else).
     update_mask_tree: `update_mask(...)`, or None to update everything.
@@ -240,12 +274,7 @@ def unlearn(
     (new params, {metric: float64 [steps taken]} per step).
   """
   forget, retain = batches["forget"], batches["retain"]
-  num_steps = len(forget["decoder_input_tokens"])
-  if len(retain["decoder_input_tokens"]) != num_steps:
-    raise ValueError(
-        "forget_batches and retain_batches must hold the same "
-        "number of batches."
-    )
+  num_steps = _check_paired(forget, retain)
   unlearner = _unlearner(model_config, optimizer_config, config)
   state = _initial_state(unlearner, params)
   step_fn = unlearner.step(state)
@@ -257,26 +286,14 @@ def unlearn(
   )
   rng = jax.random.key(0)  # Unused: the objective is deterministic.
   history = []
-
-  def record(done, state, metrics):
-    del done, state
-    history.append(metrics)
-    # Reading the NLL waits for the step; only do it when stopping early.
-    return stop_nll is not None and float(metrics["forget_nll"]) >= stop_nll
-
-  host_batches = (
-      {"forget": {k: v[i] for k, v in forget.items()},
-       "retain": {k: v[i] for k, v in retain.items()}}
-      for i in range(num_steps)
-  )
   state, _ = loop.run(
       lambda state, batch: step_fn(state, batch, rng, inputs),
       state,
-      host_batches,
+      _paired_steps(forget, retain),
       start=0,
       end=num_steps,
       to_device=lambda b: {k: to_device(v) for k, v in b.items()},
-      hooks=[record],
+      hooks=[_recorder(history, stop_nll)],
   )
   history = jax.device_get(history)
   return state.params, {

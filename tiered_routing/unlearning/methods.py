@@ -104,7 +104,7 @@ def reference_and_exact(
 
 
 def unlearning_batches(c: Trained) -> dict[str, Rows]:
-  """{'forget', 'retain'}: {feature: [N, P', R, L]} (P' = 1 strict)."""
+  """{'forget', 'retain'}: {feature: [I, P', B, L]} (P' = 1 strict)."""
   ft = c.config.finetune
   n, r = ft.steps, ft.rows_per_batch
   forget = c.cache.stream(
@@ -245,6 +245,36 @@ def mask_method(
   )
 
 
+def _update_mask(model_cfg, start, partition):
+  """The forget partition's update mask under sharing 'attention'; all ones
+  otherwise, so every method runs with a mask (one compiled step whether or
+  not an update is confined to a partition)."""
+  if model_cfg.sharing == "attention":
+    model = transformer.TieredDecoder(model_cfg)
+    return gradient_methods.update_mask(model, start, partition)
+  return jax.tree.map(lambda _: np.ones((), np.float32), start)
+
+
+def _gradient_cost(
+    objective, method, used, taken, active, attribution_tokens
+) -> tradeoff_metrics.UnlearningCost:
+  """A gradient method's cost: the tokens of the `taken` steps it trained on
+  (`used` batches), plus NPO's reference and TRACE's attribution forward
+  passes."""
+  forget_tokens = feature_rows.scored_tokens(used["forget"])
+  uses_retain = objective.effective_retain_coeff > 0
+  retain_tokens = (
+      feature_rows.scored_tokens(used["retain"]) if uses_retain else 0
+  )
+  return tradeoff_metrics.UnlearningCost(
+      steps=taken,
+      train_tokens=forget_tokens + retain_tokens,
+      forward_tokens=(forget_tokens if objective.name == "npo" else 0)
+      + (attribution_tokens if method == "trace" else 0),
+      active_params=active,
+  )
+
+
 def gradient_method(
     c: Trained,
     method: str,
@@ -268,13 +298,7 @@ def gradient_method(
   start = (
       one_partition.partition_params(c.original, p) if c.strict else c.original
   )
-  # Always an update mask (all ones where nothing is confined): one compiled
-  # step whether or not an update is confined to a partition.
-  if cfg.sharing == "attention":
-    model = transformer.TieredDecoder(model_cfg)
-    mask = gradient_methods.update_mask(model, start, p)
-  else:
-    mask = jax.tree.map(lambda _: np.ones((), np.float32), start)
+  mask = _update_mask(model_cfg, start, p)
   new, history = gradient_methods.unlearn(
       model_cfg,
       c.spec.optimizer_config,
@@ -288,25 +312,18 @@ def gradient_method(
       stop_nll,
   )
   taken = len(history["forget_nll"])
-  used = {k: feature_rows.steps_of(v, taken) for k, v in batches.items()}
   params = (
       one_partition.with_partition_params(c.original, p, new)
       if c.strict
       else new
   )
-  objective = ft_config.objective_config(method)
-  forget_tokens = feature_rows.scored_tokens(used["forget"])
-  uses_retain = objective.effective_retain_coeff > 0
-  retain_tokens = (
-      feature_rows.scored_tokens(used["retain"]) if uses_retain else 0
-  )
-  cost = tradeoff_metrics.UnlearningCost(
-      steps=taken,
-      train_tokens=forget_tokens + retain_tokens,
-      # NPO's reference log-likelihoods; TRACE's attribution.
-      forward_tokens=(forget_tokens if objective.name == "npo" else 0)
-      + (attribution_tokens if method == "trace" else 0),
-      active_params=active,
+  cost = _gradient_cost(
+      ft_config.objective_config(method),
+      method,
+      {k: feature_rows.steps_of(v, taken) for k, v in batches.items()},
+      taken,
+      active,
+      attribution_tokens,
   )
   extra = {
       "final_forget_nll": float(history["forget_nll"][-1]),

@@ -35,7 +35,8 @@ method and returns one `metrics.UnlearningResult` per method:
                  sharing 'none', all other languages otherwise).
 
 Results are scored per language on the validation split
-(`eval.language_eval`); the forget language's compartmentalization (top-m routing
+(`eval.language_eval`); the forget language's compartmentalization (top-m
+routing
 mass, normalized entropy, language-expert mutual information) comes from the
 trained model's validation routing and is added to every row.
 """
@@ -84,6 +85,34 @@ def _check_finite(run: str, method: str, langs) -> None:
     )
 
 
+def _approximate_rows(c, reference, active) -> list[methods.Row]:
+  """The rows of the mask and gradient methods, in `config.methods` order.
+
+  Gradient methods stop at the reference's forget loss when
+  `stop_at_reference` is set."""
+  config = c.config
+  batches = methods.unlearning_batches(c)
+  critical, tokens, attribution_extra = methods.attribution(c, batches)
+  stop_nll = (
+      reference[config.forget_language]["loss"]
+      if config.finetune.stop_at_reference
+      else None
+  )
+  rows = []
+  for method in config.methods:
+    if method == "mask":
+      rows.append(
+          methods.mask_method(c, critical, active, tokens, attribution_extra)
+      )
+    elif method in gradient_methods.METHODS:
+      rows.append(
+          methods.gradient_method(
+              c, method, batches, critical, active, tokens, stop_nll
+          )
+      )
+  return rows
+
+
 def run_configuration(
     *,
     run: str,
@@ -118,23 +147,8 @@ def run_configuration(
   active = param_count.count_params(spec.model_config).active
   reference, exact_row = methods.reference_and_exact(c, work_dir, active)
   rows = [exact_row] if "exact" in config.methods else []
-  batches = methods.unlearning_batches(c)
-  critical, tokens, attribution_extra = methods.attribution(c, batches)
+  rows += _approximate_rows(c, reference, active)
   code = config.forget_language
-  stop_nll = (
-      reference[code]["loss"] if config.finetune.stop_at_reference else None
-  )
-  for method in config.methods:
-    if method == "mask":
-      rows.append(
-          methods.mask_method(c, critical, active, tokens, attribution_extra)
-      )
-    elif method in gradient_methods.METHODS:
-      rows.append(
-          methods.gradient_method(
-              c, method, batches, critical, active, tokens, stop_nll
-          )
-      )
   extra = {
       "scheme": scheme.name,
       "num_partitions": spec.model_config.num_partitions,

@@ -122,7 +122,9 @@ def data_spec(source: str, scheme: schemes.PartitionScheme) -> specs.DataSpec:
   """The SeqIO names of one configuration's data (tasks must be
   registered: gin/runs/tasks.gin imports the `tasks` package)."""
   return specs.DataSpec(
-      partition_names=tuple(seqio_names.partition_mixture_names(source, scheme)),
+      partition_names=tuple(
+          seqio_names.partition_mixture_names(source, scheme)
+      ),
       task_name=functools.partial(seqio_names.task_name, source),
       mixture_name=functools.partial(seqio_names.language_mixture, source),
   )

@@ -133,6 +133,61 @@ def _draw_front(ax, x, y, mask, x_clip, style, label) -> None:
   )
 
 
+def _scatter(ax, rows, x, y, x_clip, palette, runs, methods) -> None:
+  """One marker per row: colour = configuration, shape = method; gaps
+  beyond the axis are drawn at its edge, hollow, labelled with their
+  value."""
+  for i, row in enumerate(rows):
+    xc = float(np.clip(x[i], *x_clip))
+    clipped = not math.isnan(x[i]) and xc != x[i]
+    color = palette[runs.index(row["run"])]
+    ax.scatter(
+        [xc],
+        [y[i]],
+        s=55,
+        linewidths=1.4,
+        zorder=3,
+        marker=_MARKERS[methods.index(row["method"]) % len(_MARKERS)],
+        edgecolors=color,
+        facecolors="none" if clipped else color,
+    )
+    if clipped:
+      ax.annotate(
+          f"{x[i]:.1f}",
+          (xc, y[i]),
+          fontsize=7,
+          xytext=(3, 3),
+          textcoords="offset points",
+      )
+
+
+def _axes_and_legend(ax, x_clip, palette, runs, methods) -> None:
+  ax.axvline(1.0, color="0.7", linewidth=0.8)
+  ax.axhline(0.0, color="0.7", linewidth=0.8)
+  ax.set_xlim(x_clip[0] - 0.05, x_clip[1] + 0.15)
+  ax.set_yscale("symlog", linthresh=0.05)
+  ax.set_xlabel(
+      "forget quality: share of the gap to the never-trained "
+      "reference closed (1 = as if never trained on it)"
+  )
+  ax.set_ylabel(
+      "utility loss: retained languages' mean Δ validation loss "
+      "(nats, symlog)"
+  )
+  handles = [
+      ax.scatter(
+          [], [], marker=_MARKERS[j % len(_MARKERS)], color="0.4", label=m
+      )
+      for j, m in enumerate(methods)
+  ]
+  handles += [
+      ax.scatter([], [], marker="s", color=palette[j], label=r)
+      for j, r in enumerate(runs)
+  ]
+  handles += [h for h in ax.get_lines() if h.get_label().startswith("Pareto")]
+  ax.legend(handles=handles, fontsize=7, loc="upper left", ncol=2)
+
+
 def plot_pareto(
     rows: Sequence[Mapping[str, Any]],
     path: str,
@@ -160,28 +215,7 @@ def plot_pareto(
   fig = figure_lib.Figure(figsize=(9, 6), layout="constrained")
   ax = fig.subplots()
   palette = _palette(len(runs))
-  for i, row in enumerate(rows):
-    xc = float(np.clip(x[i], *x_clip))
-    clipped = not math.isnan(x[i]) and xc != x[i]
-    color = palette[runs.index(row["run"])]
-    ax.scatter(
-        [xc],
-        [y[i]],
-        s=55,
-        linewidths=1.4,
-        zorder=3,
-        marker=_MARKERS[methods.index(row["method"]) % len(_MARKERS)],
-        edgecolors=color,
-        facecolors="none" if clipped else color,
-    )
-    if clipped:
-      ax.annotate(
-          f"{x[i]:.1f}",
-          (xc, y[i]),
-          fontsize=7,
-          xytext=(3, 3),
-          textcoords="offset points",
-      )
+  _scatter(ax, rows, x, y, x_clip, palette, runs, methods)
   approximate = np.array([not r["method"].startswith("exact") for r in rows])
   _draw_front(
       ax,
@@ -195,30 +229,7 @@ def plot_pareto(
   _draw_front(
       ax, x, y, approximate, x_clip, "--", "Pareto front, approximate methods"
   )
-  ax.axvline(1.0, color="0.7", linewidth=0.8)
-  ax.axhline(0.0, color="0.7", linewidth=0.8)
-  ax.set_xlim(x_clip[0] - 0.05, x_clip[1] + 0.15)
-  ax.set_yscale("symlog", linthresh=0.05)
-  ax.set_xlabel(
-      "forget quality: share of the gap to the never-trained "
-      "reference closed (1 = as if never trained on it)"
-  )
-  ax.set_ylabel(
-      "utility loss: retained languages' mean Δ validation loss "
-      "(nats, symlog)"
-  )
-  handles = [
-      ax.scatter(
-          [], [], marker=_MARKERS[j % len(_MARKERS)], color="0.4", label=m
-      )
-      for j, m in enumerate(methods)
-  ]
-  handles += [
-      ax.scatter([], [], marker="s", color=palette[j], label=r)
-      for j, r in enumerate(runs)
-  ]
-  handles += [h for h in ax.get_lines() if h.get_label().startswith("Pareto")]
-  ax.legend(handles=handles, fontsize=7, loc="upper left", ncol=2)
+  _axes_and_legend(ax, x_clip, palette, runs, methods)
   if title:
     ax.set_title(title, fontsize=10)
   backend_agg.FigureCanvasAgg(fig)
