@@ -21,16 +21,16 @@ import numpy as np
 import pytest
 import seqio
 
-from tiered_routing.train import checkpoints
-from tiered_routing.data import corpora
-from tiered_routing.tier1 import languages
 from tiered_routing import sharding
-from tiered_routing.tier1 import schemes
 from tiered_routing.analysis import checkpoint_analysis
 from tiered_routing.analysis import routing_report
-from tiered_routing.train import restore
+from tiered_routing.data import corpora
 from tiered_routing.eval import routing_counts
 from tiered_routing.model import decoder_config
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import checkpoints
+from tiered_routing.train import restore
 
 P, E, D, L, ROWS = 2, 4, 16, 8, 2
 FIRST_TOKEN = 4  # language i speaks only token FIRST_TOKEN + i

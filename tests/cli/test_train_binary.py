@@ -21,12 +21,12 @@ import jax
 import numpy as np
 import pytest
 
-from tiered_routing.train import checkpoints
 from tiered_routing.cli import eval as eval_lib
 from tiered_routing.cli import gin_flags
-from tiered_routing.tier1 import languages
-from tiered_routing.train import metrics_writer
 from tiered_routing.cli import train as train_lib
+from tiered_routing.tier1 import languages
+from tiered_routing.train import checkpoints
+from tiered_routing.train import metrics_writer
 
 REPO_ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tiered_routing.model import decoder_config
 from tiered_routing.model import losses
 from tiered_routing.model import routing
-from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 
 

@@ -5,8 +5,8 @@ import pathlib
 import gin
 
 from tiered_routing.cli import configurables
-from tiered_routing.model import param_count
 from tiered_routing.model import decoder_config
+from tiered_routing.model import param_count
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MODELS = REPO / "gin" / "models"

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiered_routing.related import decoding
 from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
+from tiered_routing.related import decoding
 
 P, V, N = 2, 32, 5
 BASE = decoder_config.DecoderConfig(

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tiered_routing.model import decoder_config
+from tiered_routing.model import layers
+from tiered_routing.model import transformer
 from tiered_routing.related import moefication
 from tiered_routing.related import moefied_decoder
 from tiered_routing.train import train_state
-from tiered_routing.model import layers
-from tiered_routing.model import decoder_config
-from tiered_routing.model import transformer
 
 D, F, N = 8, 32, 4
 

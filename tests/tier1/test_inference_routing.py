@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, logsumexp
 
+from tiered_routing.tier1 import inference_routing as ir
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
-from tiered_routing.tier1 import inference_routing as ir
 
 P, B, L, V = 3, 2, 6, 7
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from tiered_routing.data import corpora
+from tiered_routing.tier1 import language_classifier
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
-from tiered_routing.tier1 import language_classifier
 
 
 @pytest.fixture(scope="module")

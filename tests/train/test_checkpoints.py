@@ -11,8 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
-from tiered_routing.train import checkpoints
 from tiered_routing import sharding
+from tiered_routing.train import checkpoints
 
 
 @flax.struct.dataclass

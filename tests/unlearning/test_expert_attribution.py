@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from tiered_routing.model import losses
-from tiered_routing.unlearning import expert_attribution as ea
 from tiered_routing.model import routing_capture
 from tiered_routing.tier1 import layout
+from tiered_routing.unlearning import expert_attribution as ea
 
 # Planted per-token frequencies (top-2 routing: each row sums to 2). Expert 1
 # is rare but forget-specific, expert 0 is used by forget a lot and by retain

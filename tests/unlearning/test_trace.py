@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tiered_routing.unlearning import expert_attribution as ea
-from tiered_routing.unlearning import objectives as obj
 from tiered_routing.model import routing_capture
 from tiered_routing.tier1 import layout
+from tiered_routing.unlearning import expert_attribution as ea
+from tiered_routing.unlearning import objectives as obj
 from tiered_routing.unlearning import trace
 
 P, B, L, E = 2, 2, 6, 4  # The conftest's tiny model.

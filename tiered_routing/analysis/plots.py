@@ -14,8 +14,8 @@ from matplotlib.backends import backend_agg
 from matplotlib import figure as figure_lib
 import numpy as np
 
-from tiered_routing.tier1 import languages
 from tiered_routing.analysis import routing_stats
+from tiered_routing.tier1 import languages
 
 NORMALIZATIONS = ("row", "none")
 _USAGE_STYLE = dict(

@@ -34,13 +34,13 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from tiered_routing.train import atomic_file
-from tiered_routing.tier1 import languages
-from tiered_routing.tier1 import schemes
 from tiered_routing.analysis import plots
 from tiered_routing.analysis import routing_stats
 from tiered_routing.eval import routing_counts
 from tiered_routing.model import decoder_config
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import schemes
+from tiered_routing.train import atomic_file
 
 CSV_NAME = "routing_stats.csv"
 JSON_NAME = "routing_stats.json"

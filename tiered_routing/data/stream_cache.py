@@ -28,8 +28,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from tiered_routing.data import pipeline
 from tiered_routing.data import feature_rows
+from tiered_routing.data import pipeline
 from tiered_routing.tier1 import languages
 
 Rows = feature_rows.Rows

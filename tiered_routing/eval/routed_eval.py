@@ -27,13 +27,13 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from tiered_routing.data import feature_rows
+from tiered_routing.eval import lm_metrics
+from tiered_routing.eval import scoring
+from tiered_routing.tier1 import inference_routing as ir
+from tiered_routing.tier1 import language_classifier
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
-from tiered_routing.tier1 import language_classifier
-from tiered_routing.tier1 import inference_routing as ir
-from tiered_routing.eval import lm_metrics
-from tiered_routing.data import feature_rows
-from tiered_routing.eval import scoring
 
 MODES = ir.MODES
 WEIGHTINGS = ir.WEIGHTINGS

@@ -20,11 +20,11 @@ from typing import Any, Optional
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tiered_routing.train import checkpoints
 from tiered_routing import sharding
-from tiered_routing.train import train_state
 from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
+from tiered_routing.train import checkpoints
+from tiered_routing.train import train_state
 
 PARAMS_KEY = "params"
 # Parameter shapes do not depend on the batch; this one only builds them.

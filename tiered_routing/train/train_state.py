@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import optax
 
-from tiered_routing.train import optimizers
 from tiered_routing import sharding
 from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
+from tiered_routing.train import optimizers
 
 
 @flax.struct.dataclass

@@ -28,8 +28,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from tiered_routing.unlearning import objectives
 from tiered_routing.model import routing_capture
+from tiered_routing.unlearning import objectives
 
 FORGET_OBJECTIVES = ("ga", "npo")
 
