@@ -48,7 +48,6 @@ from tiered_routing.related import esft
 from tiered_routing.related import expert_gates
 from tiered_routing.related import method_tables
 from tiered_routing.tier1 import languages
-from tiered_routing.train import atomic_file
 from tiered_routing.train import loop
 from tiered_routing.train import optimizers
 from tiered_routing.train import steps as steps_lib
@@ -253,14 +252,8 @@ def run(
       "in nats/token (old = mean over the 15 other languages).\n\n"
   )
   path = output or os.path.join(model_dir, "expert_gates.md")
-  _write_table(header, rows, path)
+  method_tables.write_table(path, header, rows, COLUMNS)
   return rows
-
-
-def _write_table(header: str, rows, path: str) -> None:
-  text = header + method_tables.markdown_table(rows, COLUMNS) + "\n"
-  print(text)
-  atomic_file.write_text(path, text)
 
 
 def _grow_and_train(config, base, code, data, training, mesh):

@@ -55,7 +55,6 @@ from tiered_routing.related import esft
 from tiered_routing.related import method_tables
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
-from tiered_routing.train import atomic_file
 from tiered_routing.train import loop
 from tiered_routing.train import optimizers
 from tiered_routing.train import restore
@@ -186,6 +185,13 @@ def _selections(config, params, batches, code, partition, coverage):
   return out
 
 
+def _check(model_config, scheme, task_feature_lengths) -> tuple[int, int]:
+  """(P, L) of a run whose scheme and model agree on P."""
+  p = model_config.num_partitions
+  gin_flags.check_scheme(scheme, p)
+  return p, gin_flags.task_feature_length(task_feature_lengths)
+
+
 def _check_methods(methods: Sequence[str]) -> None:
   bad = [m for m in methods if m not in METHODS]
   if bad:
@@ -281,9 +287,7 @@ def run(
 ) -> list[dict]:
   """Fine-tunes MODEL_DIR's newest checkpoint with each method (see top)."""
   _check_methods(methods)
-  p = model_config.num_partitions
-  length = gin_flags.task_feature_length(task_feature_lengths)
-  gin_flags.check_scheme(scheme, p)
+  p, length = _check(model_config, scheme, task_feature_lengths)
   rows, partition = batch_size // p, scheme.partition_of(target_language)
   mesh = sharding.make_mesh(sharding.MeshConfig())
   model = transformer.TieredDecoder(model_config)
@@ -314,10 +318,12 @@ def run(
     )
     results = [_row("base", ctx.base, ctx.base, target_language, 0, "-")]
     results += [_tune(ctx, name) for name in methods]
-  text = _header(ctx, model_dir, step, coverage)
-  text += method_tables.markdown_table(results, COLUMNS) + "\n"
-  print(text)
-  atomic_file.write_text(output or os.path.join(model_dir, "finetune.md"), text)
+  method_tables.write_table(
+      output or os.path.join(model_dir, "finetune.md"),
+      _header(ctx, model_dir, step, coverage),
+      results,
+      COLUMNS,
+  )
   return results
 
 

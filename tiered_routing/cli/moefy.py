@@ -43,7 +43,6 @@ from tiered_routing.related import method_tables
 from tiered_routing.related import moefication
 from tiered_routing.related import moefied_decoder
 from tiered_routing.tier1 import schemes
-from tiered_routing.train import atomic_file
 from tiered_routing.train import restore
 
 FLAGS = flags.FLAGS
@@ -188,11 +187,11 @@ def run(
     rows = _rows(
         evaluator, params, moefied, routed, num_experts, top_ks, dense
     )
-  text = _header(model_dir, step, model_config, num_experts, permuted, active)
-  text += method_tables.markdown_table(rows, COLUMNS) + "\n"
-  print(text)
-  atomic_file.write_text(
-      output or os.path.join(model_dir, "moefication.md"), text
+  method_tables.write_table(
+      output or os.path.join(model_dir, "moefication.md"),
+      _header(model_dir, step, model_config, num_experts, permuted, active),
+      rows,
+      COLUMNS,
   )
   return rows
 

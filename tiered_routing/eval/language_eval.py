@@ -221,19 +221,21 @@ class LanguageEvaluator:
     for b, blocks in enumerate(itertools.zip_longest(*self._blocks)):
       template = next(x for x in blocks if x is not None)
       nbytes = sum(
-          self._block_bytes(q, b, x) for q, x in enumerate(blocks) if x
+          self._block_bytes(q, b, x)
+          for q, x in enumerate(blocks)
+          if x is not None
       )
-      yield feature_rows.stack(
+      batch = feature_rows.stack(
           [feature_rows.zeros_like(template) if x is None else x
            for x in blocks],
           axis=0,
-      ), nbytes
+      )
+      yield batch, nbytes
 
   def _partition_batches(self, q: int) -> Iterable[tuple[Batch, np.ndarray]]:
     for b, batch in enumerate(self._blocks[q]):
-      yield {k: v[None] for k, v in batch.items()}, self._block_bytes(
-          q, b, batch
-      )
+      nbytes = self._block_bytes(q, b, batch)
+      yield {k: v[None] for k, v in batch.items()}, nbytes
 
   @staticmethod
   def _default_mask(cfg) -> Optional[np.ndarray]:

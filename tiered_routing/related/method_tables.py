@@ -19,6 +19,7 @@ from tiered_routing.model import decoder_config
 from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import transformer
 from tiered_routing.tier1 import languages
+from tiered_routing.train import atomic_file
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,3 +102,16 @@ def markdown_table(
       "| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows
   ]
   return "\n".join(lines)
+
+
+def write_table(
+    path: str,
+    header: str,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+) -> str:
+  """Prints `header` and the table, and writes them to `path` atomically."""
+  text = header + markdown_table(rows, columns) + "\n"
+  print(text)
+  atomic_file.write_text(path, text)
+  return text

@@ -4,7 +4,7 @@
   params = moefy_params(params, config)
   params = fit_routers(params, collect_mlp_inputs(model, params, batches), 8)
   with moefied(num_experts=8, top_k=2, routing='learned'):
-    logits = model.apply({'params': params}, tokens)  # Trace inside.
+    out = forward.forward(model, params, batch)  # Trace inside.
 
 The converted model runs inside the unchanged decoder: `moefied` intercepts
 every dense `layers.Mlp` call (`nn.intercept_methods`) and computes the top-k

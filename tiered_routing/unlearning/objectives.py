@@ -5,7 +5,7 @@ parameters, so a training loop differentiates it through whatever model
 produced the log-probabilities:
 
   def loss_fn(params):
-    logits = model.apply({'params': params}, forget_tokens_PxBxL)
+    logits = forward.forward(model, params, forget_batch).logits_PxBxLxV
     forget = objectives.TokenLogProbs(
         objectives.token_log_likelihood(logits, forget_targets_PxBxL),
         forget_weights_PxBxL)
@@ -13,6 +13,8 @@ produced the log-probabilities:
     return objectives.unlearning_loss(config, forget, retain)
 
   grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
+
+(`combined_objective` is that function for the sweep's gradient methods.)
 
 Conventions: `logp` is log p(y_t | y_<t) per target token (<= 0), `weights`
 are per-token loss weights (0 = padding; TRACE puts its importance weights
