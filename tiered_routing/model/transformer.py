@@ -14,7 +14,8 @@ the data pipeline. How much the partitions share is `DecoderConfig.sharing`:
                private parameters carry the leading 'partition' axis.
   'all'        one MoE over all rows with P * num_experts experts routed by
                tier 2 alone. Tier 1 can still be imposed as an expert mask
-               (block-diagonal `expert_mask_PxE`).
+               (block-diagonal `expert_mask_PxE`,
+               `tier1.layout.partition_expert_mask(jnp.arange(P), P, E)`).
 
 Expert masks (bool, True = allowed) are `expert_mask_PxE`, used in every MoE
 layer, or `expert_mask_MxPxE`, one per MoE layer: unlearning removes a
