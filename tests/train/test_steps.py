@@ -139,3 +139,43 @@ def test_loop_stops_after_the_step_a_hook_stops_at():
 def test_loop_refuses_data_that_runs_out():
   with pytest.raises(ValueError, match="ran out at step 3"):
     _sgd_run(3, end=5)
+
+
+def test_train_params_matches_the_loop_it_wraps_and_keeps_frozen_leaves():
+  tx = optax.adam(0.1)
+  params = {"w": jnp.array([0.0, 1.0]), "frozen": jnp.array([2.0])}
+  mask = {"w": np.array([True, False]), "frozen": np.array(False)}
+
+  def batches():
+    return iter([{"target": jnp.full(2, float(i))} for i in range(3)])
+
+  objective = _ConstantGradients()
+  trained = loop.train_params(
+      objective, tx, params, mask, batches(), steps=3, rng=jax.random.key(0)
+  )
+  # The same three steps written out: fresh Adam state, float 0/1 mask.
+  step = jax.jit(
+      functools.partial(steps.train_step, objective=objective, tx=tx)
+  )
+  inputs = steps.StepInputs(
+      update_mask=jax.tree.map(lambda m: np.float32(m), mask)
+  )
+  state = _state(params, tx)
+  for batch in batches():
+    state, _ = step(state, batch, jax.random.key(0), inputs)
+  jax.tree.map(np.testing.assert_array_equal, trained, state.params)
+  np.testing.assert_array_equal(trained["frozen"], [2.0])
+  assert trained["w"][1] == 1.0 and trained["w"][0] < 0.0
+  np.testing.assert_array_equal(params["w"], [0.0, 1.0])  # Not modified.
+
+
+def test_log_metrics_logs_every_nth_step(caplog):
+  hook = loop.log_metrics("esft", 2)
+  with caplog.at_level("INFO"):
+    for done in range(1, 6):
+      hook(done, None, {"loss": jnp.float32(done / 3)})
+  logged = [r.getMessage() for r in caplog.records]
+  assert logged == [
+      "esft step 2: {'loss': 0.6667}",
+      "esft step 4: {'loss': 1.3333}",
+  ]

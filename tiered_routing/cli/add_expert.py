@@ -23,13 +23,11 @@ The table goes to stdout and OUTPUT (default MODEL_DIR/expert_gates.md).
 """
 
 import dataclasses
-import functools
 import os
 from typing import Optional
 
 from absl import app
 from absl import flags
-from absl import logging
 import gin
 import jax
 import jax.numpy as jnp
@@ -113,21 +111,6 @@ def _train_base(model_dir, config, opt, mixture, steps, shape, mesh):
   return jax.device_get(state.params)
 
 
-def _log_every(steps: int) -> loop.Hook:
-  """Logs the new expert's metrics eight times over a run."""
-
-  def hook(done, state, metrics):
-    del state
-    if done % max(steps // 8, 1) == 0:
-      logging.info(
-          "new expert step %d: %s",
-          done,
-          {k: round(float(v), 4) for k, v in metrics.items()},
-      )
-
-  return hook
-
-
 def _train_new_expert(
     config, params, batches, steps, opt, code, gate_weight, mesh
 ):
@@ -146,26 +129,18 @@ def _train_new_expert(
       model,
       expert_gates.NewExpertConfig(languages.language_id(code), gate_weight),
   )
-  step_fn = jax.jit(
-      functools.partial(steps_lib.train_step, objective=objective, tx=tx)
-  )
-  inputs = steps_lib.StepInputs(
-      update_mask=jax.tree.map(lambda m: np.asarray(m, np.float32), mask)
-  )
-  rng = jax.random.key(0)  # Unused: the objective is deterministic.
-  state = train_state.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
-  )
-  state, _ = loop.run(
-      lambda state, batch: step_fn(state, batch, rng, inputs),
-      state,
+  trained = loop.train_params(
+      objective,
+      tx,
+      params,
+      mask,
       batches,
-      start=0,
-      end=steps,
+      steps=steps,
+      rng=jax.random.key(0),  # Unused: the objective is deterministic.
       to_device=lambda b: {k: jnp.asarray(v) for k, v in b.items()},
-      hooks=[_log_every(steps)],
+      hooks=[loop.log_metrics("new expert", steps // 8)],
   )
-  return jax.device_get(state.params), expert_params.count_trainable(
+  return jax.device_get(trained), expert_params.count_trainable(
       params, mask
   )
 

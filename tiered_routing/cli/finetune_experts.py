@@ -35,10 +35,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tiered_routing import sharding
@@ -94,40 +92,6 @@ def _target_batches(task, partition, p, rows, length, seed):
     batch = dict(batch)
     batch["decoder_loss_weights"] = batch["decoder_loss_weights"] * keep
     yield batch
-
-
-def _log_every(steps: int) -> loop.Hook:
-  """Logs the loss five times over a run."""
-
-  def hook(done, state, metrics):
-    del state
-    if done % max(steps // 5, 1) == 0:
-      logging.info("step %d loss %.4f", done, float(metrics["loss"]))
-
-  return hook
-
-
-def _train(objective, params, tx, mask, batches, steps, seed):
-  """`steps` steps of the LM objective in the one loop; the new params."""
-  step_fn = jax.jit(
-      functools.partial(steps_lib.train_step, objective=objective, tx=tx)
-  )
-  inputs = steps_lib.StepInputs(
-      update_mask=jax.tree.map(lambda m: np.asarray(m, np.float32), mask)
-  )
-  rng = jax.random.key(seed)
-  state = train_state.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
-  )
-  state, _ = loop.run(
-      lambda state, batch: step_fn(state, batch, rng, inputs),
-      state,
-      batches,
-      start=0,
-      end=steps,
-      hooks=[_log_every(steps)],
-  )
-  return state.params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,9 +207,15 @@ def _tune(ctx: _Context, name: str) -> dict:
       expert_mask_MxPxE=m.expert_mask_MxPxE,
       params_view=m.params_view,
   )
-  tuned = _train(
-      objective, m.init, tx, m.mask, ctx.batches(), settings.steps,
-      settings.seed,
+  tuned = loop.train_params(
+      objective,
+      tx,
+      m.init,
+      m.mask,
+      ctx.batches(),
+      steps=settings.steps,
+      rng=jax.random.key(settings.seed),
+      hooks=[loop.log_metrics(name, settings.steps // 5)],
   )
   tuned = objective.model_params(tuned)
   res = ctx.evaluator.evaluate(

@@ -38,6 +38,7 @@ from tiered_routing.eval import routing_counts
 from tiered_routing.model import decoder_config
 from tiered_routing.model import expert_params
 from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import layout
 
 RELEVANCE = ("token", "gate")
 LORA_TARGETS = ("kernel", "gates")  # Token-choice kernels, sequence gates.
@@ -163,18 +164,10 @@ def to_selection(
   if config.sharing == "all":
     return selected.reshape(m, p, e)
   out = np.zeros((m, p, e), bool)
-  out[:, _check_partitions(partitions, p)] = selected[:, None]
+  out[:, layout.checked_partitions("partitions", partitions, p)] = selected[
+      :, None
+  ]
   return out
-
-
-def _check_partitions(partitions: Sequence[int], p: int) -> list[int]:
-  parts = list(partitions)
-  if not parts or any(not 0 <= q < p for q in parts):
-    raise ValueError(
-        f"partitions={partitions!r}; allowed: a non-empty list "
-        f"of partitions in [0, {p})."
-    )
-  return parts
 
 
 def forced_routing_mask(
@@ -194,9 +187,10 @@ def forced_routing_mask(
         f"expert per layer; got shape {selected.shape}."
     )
   mask = np.ones((m, config.num_partitions, e), bool)
-  mask[:, _check_partitions(partitions, config.num_partitions)] = selected[
-      :, None
-  ]
+  parts = layout.checked_partitions(
+      "partitions", partitions, config.num_partitions
+  )
+  mask[:, parts] = selected[:, None]
   return mask
 
 

@@ -195,21 +195,13 @@ def remove_expert(
   return expert_params.map_experts(params, config, drop), new_config
 
 
-def _check_owners(owners: Sequence[int], num_partitions: int) -> tuple:
-  owners = tuple(owners)
-  if not owners or any(not 0 <= o < num_partitions for o in owners):
-    raise ValueError(
-        f"owners={owners!r}; allowed: a non-empty list of "
-        f"partitions in [0, {num_partitions})."
-    )
-  return owners
-
-
 def new_expert_selection(
     config: decoder_config.DecoderConfig, owners: Sequence[int] = (0,)
 ) -> np.ndarray:
   """bool [M, P, Ep]: the last expert (the added one) of the owners."""
-  owners = _check_owners(owners, config.num_partitions)
+  owners = tuple(
+      layout.checked_partitions("owners", owners, config.num_partitions)
+  )
   selected = np.zeros(
       (len(config.moe_layers), config.num_partitions, config.num_experts), bool
   )
@@ -224,7 +216,9 @@ def owner_expert_mask(
 
   Returns None when every partition owns it (no mask needed).
   """
-  owners = _check_owners(owners, config.num_partitions)
+  owners = tuple(
+      layout.checked_partitions("owners", owners, config.num_partitions)
+  )
   p, e = config.num_partitions, config.num_experts
   if set(owners) == set(range(p)):
     return None

@@ -13,6 +13,8 @@ Shape letters (one alphabet for the package, README "Layout"): P partitions,
 B rows, L sequence length, T tokens, E experts, M MoE layers.
 """
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,24 @@ import numpy as np
 def _check_positive_int(name: str, value) -> None:
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def checked_partitions(
+    name: str, partitions: Sequence[int], num_partitions: int
+) -> list[int]:
+  """`partitions` as a list, or a ValueError naming `name` and the range.
+
+  For the methods that act on some partitions only (ESFT's fine-tuned
+  experts, an added expert's owners): an empty list or an id outside
+  [0, P) is a configuration error, not an empty selection.
+  """
+  parts = list(partitions)
+  if not parts or any(not 0 <= q < num_partitions for q in parts):
+    raise ValueError(
+        f"{name}={partitions!r}; allowed: a non-empty list of partitions "
+        f"in [0, {num_partitions})."
+    )
+  return parts
 
 
 def token_partition_ids(shape_PxBxL: tuple[int, int, int]) -> jax.Array:
