@@ -17,7 +17,14 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(include=["tiered_routing*", "tasks*"]),
-    package_data={"tiered_routing": ["data/udhr16/*", "data/*.model"]},
+    package_data={
+        "tiered_routing": [
+            "data/udhr16/*",
+            "data/debian16/*",
+            "data/debian16/LICENSES/*",
+            "data/*.model",
+        ]
+    },
     install_requires=[
         "absl-py==2.5.1",
         "clu==0.0.12",

@@ -46,7 +46,7 @@ def _show(title: str, batch, scheme) -> None:
     used = weights[r] > 0
     langs = sorted({languages.CODES[i] for i in lang_ids[r][used]})
     parts = sorted(set(_partitions_of(lang_ids[r][used], scheme).tolist()))
-    text = vocab.get_vocabulary().decode(rows[r][used].tolist())
+    text = vocab.get_vocabulary(_SOURCE.value).decode(rows[r][used].tolist())
     print(f"row {r}: languages={langs} partitions={parts} text={text[:60]!r}")
 
 

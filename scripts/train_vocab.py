@@ -1,9 +1,10 @@
-r"""Trains a SentencePiece vocabulary on the sample corpus or any SeqIO task.
+r"""Trains a SentencePiece vocabulary on an embedded corpus or any SeqIO task.
 
-By default it rebuilds the vocabulary that ships with the package, trained on
-the train split of the embedded UDHR-16 corpus:
+By default it rebuilds a vocabulary that ships with the package, trained on
+the train split of an embedded corpus (udhr16: the sample; debian16):
 
-  python scripts/train_vocab.py
+  python scripts/train_vocab.py --corpus=udhr16
+  python scripts/train_vocab.py --corpus=debian16
 
 On any registered task or mixture (e.g. mC4 with a TFDS data dir), reading
 the raw `text` field of up to --max_examples examples:
@@ -30,13 +31,21 @@ import sentencepiece as spm
 from tiered_routing.data import corpora
 from tiered_routing.tier1 import languages
 
+_CORPUS = flags.DEFINE_enum(
+    "corpus",
+    corpora.UDHR16.name,
+    [c.name for c in corpora.CORPORA],
+    "Embedded corpus to train on (without --mixture_or_task).",
+)
 _OUTPUT = flags.DEFINE_string(
-    "output", str(corpora.VOCAB_PATH), "Where to write the .model file."
+    "output",
+    None,
+    "Where to write the .model file; default: the corpus's shipped model.",
 )
 _VOCAB_SIZE = flags.DEFINE_integer(
     "vocab_size",
     4096,
-    "Vocabulary size (the sample corpus supports at most ~7000).",
+    "Vocabulary size (the udhr16 corpus supports at most ~7000).",
 )
 _TASK = flags.DEFINE_string(
     "mixture_or_task",
@@ -59,9 +68,9 @@ _COVERAGE = flags.DEFINE_float(
 )
 
 
-def sample_corpus_text():
-  """Train-split paragraphs of all 16 languages, interleaved."""
-  per_lang = [corpora.split_paragraphs(c, "train") for c in languages.CODES]
+def corpus_text(corpus: corpora.EmbeddedCorpus):
+  """Train-split lines of all 16 languages, interleaved."""
+  per_lang = [corpus.split_lines(c, "train") for c in languages.CODES]
   for group in itertools.zip_longest(*per_lang):
     yield from (p for p in group if p)
 
@@ -103,6 +112,7 @@ def train(
         unk_id=2,
         bos_id=-1,
         input_sentence_size=10_000_000,
+        max_sentence_length=1 << 14,  # debian16 has lines over 4 KB.
         shuffle_input_sentence=False,
         num_threads=num_threads,
         minloglevel=1,
@@ -116,18 +126,23 @@ def train(
 
 def main(argv):
   del argv
+  corpus = next(c for c in corpora.CORPORA if c.name == _CORPUS.value)
   if _TASK.value:
     sentences = task_text(_TASK.value, _MAX_EXAMPLES.value)
+    output = _OUTPUT.value
+    if output is None:
+      raise app.UsageError("--output is required with --mixture_or_task.")
   else:
-    sentences = sample_corpus_text()
+    sentences = corpus_text(corpus)
+    output = _OUTPUT.value or str(corpus.vocab_file)
   train(
       sentences,
-      _OUTPUT.value,
+      output,
       _VOCAB_SIZE.value,
       _COVERAGE.value,
       _THREADS.value,
   )
-  print(f"wrote {_OUTPUT.value} ({_VOCAB_SIZE.value} pieces)")
+  print(f"wrote {output} ({_VOCAB_SIZE.value} pieces)")
 
 
 if __name__ == "__main__":

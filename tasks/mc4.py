@@ -64,9 +64,9 @@ class C4JsonDataSource(seqio.FileDataSource):
     return seqio.utils.list_files(pattern)
 
 
-def _eval_args() -> dict:
-  """Score metrics for seqio.Evaluator (see tiered_routing.evaluation)."""
-  vocabulary = vocab.get_vocabulary()
+def _eval_args(source: str) -> dict:
+  """Score metrics for seqio.Evaluator (see tiered_routing.eval.seqio_eval)."""
+  vocabulary = vocab.get_vocabulary(source)
   return {
       "postprocess_fn": seqio_metrics.scored_target_postprocessor(vocabulary),
       "metric_fns": seqio_metrics.score_metric_fns(vocabulary),
@@ -84,8 +84,8 @@ def register() -> None:
           name,
           source=seqio.TfdsDataSource(TFDS_NAME, splits=tfds_splits(lang.code)),
           preprocessors=preprocessors.lm_preprocessors(lang_id),
-          output_features=vocab.output_features(),
-          **_eval_args(),
+          output_features=vocab.output_features("mc4"),
+          **_eval_args("mc4"),
       )
     name = seqio_names.task_name("mc4_json", lang.code)
     if name not in registered:
@@ -96,8 +96,8 @@ def register() -> None:
               preprocessors.parse_c4_json,
               *preprocessors.lm_preprocessors(lang_id),
           ],
-          output_features=vocab.output_features(),
-          **_eval_args(),
+          output_features=vocab.output_features("mc4_json"),
+          **_eval_args("mc4_json"),
       )
 
 

@@ -10,7 +10,7 @@ Other temperatures and schemes are registered on demand by
 """
 
 from tasks import mc4
-from tasks import sample
+from tasks import embedded
 from tiered_routing.data import seqio_names
 from tiered_routing.tier1 import schemes
 
@@ -24,7 +24,8 @@ DEFAULT_SCHEMES = (
 
 def register() -> None:
   """Registers the tasks and default mixtures of every source (idempotent)."""
-  sample.register()
+  for source in embedded.SOURCES:
+    embedded.register(source)
   mc4.register()
   for source in seqio_names.SOURCES:
     seqio_names.all_languages_mixture(source)

@@ -3,8 +3,8 @@
 A document becomes one or more `targets` chunks of at most L-1 tokens (room
 for EOS), each with a per-token `language_ids` feature. The language id is
 per token, not per example, so that it survives SeqIO packing, which
-concatenates examples feature by feature; the feature converter derives the
-partition id from it (tiered_routing.features).
+concatenates examples feature by feature (the evaluator and the routing
+statistics read it per token; tiered_routing.data.pipeline).
 """
 
 import functools

@@ -134,7 +134,7 @@ def test_restore_bad_inputs(model_dir, tmp_path):
 
 
 def test_analysis_reproduces_planted_routing(model_dir, tmp_path):
-  vocabulary = seqio.SentencePieceVocabulary(corpora.vocab_path())
+  vocabulary = seqio.SentencePieceVocabulary(corpora.UDHR16.vocab_path())
   out = str(tmp_path / "out")
   report, paths = checkpoint_analysis.analyze_checkpoint(
       model_dir, CONFIG, SCHEME, _validation(), vocabulary, out, top_m=1

@@ -73,7 +73,7 @@ def test_sums_every_language_exactly_through_its_partition(partitions_alone):
 
 
 def test_bytes_per_language_counts_detokenized_text():
-  vocab = seqio.SentencePieceVocabulary(corpora.vocab_path())
+  vocab = seqio.SentencePieceVocabulary(corpora.UDHR16.vocab_path())
   texts = {"en": "All human beings are born free.", "hi": "सभी मनुष्य"}
   ids = {c: vocab.encode(t) + [1] for c, t in texts.items()}  # 1 = EOS.
   n_en, n_hi = len(ids["en"]), len(ids["hi"])

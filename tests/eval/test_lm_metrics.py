@@ -94,18 +94,18 @@ def test_accumulator_rejects_bad_language_id():
 
 
 def test_piece_num_bytes_counts_text_bytes():
-  sp = spm.SentencePieceProcessor(model_file=corpora.vocab_path())
+  sp = spm.SentencePieceProcessor(model_file=corpora.UDHR16.vocab_path())
   table = lm_metrics.piece_num_bytes(sp)
   assert table.shape == (sp.get_piece_size(),)
   assert table[sp.eos_id()] == 0 and table[sp.pad_id()] == 0
   for code in ("hi", "zh", "en", "ar", "ko"):
-    for text in corpora.split_paragraphs(code, "validation")[:3]:
+    for text in corpora.UDHR16.split_lines(code, "validation")[:3]:
       ids = sp.encode(text)
       # +1: the dummy-prefix space SentencePiece puts before the first word.
       assert table[ids].sum() == lm_metrics.num_utf8_bytes(sp.decode(ids)) + 1
   byte_ids = sp.encode("\U0001f600")  # not in the vocabulary: byte fallback
   assert table[byte_ids].sum() == 1 + 4
-  seqio_vocab = seqio.SentencePieceVocabulary(corpora.vocab_path(), extra_ids=3)
+  seqio_vocab = seqio.SentencePieceVocabulary(corpora.UDHR16.vocab_path(), extra_ids=3)
   table2 = lm_metrics.piece_num_bytes(seqio_vocab)
   assert table2.shape == (sp.get_piece_size() + 3,)
   np.testing.assert_array_equal(table2[: table.size], table)

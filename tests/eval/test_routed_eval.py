@@ -61,14 +61,14 @@ def data():
   batches = list(eval_data.split_batches(names, LENGTH, ROWS))
   # The sample tasks' train documents (what `eval_data.train_texts` reads
   # through SeqIO in the binary) are the corpus's train paragraphs.
-  texts = {c: corpora.split_paragraphs(c, "train") for c in languages.CODES}
+  texts = {c: corpora.UDHR16.split_lines(c, "train") for c in languages.CODES}
   return batches, language_classifier.LanguageClassifier().fit(texts)
 
 
 def _routed(scorer, config, clf):
   scheme = schemes.family(scorer.num_partitions)
   return routed_eval.RoutedScorer(
-      scorer, scheme, vocab.get_vocabulary(), config, clf
+      scorer, scheme, vocab.get_vocabulary("sample"), config, clf
   )
 
 
@@ -78,7 +78,7 @@ def test_classifier_routes_validation_text_to_its_family(data):
   # paragraph, decoded) goes to its family's partition, in every language.
   hits, counts = np.zeros(16), np.zeros(16)
   for batch in data[0]:
-    texts = scoring.row_texts(batch, vocab.get_vocabulary())
+    texts = scoring.row_texts(batch, vocab.get_vocabulary("sample"))
     post = data[1].partition_posterior(texts, FAMILY4)
     routed_B = ir.routed_partition("classifier", posterior=post)
     lang_B = batch["decoder_language_ids"][:, 0]

@@ -30,7 +30,7 @@ def test_seqio_score_metrics_golden():
 
 
 def test_seqio_recognises_score_metrics():
-  vocab = seqio.SentencePieceVocabulary(corpora.vocab_path())
+  vocab = seqio.SentencePieceVocabulary(corpora.UDHR16.vocab_path())
   fns = seqio_metrics.score_metric_fns(vocab)
   task = seqio.Task(
       "tr_test_eval_metrics_task",
@@ -42,13 +42,13 @@ def test_seqio_recognises_score_metrics():
   )
   assert len(task.score_metric_fns) == 3
   assert not task.predict_metric_fns
-  text = corpora.split_paragraphs("en", "validation")[0]
+  text = corpora.UDHR16.split_lines("en", "validation")[0]
   out = fns[2]([text], [-10.0])
   assert out["num_tokens"] == len(vocab.encode(text)) + 1
 
 
 def test_scored_targets_count_the_example_not_the_document():
-  vocab = seqio.SentencePieceVocabulary(corpora.vocab_path())
+  vocab = seqio.SentencePieceVocabulary(corpora.UDHR16.vocab_path())
   post = seqio_metrics.scored_target_postprocessor(vocab)
   text = "All human beings are born free and equal."
   ids = vocab.encode(text)

@@ -14,7 +14,7 @@ from tiered_routing.tier1 import schemes
 @pytest.fixture(scope="module")
 def fitted():
   return language_classifier.LanguageClassifier().fit(
-      {c: corpora.split_paragraphs(c, "train") for c in languages.CODES}
+      {c: corpora.UDHR16.split_lines(c, "train") for c in languages.CODES}
   )
 
 
@@ -23,7 +23,7 @@ def _validation_accuracy(clf, truncate=None):
   scheme = schemes.family(4)
   lang_acc, hits, counts = {}, np.zeros(4), np.zeros(4)
   for code in languages.CODES:
-    texts = [t[:truncate] for t in corpora.split_paragraphs(code, "validation")]
+    texts = [t[:truncate] for t in corpora.UDHR16.split_lines(code, "validation")]
     pred = clf.predict_language(texts)
     lang_acc[code] = np.mean([p == code for p in pred])
     post = clf.partition_posterior(texts, scheme)
@@ -71,7 +71,7 @@ def test_routes_short_prefixes(fitted):
 
 
 def test_posteriors_are_distributions(fitted):
-  texts = [corpora.split_paragraphs(c, "validation")[0] for c in ("ur", "de")]
+  texts = [corpora.UDHR16.split_lines(c, "validation")[0] for c in ("ur", "de")]
   lang_post = fitted.language_posterior(texts)
   assert lang_post.shape == (2, 16)
   np.testing.assert_allclose(lang_post.sum(axis=1), 1.0)
@@ -95,7 +95,7 @@ def test_posteriors_are_distributions(fitted):
 
 def test_partitions_without_fitted_languages_get_zero():
   clf = language_classifier.LanguageClassifier().fit(
-      {c: corpora.split_paragraphs(c, "train")[:5] for c in ("hi", "en")}
+      {c: corpora.UDHR16.split_lines(c, "train")[:5] for c in ("hi", "en")}
   )
   post = clf.partition_posterior(
       ["Everyone has the right"], schemes.family(4)
@@ -113,7 +113,7 @@ def test_save_load_roundtrip(fitted, tmp_path):
   texts = [
       t
       for c in languages.CODES
-      for t in corpora.split_paragraphs(c, "validation")[:2]
+      for t in corpora.UDHR16.split_lines(c, "validation")[:2]
   ]
   assert loaded.predict_language(texts) == fitted.predict_language(texts)
   np.testing.assert_allclose(

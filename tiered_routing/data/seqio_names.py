@@ -25,7 +25,7 @@ import seqio
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
 
-SOURCES = ("sample", "mc4", "mc4_json")
+SOURCES = ("sample", "debian16", "mc4", "mc4_json")
 DEFAULT_TEMPERATURE = 1 / 0.3
 
 
