@@ -189,3 +189,17 @@ def test_partition_masked_router_is_compartmentalized():
   np.testing.assert_allclose(js[across], 1.0)
   # Top-2 over 2 experts per family: the top-2 coverage is complete.
   np.testing.assert_allclose(rs.top_m_coverage(usage, 2), 1.0)
+
+
+def test_entropy_is_normalized_over_the_reachable_experts():
+  # ur (id 10) spreads evenly over experts 4..7 of 16 (partition 1 of 4);
+  # en (id 13) uses expert 0 only.
+  counts = rc.RoutingCounts(num_layers=1, num_experts=16)
+  ur, en = languages.language_id("ur"), languages.language_id("en")
+  counts.add(0, [[4], [5], [6], [7]], [[1.0]] * 4, [ur] * 4)
+  counts.add(0, [[0]], [[1.0]], [en])
+  columns = rs.compartmentalization_columns(counts, "ur", 2, range(4, 8))
+  assert columns["comp_entropy"] == pytest.approx(1.0)
+  assert columns["comp_top_m_mass"] == pytest.approx(0.5)
+  whole = rs.compartmentalization_columns(counts, "ur", 2)
+  assert whole["comp_entropy"] == pytest.approx(0.5)  # log 4 / log 16

@@ -20,22 +20,27 @@ BASE = decoder_config.DecoderConfig(
 )
 
 
+# Dense FFNs in every other layer (private under 'attention' and 'none').
+ALTERNATING = dataclasses.replace(BASE, moe_every=2, d_ff=128)
+
+
+@pytest.mark.parametrize("base", [BASE, ALTERNATING], ids=["moe", "alt"])
 @pytest.mark.parametrize("n", [2, 4, 8])
 @pytest.mark.parametrize("sharing", decoder_config.SHARING_LEVELS)
-def test_members_hold_the_total_and_split_the_experts(n, sharing):
-  config = size_family.member(BASE, n, sharing)
+def test_members_hold_the_total_and_split_the_experts(base, n, sharing):
+  config = size_family.member(base, n, sharing)
   total = size_family.total_params(config)
-  base_total = size_family.total_params(BASE)
+  base_total = size_family.total_params(base)
   assert config.num_partitions == n and config.sharing == sharing
-  assert config.num_experts * n == BASE.num_experts
+  assert config.num_experts * n == base.num_experts
   if sharing == "none":
     assert abs(total - base_total) <= 0.05 * base_total
-    assert config.d_model < BASE.d_model
-    assert config.expert_d_ff >= BASE.expert_d_ff
+    assert config.d_model < base.d_model
+    assert config.expert_d_ff >= base.expert_d_ff
     assert config.num_heads * config.head_dim == config.d_model
   else:  # Shared width, the base's experts regrouped: the same total.
     assert total == base_total
-    assert config.d_model == BASE.d_model
+    assert config.d_model == base.d_model
 
 
 def test_none_members_are_the_widest_that_keep_expert_width():

@@ -43,6 +43,39 @@ def test_forget_quality_golden():
   assert math.isnan(same["forget_gap_closed"])
 
 
+def test_gap_is_closed_toward_uniform_when_the_reference_is_worse():
+  # Reference 5.0 nats; a uniform distribution scores 4.0: forgetting
+  # needs no more than knowing nothing, so the gap is (3.5 - 2) / (4 - 2).
+  q = tradeoff_metrics.forget_quality(
+      "ur", UNLEARNED, ORIGINAL, REFERENCE, uniform_loss=4.0
+  )
+  assert q["forget_loss_target"] == 4.0
+  assert q["reference_worse_than_uniform"] == 1.0
+  assert q["forget_gap_closed"] == pytest.approx(0.75)
+  better = tradeoff_metrics.forget_quality(
+      "ur", UNLEARNED, ORIGINAL, REFERENCE, uniform_loss=8.0
+  )
+  assert better["forget_loss_target"] == 5.0
+  assert better["reference_worse_than_uniform"] == 0.0
+  assert better["forget_gap_closed"] == pytest.approx(0.5)
+
+
+def test_utility_splits_the_forget_partition_from_the_rest():
+  # The forget language's partition holds ar and hi; fa and en are outside.
+  u = tradeoff_metrics.utility(
+      "ur", UNLEARNED, ORIGINAL, partition=("ar", "ur", "hi")
+  )
+  assert u["inside_loss"] == pytest.approx((3.5 + 1.5) / 2)
+  assert u["inside_loss_delta"] == pytest.approx(0.5)
+  assert u["outside_loss"] == pytest.approx((2.5 + 4.0) / 2)
+  assert u["outside_loss_delta"] == pytest.approx(0.0)
+  one_partition = tradeoff_metrics.utility(
+      "ur", UNLEARNED, ORIGINAL, partition=tuple(UNLEARNED)
+  )
+  assert one_partition["inside_loss"] == one_partition["retain_loss"]
+  assert math.isnan(one_partition["outside_loss"])
+
+
 def test_utility_golden():
   u = tradeoff_metrics.utility("ur", UNLEARNED, ORIGINAL)
   assert u["retain_loss"] == pytest.approx((3.5 + 2.5 + 1.5 + 4.0) / 4)

@@ -23,6 +23,7 @@ Shape letters: N languages, M MoE layers, E experts, K slots per token.
 
 import dataclasses
 import math
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -247,7 +248,10 @@ def summary(
 
 
 def compartmentalization_columns(
-    counts: routing_counts.RoutingCounts, code: str, m: int
+    counts: routing_counts.RoutingCounts,
+    code: str,
+    m: int,
+    reachable: Optional[Sequence[int]] = None,
 ) -> dict[str, float]:
   """How concentrated a language is in experts, averaged over MoE layers.
 
@@ -255,10 +259,15 @@ def compartmentalization_columns(
     counts: routing counts with global expert ids (the evaluator's).
     code: the language (e.g. the one to forget).
     m: experts counted by the top-m mass.
+    reachable: global ids of the experts the language can be routed to
+      (its partition's under strict partitions or shared attention);
+      None = all. Its entropy is normalized by log of their number: a
+      language spread evenly over the 4 experts of its partition has
+      entropy 1, not log 4 / log 16.
 
   Returns:
     comp_top_m (m), comp_top_m_mass (share of its routing in its m most used
-    experts), comp_entropy (normalized entropy over all the model's experts),
+    experts), comp_entropy (normalized entropy over the reachable experts),
     comp_specificity_bits (its KL term of I(L; E)) and comp_mi_bits (I(L; E)
     over all languages, uniform language prior).
   """
@@ -266,10 +275,16 @@ def compartmentalization_columns(
   per_layer = [compartmentalization(counts.usage(y), code, m) for y in layers]
   mi = [mutual_information(counts.usage(y), "uniform") for y in layers]
   mean = lambda name: float(np.mean([getattr(c, name) for c in per_layer]))
+  row = languages.language_id(code)
+  cols = slice(None) if reachable is None else list(reachable)
+  entropy = [
+      normalized_entropy(counts.usage(y)[row : row + 1, cols])[0]
+      for y in layers
+  ]
   return {
       "comp_top_m": m,
       "comp_top_m_mass": mean("top_m_coverage"),
-      "comp_entropy": mean("normalized_entropy"),
+      "comp_entropy": float(np.mean(entropy)),
       "comp_specificity_bits": mean("specificity_bits"),
       "comp_mi_bits": float(np.mean(mi)),
   }

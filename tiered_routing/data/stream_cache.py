@@ -52,7 +52,7 @@ class DataCache:
     pack: pack several sequences per training row.
     materialize: keep whole training streams in memory (small corpora);
       False streams them from SeqIO during training.
-    max_validation_examples: evaluate at most this many validation examples
+    max_validation_examples: evaluate at most this many held-out examples
       per language (None = the whole split).
   """
 
@@ -72,7 +72,7 @@ class DataCache:
     self.materialize = materialize
     self.max_validation_examples = max_validation_examples
     self._streams: dict[tuple, Rows] = {}
-    self._validation: dict[str, Rows] = {}
+    self._validation: dict[tuple[str, str], Rows] = {}
 
   def _dataset(self, name: str, seed: int, rows: int) -> tf.data.Dataset:
     return pipeline.get_dataset(
@@ -110,16 +110,31 @@ class DataCache:
     return {k: v[:num_batches] for k, v in cached.items()}
 
   def partitioned(
-      self, names: Sequence[Optional[str]], rows: int, num_batches: int
+      self,
+      names: Sequence[Optional[str]],
+      rows: int,
+      num_batches: int,
+      first_partition: int = 0,
   ) -> Rows:
     """The first batches of one stream per partition (None = no data).
+
+    Args:
+      names: one mixture per partition.
+      rows: B/P.
+      num_batches: how many.
+      first_partition: the partition index of names[0]: partition q's
+        stream is seeded seed + q, so partition p retrained alone
+        (`names` of length 1, first_partition=p) reads the stream it had
+        in the whole model.
 
     Returns:
       {feature: int32 [num_batches, P, rows, L]}; batch s is the batch
       `pipeline.partitioned_dataset(names, ...)` yields at step s.
     """
     parts = [
-        None if n is None else self.stream(n, self.seed + q, rows, num_batches)
+        None
+        if n is None
+        else self.stream(n, self.seed + first_partition + q, rows, num_batches)
         for q, n in enumerate(names)
     ]
     template = next((p for p in parts if p is not None), None)
@@ -131,9 +146,15 @@ class DataCache:
     )
 
   def training_batches(
-      self, names: Sequence[Optional[str]], rows: int, num_steps: int
+      self,
+      names: Sequence[Optional[str]],
+      rows: int,
+      num_steps: int,
+      first_partition: int = 0,
   ) -> tuple[BatchesFn, np.ndarray]:
     """`trainer.train`'s `batches(start)` and the tokens per partition.
+
+    `first_partition` as in `partitioned`.
 
     Returns:
       (batches, tokens_P): scored tokens per partition over all steps when
@@ -141,7 +162,7 @@ class DataCache:
       (padding included: an upper bound).
     """
     if self.materialize:
-      batches = self.partitioned(names, rows, num_steps)
+      batches = self.partitioned(names, rows, num_steps, first_partition)
       tokens = np.sum(batches["decoder_loss_weights"] > 0, axis=(0, 2, 3))
       return _from_arrays(batches), tokens
     tokens = np.array(
@@ -151,9 +172,9 @@ class DataCache:
         ],
         np.int64,
     )
-    return self._streaming(names, rows, num_steps), tokens
+    return self._streaming(names, rows, num_steps, first_partition), tokens
 
-  def _streaming(self, names, rows, num_steps) -> BatchesFn:
+  def _streaming(self, names, rows, num_steps, first) -> BatchesFn:
     keys = [
         k for k in FEATURES if self.pack or k not in pipeline.PACKING_FEATURES
     ]
@@ -161,7 +182,7 @@ class DataCache:
         {k: np.zeros((rows, self.sequence_length), np.int32) for k in keys}
     ).repeat()
     streams = tuple(
-        zeros if n is None else self._dataset(n, self.seed + q, rows)
+        zeros if n is None else self._dataset(n, self.seed + first + q, rows)
         for q, n in enumerate(names)
     )
     zipped = tf.data.Dataset.zip(streams).map(
@@ -173,8 +194,10 @@ class DataCache:
 
     return batches_from
 
-  def validation_rows(self, tasks: Mapping[str, str]) -> dict[str, Rows]:
-    """Every language's validation split, one sequence per row.
+  def validation_rows(
+      self, tasks: Mapping[str, str], split: str = "validation"
+  ) -> dict[str, Rows]:
+    """Every language's held-out split, one sequence per row.
 
     All languages go through one SeqIO pipeline. Rows are not packed, so each
     holds one language and can be laid out by partition; a model that
@@ -182,17 +205,18 @@ class DataCache:
 
     Args:
       tasks: {language code: its task name}.
+      split: 'validation', or another held-out split ('test').
 
     Returns:
       {code: {feature: int32 [n, L]}}.
     """
-    missing = [c for c in tasks if c not in self._validation]
+    missing = [c for c in tasks if (c, split) not in self._validation]
     if missing:
       length = {"targets": self.sequence_length}
       dataset = None
       for code in missing:
         ds = seqio.get_mixture_or_task(tasks[code]).get_dataset(
-            length, split="validation", shuffle=False, num_epochs=1
+            length, split=split, shuffle=False, num_epochs=1
         )
         if self.max_validation_examples is not None:
           ds = ds.take(self.max_validation_examples)
@@ -214,11 +238,11 @@ class DataCache:
         keep = row_language == languages.language_id(code)
         if not keep.any():
           raise ValueError(
-              f"Task {tasks[code]!r} has no validation rows of "
+              f"Task {tasks[code]!r} has no {split} rows of "
               f"language {code!r}."
           )
-        self._validation[code] = {k: v[keep] for k, v in rows.items()}
-    return {c: self._validation[c] for c in tasks}
+        self._validation[code, split] = {k: v[keep] for k, v in rows.items()}
+    return {c: self._validation[c, split] for c in tasks}
 
 
 def _from_arrays(batches: Rows) -> BatchesFn:

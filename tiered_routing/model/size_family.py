@@ -6,7 +6,9 @@ member, `member` builds the one with n partitions and a sharing level:
 
   'attention', 'all'  shared embeddings and attention at the n = 1 width;
                       each partition gets E / n of the n = 1 experts
-                      unchanged, so the total is n = 1's exactly (routers
+                      unchanged and, under 'attention' (whose dense FFNs
+                      are private, DEMix-style), 1 / n of the dense FFN
+                      width; so the total is n = 1's exactly (routers
                       included: P routers over E / P experts each).
   'none'              n private models. Every partition repeats the
                       embedding and attention, so they must be narrower:
@@ -34,14 +36,17 @@ def total_params(config: decoder_config.DecoderConfig) -> int:
 
 
 def _with_width(base, n, sharing, d_model, expert_d_ff):
-  scale = d_model / base.d_model
+  if sharing == "attention":
+    d_ff = base.d_ff // n  # Private dense FFNs split the base's units.
+  else:
+    d_ff = round(base.d_ff * d_model / base.d_model)
   return dataclasses.replace(
       base,
       num_partitions=n,
       sharing=sharing,
       d_model=d_model,
       num_heads=max(1, d_model // base.head_dim),
-      d_ff=max(1, round(base.d_ff * scale)),
+      d_ff=max(1, d_ff),
       num_experts=base.num_experts // n,
       expert_d_ff=expert_d_ff,
   )

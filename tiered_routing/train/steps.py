@@ -56,6 +56,11 @@ class TrainConfig:
     log_every_steps: metrics period; non-finite values are also checked then
       and before every save.
     async_checkpointing: write checkpoints in a background thread.
+    loss_scale: multiplies the whole loss. The loss of a P-partition model
+      is the mean over its partitions, so partition p's gradient is 1/P of
+      its own loss's; a partition retrained alone as a one-partition model
+      (exact unlearning) uses loss_scale = 1/P so that clipping and the
+      optimizer see the gradients it had inside the P-partition model.
   """
 
   train_steps: int
@@ -68,6 +73,7 @@ class TrainConfig:
   keep_checkpoints: Optional[int] = 3
   log_every_steps: int = 100
   async_checkpointing: bool = True
+  loss_scale: float = 1.0
 
   def __post_init__(self):
     for name in (
@@ -84,6 +90,10 @@ class TrainConfig:
         raise ValueError(
             f"TrainConfig.{name}={getattr(self, name)!r} must be >= 0."
         )
+    if not self.loss_scale > 0:
+      raise ValueError(
+          f"TrainConfig.loss_scale={self.loss_scale!r} must be > 0."
+      )
 
 
 @flax.struct.dataclass
@@ -202,6 +212,8 @@ def _microbatch_loss(params, batch, rng, inv_weight_P, *, objective):
       )
       / m
   )
+  if config.loss_scale != 1.0:  # Python-level: 1.0 leaves the program as is.
+    loss = loss * config.loss_scale
   lang_loss, lang_weight = losses.per_language_sums(
       ce_PxBxL, weights, batch["decoder_language_ids"]
   )

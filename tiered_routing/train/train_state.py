@@ -9,7 +9,7 @@ through the parameter they belong to.
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import flax.struct
@@ -21,6 +21,7 @@ import optax
 from tiered_routing import sharding
 from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
+from tiered_routing.tier1 import one_partition
 from tiered_routing.train import optimizers
 
 
@@ -169,12 +170,27 @@ def setup(
 
 
 def init_state(
-    s: Setup, rng: jax.Array, batch_shape: tuple[int, int, int]
+    s: Setup,
+    rng: jax.Array,
+    batch_shape: tuple[int, int, int],
+    init_params: Optional[Callable[[jax.Array], Any]] = None,
 ) -> TrainState:
-  """A fresh, sharded train state (step 0)."""
+  """A fresh, sharded train state (step 0).
+
+  Args:
+    s: the setup.
+    rng: the init key.
+    batch_shape: [P, B/P, L].
+    init_params: rng -> unboxed parameters, instead of the model's own init
+      (e.g. one partition of a P-partition model's init, for retraining
+      that partition alone from the same initialization).
+  """
 
   def init_fn(rng):
-    params = _strip_boxes(_init_params(s.model, rng, batch_shape))
+    if init_params is not None:
+      params = init_params(rng)
+    else:
+      params = _strip_boxes(_init_params(s.model, rng, batch_shape))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -182,3 +198,24 @@ def init_state(
     )
 
   return jax.jit(init_fn, out_shardings=s.shardings)(rng)
+
+
+def partition_init(
+    model: transformer.TieredDecoder,
+    partition: int,
+    batch_shape: tuple[int, int, int],
+) -> Callable[[jax.Array], Any]:
+  """rng -> partition p of a strict-partition `model`'s initial parameters,
+  as a one-partition model's: what `init_state` needs to retrain that
+  partition alone from the initialization it had (SISA)."""
+  if model.config.sharing != "none":
+    raise ValueError(
+        "Only strict partitions (sharing 'none') can be initialized alone; "
+        f"got sharing={model.config.sharing!r}."
+    )
+
+  def init(rng):
+    params = _strip_boxes(_init_params(model, rng, batch_shape))
+    return one_partition.partition_params(params, partition)
+
+  return init

@@ -41,10 +41,11 @@ def _restore_or_init(
     s: train_state.Setup,
     init_rng: jax.Array,
     batch_shape: tuple[int, int, int],
+    init_params: Optional[Callable[[jax.Array], Any]],
 ) -> train_state.TrainState:
   if ckpt.latest_step() is None:
     logging.info("No checkpoint in %s: initializing.", ckpt.directory)
-    return train_state.init_state(s, init_rng, batch_shape)
+    return train_state.init_state(s, init_rng, batch_shape, init_params)
   restored = ckpt.restore(s.abstract_state, s.shardings)
   data_step = restored.metadata.get("data_step", restored.step)
   if data_step != restored.step:
@@ -81,6 +82,7 @@ def train(
     mesh: Mesh,
     metadata: Optional[Mapping[str, Any]] = None,
     lock_model_dir: bool = True,
+    init_params: Optional[Callable[[jax.Array], Any]] = None,
 ) -> train_state.TrainState:
   """Trains (or resumes) to `config.train_steps`, checkpointing in model_dir.
 
@@ -97,6 +99,8 @@ def train(
     mesh: device mesh (see `sharding.make_mesh`).
     metadata: extra JSON saved with every checkpoint (e.g. the gin config).
     lock_model_dir: take the model_dir lock (False if the caller holds it).
+    init_params: the initial parameters as a function of the init key
+      (`train_state.init_state`); None = the model's own init.
 
   Returns:
     The final train state.
@@ -116,11 +120,14 @@ def train(
         model_config, optimizer_config, config.train_steps, mesh, batch_shape
     )
     return _train_locked(
-        model_dir, s, config, batches, batch_shape, mesh, dict(metadata or {})
+        model_dir, s, config, batches, batch_shape, mesh,
+        dict(metadata or {}), init_params,
     )
 
 
-def _train_locked(model_dir, s, config, batches, batch_shape, mesh, metadata):
+def _train_locked(
+    model_dir, s, config, batches, batch_shape, mesh, metadata, init_params
+):
   """Opens metrics and checkpoints, restores or initializes, and loops."""
   ckpt_dir = os.path.join(model_dir, "checkpoints")
   writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"))
@@ -132,7 +139,7 @@ def _train_locked(model_dir, s, config, batches, batch_shape, mesh, metadata):
         max_to_keep=config.keep_checkpoints,
         async_save=config.async_checkpointing,
     ) as ckpt:
-      state = _restore_or_init(ckpt, s, init_rng, batch_shape)
+      state = _restore_or_init(ckpt, s, init_rng, batch_shape, init_params)
       log = metrics_writer.TrainMetricsLog(
           writer, s.schedule, config.train_steps, ckpt_dir
       )

@@ -40,8 +40,21 @@ def train_model(
     names: Sequence[Optional[str]],
     cache: stream_cache.DataCache,
     mesh,
+    first_partition: int = 0,
+    init_params=None,
 ) -> tuple[Any, np.ndarray]:
   """Trains (or restores) a model on one stream per partition (None = none).
+
+  Args:
+    model_dir: its checkpoints.
+    spec: how it is trained.
+    names: one mixture per partition.
+    cache: the streams.
+    mesh: device mesh.
+    first_partition: the partition index of names[0] (the data seed of
+      partition q is the cache's seed + q): p for partition p alone.
+    init_params: `trainer.train`'s initial parameters; None = the model's
+      own init.
 
   Returns:
     (params, training tokens per partition, int64 [P]; see
@@ -54,7 +67,7 @@ def train_model(
     )
   _, rows, _ = spec.batch_shape
   batches, tokens = cache.training_batches(
-      names, rows, spec.train_config.train_steps
+      names, rows, spec.train_config.train_steps, first_partition
   )
   state = trainer.train(
       model_dir=model_dir,
@@ -64,6 +77,7 @@ def train_model(
       batches=batches,
       batch_shape=spec.batch_shape,
       mesh=mesh,
+      init_params=init_params,
   )
   return state.params, tokens
 
@@ -112,18 +126,23 @@ class TrainedConfiguration:
   def to_device(self, batch):
     return sharding.to_global_batch(batch, self.mesh)
 
-  def score(self, params, expert_mask_MxPxE=None) -> LanguageResults:
+  def score(
+      self, params, expert_mask_MxPxE=None, config=None
+  ) -> LanguageResults:
     """Every language's results; strict partitions rescore the forget
-    partition's languages only (the others cannot have changed)."""
+    partition's languages only (the others cannot have changed). `config`
+    overrides the model config (e.g. a larger expert capacity)."""
     if not self.strict:
-      return _evaluate(self.evaluator, params, expert_mask_MxPxE)[0]
+      return _evaluate(self.evaluator, params, expert_mask_MxPxE, None,
+                       config)[0]
     part, _ = _evaluate(
-        self.evaluator, params, expert_mask_MxPxE, [self.forget_partition]
+        self.evaluator, params, expert_mask_MxPxE, [self.forget_partition],
+        config,
     )
     return {**self.base, **part}
 
 
-def _evaluate(evaluator, params, mask=None, partitions=None):
+def _evaluate(evaluator, params, mask=None, partitions=None, config=None):
   """(language results, routing) of one evaluation. Routing is always
   captured, so that every evaluation of a model shares one program."""
   result = evaluator.evaluate(
@@ -131,6 +150,7 @@ def _evaluate(evaluator, params, mask=None, partitions=None):
       expert_mask_MxPxE=mask,
       partitions=partitions,
       capture_routing=True,
+      config=config,
   )
   return result.language_results(), result.routing
 
@@ -167,7 +187,7 @@ def prepare(
       mesh,
   )
   validation = cache.validation_rows(
-      {x: data.task_name(x) for x in languages.CODES}
+      {x: data.task_name(x) for x in languages.CODES}, config.eval_split
   )
   evaluator = language_eval.LanguageEvaluator(
       cfg,
@@ -180,3 +200,13 @@ def prepare(
       run, scheme, spec, data, config, cache, mesh, plan, original,
       evaluator, base, routing,
   )
+
+
+def for_language(
+    c: TrainedConfiguration, config: specs.UnlearningConfig
+) -> TrainedConfiguration:
+  """The same trained configuration, set up to forget
+  `config.forget_language` (the original, its evaluator and scores are
+  shared by every forget language)."""
+  plan = exact.plan(c.scheme, config.forget_language, c.data.task_name)
+  return dataclasses.replace(c, config=config, plan=plan)

@@ -1,4 +1,4 @@
-"""The gradient unlearning methods GA, GradDiff, NPO and TRACE, run as data.
+"""The gradient unlearning methods GA, GradDiff, NPO(+retain), TRACE, as data.
 
 A method is an immutable record of coefficients
 (`combined_objective.Coefficients`, made by `FinetuneConfig.coefficients`
@@ -34,10 +34,14 @@ from tiered_routing.train import optimizers
 from tiered_routing.train import steps
 from tiered_routing.train import train_state
 from tiered_routing.unlearning import combined_objective
+from tiered_routing.unlearning import held_out_stop
 from tiered_routing.unlearning import objectives
 from tiered_routing.unlearning import trace as trace_lib
 
-METHODS = ("ga", "graddiff", "npo", "trace")
+METHODS = ("ga", "graddiff", "npo", "npo_retain", "trace")
+# Without retain data (the forget language was its partition's only one)
+# the methods of a group are the same objective, so run and shown once.
+_SAME_WITHOUT_RETAIN = (("ga", "graddiff"), ("npo", "npo_retain", "trace"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +86,21 @@ class FinetuneConfig:
     self.objective_config("npo")
 
   def objective_config(self, method: str) -> objectives.ObjectiveConfig:
-    """The objective a method minimises (TRACE: its retain-weighted one)."""
+    """The objective a method minimises (TRACE: its retain-weighted one).
+
+    'npo_retain' is NPO plus a plain retain NLL with TRACE's coefficients
+    (forget and retain weights, beta): with TRACE's default NPO forgetting
+    it is TRACE without the reweighting, its proper baseline, so that
+    TRACE vs npo_retain isolates the routing-aware part."""
     if method == "trace":
       return self.trace.objective_config()
+    if method == "npo_retain":
+      return objectives.ObjectiveConfig(
+          "npo",
+          forget_coeff=self.trace.forget_coeff,
+          retain_coeff=self.trace.retain_coeff,
+          npo_beta=self.trace.npo_beta,
+      )
     if method not in METHODS:
       raise ValueError(f"Unknown method {method!r}; allowed: {METHODS}.")
     retain = self.graddiff_retain_coeff if method == "graddiff" else None
@@ -104,6 +120,28 @@ class FinetuneConfig:
         trace=f32(method == "trace"),
         npo_beta=f32(config.npo_beta),
     )
+
+
+def identical_by_construction(
+    methods: tuple[str, ...], has_retain_data: bool
+) -> list[tuple[str, ...]]:
+  """`methods` grouped into runs: each group is one objective.
+
+  Without retain data the retain term is 0 whatever its weight, so GA =
+  GradDiff and NPO = NPO+retain = TRACE: each group runs once (its first
+  member) and is reported as one row named 'ga=graddiff' etc.
+  """
+  if has_retain_data:
+    return [(m,) for m in methods]
+  out, seen = [], set()
+  for m in methods:
+    if m in seen:
+      continue
+    group = next((g for g in _SAME_WITHOUT_RETAIN if m in g), (m,))
+    members = tuple(x for x in group if x in methods)
+    seen.update(members)
+    out.append(members)
+  return out
 
 
 def update_mask(
@@ -229,15 +267,23 @@ def _paired_steps(forget, retain):
     }
 
 
-def _recorder(history: list, stop_nll: Optional[float]) -> loop.Hook:
-  """Keeps every step's device metrics; stops after the first step whose
-  forget NLL reached `stop_nll` (reading it waits for the step, so only
-  when stopping early)."""
+def _recorder(
+    history: list,
+    stop: Optional[held_out_stop.HeldOutStop],
+    model_config: decoder_config.DecoderConfig,
+) -> loop.Hook:
+  """Keeps every step's device metrics (with the held-out NLL after the
+  step when stopping) and stops after the first step that reached the
+  target."""
 
   def hook(done, state, metrics):
-    del done, state
-    history.append(metrics)
-    return stop_nll is not None and float(metrics["forget_nll"]) >= stop_nll
+    del done
+    if stop is None:
+      history.append(metrics)
+      return False
+    held_out = held_out_stop.mean_nll(model_config, state.params, stop.batch)
+    history.append({**metrics, "held_out_forget_nll": held_out})
+    return held_out >= stop.target_nll
 
   return hook
 
@@ -252,7 +298,7 @@ def unlearn(
     critical_MxPxE: np.ndarray,
     update_mask_tree: Optional[Any] = None,
     to_device: Callable[[Any], Any] = lambda b: b,
-    stop_nll: Optional[float] = None,
+    stop: Optional[held_out_stop.HeldOutStop] = None,
 ) -> tuple[Any, dict[str, np.ndarray]]:
   """Runs one gradient method over (at most) N forget / retain batches.
 
@@ -266,9 +312,9 @@ def unlearn(
     critical_MxPxE: bool forget-critical experts (TRACE; any value else).
     update_mask_tree: `update_mask(...)`, or None to update everything.
     to_device: places a host batch (e.g. on a mesh).
-    stop_nll: if set, the loop ends after the first step whose forget batch
-      NLL (per token, measured before that step's update) is >= stop_nll:
-      at most one step past the target.
+    stop: if set, the loop ends after the first step whose held-out forget
+      NLL (after that step's update) reaches the target: at most one step
+      past it.
 
   Returns:
     (new params, {metric: float64 [steps taken]} per step).
@@ -293,7 +339,7 @@ def unlearn(
       start=0,
       end=num_steps,
       to_device=lambda b: {k: to_device(v) for k, v in b.items()},
-      hooks=[_recorder(history, stop_nll)],
+      hooks=[_recorder(history, stop, model_config)],
   )
   history = jax.device_get(history)
   return state.params, {

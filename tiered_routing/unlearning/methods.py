@@ -14,13 +14,12 @@ import jax
 import numpy as np
 
 from tiered_routing.data import feature_rows
-from tiered_routing.eval import language_eval
 from tiered_routing.model import transformer
-from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import one_partition
+from tiered_routing.train import train_state
 from tiered_routing.unlearning import configuration
-from tiered_routing.unlearning import expert_attribution
 from tiered_routing.unlearning import gradient_methods
+from tiered_routing.unlearning import held_out_stop as held_out_stop_lib
 from tiered_routing.unlearning import tradeoff_metrics
 
 Rows = feature_rows.Rows
@@ -62,26 +61,37 @@ def reference_names(c: Trained) -> list[Optional[str]]:
   return names
 
 
-def reference_and_exact(
-    c: Trained, work_dir: str, active: int
-) -> tuple[tradeoff_metrics.LanguageResults, Row]:
-  """The never-saw-it reference's results and the exact method's row."""
+class Reference(NamedTuple):
+  """The never-saw-it reference model: its results, the exact method's
+  row and its parameters (None when the partition was dropped)."""
+
+  languages: tradeoff_metrics.LanguageResults
+  exact_row: Row
+  params: Optional[Any]
+
+
+def reference_and_exact(c: Trained, work_dir: str, active: int) -> Reference:
+  """Trains (or restores) the reference; it is also the exact method."""
   code, cfg, p = c.config.forget_language, c.spec.model_config, c.plan.partition
   if c.strict and c.plan.action == "drop":
     langs = uniform_forget(c.base, code, cfg.vocab_size)
-    return langs, Row(
+    row = Row(
         "exact_drop",
         langs,
         tradeoff_metrics.UnlearningCost(active_params=active),
         {},
     )
-  params, tokens = configuration.train_model(
-      os.path.join(work_dir, "reference"),
-      c.spec,
-      reference_names(c),
-      c.cache,
-      c.mesh,
-  )
+    return Reference(langs, row, None)
+  if c.strict:
+    params, tokens = _retrain_partition(c, work_dir)
+  else:
+    params, tokens = configuration.train_model(
+        os.path.join(work_dir, "reference"),
+        c.spec,
+        reference_names(c),
+        c.cache,
+        c.mesh,
+    )
   ref = c.score(params)
   extra = {}
   if c.strict:
@@ -94,13 +104,36 @@ def reference_and_exact(
           c.run,
           p,
       )
-    tokens = tokens[p : p + 1]
   cost = tradeoff_metrics.UnlearningCost(
       steps=c.spec.train_config.train_steps,
       train_tokens=int(tokens.sum()),
       active_params=active,
   )
-  return ref, Row("exact_retrain", ref, cost, extra)
+  return Reference(ref, Row("exact_retrain", ref, cost, extra), params)
+
+
+def _retrain_partition(c: Trained, work_dir: str) -> tuple[Any, np.ndarray]:
+  """Strict partitions: partition p retrained alone without the forget
+  language, from the initialization it had, on the stream it had (SISA);
+  the other partitions are the original's. Returns (params, tokens [1]).
+
+  Trained alone it costs 1/P of the whole model; its loss is scaled by 1/P
+  so that it sees the gradients it had inside the P-partition model
+  (`steps.TrainConfig.loss_scale`)."""
+  cfg, p = c.spec.model_config, c.forget_partition
+  init = train_state.partition_init(
+      transformer.TieredDecoder(cfg), p, c.spec.batch_shape
+  )
+  params, tokens = configuration.train_model(
+      os.path.join(work_dir, "reference"),
+      c.spec.partition_alone(),
+      [reference_names(c)[p]],
+      c.cache,
+      c.mesh,
+      first_partition=p,
+      init_params=init,
+  )
+  return one_partition.with_partition_params(c.original, p, params), tokens
 
 
 def unlearning_batches(c: Trained) -> dict[str, Rows]:
@@ -132,117 +165,44 @@ def unlearning_batches(c: Trained) -> dict[str, Rows]:
   }
 
 
-def _frequencies(c: Trained, counts) -> tuple[np.ndarray, np.ndarray]:
-  """Forget and retain activation frequencies [M, E'] of the experts the
-  forget language can reach: its partition's E (private experts) or all
-  P * E (sharing 'all'). Retain tokens are those that reach the same
-  experts: its partition's other languages, or every other language."""
-  code, e = c.config.forget_language, c.spec.model_config.num_experts
-  p = c.forget_partition
-  if c.spec.model_config.sharing == "all":
-    cols = slice(None)
-    retained = [x for x in languages.CODES if x != code]
+def _unlearned_model(c: Trained, params: Any) -> tuple[Any, Any]:
+  """(config, params) of the model the gradient methods update: the
+  forget partition alone under strict partitions, else the whole model."""
+  cfg, p = c.spec.model_config, c.forget_partition
+  if c.strict:
+    return (
+        one_partition.one_partition_config(cfg),
+        one_partition.partition_params(params, p),
+    )
+  return cfg, params
+
+
+def held_out_stop(
+    c: Trained, reference: Reference
+) -> held_out_stop_lib.HeldOutStop:
+  """The gradient methods' stopping rule: the forget language's first
+  `stop_rows` rows of `stop_split`, in the forget partition's block, and
+  the reference's NLL on them (log V when the partition was dropped,
+  and never above it)."""
+  code = c.config.forget_language
+  rows = c.cache.validation_rows(
+      {code: c.data.task_name(code)}, split=c.config.stop_split
+  )[code]
+  rows = {k: v[: c.config.stop_rows] for k, v in rows.items()}
+  if c.strict:
+    batch = {k: v[None] for k, v in rows.items()}
   else:
-    cols = slice(p * e, (p + 1) * e)
-    retained = [x for x in c.scheme.partitions[p] if x != code]
-  ids = [languages.language_id(x) for x in retained]
-  fid = languages.language_id(code)
-  f_forget = counts.assignments_NxMxE[fid][:, cols] / np.maximum(
-      counts.tokens_NxM[fid][:, None], 1
-  )
-  f_retain = counts.assignments_NxMxE[ids][:, :, cols].sum(0) / np.maximum(
-      counts.tokens_NxM[ids].sum(0)[:, None], 1
-  )
-  return f_forget, f_retain
-
-
-def _attribution_counts(c: Trained, batches: dict[str, Rows]):
-  """Routing counts of the first `attribution_batches` forget and retain
-  batches, regrouped into the evaluator's [P', eval rows, L] batches."""
-  a = c.config.attribution_batches
-  cfg = c.spec.model_config
-  counts = None
-  for rows in (batches["forget"], batches["retain"]):
-    merged = feature_rows.regroup(
-        feature_rows.steps_of(rows, a), c.config.eval_rows
-    )
-    blocks = [[] for _ in range(cfg.num_partitions)]
-    touched = [c.forget_partition] if c.strict else range(cfg.num_partitions)
-    for i, q in enumerate(touched):
-      blocks[q] = [
-          {k: v[b, i] for k, v in merged.items()}
-          for b in range(len(merged["decoder_input_tokens"]))
-      ]
-    evaluator = language_eval.LanguageEvaluator(
-        cfg, blocks, vocabulary=None, to_device=c.to_device
-    )
-    result = evaluator.evaluate(
-        c.original,
-        partitions=[c.forget_partition] if c.strict else None,
-        capture_routing=True,
-    )
-    if counts is None:
-      counts = result.routing
-    else:
-      counts.merge(result.routing)
-  return counts
-
-
-def attribution(
-    c: Trained, batches: dict[str, Rows]
-) -> tuple[np.ndarray, int, dict[str, Any]]:
-  """Forget-critical experts from the trained model's routing.
-
-  Counts the routing of the first `attribution_batches` forget and retain
-  unlearning batches and picks experts by `config.attribution`.
-
-  Returns:
-    (critical bool [M, P, E'] (True = remove for the forget partition's
-    tokens, every partition's under sharing 'all'), forward tokens spent,
-    extra columns).
-  """
-  counts = _attribution_counts(c, batches)
-  critical, _ = expert_attribution.critical_experts(
-      *_frequencies(c, counts), c.config.attribution
-  )
-  cfg = c.spec.model_config
-  allowed = expert_attribution.router_mask(
-      critical,
-      cfg.num_partitions,
-      partitions=None if cfg.sharing == "all" else [c.forget_partition],
-  )
-  a = c.config.attribution_batches
-  tokens = sum(
-      feature_rows.scored_tokens(feature_rows.steps_of(rows, a))
-      for rows in batches.values()
-  )
-  extra = {
-      "masked_experts": int(critical.sum()),
-      "critical_experts": " ".join(
-          f"L{m}:" + ",".join(map(str, np.flatnonzero(row)))
-          for m, row in enumerate(critical)
-      ),
-  }
-  return ~allowed, tokens, extra
-
-
-def mask_method(
-    c: Trained,
-    critical: np.ndarray,
-    active: int,
-    tokens: int,
-    extra: dict[str, Any],
-) -> Row:
-  """Masks the forget-critical experts out of the forget partition's router
-  (no training; the cost is the attribution's forward passes)."""
-  return Row(
-      "mask",
-      c.score(c.original, ~critical),
-      tradeoff_metrics.UnlearningCost(
-          forward_tokens=tokens, active_params=active
-      ),
-      extra,
-  )
+    num_partitions = c.spec.model_config.num_partitions
+    blocks = [feature_rows.zeros_like(rows)] * num_partitions
+    blocks[c.forget_partition] = rows
+    batch = feature_rows.stack(blocks, axis=0)
+  batch = c.to_device(batch)
+  uniform = math.log(c.spec.model_config.vocab_size)
+  if reference.params is None:
+    return held_out_stop_lib.HeldOutStop(batch, uniform)
+  cfg, params = _unlearned_model(c, reference.params)
+  target = held_out_stop_lib.mean_nll(cfg, params, batch)
+  return held_out_stop_lib.HeldOutStop(batch, min(target, uniform))
 
 
 def _update_mask(model_cfg, start, partition):
@@ -282,22 +242,18 @@ def gradient_method(
     critical: np.ndarray,
     active: int,
     attribution_tokens: int,
-    stop_nll: Optional[float] = None,
+    stop: Optional[held_out_stop_lib.HeldOutStop] = None,
 ) -> Row:
   """Runs one gradient method from the trained parameters.
 
   Strict partitions unlearn the forget partition as a one-partition model
   (the others cannot change) and are scored on its languages only. With
-  `stop_nll` the method stops early (`gradient_methods.unlearn`); its cost
-  counts the steps it took.
+  `stop` the method stops at the target held-out forget NLL
+  (`gradient_methods.unlearn`); its cost counts the steps it took.
   """
   ft_config = c.config.finetune
-  cfg = c.spec.model_config
   p = c.forget_partition
-  model_cfg = one_partition.one_partition_config(cfg) if c.strict else cfg
-  start = (
-      one_partition.partition_params(c.original, p) if c.strict else c.original
-  )
+  model_cfg, start = _unlearned_model(c, c.original)
   mask = _update_mask(model_cfg, start, p)
   new, history = gradient_methods.unlearn(
       model_cfg,
@@ -309,7 +265,7 @@ def gradient_method(
       critical[:, p : p + 1] if c.strict else critical,
       mask,
       c.to_device,
-      stop_nll,
+      stop,
   )
   taken = len(history["forget_nll"])
   params = (
@@ -330,4 +286,11 @@ def gradient_method(
       "final_retain_nll": float(history["retain_nll"][-1]),
       "learning_rate": ft_config.learning_rate,
   }
+  if stop is not None:
+    held_out = float(history["held_out_forget_nll"][-1])
+    extra.update(
+        held_out_forget_nll=held_out,
+        held_out_target_nll=stop.target_nll,
+        reached_target=held_out >= stop.target_nll,
+    )
   return Row(method, c.score(params), cost, extra)

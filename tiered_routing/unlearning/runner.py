@@ -52,6 +52,7 @@ from tiered_routing.model import param_count
 from tiered_routing.tier1 import schemes
 from tiered_routing.unlearning import configuration
 from tiered_routing.unlearning import gradient_methods
+from tiered_routing.unlearning import mask_method
 from tiered_routing.unlearning import methods
 from tiered_routing.unlearning import specs
 from tiered_routing.unlearning import tradeoff_metrics
@@ -88,29 +89,49 @@ def _check_finite(run: str, method: str, langs) -> None:
 def _approximate_rows(c, reference, active) -> list[methods.Row]:
   """The rows of the mask and gradient methods, in `config.methods` order.
 
-  Gradient methods stop at the reference's forget loss when
-  `stop_at_reference` is set."""
+  Gradient methods stop at the reference's held-out forget NLL when
+  `stop_at_reference` is set. Methods that are the same objective for
+  this configuration (no retain data: GA = GradDiff, NPO = NPO+retain =
+  TRACE) run once, as one row named 'ga=graddiff' etc."""
   config = c.config
   batches = methods.unlearning_batches(c)
-  critical, tokens, attribution_extra = methods.attribution(c, batches)
-  stop_nll = (
-      reference[config.forget_language]["loss"]
+  critical, tokens, attribution_extra = mask_method.attribution(c, batches)
+  stop = (
+      methods.held_out_stop(c, reference)
       if config.finetune.stop_at_reference
       else None
   )
+  has_retain = bool(c.plan.retain_languages) or not c.strict
+  gradient = tuple(m for m in config.methods if m in gradient_methods.METHODS)
+  groups = {
+      g[0]: g
+      for g in gradient_methods.identical_by_construction(gradient, has_retain)
+  }
   rows = []
   for method in config.methods:
     if method == "mask":
       rows.append(
-          methods.mask_method(c, critical, active, tokens, attribution_extra)
-      )
-    elif method in gradient_methods.METHODS:
-      rows.append(
-          methods.gradient_method(
-              c, method, batches, critical, active, tokens, stop_nll
+          mask_method.mask_method(
+              c, critical, active, tokens, attribution_extra
           )
       )
+    elif method in groups:
+      row = methods.gradient_method(
+          c, method, batches, critical, active, tokens, stop
+      )
+      rows.append(row._replace(method="=".join(groups[method])))
   return rows
+
+
+def _reachable_experts(c: configuration.TrainedConfiguration) -> range:
+  """Global ids of the experts the forget language's tokens can reach:
+  its partition's E (strict partitions, shared attention), or the whole
+  pool of P * E (sharing 'all', routed by tier 2 alone)."""
+  cfg = c.spec.model_config
+  if cfg.sharing == "all":
+    return range(cfg.experts_per_layer)
+  e = cfg.num_experts
+  return range(c.forget_partition * e, (c.forget_partition + 1) * e)
 
 
 def run_configuration(
@@ -144,10 +165,20 @@ def run_configuration(
       run=run, scheme=scheme, spec=spec, data=data, config=config,
       cache=cache, work_dir=work_dir, mesh=mesh,
   )
+  return forget(c, work_dir)
+
+
+def forget(
+    c: configuration.TrainedConfiguration, work_dir: str
+) -> ConfigurationResult:
+  """Forgets `c.config.forget_language` from a prepared configuration with
+  every method; the reference's checkpoints go to work_dir/reference."""
+  config, spec, scheme = c.config, c.spec, c.scheme
   active = param_count.count_params(spec.model_config).active
-  reference, exact_row = methods.reference_and_exact(c, work_dir, active)
-  rows = [exact_row] if "exact" in config.methods else []
-  rows += _approximate_rows(c, reference, active)
+  ref = methods.reference_and_exact(c, work_dir, active)
+  reference = ref.languages
+  rows = [ref.exact_row] if "exact" in config.methods else []
+  rows += _approximate_rows(c, ref, active)
   code = config.forget_language
   extra = {
       "scheme": scheme.name,
@@ -155,7 +186,7 @@ def run_configuration(
       "sharing": spec.model_config.sharing,
       "forget_partition": c.forget_partition,
       **routing_stats.compartmentalization_columns(
-          c.base_routing, code, config.top_m
+          c.base_routing, code, config.top_m, _reachable_experts(c)
       ),
   }
   results = tuple(_result(c, row, reference, extra) for row in rows)
@@ -180,9 +211,18 @@ def _result(
       method=row.method,
       forget_language=code,
       forget=tradeoff_metrics.forget_quality(
-          code, row.languages, c.base, reference
+          code,
+          row.languages,
+          c.base,
+          reference,
+          uniform_loss=math.log(c.spec.model_config.vocab_size),
       ),
-      utility=tradeoff_metrics.utility(code, row.languages, c.base),
+      utility=tradeoff_metrics.utility(
+          code,
+          row.languages,
+          c.base,
+          c.scheme.partitions[c.forget_partition],
+      ),
       cost=row.cost,
       extra={**extra, **row.extra},
   )

@@ -43,6 +43,28 @@ class TrainSpec:
     p = self.model_config.num_partitions
     return (p, self.batch_size // p, self.sequence_length)
 
+  def partition_alone(self) -> "TrainSpec":
+    """How one strict partition is retrained alone: a one-partition model
+    on B/P rows, its loss scaled by 1/P (`steps.TrainConfig.loss_scale`)
+    so that it sees the gradients it had inside the P-partition model."""
+    cfg = self.model_config
+    if cfg.sharing != "none":
+      raise ValueError(
+          "Only strict partitions (sharing 'none') train alone; got "
+          f"sharing={cfg.sharing!r}."
+      )
+    p = cfg.num_partitions
+    return TrainSpec(
+        dataclasses.replace(cfg, num_partitions=1),
+        self.optimizer_config,
+        dataclasses.replace(
+            self.train_config,
+            loss_scale=self.train_config.loss_scale / p,
+        ),
+        self.batch_size // p,
+        self.sequence_length,
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
@@ -76,6 +98,12 @@ class UnlearningConfig:
     eval_rows: rows per partition of an evaluation batch.
     top_m: m of the top-m routing mass (compartmentalization).
     seed: seed of the forget-language stream.
+    eval_split: the held-out split every model is scored on.
+    stop_split: the split of the held-out forget rows the gradient methods
+      stop on (`held_out_stop`); with eval_split 'test' and stop_split
+      'validation' no reported number is measured on rows a method was
+      stopped on (corpora with a test split: debian16).
+    stop_rows: how many of those rows.
   """
 
   forget_language: str = "ur"
@@ -88,6 +116,9 @@ class UnlearningConfig:
   eval_rows: int = 16
   top_m: int = 2
   seed: int = 0
+  eval_split: str = "validation"
+  stop_split: str = "validation"
+  stop_rows: int = 16
 
   def __post_init__(self):
     languages.get(self.forget_language)
@@ -102,7 +133,7 @@ class UnlearningConfig:
           f"UnlearningConfig.attribution_batches={self.attribution_batches!r}"
           f" must be in [1, finetune.steps={self.finetune.steps}]."
       )
-    for name in ("eval_rows", "top_m"):
+    for name in ("eval_rows", "top_m", "stop_rows"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(

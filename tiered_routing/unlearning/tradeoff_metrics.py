@@ -11,7 +11,7 @@ table always share their columns.
 import csv
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional, TextIO
 
 from tiered_routing.tier1 import languages
@@ -52,6 +52,7 @@ def forget_quality(
     unlearned: LanguageResults,
     original: LanguageResults,
     reference: Optional[LanguageResults] = None,
+    uniform_loss: float = math.inf,
 ) -> dict[str, float]:
   """How far the forget language's loss rose, absolutely and toward a reference.
 
@@ -61,13 +62,19 @@ def forget_quality(
     original: results of the model before unlearning.
     reference: results of a model trained without the forget language (the
       exact-retrain model), if one exists.
+    uniform_loss: the loss of the uniform distribution, log V. A reference
+      can score the language *worse* than uniform (a model that never saw
+      a script spreads its mass badly); forgetting never needs to go past
+      knowing nothing, so the target is min(L_ref, log V).
 
   Returns:
     forget_loss, forget_loss_original, forget_loss_delta (= unlearned -
-    original), forget_bpb, forget_bpb_delta, forget_loss_reference and
-    forget_gap_closed = (L_unlearned - L_orig) / (L_ref - L_orig): 0 = no
-    change, 1 = as if never seen, > 1 = overshoot. The last two are NaN
-    without a reference, and the gap is NaN when L_ref == L_orig.
+    original), forget_bpb, forget_bpb_delta, forget_loss_reference,
+    forget_loss_target = min(L_ref, uniform_loss),
+    reference_worse_than_uniform (1.0 / 0.0) and forget_gap_closed =
+    (L_unlearned - L_orig) / (L_target - L_orig): 0 = no change, 1 = as
+    if never seen, > 1 = overshoot. The reference columns and the gap are
+    NaN without a reference, and the gap is NaN when L_target == L_orig.
   """
   languages.get(forget_language)
   for name, res in (("unlearned", unlearned), ("original", original)):
@@ -81,13 +88,18 @@ def forget_quality(
       "forget_bpb": float(u["bpb"]),
       "forget_bpb_delta": float(u["bpb"]) - float(o["bpb"]),
       "forget_loss_reference": NAN,
+      "forget_loss_target": NAN,
+      "reference_worse_than_uniform": NAN,
       "forget_gap_closed": NAN,
   }
   if reference is not None:
     _check_results("reference", reference)
     ref_loss = float(_get("reference", reference, forget_language)["loss"])
+    target = min(ref_loss, uniform_loss)
     out["forget_loss_reference"] = ref_loss
-    gap = ref_loss - float(o["loss"])
+    out["forget_loss_target"] = target
+    out["reference_worse_than_uniform"] = float(ref_loss > uniform_loss)
+    gap = target - float(o["loss"])
     if abs(gap) > 1e-12:
       out["forget_gap_closed"] = out["forget_loss_delta"] / gap
   return out
@@ -103,17 +115,21 @@ def utility(
     forget_language: str,
     unlearned: LanguageResults,
     original: Optional[LanguageResults] = None,
+    partition: Sequence[str] = (),
 ) -> dict[str, float]:
   """Mean loss and bpb of the retained languages, overall and by group.
 
   Groups: 'retain' = every evaluated language but the forgotten one,
   'family' = the retained languages of the forgotten language's family (most
-  at risk of collateral forgetting), 'other' = the rest. With `original`,
-  '<group>_<metric>_delta' = unlearned - original over the same languages.
+  at risk of collateral forgetting), 'other' = the rest; with `partition`
+  (the languages of the forget language's tier-1 partition) also
+  'inside' = its retained languages and 'outside' = the retained languages
+  of every other partition. With `original`, '<group>_<metric>_delta' =
+  unlearned - original over the same languages.
 
   Returns:
-    {retain,family,other}_{loss,bpb} and their _delta (NaN without original
-    or for an empty group).
+    {retain,family,other,inside,outside}_{loss,bpb} and their _delta (NaN
+    without original or for an empty group).
   """
   family = languages.get(forget_language).family
   _check_results("unlearned", unlearned)
@@ -129,6 +145,8 @@ def utility(
       "retain": retain,
       "family": [c for c in retain if languages.get(c).family == family],
       "other": [c for c in retain if languages.get(c).family != family],
+      "inside": [c for c in retain if c in partition],
+      "outside": [c for c in retain if partition and c not in partition],
   }
   if original is not None:
     _check_results("original", original)
