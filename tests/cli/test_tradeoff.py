@@ -18,12 +18,15 @@ import pytest
 from tiered_routing.cli import configurables
 from tiered_routing.cli import tradeoff
 from tiered_routing.unlearning import sweep as sweep_lib
+from tiered_routing.unlearning import sweep_plot
 from tiered_routing.unlearning import sweep_report
 
 REPO = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )
-METHODS = ["exact_retrain", "mask", "ga", "graddiff", "npo", "trace"]
+METHODS = [
+    "exact_retrain", "mask", "ga", "graddiff", "npo", "npo_retain", "trace"
+]
 
 
 def _sweep(preset, bindings=()):
@@ -109,23 +112,33 @@ def test_pareto_front_golden():
   loss = [0.0, 0.1, 0.05, 0.3, 0.2, 0.0, 0.4]
   # 3.0 is capped to 1 and then dominates (1.0, 0.3); NaN is never on it.
   np.testing.assert_array_equal(
-      sweep_report.pareto_front(forget, loss), [0, 2, 4]
+      sweep_plot.pareto_front(forget, loss), [0, 2, 4]
   )
 
 
-def test_markdown_table_formats_rows():
-  row = {k: 0.5 for _, k, _ in sweep_report.TABLE_COLUMNS}
-  row.update(
-      run="family4_none", method="npo", steps=20, forget_gap_closed=float("nan")
-  )
-  text = sweep_report.markdown_table([row])
-  lines = text.splitlines()
-  assert lines[0].startswith("| config | method | forget loss rise")
-  assert lines[2].startswith("| family4_none | npo | +0.500 | n/a |")
-  with pytest.raises(ValueError, match="flops"):
-    sweep_report.markdown_table(
-        [{k: v for k, v in row.items() if k != "flops"}]
-    )
+def test_markdown_table_shows_means_with_intervals():
+  row = {
+      "run": "family4_none",
+      "forget_language": "ur",
+      "method": "npo",
+      "seeds": 3,
+      "retain_loss_delta_mean": 0.5,
+      "retain_loss_delta_ci95": 0.0625,
+      "forget_gap_closed_mean": float("nan"),
+      "forget_gap_closed_ci95": float("nan"),
+      "flops_mean": 2e9,
+      "flops_ci95": float("nan"),
+  }
+  lines = sweep_report.markdown_table([row]).splitlines()
+  assert lines[0].startswith("| config | forget | method | seeds |")
+  cells = [c.strip() for c in lines[2].strip("|").split("|")]
+  columns = [k for _, k, _ in sweep_report.TABLE_COLUMNS]
+  cell = dict(zip(columns, cells))
+  assert cell["run"] == "family4_none" and cell["seeds"] == "3"
+  assert cell["retain_loss_delta"] == "+0.500 ± 0.062"
+  assert cell["forget_gap_closed"] == "n/a"
+  assert cell["flops"] == "2.00e+09"  # No interval with a NaN half-width.
+  assert cell["steps"] == ""  # Absent columns stay blank.
 
 
 def _run(output_dir, *args):
@@ -147,7 +160,7 @@ def _run(output_dir, *args):
   )
 
 
-def test_smoke_sweep_end_to_end_and_resume(tmp_path):
+def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
   out = tmp_path / "sweep"
   first = _run(out)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -156,28 +169,38 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path):
   assert [r["method"] for r in rows] == METHODS
   for column in (
       "run",
-      "forget_loss_delta",
-      "forget_gap_closed",
-      "retain_loss_delta",
-      "retain_bpb_delta",
-      "family_loss_delta",
-      "steps",
-      "flops",
-      "comp_top_m_mass",
-      "comp_entropy",
-      "comp_mi_bits",
+      "forget_language",
+      "seeds",
+      "forget_loss_delta_mean",
+      "forget_gap_closed_ci95",
+      "retain_loss_delta_mean",
+      "retain_loss_delta_ci95",
+      "inside_loss_delta_mean",
+      "steps_mean",
+      "flops_mean",
+      "comp_entropy_mean",
+      "comp_mi_bits_mean",
   ):
     assert column in rows[0], column
   assert {r["run"] for r in rows} == {"family2_attention"}
-  for r in rows:  # At most 3 steps; early stops at the reference allowed.
-    if r["method"] in ("ga", "graddiff", "npo", "trace"):
+  assert {r["seeds"] for r in rows} == {"2"}
+  assert all(float(r["retain_loss_delta_ci95"]) >= 0 for r in rows)
+  with open(out / "results_by_seed.csv", newline="") as f:
+    by_seed = list(csv.DictReader(f))
+  assert len(by_seed) == 2 * len(METHODS)
+  for r in by_seed:  # At most 3 steps; early stops at the reference allowed.
+    if r["method"] in ("ga", "graddiff", "npo", "npo_retain", "trace"):
       assert 1 <= int(r["steps"]) <= 3, r
   table = (out / "results.md").read_text().splitlines()
-  assert sum(line.startswith("| family2_attention |") for line in table) == 6
+  assert sum(line.startswith("| family2_attention |") for line in table) == 7
   assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with open(out / "per_language.csv", newline="") as f:
     per_language = list(csv.DictReader(f))
-  assert len(per_language) == (2 + len(METHODS)) * 16
+  # Per seed: the original once, the reference and every method.
+  assert len(per_language) == 2 * (2 + len(METHODS)) * 16
+  assert all(float(r["unigram_loss"]) > 0 for r in per_language)
+  for name in ("originals.csv", "comparisons.csv", "baselines.json"):
+    assert (out / name).exists(), name
   manifest = json.loads((out / "sweep.json").read_text())
   assert manifest["configurations"] == ["family2_attention"]
   assert not [p for p in os.listdir(out) if ".tmp" in p]
@@ -191,3 +214,8 @@ def test_smoke_sweep_end_to_end_and_resume(tmp_path):
   third = _run(out, "--gin.FORGET_LANGUAGE='si'")
   assert third.returncode != 0
   assert "different gin_config" in third.stderr
+
+  # A fresh run on the same machine writes the same results, byte for byte.
+  fresh = _run(tmp_path / "again")
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  assert (tmp_path / "again" / "results.csv").read_text() == before

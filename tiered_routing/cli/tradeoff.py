@@ -85,7 +85,16 @@ FLAGS = flags.FLAGS
 
 @gin.configurable("sweep", module="tradeoff_script")
 def make_sweep(**kwargs) -> sweep_lib.Sweep:
-  for name in ("num_partitions", "scheme_kinds", "sharing_levels", "only"):
+  for name in (
+      "num_partitions",
+      "scheme_kinds",
+      "sharing_levels",
+      "only",
+      "scheme_seeds",
+      "seeds",
+      "forget_languages",
+      "shared_forget_languages",
+  ):
     if kwargs.get(name) is not None:
       kwargs[name] = tuple(kwargs[name])
   return sweep_lib.Sweep(**kwargs)

@@ -1,0 +1,159 @@
+"""The sweep's tables beyond the method rows: languages, originals, pairs.
+
+  per_language_rows   every model's loss on every language, per seed, with
+                      the language's unigram and bigram baselines.
+  original_rows       per (configuration, seed): the original model's mean
+                      loss and its margins over the baselines (how much
+                      better than counting it is; the worst language).
+  comparisons         paired differences over seeds (`sweep_statistics`)
+                      of the questions the sweep asks: each method against
+                      its proper baseline (TRACE vs NPO+retain, NPO+retain
+                      vs NPO, GradDiff vs GA) within a configuration, and
+                      each configuration against n = 1, its strict
+                      counterpart at the same n (the hybrids) and the
+                      family scheme (random schemes), for the same method.
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+from tiered_routing.unlearning import sweep_statistics
+
+NAN = float("nan")
+METHOD_PAIRS = (
+    ("trace", "npo_retain"),
+    ("npo_retain", "npo"),
+    ("graddiff", "ga"),
+)
+PAIR_METRICS = (
+    "retain_loss_delta",
+    "inside_loss_delta",
+    "outside_loss_delta",
+    "forget_gap_closed",
+)
+ONE_PARTITION = "family1_none"
+
+
+def per_language_rows(
+    payloads: Sequence[Mapping[str, Any]],
+    baselines: Mapping[str, Mapping[str, float]],
+) -> list[dict[str, Any]]:
+  """One row per (run, seed, forget language, model, language); the
+  original model (shared by every forget language) appears once, with an
+  empty forget_language."""
+  rows, seen = [], set()
+  for p in payloads:
+    first = p["rows"][0]
+    run, seed, forget = first["run"], p["seed"], first["forget_language"]
+    for model, results in p["languages"].items():
+      if model == "original":
+        if (run, seed) in seen:
+          continue
+        seen.add((run, seed))
+      for code, r in results.items():
+        base = baselines.get(code, {})
+        rows.append({
+            "run": run,
+            "seed": seed,
+            "forget_language": "" if model == "original" else forget,
+            "model": model,
+            "language": code,
+            "loss": r["loss"],
+            "bpb": r["bpb"],
+            "unigram_loss": base.get("unigram_loss", NAN),
+            "bigram_loss": base.get("bigram_loss", NAN),
+        })
+  return rows
+
+
+def original_rows(per_language: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """Per (run, seed): the original's mean loss over the languages and its
+  margins over the baselines (baseline minus model: > 0 = better)."""
+  groups: dict[tuple, list] = {}
+  for r in per_language:
+    if r["model"] == "original":
+      groups.setdefault((r["run"], r["seed"]), []).append(r)
+  out = []
+  for (run, seed), rows in groups.items():
+    uni = np.array([r["unigram_loss"] - r["loss"] for r in rows])
+    bi = np.array([r["bigram_loss"] - r["loss"] for r in rows])
+    worst = rows[int(np.argmin(uni))]["language"]
+    out.append({
+        "run": run,
+        "forget_language": "",
+        "method": "original",
+        "seed": seed,
+        "mean_loss": float(np.mean([r["loss"] for r in rows])),
+        "mean_bpb": float(np.mean([r["bpb"] for r in rows])),
+        "min_unigram_margin": float(uni.min()),
+        "worst_language": worst,
+        "mean_bigram_margin": float(bi.mean()),
+        "min_bigram_margin": float(bi.min()),
+    })
+  return out
+
+
+def _split_run(run: str) -> tuple[str, str]:
+  """'family4_attention' -> ('family4', 'attention')."""
+  scheme, _, sharing = run.rpartition("_")
+  return scheme, sharing
+
+
+def _partners(run: str, runs: set[str]) -> list[str]:
+  """The configurations `run` is compared with (present in `runs`)."""
+  scheme, sharing = _split_run(run)
+  out = [ONE_PARTITION]
+  if sharing != "none":
+    out.append(f"{scheme}_none")
+  if scheme.startswith("random"):
+    n = scheme[len("random") :].split("s")[0]
+    out.append(f"family{n}_{sharing}")
+  return [p for p in dict.fromkeys(out) if p != run and p in runs]
+
+
+def _pair(rows, a, b, metric, kind) -> Optional[dict[str, Any]]:
+  try:
+    diff = sweep_statistics.paired_difference(rows, a, b, metric)
+  except (KeyError, ValueError):
+    return None
+  if not diff["seeds"] or math.isnan(diff["diff_mean"]):
+    return None
+  return {
+      "kind": kind,
+      "forget_language": a["forget_language"],
+      "a": f"{a['run']}:{a['method']}",
+      "b": f"{b['run']}:{b['method']}",
+      "metric": metric,
+      **diff,
+  }
+
+
+def comparisons(
+    rows: Sequence[Mapping[str, Any]], originals: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+  """Paired differences a - b (see the module doc); one row each."""
+  keys = {(r["run"], r["forget_language"], r["method"]) for r in rows}
+  runs = {r["run"] for r in rows} | {r["run"] for r in originals}
+  out = []
+  for run, lang, method in sorted(keys):
+    a = {"run": run, "forget_language": lang, "method": method}
+    for first, second in METHOD_PAIRS:
+      if method == first and (run, lang, second) in keys:
+        for metric in PAIR_METRICS:
+          out.append(_pair(rows, a, {**a, "method": second}, metric,
+                           "method vs its baseline"))
+    for partner in _partners(run, runs):
+      if (partner, lang, method) in keys:
+        for metric in PAIR_METRICS:
+          out.append(_pair(rows, a, {**a, "run": partner}, metric,
+                           "configuration"))
+  for run in sorted({r["run"] for r in originals}):
+    a = {"run": run, "forget_language": "", "method": "original"}
+    for partner in _partners(run, runs):
+      for metric in ("mean_loss", "mean_bpb"):
+        out.append(_pair(originals, a, {**a, "run": partner}, metric,
+                         "original utility"))
+  return [r for r in out if r is not None]
