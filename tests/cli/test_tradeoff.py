@@ -17,6 +17,7 @@ import pytest
 
 from tiered_routing.cli import configurables
 from tiered_routing.cli import tradeoff
+from tiered_routing.model import param_count
 from tiered_routing.unlearning import sweep as sweep_lib
 from tiered_routing.unlearning import sweep_plot
 from tiered_routing.unlearning import sweep_report
@@ -78,6 +79,43 @@ def test_sample_preset(clean_gin):
   assert sweep.unlearning.forget_language == "ur"
   assert sweep.batch_size % 16 == 0  # Every n of the preset divides it.
   assert sweep.train_config.save_every_steps == sweep.train_config.train_steps
+
+
+def test_cpu_preset_is_the_research_grid_at_equal_total_parameters(
+    clean_gin,
+):
+  sweep = _sweep("cpu")
+  configs = sweep_lib.configurations(sweep)
+  assert [c.name for c in configs] == [
+      "family1_none",
+      "family2_none",
+      "family4_none",
+      "family4_attention",
+      "family4_all",
+      "random4s0_none",
+      "random4s1_none",
+      "family8_none",
+      "family16_none",
+      "family16_attention",
+      "family16_all",
+  ]
+  totals = {
+      c.name: param_count.count_params(c.model_config).total for c in configs
+  }
+  n1 = totals["family1_none"]
+  assert all(abs(t - n1) <= 0.05 * n1 for t in totals.values()), totals
+  assert len(sweep.seeds) >= 3
+  assert sweep.source == "debian16" and len(sweep.languages) >= 3
+  for c in configs:
+    shared = c.model_config.num_partitions == 1 or c.model_config.sharing != (
+        "none"
+    )
+    assert sweep.languages_of(c.model_config) == (
+        ("ur",) if shared else ("ur", "de", "zh")
+    )
+  assert sweep.unlearning.eval_split == "test"
+  assert sweep.unlearning.stop_split == "validation"
+  assert sweep.unlearning.finetune.stop_at_reference
 
 
 def test_mc4_preset_uses_the_size_configs(clean_gin):

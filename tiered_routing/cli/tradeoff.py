@@ -1,22 +1,29 @@
 r"""The unlearnability-vs-utility trade-off sweep (the project's main job).
 
-For every configuration (n partitions x scheme x sharing level): train, score
-every language, train the reference model that never saw the forget
-language, forget it with every method (exact retrain or drop, expert
-masking, GA, GradDiff, NPO, TRACE) and score again; see
-`tiered_routing.unlearning.sweep` and `runner`. Writes into --output_dir:
+For every configuration (n partitions x scheme x sharing level) and training
+seed: train, score every language, and for every forget language train the
+reference model that never saw it, forget it with every method (exact
+retrain or drop, expert masking, GA, GradDiff, NPO, NPO+retain, TRACE) and
+score again; see `tiered_routing.unlearning.sweep` and `runner`. Writes
+into --output_dir (`unlearning.sweep_report`):
 
-  results.csv       one row per (configuration, method), every column
-  results.md        the trade-off table (Markdown)
-  pareto.png        utility loss vs forget quality, Pareto front drawn
-  per_language.csv  validation loss / bpb of every model and language
-  runs/<config>/    checkpoints (original, reference) and result.json
+  results.csv / .md     one row per (configuration, forget language,
+                        method): mean and 95% interval over seeds
+  results_by_seed.csv   the same, one row per seed
+  originals.csv / .md   the original models against n-gram baselines
+  comparisons.csv / .md paired differences over seeds (resolved or not)
+  per_language.csv      every model's loss per language, with baselines
+  pareto.png            utility loss vs forget quality, with intervals
+  baselines.json        unigram / bigram loss per language
+  runs/<config>/seed<s>/  checkpoints and one result.json per language
 
 Presets (gin/experiments/tradeoff_<preset>.gin):
-  smoke   two tiny configurations, a handful of steps (the tests).
+  smoke   one tiny configuration, two seeds, a handful of steps (tests).
   sample  n in {1, 4, 16}, family and one random scheme, the sharing levels
-          that differ per n, tiny model on the embedded corpus; under 15
-          minutes on 2 CPU cores.
+          that differ per n, tiny model on UDHR-16, one seed: a demo of a
+          few minutes whose numbers are not evidence.
+  cpu     the research plan's grid on debian16 at equal total parameters,
+          three seeds, three forget languages (README "The main job").
   mc4     the full sweep on mC4 with the size configs (TPU).
 
   python -m tiered_routing.cli.tradeoff --preset=sample \
@@ -27,18 +34,20 @@ Presets (gin/experiments/tradeoff_<preset>.gin):
 (`scripts/tradeoff.py` runs this binary, as the README's set-up command
 does.)
 
-Rerunning with the same --output_dir resumes: finished configurations are
-kept, unfinished ones resume from their checkpoints. A rerun whose
-configuration (gin files, bindings, XLA flags, jax version) differs from the
-one recorded in output_dir/sweep.json is refused, so results never mix.
-Results files are replaced atomically after every configuration.
+Rerunning with the same --output_dir resumes: finished units
+(configuration, seed, forget language) are kept, unfinished ones resume
+from their checkpoints. A rerun whose configuration (gin files, bindings,
+XLA flags, jax version) differs from the one recorded in
+output_dir/sweep.json is refused, so results never mix. Results files are
+replaced atomically after every unit.
 
-On CPU, unless XLA_FLAGS is set, XLA's backend optimisation is turned down
-(--cpu_fast_compile): compiling dominates these short runs, and the flags
-change no comparison (every model of a sweep is compiled the same way). The
-JAX compilation cache (--jax_cache_dir, default output_dir/jax_cache) lets
-identical programs (the reference model's training step, a resumed run) load
-instead of recompiling.
+On CPU, unless XLA_FLAGS is set, the short presets (smoke, sample) turn
+XLA's backend optimisation down (--cpu_fast_compile): compiling dominates
+those runs, and the flags change no comparison (every model of a sweep is
+compiled the same way). Longer sweeps (cpu) keep it: their steps run about
+twice as fast optimised. The JAX compilation cache (--jax_cache_dir,
+default output_dir/jax_cache) lets identical programs (the reference
+model's training step, a resumed run) load instead of recompiling.
 """
 
 import logging as std_logging
@@ -58,7 +67,8 @@ from tiered_routing.train import model_dir_lock
 from tiered_routing.unlearning import sweep as sweep_lib
 from tiered_routing.unlearning import sweep_report
 
-PRESETS = ("smoke", "sample", "mc4")
+PRESETS = ("smoke", "sample", "cpu", "mc4")
+FAST_COMPILE_PRESETS = ("smoke", "sample")
 FAST_CPU_XLA_FLAGS = (
     "--xla_backend_optimization_level=0 "
     "--xla_llvm_disable_expensive_passes=true"
@@ -72,8 +82,10 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_bool(
     "cpu_fast_compile",
-    True,
-    f"On CPU and without XLA_FLAGS set, use {FAST_CPU_XLA_FLAGS}.",
+    None,
+    f"On CPU and without XLA_FLAGS set, use {FAST_CPU_XLA_FLAGS}. Default:"
+    f" on for the short presets {FAST_COMPILE_PRESETS}, where compiling "
+    "dominates; off otherwise (the compiled steps run about half as fast).",
 )
 flags.DEFINE_string(
     "jax_cache_dir",
@@ -119,7 +131,10 @@ def _setup_jax(output_dir: str) -> None:
   ~25 s otherwise); both hold for every model of the sweep and are recorded
   in sweep.json.
   """
-  if FLAGS.cpu_fast_compile and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+  fast = FLAGS.cpu_fast_compile
+  if fast is None:
+    fast = FLAGS.preset in FAST_COMPILE_PRESETS
+  if fast and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
     os.environ.setdefault("XLA_FLAGS", FAST_CPU_XLA_FLAGS)
     jax.config.update("jax_threefry_partitionable", False)
   cache_dir = FLAGS.jax_cache_dir

@@ -1,0 +1,113 @@
+"""The sweep's derived tables: golden values built by hand."""
+
+import pytest
+
+from tiered_routing.unlearning import sweep_progress
+from tiered_routing.unlearning import sweep_tables
+
+BASELINES = {
+    "ur": {"unigram_loss": 5.0, "bigram_loss": 4.0},
+    "en": {"unigram_loss": 6.0, "bigram_loss": 4.5},
+}
+
+
+def _payload(run, seed, forget, original, reference, method=("ga", {})):
+  name, results = method
+  return {
+      "seed": seed,
+      "rows": [{"run": run, "forget_language": forget, "seed": seed}],
+      "languages": {
+          "original": original,
+          "reference": reference,
+          name: results,
+      },
+  }
+
+
+def _langs(ur, en):
+  return {"ur": {"loss": ur, "bpb": ur / 2}, "en": {"loss": en, "bpb": en / 2}}
+
+
+def test_per_language_rows_list_the_original_once_per_seed():
+  payloads = [
+      _payload("family4_none", 0, "ur", _langs(4.0, 5.0), _langs(6.0, 5.0)),
+      _payload("family4_none", 0, "de", _langs(4.0, 5.0), _langs(4.0, 5.1)),
+  ]
+  rows = sweep_tables.per_language_rows(payloads, BASELINES)
+  originals = [r for r in rows if r["model"] == "original"]
+  assert len(originals) == 2  # Two languages, once for both forget langs.
+  assert {r["forget_language"] for r in originals} == {""}
+  ref = [r for r in rows if r["model"] == "reference"]
+  assert [(r["forget_language"], r["language"]) for r in ref] == [
+      ("ur", "ur"), ("ur", "en"), ("de", "ur"), ("de", "en")
+  ]
+  assert originals[0]["unigram_loss"] == 5.0
+  assert originals[1]["bigram_loss"] == 4.5
+
+
+def test_original_rows_give_the_margins_over_the_baselines():
+  payloads = [
+      _payload("family4_none", 0, "ur", _langs(4.0, 5.2), _langs(6.0, 5.0))
+  ]
+  per_language = sweep_tables.per_language_rows(payloads, BASELINES)
+  (row,) = sweep_tables.original_rows(per_language)
+  assert row["mean_loss"] == pytest.approx(4.6)
+  # Margins: ur 5.0 - 4.0 = 1.0, en 6.0 - 5.2 = 0.8 (the worst).
+  assert row["min_unigram_margin"] == pytest.approx(0.8)
+  assert row["worst_language"] == "en"
+  assert row["mean_bigram_margin"] == pytest.approx((0.0 + -0.7) / 2)
+  assert row["min_bigram_margin"] == pytest.approx(-0.7)
+
+
+def _row(run, method, seed, value):
+  return {
+      "run": run,
+      "forget_language": "ur",
+      "method": method,
+      "seed": seed,
+      "retain_loss_delta": value,
+      "inside_loss_delta": value,
+      "outside_loss_delta": float("nan"),
+      "forget_gap_closed": 1.0,
+  }
+
+
+def test_comparisons_pair_methods_and_configurations():
+  rows = []
+  for seed in range(3):
+    rows += [
+        _row("family4_none", "trace", seed, 0.10 + 0.01 * seed),
+        _row("family4_none", "npo_retain", seed, 0.20 + 0.01 * seed),
+        _row("family4_attention", "trace", seed, 0.30 + 0.02 * seed),
+        _row("family1_none", "trace", seed, 0.50),
+    ]
+  pairs = sweep_tables.comparisons(rows, [])
+  found = {(p["a"], p["b"], p["metric"]): p for p in pairs}
+  method = found[
+      ("family4_none:trace", "family4_none:npo_retain", "retain_loss_delta")
+  ]
+  assert method["kind"] == "method vs its baseline"
+  assert method["diff_mean"] == pytest.approx(-0.1)
+  assert method["resolved"]  # The same -0.1 on every seed.
+  hybrid = found[
+      ("family4_attention:trace", "family4_none:trace", "retain_loss_delta")
+  ]
+  assert hybrid["kind"] == "configuration"
+  assert hybrid["diff_mean"] == pytest.approx(0.21)
+  assert ("family4_none:trace", "family1_none:trace",
+          "retain_loss_delta") in found
+  # NaN metrics (no other partition) are left out, not reported as 0.
+  assert not [p for p in pairs if p["metric"] == "outside_loss_delta"]
+
+
+def test_progress_extrapolates_from_the_weight_done():
+  now = [0.0]
+  progress = sweep_progress.Progress(4, 10.0, clock=lambda: now[0])
+  progress.skip()
+  now[0] = 30.0
+  line = progress.done(2.0, "family1_none seed 0 trained")
+  # 2 of 10 weight in 30 s: 8 left -> 120 s.
+  assert line == (
+      "sweep 2/4 units (family1_none seed 0 trained) | elapsed 0:00:30 "
+      "| ETA 0:02:00"
+  )
