@@ -295,3 +295,29 @@ def test_debian16_tasks_tokenize_their_split_with_their_own_vocabulary(
   assert joined.shape == expected.shape
   assert (joined != expected).mean() < 1e-3
   assert vocab.decode(joined.tolist()) == vocab.decode(expected.tolist())
+
+
+def test_corpus_stats_script_prints_every_language_with_baselines():
+  out = subprocess.run(
+      [
+          sys.executable,
+          str(REPO / "scripts/corpus_stats.py"),
+          "--source=sample",
+          "--sequence_length=64",
+          "--split=validation",
+      ],
+      check=True,
+      capture_output=True,
+      text=True,
+  ).stdout.splitlines()
+  header = [c.strip() for c in out[0].strip("|").split("|")]
+  assert header[-2:] == ["unigram (validation)", "bigram (validation)"]
+  rows = [[c.strip() for c in line.strip("|").split("|")] for line in out[2:]]
+  assert [r[0] for r in rows] == list(languages.CODES)
+  ur = dict(zip(header, rows[languages.language_id("ur")]))
+  lines = len(corpora.UDHR16.split_lines("ur", "train"))
+  assert ur["train lines"] == f"{lines:,}"
+  # The bigram model conditions on more: it scores the held-out text better.
+  assert 0 < float(ur["bigram (validation)"]) < float(
+      ur["unigram (validation)"]
+  )
