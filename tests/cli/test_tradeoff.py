@@ -1,7 +1,8 @@
 """Tests for the trade-off sweep binary (cli.tradeoff), its sweep and report.
 
 The end-to-end test runs the smoke preset in a subprocess, as a user would,
-then reruns it to check that a finished sweep is resumed, not redone.
+then reruns it to check that a finished sweep is resumed, not redone; with
+--workers=2 it is killed mid-way and resumed.
 """
 
 import csv
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import gin
 import numpy as np
@@ -257,3 +259,74 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
   fresh = _run(tmp_path / "again")
   assert fresh.returncode == 0, fresh.stderr[-3000:]
   assert (tmp_path / "again" / "results.csv").read_text() == before
+
+
+def _start(output_dir, *args):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "scripts", "tradeoff.py"),
+       "--preset=smoke", f"--output_dir={output_dir}", *args],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True,
+  )
+
+
+def _claimed_pids(output_dir):
+  pids = []
+  for seed in (0, 1):
+    path = output_dir / "runs" / "family2_attention" / f"seed{seed}" / "CLAIM"
+    if path.exists() and path.read_text().strip():
+      pids.append(int(path.read_text()))
+  return pids
+
+
+def _wait(predicate, timeout_s):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    time.sleep(0.2)
+  return False
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  # A zombie (not yet reaped by init) counts as dead.
+  with open(f"/proc/{pid}/stat") as f:
+    return f.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG")
+def test_two_workers_die_with_a_killed_sweep_and_resume_identically(
+    tmp_path,
+):
+  killed = tmp_path / "killed"
+  parent = _start(killed, "--workers=2")
+  assert _wait(lambda: len(_claimed_pids(killed)) == 2, 240), (
+      parent.stderr.read() if parent.poll() is not None else "no claims"
+  )
+  workers = _claimed_pids(killed)
+  parent.kill()  # SIGKILL: no clean-up code runs in the parent.
+  parent.wait()
+  assert _wait(lambda: not any(_alive(p) for p in workers), 60), workers
+
+  resumed = _run(killed, "--workers=2")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "2 workers started" in resumed.stderr
+  assert (killed / "logs" / "worker1.log").exists()
+  assert not list(killed.glob("runs/*/*/CLAIM"))
+
+  clean = _run(tmp_path / "clean", "--workers=2")
+  assert clean.returncode == 0, clean.stderr[-3000:]
+  expected = (tmp_path / "clean" / "results.csv").read_text()
+  assert (killed / "results.csv").read_text() == expected
+
+  # One thread per process sums in another order than two threads: the
+  # recorded XLA flags refuse a resume with --workers=1.
+  serial = _run(killed)
+  assert serial.returncode != 0
+  assert "different xla_flags" in serial.stderr

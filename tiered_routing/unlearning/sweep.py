@@ -17,14 +17,15 @@ as `runs/<config>/seed<s>/<lang>/result.json`, and the report files
 (`sweep_report.write_outputs`) are rewritten atomically after each, so a
 killed sweep loses at most the unit it was running and resumes from its
 checkpoints. One progress line per unit gives the whole sweep's ETA.
+With `launch`, worker processes run the (configuration, seed) jobs in
+parallel (`run_worker`, `sweep_jobs`).
 """
 
 import dataclasses
 import functools
-import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 
@@ -36,7 +37,6 @@ from tiered_routing.model import param_count
 from tiered_routing.model import size_family
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
-from tiered_routing.train import atomic_file
 from tiered_routing.train import optimizers
 from tiered_routing.train import steps
 from tiered_routing.unlearning import configuration
@@ -45,6 +45,7 @@ from tiered_routing.unlearning import specs
 from tiered_routing.unlearning import sweep_baselines
 from tiered_routing.unlearning import sweep_progress
 from tiered_routing.unlearning import sweep_report
+from tiered_routing.unlearning import sweep_jobs
 
 # Seeds of different training runs draw from well separated data streams.
 _DATA_SEED_STRIDE = 1000
@@ -205,11 +206,6 @@ def data_spec(source: str, scheme: schemes.PartitionScheme) -> specs.DataSpec:
   )
 
 
-def result_path(output_dir: str, name: str, seed: int, code: str) -> str:
-  return os.path.join(output_dir, "runs", name, f"seed{seed}", code,
-                      "result.json")
-
-
 def _spec(sweep: Sweep, c: Configuration, seed: int) -> specs.TrainSpec:
   return specs.TrainSpec(
       c.model_config,
@@ -235,22 +231,6 @@ def _weights(sweep: Sweep, c: Configuration) -> tuple[float, float]:
   return train, train * (retrain + 0.1)
 
 
-def _save_result(path: str, result, seed: int, wall_s: float) -> dict:
-  rows = []
-  for r in result.results:
-    row = r.to_row()
-    row["seed"] = seed
-    rows.append(row)
-  payload = {
-      "seed": seed,
-      "rows": rows,
-      "languages": result.languages,
-      "wall_s": wall_s,
-  }
-  atomic_file.write_text(path, json.dumps(payload, indent=1) + "\n")
-  return payload
-
-
 class _Runner:
   """Runs (or restores) every unit of a sweep, in order."""
 
@@ -259,17 +239,16 @@ class _Runner:
     self.mesh = sharding.make_mesh(sweep.mesh_config)
     self.caches = {}
     todo, total = 0.0, 0
-    for c in configs:
-      train, forget = _weights(sweep, c)
-      for seed in sweep.seeds:
-        langs = sweep.languages_of(c.model_config)
-        missing = [l for l in langs if not self._exists(c, seed, l)]
-        total += 1 + len(langs)
-        todo += (train if missing else 0.0) + forget * len(missing)
+    for job in jobs(sweep, output_dir, configs):
+      missing = len(job.missing())
+      total += 1 + len(job.result_paths)
+      todo += (job.train_weight if missing else 0.0) + (
+          job.forget_weight * missing
+      )
     self.progress = sweep_progress.Progress(total, todo)
 
   def _exists(self, c, seed, code) -> bool:
-    return os.path.exists(result_path(self.output_dir, c.name, seed, code))
+    return os.path.exists(sweep_jobs.result_path(self.output_dir, c.name, seed, code))
 
   def cache(self, seed: int) -> stream_cache.DataCache:
     if seed not in self.caches:
@@ -297,7 +276,7 @@ class _Runner:
       self.progress.skip()
       logging.info("%s seed %d: done earlier, kept.", c.name, seed)
     for code in langs:
-      path = result_path(self.output_dir, c.name, seed, code)
+      path = sweep_jobs.result_path(self.output_dir, c.name, seed, code)
       if code not in todo:
         self.progress.skip()
         continue
@@ -314,34 +293,99 @@ class _Runner:
           configuration.for_language(trained, self.unlearning(code, seed)),
           os.path.dirname(path),
       )
-      _save_result(path, result, seed, time.time() - start)
+      sweep_jobs.save_result(path, result, seed, time.time() - start)
       self.progress.done(forget, f"{c.name} seed {seed} forgot {code}")
-    return [_load(result_path(self.output_dir, c.name, seed, l)) for l in langs]
+    return [
+        sweep_jobs.load_result(
+            sweep_jobs.result_path(self.output_dir, c.name, seed, l)
+        )
+        for l in langs
+    ]
 
 
-def _load(path: str) -> dict:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+def jobs(
+    sweep: Sweep, output_dir: str, configs: list[Configuration]
+) -> list[sweep_jobs.Job]:
+  """One job per (configuration, seed), in the serial order."""
+  out = []
+  for c in configs:
+    train, forget = _weights(sweep, c)
+    for seed in sweep.seeds:
+      langs = sweep.languages_of(c.model_config)
+      out.append(sweep_jobs.Job(
+          c.name, seed,
+          os.path.join(output_dir, "runs", c.name, f"seed{seed}"),
+          tuple(sweep_jobs.result_path(output_dir, c.name, seed, l) for l in langs),
+          train, forget,
+      ))
+  return out
 
 
-def run_sweep(sweep: Sweep, output_dir: str) -> list[dict]:
-  """Runs (or resumes) every unit; returns their payloads."""
-  configs = configurations(sweep)
-  title = (
+def _title(sweep: Sweep) -> str:
+  return (
       f"Forgetting {', '.join(sweep.languages)}: {sweep.source} data, "
       f"{len(sweep.seeds)} seed{'s' if len(sweep.seeds) > 1 else ''}"
   )
-  units = _Runner(sweep, output_dir, configs)
-  baselines = sweep_baselines.baselines(
+
+
+def _baselines(sweep: Sweep, output_dir: str, units: _Runner):
+  return sweep_baselines.baselines(
       os.path.join(output_dir, "baselines.json"),
       units.cache(sweep.seeds[0]),
       functools.partial(seqio_names.task_name, sweep.source),
       sweep.unlearning.eval_split,
       sweep.model_config.vocab_size,
   )
+
+
+def run_sweep(
+    sweep: Sweep,
+    output_dir: str,
+    launch: Optional[Callable[[], list[sweep_jobs.Process]]] = None,
+) -> list[dict]:
+  """Runs (or resumes) every unit; returns their payloads.
+
+  Args:
+    sweep: what to run.
+    output_dir: where.
+    launch: None runs the jobs here, one after another; otherwise it
+      starts worker processes that each call `run_worker`, and this
+      process waits for them (`sweep_jobs.watch`).
+
+  Raises:
+    sweep_jobs.WorkersFailed: when a worker failed (finished units are
+      kept).
+  """
+  configs = configurations(sweep)
+  units = _Runner(sweep, output_dir, configs)
+  baselines = _baselines(sweep, output_dir, units)
+  if launch is not None:
+    todo = jobs(sweep, output_dir, configs)
+    sweep_jobs.clear_claims(todo)
+    codes = sweep_jobs.watch(todo, launch())
+    sweep_jobs.clear_claims(todo)
+    failed = [i for i, code in enumerate(codes) if code]
+    if failed:
+      raise sweep_jobs.WorkersFailed(
+          f"Sweep workers {failed} failed (exit codes {codes}); see "
+          f"{output_dir}/logs/worker<i>.log. Finished units are kept: "
+          "rerun the same command to resume."
+      )
   payloads = []
   for c in configs:
     for seed in sweep.seeds:
       payloads += units.run(c, seed)
-      sweep_report.write_outputs(output_dir, payloads, title, baselines)
+      sweep_report.write_outputs(output_dir, payloads, _title(sweep),
+                                 baselines)
   return payloads
+
+
+def run_worker(sweep: Sweep, output_dir: str) -> None:
+  """Claims and runs jobs until none is left (see `sweep_jobs`)."""
+  configs = {c.name: c for c in configurations(sweep)}
+  units = _Runner(sweep, output_dir, list(configs.values()))
+  for job in sweep_jobs.claim_order(
+      jobs(sweep, output_dir, list(configs.values()))
+  ):
+    if job.missing() and sweep_jobs.claim(job):
+      units.run(configs[job.name], job.seed)

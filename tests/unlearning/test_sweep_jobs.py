@@ -1,0 +1,79 @@
+"""Sweep jobs: result files, claims, claim order and the parent's watch."""
+
+import os
+
+from tiered_routing.unlearning import sweep_jobs
+
+
+def _job(tmp_path, name, seed, langs=("ur",), train=10.0, forget=1.0):
+  out = str(tmp_path)
+  return sweep_jobs.Job(
+      name, seed, os.path.join(out, "runs", name, f"seed{seed}"),
+      tuple(sweep_jobs.result_path(out, name, seed, l) for l in langs),
+      train, forget,
+  )
+
+
+def _finish(path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("{}")
+
+
+def test_result_path_layout(tmp_path):
+  assert sweep_jobs.result_path("/o", "family4_none", 2, "ur") == (
+      "/o/runs/family4_none/seed2/ur/result.json"
+  )
+
+
+def test_claim_is_exclusive_until_cleared(tmp_path):
+  job = _job(tmp_path, "a", 0)
+  assert sweep_jobs.claim(job)
+  assert not sweep_jobs.claim(job)  # A second worker is refused.
+  assert sweep_jobs.clear_claims([job, _job(tmp_path, "b", 0)]) == 1
+  assert sweep_jobs.claim(job)
+
+
+def test_claim_order_is_seed_by_seed_costliest_first(tmp_path):
+  jobs = [
+      _job(tmp_path, "cheap", 0, train=1.0),
+      _job(tmp_path, "dear", 0, train=100.0),
+      _job(tmp_path, "cheap", 1, train=1.0),
+      _job(tmp_path, "dear", 1, train=100.0),
+      _job(tmp_path, "mid", 0, langs=("ur", "de", "zh"), train=1.0,
+           forget=10.0),
+  ]
+  order = [(j.name, j.seed) for j in sweep_jobs.claim_order(jobs)]
+  assert order == [
+      ("dear", 0), ("mid", 0), ("cheap", 0), ("dear", 1), ("cheap", 1)
+  ]
+
+
+class _FakeWorker:
+  """Finishes one result file per poll, then exits with `code`."""
+
+  def __init__(self, paths, code=0):
+    self.paths, self.code = list(paths), code
+
+  def poll(self):
+    if self.paths:
+      _finish(self.paths.pop(0))
+      return None
+    return self.code
+
+
+def test_watch_credits_each_result_once_and_returns_exit_codes(
+    tmp_path, caplog
+):
+  a = _job(tmp_path, "a", 0, langs=("ur", "de"))
+  b = _job(tmp_path, "b", 0)
+  done_before = _job(tmp_path, "c", 0)
+  _finish(done_before.result_paths[0])
+  workers = [_FakeWorker(a.result_paths), _FakeWorker(b.result_paths, 3)]
+  caplog.set_level("INFO")
+  codes = sweep_jobs.watch([a, b, done_before], workers, sleep=lambda s: None)
+  assert codes == [0, 3]
+  lines = [r.getMessage() for r in caplog.records if "sweep " in r.getMessage()]
+  assert len(lines) == 3  # One per new result; the restored one is not.
+  assert lines[-1].startswith("sweep 4/4 units")
+  assert lines[-1].endswith("ETA 0:00:00")

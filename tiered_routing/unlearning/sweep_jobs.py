@@ -1,0 +1,183 @@
+"""A sweep's jobs: their result files, and several workers to run them.
+
+Each (configuration, seed, forget language) unit of a sweep is saved as
+`runs/<config>/seed<s>/<lang>/result.json` (`result_path`); a rerun keeps
+the units that have one.
+
+On a small CPU host one process cannot keep every core busy: XLA:CPU
+splits the sweep's small matrix products (d_model 128, 2048 tokens a step)
+over threads with enough overhead that two single-threaded processes, one
+per core, train about 30% more tokens per second than one process with two
+threads (measured on 2 cores, README "The main job"). The sweep's jobs,
+one per (configuration, seed), are independent, so each worker claims the
+next unclaimed job and runs it; the parent only computes the baselines,
+watches the result files for its progress line and writes the report.
+
+A job is claimed by creating `runs/<config>/seed<s>/CLAIM` with O_EXCL, so
+two workers never run one job; the parent removes stale claims before it
+starts the workers (a killed sweep's workers die with it, see
+`cli.tradeoff`), so a rerun resumes every unfinished job.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Optional, Protocol, Sequence
+
+from tiered_routing.train import atomic_file
+from tiered_routing.unlearning import sweep_progress
+
+CLAIM = "CLAIM"
+
+
+class WorkersFailed(RuntimeError):
+  """A worker process exited with an error (its log says why)."""
+
+
+def result_path(output_dir: str, name: str, seed: int, code: str) -> str:
+  return os.path.join(output_dir, "runs", name, f"seed{seed}", code,
+                      "result.json")
+
+
+def save_result(path: str, result, seed: int, wall_s: float) -> dict:
+  """Writes one unit's rows (a runner.ConfigurationResult) atomically."""
+  rows = []
+  for r in result.results:
+    row = r.to_row()
+    row["seed"] = seed
+    rows.append(row)
+  payload = {
+      "seed": seed,
+      "rows": rows,
+      "languages": result.languages,
+      "wall_s": wall_s,
+  }
+  atomic_file.write_text(path, json.dumps(payload, indent=1) + "\n")
+  return payload
+
+
+def load_result(path: str) -> dict:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One (configuration, seed): trained once, then each language forgotten.
+
+  Attributes:
+    name: the configuration's name.
+    seed: the training seed.
+    seed_dir: runs/<name>/seed<seed>.
+    result_paths: one result.json per forget language.
+    train_weight: estimated cost of training the original.
+    forget_weight: estimated cost of forgetting one language.
+  """
+
+  name: str
+  seed: int
+  seed_dir: str
+  result_paths: tuple[str, ...]
+  train_weight: float
+  forget_weight: float
+
+  def missing(self) -> list[str]:
+    return [p for p in self.result_paths if not os.path.exists(p)]
+
+  @property
+  def weight(self) -> float:
+    return self.train_weight + self.forget_weight * len(self.result_paths)
+
+
+def claim_order(jobs: Sequence[Job]) -> list[Job]:
+  """Seed by seed, the costliest job first within a seed.
+
+  Costliest first keeps the workers' finishing times close (the longest
+  job does not start last); seed by seed means a sweep stopped early has
+  whole seeds of every configuration rather than some configurations only.
+  """
+  seeds = sorted({j.seed for j in jobs})
+  out = []
+  for seed in seeds:
+    mine = [j for j in jobs if j.seed == seed]
+    out += sorted(mine, key=lambda j: -j.weight)
+  return out
+
+
+def claim(job: Job) -> bool:
+  """True if this process now owns `job` (atomic create of its CLAIM)."""
+  os.makedirs(job.seed_dir, exist_ok=True)
+  try:
+    fd = os.open(os.path.join(job.seed_dir, CLAIM),
+                 os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    return False
+  with os.fdopen(fd, "w") as f:
+    f.write(f"{os.getpid()}\n")
+  return True
+
+
+def clear_claims(jobs: Sequence[Job]) -> int:
+  """Removes every job's CLAIM (no worker may be running); the count."""
+  removed = 0
+  for job in jobs:
+    path = os.path.join(job.seed_dir, CLAIM)
+    if os.path.exists(path):
+      os.remove(path)
+      removed += 1
+  return removed
+
+
+class Process(Protocol):
+  """What the parent needs of a worker (subprocess.Popen has it)."""
+
+  def poll(self) -> Optional[int]:
+    ...
+
+
+def _credit(job: Job, seen: set, progress: sweep_progress.Progress):
+  """Logs a progress line for each of `job`'s results new since last time."""
+  for path in job.result_paths:
+    if path in seen or not os.path.exists(path):
+      continue
+    first = not any(p in seen for p in job.result_paths)
+    seen.add(path)
+    weight = job.forget_weight + (job.train_weight if first else 0.0)
+    language = os.path.basename(os.path.dirname(path))
+    progress.done(weight, f"{job.name} seed {job.seed} forgot {language}")
+
+
+def watch(
+    jobs: Sequence[Job],
+    processes: Sequence[Process],
+    poll_s: float = 10.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[int]:
+  """Waits for every worker, logging the sweep's progress line per result.
+
+  Args:
+    jobs: the sweep's jobs (results already on disk count as restored).
+    processes: the running workers.
+    poll_s: seconds between looks at the result files.
+    sleep: waits (tests pass their own).
+
+  Returns:
+    The workers' exit codes.
+  """
+  seen = {p for j in jobs for p in j.result_paths if os.path.exists(p)}
+  todo = sum(
+      (j.train_weight if len(j.missing()) == len(j.result_paths) else 0.0)
+      + j.forget_weight * len(j.missing())
+      for j in jobs
+  )
+  total = sum(len(j.result_paths) for j in jobs)
+  progress = sweep_progress.Progress(total, todo)
+  progress.done_units = len(seen)
+  while True:
+    codes = [p.poll() for p in processes]
+    for job in jobs:
+      _credit(job, seen, progress)
+    if all(c is not None for c in codes):
+      return codes
+    sleep(poll_s)
