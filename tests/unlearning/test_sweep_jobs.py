@@ -34,18 +34,16 @@ def test_claim_is_exclusive_until_cleared(tmp_path):
   assert sweep_jobs.claim(job)
 
 
-def test_claim_order_is_seed_by_seed_costliest_first(tmp_path):
+def test_claim_order_is_configuration_by_configuration_in_priority(tmp_path):
   jobs = [
-      _job(tmp_path, "cheap", 0, train=1.0),
-      _job(tmp_path, "dear", 0, train=100.0),
-      _job(tmp_path, "cheap", 1, train=1.0),
-      _job(tmp_path, "dear", 1, train=100.0),
-      _job(tmp_path, "mid", 0, langs=("ur", "de", "zh"), train=1.0,
-           forget=10.0),
+      _job(tmp_path, name, seed)
+      for name in ("a", "b", "c", "unlisted") for seed in (0, 1, 2)
   ]
-  order = [(j.name, j.seed) for j in sweep_jobs.claim_order(jobs)]
+  order = [(j.name, j.seed) for j in sweep_jobs.claim_order(jobs, "cab")]
   assert order == [
-      ("dear", 0), ("mid", 0), ("cheap", 0), ("dear", 1), ("cheap", 1)
+      ("c", 0), ("c", 1), ("c", 2), ("a", 0), ("a", 1), ("a", 2),
+      ("b", 0), ("b", 1), ("b", 2),
+      ("unlisted", 0), ("unlisted", 1), ("unlisted", 2),
   ]
 
 
@@ -71,8 +69,16 @@ def test_watch_credits_each_result_once_and_returns_exit_codes(
   _finish(done_before.result_paths[0])
   workers = [_FakeWorker(a.result_paths), _FakeWorker(b.result_paths, 3)]
   caplog.set_level("INFO")
-  codes = sweep_jobs.watch([a, b, done_before], workers, sleep=lambda s: None)
+  reports = []
+  codes = sweep_jobs.watch(
+      [a, b, done_before], workers,
+      on_result=lambda: reports.append(
+          sum(os.path.exists(p) for j in (a, b) for p in j.result_paths)
+      ),
+      sleep=lambda s: None,
+  )
   assert codes == [0, 3]
+  assert reports == [2, 3]  # After each poll with new results, not before.
   lines = [r.getMessage() for r in caplog.records if "sweep " in r.getMessage()]
   assert len(lines) == 3  # One per new result; the restored one is not.
   assert lines[-1].startswith("sweep 4/4 units")

@@ -359,10 +359,17 @@ def run_sweep(
   configs = configurations(sweep)
   units = _Runner(sweep, output_dir, configs)
   baselines = _baselines(sweep, output_dir, units)
+  write = lambda payloads: sweep_report.write_outputs(
+      output_dir, payloads, _title(sweep), baselines
+  )
   if launch is not None:
     todo = jobs(sweep, output_dir, configs)
     sweep_jobs.clear_claims(todo)
-    codes = sweep_jobs.watch(todo, launch())
+    finished = lambda: write([
+        sweep_jobs.load_result(p)
+        for j in todo for p in j.result_paths if os.path.exists(p)
+    ])
+    codes = sweep_jobs.watch(todo, launch(), finished)
     sweep_jobs.clear_claims(todo)
     failed = [i for i, code in enumerate(codes) if code]
     if failed:
@@ -375,8 +382,7 @@ def run_sweep(
   for c in configs:
     for seed in sweep.seeds:
       payloads += units.run(c, seed)
-      sweep_report.write_outputs(output_dir, payloads, _title(sweep),
-                                 baselines)
+      write(payloads)
   return payloads
 
 
@@ -385,7 +391,8 @@ def run_worker(sweep: Sweep, output_dir: str) -> None:
   configs = {c.name: c for c in configurations(sweep)}
   units = _Runner(sweep, output_dir, list(configs.values()))
   for job in sweep_jobs.claim_order(
-      jobs(sweep, output_dir, list(configs.values()))
+      jobs(sweep, output_dir, list(configs.values())),
+      sweep.only or list(configs),
   ):
     if job.missing() and sweep_jobs.claim(job):
       units.run(configs[job.name], job.seed)

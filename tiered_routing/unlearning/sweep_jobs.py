@@ -11,7 +11,8 @@ per core, train about 30% more tokens per second than one process with two
 threads (measured on 2 cores, README "The main job"). The sweep's jobs,
 one per (configuration, seed), are independent, so each worker claims the
 next unclaimed job and runs it; the parent only computes the baselines,
-watches the result files for its progress line and writes the report.
+watches the result files for its progress line and rewrites the report
+after each new result.
 
 A job is claimed by creating `runs/<config>/seed<s>/CLAIM` with O_EXCL, so
 two workers never run one job; the parent removes stale claims before it
@@ -85,24 +86,18 @@ class Job:
   def missing(self) -> list[str]:
     return [p for p in self.result_paths if not os.path.exists(p)]
 
-  @property
-  def weight(self) -> float:
-    return self.train_weight + self.forget_weight * len(self.result_paths)
 
+def claim_order(jobs: Sequence[Job], priority: Sequence[str]) -> list[Job]:
+  """Configuration by configuration in `priority` order, seeds within.
 
-def claim_order(jobs: Sequence[Job]) -> list[Job]:
-  """Seed by seed, the costliest job first within a seed.
-
-  Costliest first keeps the workers' finishing times close (the longest
-  job does not start last); seed by seed means a sweep stopped early has
-  whole seeds of every configuration rather than some configurations only.
+  A sweep stopped early (or read while it runs) then has every seed of
+  its first configurations, each with its interval, rather than one seed
+  of everything and no interval at all; the research questions' own
+  configurations go first when `priority` lists them first (the cpu
+  preset's CONFIGURATIONS). Names missing from `priority` go last.
   """
-  seeds = sorted({j.seed for j in jobs})
-  out = []
-  for seed in seeds:
-    mine = [j for j in jobs if j.seed == seed]
-    out += sorted(mine, key=lambda j: -j.weight)
-  return out
+  rank = {name: i for i, name in enumerate(priority)}
+  return sorted(jobs, key=lambda j: (rank.get(j.name, len(rank)), j.seed))
 
 
 def claim(job: Job) -> bool:
@@ -151,6 +146,7 @@ def _credit(job: Job, seen: set, progress: sweep_progress.Progress):
 def watch(
     jobs: Sequence[Job],
     processes: Sequence[Process],
+    on_result: Callable[[], None] = lambda: None,
     poll_s: float = 10.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[int]:
@@ -159,6 +155,8 @@ def watch(
   Args:
     jobs: the sweep's jobs (results already on disk count as restored).
     processes: the running workers.
+    on_result: called after each poll that found new results (the parent
+      rewrites the report from the results so far).
     poll_s: seconds between looks at the result files.
     sleep: waits (tests pass their own).
 
@@ -176,8 +174,11 @@ def watch(
   progress.done_units = len(seen)
   while True:
     codes = [p.poll() for p in processes]
+    before = len(seen)
     for job in jobs:
       _credit(job, seen, progress)
+    if len(seen) > before:
+      on_result()
     if all(c is not None for c in codes):
       return codes
     sleep(poll_s)
