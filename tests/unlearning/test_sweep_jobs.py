@@ -3,6 +3,7 @@
 import os
 
 from tiered_routing.unlearning import sweep_jobs
+from tiered_routing.unlearning import sweep_progress
 
 
 def _job(tmp_path, name, seed, langs=("ur",), train=10.0, forget=1.0):
@@ -61,14 +62,17 @@ class _FakeWorker:
 
 
 def test_watch_credits_each_result_once_and_returns_exit_codes(
-    tmp_path, caplog
+    tmp_path, monkeypatch
 ):
   a = _job(tmp_path, "a", 0, langs=("ur", "de"))
   b = _job(tmp_path, "b", 0)
   done_before = _job(tmp_path, "c", 0)
   _finish(done_before.result_paths[0])
   workers = [_FakeWorker(a.result_paths), _FakeWorker(b.result_paths, 3)]
-  caplog.set_level("INFO")
+  lines = []
+  monkeypatch.setattr(
+      sweep_progress.logging, "info", lambda fmt, *a: lines.append(fmt % a)
+  )
   reports = []
   codes = sweep_jobs.watch(
       [a, b, done_before], workers,
@@ -79,7 +83,6 @@ def test_watch_credits_each_result_once_and_returns_exit_codes(
   )
   assert codes == [0, 3]
   assert reports == [2, 3]  # After each poll with new results, not before.
-  lines = [r.getMessage() for r in caplog.records if "sweep " in r.getMessage()]
   assert len(lines) == 3  # One per new result; the restored one is not.
   assert lines[-1].startswith("sweep 4/4 units")
   assert lines[-1].endswith("ETA 0:00:00")

@@ -73,6 +73,7 @@ import jax
 
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
+from tiered_routing.model import param_count
 from tiered_routing.train import model_dir_lock
 from tiered_routing.unlearning import sweep as sweep_lib
 from tiered_routing.unlearning import sweep_jobs
@@ -189,6 +190,22 @@ def _quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def _log_sizes(configs) -> None:
+  """One line per configuration: its widths and parameter counts (the cpu
+  preset holds the total equal across n, `model.size_family`)."""
+  base = None
+  for c in configs:
+    m = c.model_config
+    count = param_count.count_params(m)
+    base = base or count.total
+    logging.info(
+        "%-20s d_model %4d, %3d experts x %4d per partition: %.2fM "
+        "parameters (%+.1f%% of the first), %.2fM active per token",
+        c.name, m.d_model, m.num_experts, m.expert_d_ff, count.total / 1e6,
+        100 * (count.total / base - 1), count.active / 1e6,
+    )
+
+
 def _die_with_parent() -> None:
   """In a worker, before exec: SIGTERM when the parent dies (Linux), so a
   killed sweep leaves no worker behind to race its resume."""
@@ -246,7 +263,9 @@ def main(argv):
     _setup_jax(output_dir)
     gin_flags.parse_gin(files, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     sweep = make_sweep()
-    names = [c.name for c in sweep_lib.configurations(sweep)]
+    configs = sweep_lib.configurations(sweep)
+    names = [c.name for c in configs]
+    _log_sizes(configs)
     if sweep_report.check_or_write_manifest(output_dir, _manifest(names)):
       logging.info("Resuming the sweep in %s.", output_dir)
     start = time.time()
