@@ -52,8 +52,9 @@ class DataCache:
     pack: pack several sequences per training row.
     materialize: keep whole training streams in memory (small corpora);
       False streams them from SeqIO during training.
-    max_validation_examples: evaluate at most this many held-out examples
-      per language (None = the whole split).
+    max_validation_examples: evaluate at most this many held-out rows per
+      language, packed and spread over the split (None = the whole split,
+      one sequence per row); see `validation_rows`.
   """
 
   def __init__(
@@ -197,11 +198,17 @@ class DataCache:
   def validation_rows(
       self, tasks: Mapping[str, str], split: str = "validation"
   ) -> dict[str, Rows]:
-    """Every language's held-out split, one sequence per row.
+    """Every language's held-out rows.
 
-    All languages go through one SeqIO pipeline. Rows are not packed, so each
-    holds one language and can be laid out by partition; a model that
-    respects segments scores every token as it would packed.
+    Without a limit: the whole split, one sequence per row (rows are not
+    packed, so each holds one language and can be laid out by partition; a
+    model that respects segments scores every token as it would packed).
+    With `max_validation_examples` = m: each language's split packed into
+    rows of L tokens (one language per row), and m of them evenly spaced
+    over the split. The held-out split is ordered by source block, so the
+    first m lines would be one or two blocks of one package; spread rows
+    sample every part of the split, and packing scores up to m x L real
+    tokens instead of m mostly padded lines.
 
     Args:
       tasks: {language code: its task name}.
@@ -212,37 +219,72 @@ class DataCache:
     """
     missing = [c for c in tasks if (c, split) not in self._validation]
     if missing:
-      length = {"targets": self.sequence_length}
-      dataset = None
+      if self.max_validation_examples is None:
+        found = self._whole_split_rows(tasks, missing, split)
+      else:
+        found = {c: self._spread_rows(tasks[c], split) for c in missing}
       for code in missing:
-        ds = seqio.get_mixture_or_task(tasks[code]).get_dataset(
-            length, split=split, shuffle=False, num_epochs=1
-        )
-        if self.max_validation_examples is not None:
-          ds = ds.take(self.max_validation_examples)
-        dataset = ds if dataset is None else dataset.concatenate(ds)
-      converter = pipeline.LanguageLMFeatureConverter(pack=False)
-      batches = [
-          _keep(b)
-          for b in converter(dataset, length).batch(256).as_numpy_iterator()
-      ]
-      rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-      if self.pack:  # Same features as packed training rows: one segment.
-        segment = (rows["decoder_loss_weights"] > 0).astype(np.int32)
-        rows["decoder_segment_ids"] = segment
-        rows["decoder_positions"] = segment * np.arange(
-            self.sequence_length, dtype=np.int32
-        )
-      row_language = rows["decoder_language_ids"][:, 0]
-      for code in missing:
-        keep = row_language == languages.language_id(code)
-        if not keep.any():
+        if not len(found[code][FEATURES[0]]):
           raise ValueError(
               f"Task {tasks[code]!r} has no {split} rows of "
               f"language {code!r}."
           )
-        self._validation[code, split] = {k: v[keep] for k, v in rows.items()}
+        self._validation[code, split] = found[code]
     return {c: self._validation[c, split] for c in tasks}
+
+  def _converted(self, dataset: tf.data.Dataset, pack: bool) -> Rows:
+    length = {"targets": self.sequence_length}
+    converter = pipeline.LanguageLMFeatureConverter(pack=pack)
+    batches = [
+        _keep(b)
+        for b in converter(dataset, length).batch(256).as_numpy_iterator()
+    ]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def _get(self, task_name: str, split: str) -> tf.data.Dataset:
+    return seqio.get_mixture_or_task(task_name).get_dataset(
+        {"targets": self.sequence_length}, split=split, shuffle=False,
+        num_epochs=1,
+    )
+
+  def _whole_split_rows(self, tasks, missing, split) -> dict[str, Rows]:
+    """Every listed language's split, one sequence per row, by language."""
+    dataset = None
+    for code in missing:
+      ds = self._get(tasks[code], split)
+      dataset = ds if dataset is None else dataset.concatenate(ds)
+    rows = self._converted(dataset, pack=False)
+    if self.pack:  # Same features as packed training rows: one segment.
+      segment = (rows["decoder_loss_weights"] > 0).astype(np.int32)
+      rows["decoder_segment_ids"] = segment
+      rows["decoder_positions"] = segment * np.arange(
+          self.sequence_length, dtype=np.int32
+      )
+    row_language = rows["decoder_language_ids"][:, 0]
+    return {
+        code: {
+            k: v[row_language == languages.language_id(code)]
+            for k, v in rows.items()
+        }
+        for code in missing
+    }
+
+  def _spread_rows(self, task_name: str, split: str) -> Rows:
+    """At most max_validation_examples rows of one task, evenly spaced."""
+    rows = self._converted(self._get(task_name, split), pack=self.pack)
+    return {
+        k: v[spread(len(v), self.max_validation_examples)]
+        for k, v in rows.items()
+    }
+
+
+def spread(n: int, m: int) -> np.ndarray:
+  """min(n, m) indices of range(n), evenly spaced, first and last included."""
+  if m < 1:
+    raise ValueError(f"max_validation_examples={m!r} must be >= 1.")
+  if n <= m:
+    return np.arange(n)
+  return np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
 
 
 def _from_arrays(batches: Rows) -> BatchesFn:
