@@ -108,8 +108,9 @@ flags.DEFINE_integer(
     "workers",
     1,
     "Run the sweep's (configuration, seed) jobs in this many processes, "
-    "each with one XLA thread (on 2 cores, 2 workers train ~30% more "
-    "tokens/s than one 2-thread process). The thread count changes float "
+    "each with one XLA thread (on 2 cores, two 1-thread train steps run "
+    "~30% more tokens/s than one 2-thread step; docs/performance.md). The "
+    "thread count changes float "
     "summation order, so results match reruns with --workers > 1, not "
     "--workers=1 (sweep.json records the flags; a resume must agree).",
     lower_bound=1,
