@@ -247,9 +247,6 @@ class _Runner:
       )
     self.progress = sweep_progress.Progress(total, todo)
 
-  def _exists(self, c, seed, code) -> bool:
-    return os.path.exists(sweep_jobs.result_path(self.output_dir, c.name, seed, code))
-
   def cache(self, seed: int) -> stream_cache.DataCache:
     if seed not in self.caches:
       self.caches[seed] = stream_cache.DataCache(
@@ -269,14 +266,18 @@ class _Runner:
     """Every forget language of (configuration, seed); their payloads."""
     langs = self.sweep.languages_of(c.model_config)
     train, forget = _weights(self.sweep, c)
-    todo = [l for l in langs if not self._exists(c, seed, l)]
+    paths = {
+        l: sweep_jobs.result_path(self.output_dir, c.name, seed, l)
+        for l in langs
+    }
+    todo = [l for l in langs if not os.path.exists(paths[l])]
     seed_dir = os.path.join(self.output_dir, "runs", c.name, f"seed{seed}")
     trained = None
     if not todo:
       self.progress.skip()
       logging.info("%s seed %d: done earlier, kept.", c.name, seed)
     for code in langs:
-      path = sweep_jobs.result_path(self.output_dir, c.name, seed, code)
+      path = paths[code]
       if code not in todo:
         self.progress.skip()
         continue
@@ -295,12 +296,7 @@ class _Runner:
       )
       sweep_jobs.save_result(path, result, seed, time.time() - start)
       self.progress.done(forget, f"{c.name} seed {seed} forgot {code}")
-    return [
-        sweep_jobs.load_result(
-            sweep_jobs.result_path(self.output_dir, c.name, seed, l)
-        )
-        for l in langs
-    ]
+    return [sweep_jobs.load_result(paths[l]) for l in langs]
 
 
 def jobs(
@@ -315,7 +311,10 @@ def jobs(
       out.append(sweep_jobs.Job(
           c.name, seed,
           os.path.join(output_dir, "runs", c.name, f"seed{seed}"),
-          tuple(sweep_jobs.result_path(output_dir, c.name, seed, l) for l in langs),
+          tuple(
+              sweep_jobs.result_path(output_dir, c.name, seed, l)
+              for l in langs
+          ),
           train, forget,
       ))
   return out
@@ -365,11 +364,11 @@ def run_sweep(
   if launch is not None:
     todo = jobs(sweep, output_dir, configs)
     sweep_jobs.clear_claims(todo)
-    finished = lambda: write([
+    finished = lambda: [
         sweep_jobs.load_result(p)
         for j in todo for p in j.result_paths if os.path.exists(p)
-    ])
-    codes = sweep_jobs.watch(todo, launch(), finished)
+    ]
+    codes = sweep_jobs.watch(todo, launch(), lambda: write(finished()))
     sweep_jobs.clear_claims(todo)
     failed = [i for i, code in enumerate(codes) if code]
     if failed:
@@ -378,6 +377,9 @@ def run_sweep(
           f"{output_dir}/logs/worker<i>.log. Finished units are kept: "
           "rerun the same command to resume."
       )
+    payloads = finished()  # Every unit, in the serial order.
+    write(payloads)
+    return payloads
   payloads = []
   for c in configs:
     for seed in sweep.seeds:
