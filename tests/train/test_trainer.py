@@ -101,7 +101,11 @@ def _train(model_dir, dataset, steps, mesh=None, learning_rate=3e-2, **config):
           learning_rate=learning_rate, warmup_steps=3
       ),
       config=steps_lib.TrainConfig(**config),
-      batches=lambda start: pipeline.batch_iterator(dataset, start),
+      batches=(
+          (lambda start: iter(dataset[start:]))
+          if isinstance(dataset, list)  # Batches fixed in memory.
+          else (lambda start: pipeline.batch_iterator(dataset, start))
+      ),
       batch_shape=BATCH_SHAPE,
       mesh=mesh or _mesh(),
   )
@@ -380,3 +384,36 @@ def test_metrics_jsonl_skips_torn_lines(tmp_path):
       + '{"step": 2, "lo'
   )
   assert metrics_writer.read_jsonl(str(path)) == {1: {"step": 1, "loss": 1.5}}
+
+
+def test_damaged_newest_step_is_refused_then_resumed_from_an_older_one(
+    dataset, tmp_path
+):
+  """One flipped byte in step 40's parameters: the trainer refuses it,
+  naming the step and the intact ones, instead of loading wrong values;
+  with restore_step=30 it redoes steps 30-40 bitwise as the undamaged run
+  did them, and keeps the damaged step aside."""
+  intact, damaged = tmp_path / "intact", tmp_path / "damaged"
+  # In memory: each pass over a tf.data dataset may reshuffle.
+  iterator = pipeline.batch_iterator(dataset, 0)
+  dataset = [next(iterator) for _ in range(40)]
+  reference = _train(intact, dataset, 40)
+  shutil.copytree(intact, damaged)
+  data_dir = damaged / "checkpoints" / "40" / "state"
+  data = max(
+      (p for p in data_dir.rglob("*") if p.is_file() and p.parent.name == "d"),
+      key=lambda p: p.stat().st_size,
+  )
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  data.write_bytes(bytes(raw))
+  with pytest.raises(RuntimeError, match=(
+      r"step 40 .* is damaged.*Other complete steps: \[20, 30\].*"
+      r"restore_step=30")):
+    _train(damaged, dataset, 40)
+  resumed = _train(damaged, dataset, 40, restore_step=30)
+  for a, b in zip(jax.tree.leaves(resumed.params),
+                  jax.tree.leaves(reference.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert (damaged / "checkpoints" / "40.set-aside").is_dir()
+  assert checkpoints.complete_steps(damaged / "checkpoints") == [20, 30, 40]

@@ -11,16 +11,22 @@ A checkpoint step holds two items (`ocp.args.Composite`):
 Orbax writes each step into `<step>.orbax-checkpoint-tmp-<ts>` and renames it
 when complete (on GCS it writes a commit marker instead), so a step cut short
 by a kill is never listed; leftovers are deleted before a manager's
-constructor returns.
+constructor returns. The metadata also holds a digest of every array
+(`checkpoint_integrity`), checked on every restore: a step whose files were
+damaged after it was written is refused with its step and the other complete
+steps named, never restored as silently wrong values.
 """
 
+import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from tiered_routing.train import checkpoint_integrity as integrity
 
 STATE = "state"
 METADATA = "metadata"
@@ -75,6 +81,37 @@ def complete_steps(directory: str | os.PathLike) -> list[int]:
     reader.close()
 
 
+def set_aside_after(directory: str | os.PathLike, step: int) -> list[str]:
+  """Renames every complete step after `step` to `<step>.set-aside[-k]`.
+
+  Resuming from an older step (a later one is damaged, or its run went
+  wrong) must not delete anything: the later steps are kept under names
+  Orbax does not list as steps, so the resumed run writes fresh ones.
+
+  Returns:
+    The new paths.
+
+  Raises:
+    ValueError: if `step` is not a complete step of `directory`.
+  """
+  directory = str(directory)
+  steps = complete_steps(directory)
+  if step not in steps:
+    raise ValueError(
+        f"restore_step={step!r} has no complete checkpoint in {directory}; "
+        f"allowed: {steps}.")
+  moved = []
+  for later in (s for s in steps if s > step):
+    source = os.path.join(directory, str(later))
+    target, k = f"{source}.set-aside", 0
+    while os.path.exists(target):
+      k += 1
+      target = f"{source}.set-aside-{k}"
+    os.rename(source, target)
+    moved.append(target)
+  return moved
+
+
 def read_subtree(directory: str | os.PathLike, step: int, *,
                  key: str = "params",
                  target: Optional[Callable[[Any], Any]] = None) -> Any:
@@ -89,9 +126,11 @@ def read_subtree(directory: str | os.PathLike, step: int, *,
       (ShapeDtypeStructs with shardings) to restore onto, and may raise if
       the saved tree does not fit.
   """
-  reader = _reader(str(directory))
+  directory = str(directory)
+  reader = _reader(directory)
   try:
-    saved = reader.item_metadata(step)[STATE].tree
+    with _reading(step, directory, reader.all_steps()):
+      saved = reader.item_metadata(step)[STATE].tree
     if key not in saved:
       raise ValueError(
           f"key={key!r} is not a top-level field of the saved state; it has "
@@ -103,12 +142,35 @@ def read_subtree(directory: str | os.PathLike, step: int, *,
     else:
       item = {key: target(saved[key])}
       restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    restored = reader.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True)}))
+    with _reading(step, directory, reader.all_steps()):
+      restored = reader.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.PyTreeRestore(
+              item=item, restore_args=restore_args, partial_restore=True),
+          METADATA: ocp.args.JsonRestore()}))
+    integrity.verify(
+        key, restored[STATE][key],
+        (restored[METADATA] or {}).get(integrity.DIGESTS_KEY),
+        step=step, directory=directory, other_steps=reader.all_steps())
   finally:
     reader.close()
   return restored[STATE][key]
+
+
+@contextlib.contextmanager
+def _reading(step: int, directory: str, all_steps: Iterable[int]):
+  """Turns whatever Orbax and TensorStore raise reading `step` (hundreds of
+  lines for a damaged chunk or manifest, a bare JSONDecodeError for damaged
+  metadata) into one `CheckpointDamagedError` naming the step, the file and
+  the other steps. Callers check that their target fits first (shapes),
+  so what fails here is the files."""
+  try:
+    yield
+  except integrity.CheckpointDamagedError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise integrity.damaged(
+        step, directory, all_steps,
+        integrity.describe_read_error(e, directory)) from e
 
 
 class Checkpointer:
@@ -192,9 +254,11 @@ class Checkpointer:
     Returns:
       Whether a save was started.
     """
+    metadata = {**(metadata or {}),
+                integrity.DIGESTS_KEY: integrity.digests(state)}
     args = ocp.args.Composite(**{
         STATE: ocp.args.StandardSave(state),
-        METADATA: ocp.args.JsonSave(dict(metadata or {})),
+        METADATA: ocp.args.JsonSave(metadata),
     })
     return self._manager.save(step, args=args, force=force)
 
@@ -227,18 +291,26 @@ class Checkpointer:
     """
     step = self._check_step(step)
     target = abstract_like(abstract_state, shardings)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.StandardRestore(target),
-        METADATA: ocp.args.JsonRestore(),
-    }))
-    return Restored(step, restored[STATE], dict(restored[METADATA] or {}))
+    with _reading(step, self.directory, self.all_steps()):
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.StandardRestore(target),
+          METADATA: ocp.args.JsonRestore(),
+      }))
+    metadata = dict(restored[METADATA] or {})
+    integrity.verify_state(
+        restored[STATE], metadata.pop(integrity.DIGESTS_KEY, None),
+        step=step, directory=self.directory, other_steps=self.all_steps())
+    return Restored(step, restored[STATE], metadata)
 
   def restore_metadata(self, step: Optional[int] = None) -> dict[str, Any]:
     """The JSON metadata saved at `step` (default: latest)."""
     step = self._check_step(step)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{
-        METADATA: ocp.args.JsonRestore()}))
-    return dict(restored[METADATA] or {})
+    with _reading(step, self.directory, self.all_steps()):
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          METADATA: ocp.args.JsonRestore()}))
+    metadata = dict(restored[METADATA] or {})
+    metadata.pop(integrity.DIGESTS_KEY, None)
+    return metadata
 
   def restore_params(self, step: Optional[int] = None, *,
                      key: str = "params",

@@ -61,6 +61,9 @@ class TrainConfig:
       its own loss's; a partition retrained alone as a one-partition model
       (exact unlearning) uses loss_scale = 1/P so that clipping and the
       optimizer see the gradients it had inside the P-partition model.
+    restore_step: resume from this checkpoint step instead of the newest
+      (e.g. the newest is damaged); the steps after it are moved aside
+      (`checkpoints.set_aside_after`), not deleted. None = the newest.
   """
 
   train_steps: int
@@ -74,6 +77,7 @@ class TrainConfig:
   log_every_steps: int = 100
   async_checkpointing: bool = True
   loss_scale: float = 1.0
+  restore_step: Optional[int] = None
 
   def __post_init__(self):
     for name in (

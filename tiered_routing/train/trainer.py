@@ -130,6 +130,10 @@ def _train_locked(
 ):
   """Opens metrics and checkpoints, restores or initializes, and loops."""
   ckpt_dir = os.path.join(model_dir, "checkpoints")
+  if config.restore_step is not None:
+    for path in checkpoints.set_aside_after(ckpt_dir, config.restore_step):
+      logging.warning("restore_step=%d: moved %s aside.",
+                      config.restore_step, path)
   writer = metrics_writer.MetricsWriter(os.path.join(model_dir, "train"))
   init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
   try:
