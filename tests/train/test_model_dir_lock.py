@@ -80,3 +80,23 @@ def test_stale_removal_keeps_a_lock_taken_meanwhile(tmp_path):
   assert (tmp_path / "LOCK").read_text() == "4242@" + socket.gethostname()
   lock._remove_stale("4242@" + socket.gethostname())
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\xff\xfe\x00garbage"])
+def test_empty_or_garbled_lock_is_stale(tmp_path, caplog, content):
+  """A 0-byte LOCK (an older version's lock cut short by a full disk, or
+  `: > LOCK`) made every later run fail; no live holder writes one."""
+  (tmp_path / "LOCK").write_bytes(content)
+  with caplog.at_level(logging.WARNING):
+    with model_dir_lock.ModelDirLock(tmp_path) as lock:
+      assert lock.held
+      assert (tmp_path / "LOCK").read_text() == (
+          f"{os.getpid()}@{socket.gethostname()}")
+  assert "stale lock" in caplog.text
+  assert os.listdir(tmp_path) == []  # No private or moved-aside files left.
+
+
+def test_lock_message_names_the_directory_as_the_user_gave_it(tmp_path):
+  (tmp_path / "LOCK").write_text("1@some-other-host")
+  with pytest.raises(RuntimeError, match=f"^--output_dir {tmp_path} is in"):
+    model_dir_lock.ModelDirLock(tmp_path, label="--output_dir").acquire()

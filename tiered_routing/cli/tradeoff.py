@@ -273,7 +273,7 @@ def main(argv):
   launch = None
   if FLAGS.workers > 1:
     launch = functools.partial(_launch_workers, output_dir, FLAGS.workers)
-  with model_dir_lock.ModelDirLock(output_dir):
+  with model_dir_lock.ModelDirLock(output_dir, label="--output_dir"):
     _setup_jax(output_dir)
     gin_flags.parse_gin(files, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     sweep = make_sweep()

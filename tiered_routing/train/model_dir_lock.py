@@ -2,8 +2,8 @@
 
 import atexit
 import os
+import re
 import socket
-import time
 from typing import Optional
 
 from absl import logging
@@ -24,10 +24,14 @@ class ModelDirLock:
   """Refuses a second job writing the same MODEL_DIR.
 
   Two trainers on one directory would interleave checkpoints and corrupt the
-  resume logic. The lock is a file created atomically (`O_CREAT | O_EXCL`)
-  holding `pid@hostname`. A lock left by a dead process on this host is taken
-  over with a warning; a lock from another host cannot be checked and must be
-  removed by hand. Only process 0 of a multi-host job takes it, and only on
+  resume logic. The lock is a file holding `pid@hostname`, created with its
+  content in one step (written to a private file, then hard-linked into
+  place, which fails if the lock exists), so no reader ever sees it empty.
+  A lock left by a dead process on this host is taken over with a warning,
+  and so is one that does not hold `pid@hostname` (empty or garbled, e.g.
+  cut short by a full disk under an older version): no live holder writes
+  that. A lock from another host cannot be checked and must be removed by
+  hand. Only process 0 of a multi-host job takes it, and only on
   local filesystems (O_EXCL has no equivalent on object stores such as gs://,
   where the lock is skipped with a warning).
 
@@ -39,15 +43,18 @@ class ModelDirLock:
   FILENAME = "LOCK"
 
   def __init__(self, model_dir: str | os.PathLike,
-               is_primary: Optional[bool] = None):
+               is_primary: Optional[bool] = None, label: str = "MODEL_DIR"):
     """Prepares (does not take) the lock.
 
     Args:
       model_dir: the directory to lock.
       is_primary: whether this process takes the lock; None means
         `jax.process_index() == 0` (call `jax.distributed.initialize` first).
+      label: how the user named the directory, for messages ('MODEL_DIR',
+        '--output_dir').
     """
     self.model_dir = str(model_dir)
+    self.label = label
     self._is_primary = is_primary
     self.path = os.path.join(self.model_dir, self.FILENAME)
     self._held = False
@@ -57,24 +64,31 @@ class ModelDirLock:
     return f"{os.getpid()}@{socket.gethostname()}"
 
   def _try_create(self) -> bool:
+    """Creates the lock with its content at once; False if it exists."""
+    private = f"{self.path}.{os.getpid()}.new"
+    with open(private, "w") as f:
+      f.write(self._holder_id())
     try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      os.link(private, self.path)
+      return True
     except FileExistsError:
       return False
-    with os.fdopen(fd, "w") as f:
-      f.write(self._holder_id())
-    return True
+    finally:
+      os.remove(private)
 
-  def _read_holder(self) -> str:
+  def _read_holder(self) -> Optional[str]:
+    """The lock's content; None if there is no lock file."""
     try:
-      with open(self.path) as f:
-        return f.read().strip()
+      with open(self.path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace").strip()
     except FileNotFoundError:
-      return ""
+      return None
 
   def _is_stale(self, holder: str) -> bool:
+    if not re.fullmatch(r"\d+@\S+", holder):
+      return True  # Empty or garbled: no live holder writes that.
     pid, _, host = holder.partition("@")
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != socket.gethostname():
       return False
     return not _pid_alive(int(pid))
 
@@ -100,17 +114,16 @@ class ModelDirLock:
         atexit.register(self.release)
         return self
       holder = self._read_holder()
-      if holder and not self._is_stale(holder):
+      if holder is None:  # Released meanwhile.
+        continue
+      if not self._is_stale(holder):
         raise RuntimeError(
-            f"MODEL_DIR {self.model_dir} is in use by {holder} (lock file "
+            f"{self.label} {self.model_dir} is in use by {holder} (lock file "
             f"{self.path}). Stop that job, or delete the lock file if it is "
             "certainly dead.")
-      if holder:
-        logging.warning("Taking over stale lock %s of dead process %s.",
-                        self.path, holder)
-        self._remove_stale(holder)
-      else:  # Created but not yet written by its holder.
-        time.sleep(0.1)
+      logging.warning("Taking over the stale lock %s (%s).", self.path,
+                      f"dead process {holder}" if holder else "empty")
+      self._remove_stale(holder)
     raise RuntimeError(f"Could not acquire {self.path}: it keeps changing.")
 
   def _remove_stale(self, holder: str) -> None:
@@ -126,8 +139,8 @@ class ModelDirLock:
       os.rename(self.path, aside)
     except FileNotFoundError:
       return
-    with open(aside) as f:
-      moved = f.read().strip()
+    with open(aside, "rb") as f:
+      moved = f.read().decode("utf-8", errors="replace").strip()
     if moved != holder:
       try:
         os.link(aside, self.path)
