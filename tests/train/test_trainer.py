@@ -417,3 +417,16 @@ def test_damaged_newest_step_is_refused_then_resumed_from_an_older_one(
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert (damaged / "checkpoints" / "40.set-aside").is_dir()
   assert checkpoints.complete_steps(damaged / "checkpoints") == [20, 30, 40]
+
+
+def test_a_record_after_a_torn_line_is_kept(tmp_path):
+  """A kill mid-write leaves a partial last line; the next run's records
+  used to be appended onto it and lost with it."""
+  path = tmp_path / metrics_writer.JSONL_NAME
+  path.write_text(json.dumps({"step": 1, "loss": 2.0}) + '\n{"step": 2, "lo')
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(2, {"loss": 1.5})
+  writer.write(3, {"loss": 1.25})
+  writer.close()
+  assert {s: r["loss"] for s, r in metrics_writer.read_jsonl(
+      str(path)).items()} == {1: 2.0, 2: 1.5, 3: 1.25}

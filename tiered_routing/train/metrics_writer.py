@@ -84,6 +84,8 @@ class MetricsWriter:
       # Object stores cannot append: keep the lines and rewrite the file.
       with tf.io.gfile.GFile(self.jsonl_path) as f:
         self._lines = f.read().splitlines()
+    elif not self._remote:
+      _end_torn_line(self.jsonl_path)
 
   def write(
       self,
@@ -123,6 +125,21 @@ class MetricsWriter:
     if self._summary is not None:
       self._summary.close()
       self._summary = None
+
+
+def _end_torn_line(path: str) -> None:
+  """Ends a last line cut short by a kill, so the next record is appended
+  on a line of its own (`read_jsonl` skips the torn one) instead of onto
+  it, where both would be lost."""
+  try:
+    with open(path, "rb+") as f:
+      if f.seek(0, os.SEEK_END) == 0:
+        return
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.write(b"\n")
+  except FileNotFoundError:
+    pass
 
 
 def read_jsonl(path: str) -> dict[int, dict[str, Any]]:
