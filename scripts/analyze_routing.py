@@ -5,10 +5,8 @@ r"""Routing statistics of a checkpoint (`tiered_routing.cli.analyze_routing`).
       --output_dir=/tmp/tr_quickstart/routing
 """
 
-from absl import app
-
 from tiered_routing.cli import analyze_routing
-from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 
 if __name__ == "__main__":
-  app.run(analyze_routing.main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(analyze_routing.main)

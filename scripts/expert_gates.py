@@ -4,10 +4,8 @@ r"""Expert-owned sequence gates: runs `tiered_routing.cli.add_expert`.
       --gin.MODEL_DIR="'/tmp/rm_expert_gates'"
 """
 
-from absl import app
-
 from tiered_routing.cli import add_expert
-from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 
 if __name__ == "__main__":
-  app.run(add_expert.main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(add_expert.main)

@@ -5,10 +5,8 @@ r"""ESFT, router LoRA, full fine-tuning (`tiered_routing.cli.finetune_experts`).
       --gin.MODEL_DIR="'/tmp/rm_esft'"
 """
 
-from absl import app
-
 from tiered_routing.cli import finetune_experts
-from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 
 if __name__ == "__main__":
-  app.run(finetune_experts.main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(finetune_experts.main)

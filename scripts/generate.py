@@ -5,10 +5,8 @@ r"""Text from one partition of a checkpoint (`tiered_routing.cli.generate`).
       --prompt="Everyone has the right" --max_new_tokens=32
 """
 
-from absl import app
-
 from tiered_routing.cli import generate
-from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 
 if __name__ == "__main__":
-  app.run(generate.main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(generate.main)

@@ -5,10 +5,8 @@ r"""MoEfication of a dense checkpoint: runs `tiered_routing.cli.moefy`.
       --gin.MODEL_DIR="'/tmp/rm_moefication'"
 """
 
-from absl import app
-
-from tiered_routing.cli import gin_flags
 from tiered_routing.cli import moefy
+from tiered_routing.cli import user_errors
 
 if __name__ == "__main__":
-  app.run(moefy.main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(moefy.main)

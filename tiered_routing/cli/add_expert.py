@@ -26,7 +26,6 @@ import dataclasses
 import os
 from typing import Optional
 
-from absl import app
 from absl import flags
 import gin
 import jax
@@ -36,6 +35,7 @@ import numpy as np
 from tiered_routing import sharding
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 from tiered_routing.data import pipeline
 from tiered_routing.data import seqio_names
 from tiered_routing.eval import language_eval
@@ -317,4 +317,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

@@ -23,7 +23,6 @@ params, batches split); another layout can be bound with
 import os
 from typing import Any, Mapping, Optional
 
-from absl import app
 from absl import flags
 from absl import logging
 import gin
@@ -36,6 +35,7 @@ from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
 # The training run's gin files bind train_script.train: register it.
 from tiered_routing.cli import train  # pylint: disable=unused-import
+from tiered_routing.cli import user_errors
 from tiered_routing.data import eval_data
 from tiered_routing.data import seqio_names
 from tiered_routing.data import stream_cache
@@ -161,4 +161,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

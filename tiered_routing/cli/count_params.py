@@ -9,10 +9,10 @@ their categories are `model.param_count`'s.
 
 from typing import Sequence
 
-from absl import app
 
 from tiered_routing.cli import configurables
 from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 from tiered_routing.model import param_count
 
 
@@ -22,4 +22,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

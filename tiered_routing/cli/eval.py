@@ -29,7 +29,6 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
-from absl import app
 from absl import flags
 from absl import logging
 import gin
@@ -40,6 +39,7 @@ from tiered_routing import sharding
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
 from tiered_routing.cli import train  # pylint: disable=unused-import
+from tiered_routing.cli import user_errors
 from tiered_routing.data import eval_data
 from tiered_routing.eval import language_eval
 from tiered_routing.eval import routed_eval
@@ -196,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

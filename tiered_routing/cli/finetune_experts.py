@@ -33,7 +33,6 @@ import itertools
 import os
 from typing import Any, Mapping, Optional, Sequence
 
-from absl import app
 from absl import flags
 import gin
 import jax
@@ -43,6 +42,7 @@ from tiered_routing import sharding
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
 from tiered_routing.cli import train  # pylint: disable=unused-import
+from tiered_routing.cli import user_errors
 from tiered_routing.data import pipeline
 from tiered_routing.data import seqio_names
 from tiered_routing.eval import language_eval
@@ -328,4 +328,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

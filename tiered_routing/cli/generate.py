@@ -14,7 +14,6 @@ each prompt is printed with its continuation, up to the first EOS.
 
 from typing import Optional
 
-from absl import app
 from absl import flags
 import gin
 
@@ -23,6 +22,7 @@ from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
 # The training run's gin files bind train_script.train: register it.
 from tiered_routing.cli import train  # pylint: disable=unused-import
+from tiered_routing.cli import user_errors
 from tiered_routing.data import eval_data
 from tiered_routing.data import seqio_names
 from tiered_routing.model import decoder_config
@@ -126,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

@@ -23,7 +23,6 @@ import os
 import time
 from typing import Any, Mapping, Optional, Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 import gin
@@ -35,6 +34,7 @@ from tiered_routing import sharding
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
 from tiered_routing.cli import train  # pylint: disable=unused-import
+from tiered_routing.cli import user_errors
 from tiered_routing.data import pipeline
 from tiered_routing.eval import language_eval
 from tiered_routing.model import decoder_config
@@ -202,4 +202,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

@@ -73,6 +73,7 @@ import jax
 
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 from tiered_routing.model import param_count
 from tiered_routing.train import model_dir_lock
 from tiered_routing.unlearning import sweep as sweep_lib
@@ -296,4 +297,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

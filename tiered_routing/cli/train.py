@@ -17,7 +17,6 @@ MODEL_DIR/config.gin. On a TPU pod slice run it on every host with
 
 from typing import Any, Mapping, Optional
 
-from absl import app
 from absl import flags
 from absl import logging
 import gin
@@ -26,6 +25,7 @@ import jax
 from tiered_routing import sharding
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 from tiered_routing.data import pipeline
 from tiered_routing.model import decoder_config
 from tiered_routing.tier1 import schemes
@@ -144,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(main)

@@ -1,9 +1,7 @@
 """`python -m tiered_routing.eval`: runs the eval binary (`cli.eval`)."""
 
-from absl import app
-
 from tiered_routing.cli import eval as eval_binary
-from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
 
 if __name__ == "__main__":
-  app.run(eval_binary.main, flags_parser=gin_flags.parse_flags)
+  user_errors.run(eval_binary.main)

@@ -10,6 +10,10 @@ from absl import logging
 import jax
 
 
+class ModelDirInUseError(RuntimeError):
+  """Another live job holds the directory's lock."""
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -96,7 +100,7 @@ class ModelDirLock:
     """Takes the lock.
 
     Raises:
-      RuntimeError: if another live process holds it.
+      ModelDirInUseError: if another live process holds it.
     """
     if "://" in self.model_dir:
       logging.warning("Not locking %s: no atomic create on this filesystem.",
@@ -117,7 +121,7 @@ class ModelDirLock:
       if holder is None:  # Released meanwhile.
         continue
       if not self._is_stale(holder):
-        raise RuntimeError(
+        raise ModelDirInUseError(
             f"{self.label} {self.model_dir} is in use by {holder} (lock file "
             f"{self.path}). Stop that job, or delete the lock file if it is "
             "certainly dead.")

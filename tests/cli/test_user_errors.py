@@ -1,0 +1,96 @@
+"""User errors end a binary with one line and status 1; bugs keep tracebacks."""
+
+import errno
+import os
+import subprocess
+import sys
+
+from absl import flags
+import pytest
+
+from tiered_routing.cli import user_errors
+from tiered_routing.train import checkpoint_integrity
+from tiered_routing.train import model_dir_lock
+
+REPO_ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
+
+
+@pytest.fixture(autouse=True)
+def _parsed_flags():
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  yield
+  flags.FLAGS.show_traceback = False
+
+
+def _raising(error):
+  def main(argv):
+    del argv
+    raise error
+  return main
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("TrainConfig.train_steps=-3 must be an int >= 1."),
+    FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/y.gin"),
+    OSError(errno.ENOSPC, "No space left on device", "/full/ckpt"),
+    OSError(errno.EROFS, "Read-only file system", "/ro/eval"),
+    checkpoint_integrity.CheckpointDamagedError("Checkpoint step 60 ..."),
+    model_dir_lock.ModelDirInUseError("MODEL_DIR /m is in use by 1@h"),
+    FloatingPointError("Non-finite values at training step 7"),
+])
+def test_user_errors_print_one_line_and_exit_1(error, capsys):
+  with pytest.raises(SystemExit) as info:
+    user_errors.guarded(_raising(error))(["prog"])
+  assert info.value.code == user_errors.EXIT_USER_ERROR
+  err = capsys.readouterr().err
+  first = err.splitlines()[0]
+  assert first.startswith("error: ")
+  expected = (f"{error.strerror}: {error.filename}"
+              if isinstance(error, OSError) and error.filename
+              else str(error))
+  assert first == f"error: {expected}"
+  assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [
+    TypeError("unsupported operand"), KeyError("x"),
+    OSError(errno.EIO, "Input/output error"),
+])
+def test_bugs_keep_their_traceback(error):
+  with pytest.raises(type(error)):
+    user_errors.guarded(_raising(error))(["prog"])
+
+
+def test_show_traceback_reraises_user_errors():
+  flags.FLAGS.show_traceback = True
+  with pytest.raises(ValueError, match="bad"):
+    user_errors.guarded(_raising(ValueError("bad")))(["prog"])
+
+
+def test_ctrl_c_exits_130(capsys):
+  with pytest.raises(SystemExit) as info:
+    user_errors.guarded(_raising(KeyboardInterrupt()))(["prog"])
+  assert info.value.code == 130
+  assert "Interrupted" in capsys.readouterr().err
+
+
+def test_train_binary_bad_value_is_one_line(tmp_path):
+  command = [
+      sys.executable, "-m", "tiered_routing.train",
+      "--gin_file=gin/quickstart.gin", "--gin.TRAIN_STEPS=-3",
+      f"--gin.MODEL_DIR='{tmp_path}'",
+  ]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert ("error: TrainConfig.train_steps=-3 must be an int >= 1."
+          in proc.stderr)
+  verbose = subprocess.run(command + ["--show_traceback"], cwd=REPO_ROOT,
+                           env=env, capture_output=True, text=True,
+                           timeout=300)
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
