@@ -7,6 +7,7 @@ with that of an uninterrupted run bitwise. The eval binary then restores the
 checkpoint onto this process's 8-device mesh.
 """
 
+import glob
 import json
 import math
 import os
@@ -67,11 +68,11 @@ def _command(model_dir):
   )
 
 
-def _parse(model_dir, extra_files=()):
+def _parse(model_dir, extra_files=(), extra_bindings=()):
   gin.clear_config()
   gin_flags.parse_gin(
       GIN_FILES + list(extra_files),
-      _bindings(model_dir),
+      _bindings(model_dir) + list(extra_bindings),
       [REPO_ROOT],
       train_lib.REQUIRED_MACROS,
   )
@@ -204,8 +205,48 @@ def test_eval_binary_reports_every_language(runs, clean_gin):
     )
   total_tokens = sum(results[f"{c}/num_tokens"] for c in languages.CODES)
   assert results["all/num_tokens"] == total_tokens
-  path = os.path.join(model_dir, "eval", f"validation_step_{TRAIN_STEPS}.json")
-  assert os.path.exists(path)
+  plain = [p for p in _eval_records(model_dir)
+           if not _eval_record(p).get("routing_config")]
+  assert len(plain) == 1, plain
+
+
+def _eval_records(model_dir):
+  return sorted(glob.glob(os.path.join(
+      model_dir, "eval", "validation-*", f"validation_step_{TRAIN_STEPS}.json"
+  )))
+
+
+def _eval_record(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_eval_name_with_another_config_and_unwritable_dirs_are_refused(
+    runs, clean_gin, tmp_path
+):
+  model_dir = runs[1]
+  # Two documented evaluations in a row get directories of their own.
+  _parse(model_dir, ["gin/runs/eval.gin"])
+  plain = eval_lib.eval_dir(model_dir, "validation", None)
+  _parse(model_dir, ["gin/runs/eval_routing.gin"])
+  routed = eval_lib.eval_dir(model_dir, "validation", None)
+  assert os.path.dirname(plain) == os.path.dirname(routed)
+  assert os.path.basename(plain).startswith("validation-")
+  assert plain != routed
+  _parse(model_dir, ["gin/runs/eval.gin"], ["EVAL_NAME = 'mine'"])
+  out = eval_lib.eval_dir(model_dir, "validation", "mine")
+  assert out == os.path.join(model_dir, "eval", "mine")
+  _parse(model_dir, ["gin/runs/eval.gin"],
+         ["EVAL_NAME = 'mine'", "EVAL_SPLIT = 'train'"])
+  with pytest.raises(ValueError, match="EVAL_NAME='mine' already holds"):
+    eval_lib.eval_dir(model_dir, "train", "mine")
+  with pytest.raises(ValueError, match="EVAL_NAME='../x': allowed"):
+    eval_lib.eval_dir(model_dir, "train", "../x")
+  # A directory that cannot be written fails before the evaluation runs
+  # (tests run as root, for whom permissions do not stop writes).
+  (tmp_path / "eval").write_text("not a directory")
+  with pytest.raises(PermissionError, match="Cannot write the evaluation"):
+    eval_lib.eval_dir(str(tmp_path), "validation", None)
 
 
 # One language per partition of family2 (si: p0, en: p1) keeps the SeqIO and
@@ -266,9 +307,8 @@ def test_routed_eval_reports_every_mode_and_its_cost(runs, routed_eval_results):
       )
   for code in ("si", "en"):
     assert r[f"routing/classifier/{code}/routing_accuracy"] == 1.0
-  path = os.path.join(runs[1], "eval", f"validation_step_{TRAIN_STEPS}.json")
-  with open(path) as f:
-    record = json.load(f)
+  records = [_eval_record(p) for p in _eval_records(runs[1])]
+  (record,) = [r for r in records if r.get("routing_config")]
   assert record["routing_config"]["top_k"] == 1
   assert record[f"{ens}/all/loss"] == r[f"{ens}/all/loss"]
 

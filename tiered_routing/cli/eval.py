@@ -20,13 +20,19 @@ Two further paths (gin/runs/eval_routing.gin), each on unpacked rows:
     `seqio.Evaluator` per partition mixture, scored by the tasks' score
     metric fns from the model's per-example log-likelihoods ('seqio/...').
 
-Writes MODEL_DIR/eval/<split>_step_<N>.json and TensorBoard scalars plus
-metrics.jsonl in MODEL_DIR/eval.
+Writes MODEL_DIR/eval/<name>/<split>_step_<N>.json, TensorBoard scalars and
+metrics.jsonl, and the evaluation's gin config (config.gin) in the same
+directory. <name> is EVAL_NAME, or by default '<split>-<digest of the gin
+config>', so two different evaluation setups (another routing mode, another
+capacity factor) never replace each other's results or share a TensorBoard
+curve. The directory is checked for writing before any work is done.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from typing import Any, Mapping, Optional
 
 from absl import flags
@@ -61,24 +67,76 @@ REQUIRED_MACROS = (
 )
 
 
+def _config_text() -> str:
+  """The gin config without MODEL_DIR and CHECKPOINT_STEP (where and
+  which step, not how)."""
+  return "\n".join(
+      line for line in gin.config_str().splitlines()
+      if not re.match(r"\s*(MODEL_DIR|CHECKPOINT_STEP)\s*=", line)
+  )
+
+
+def eval_dir(model_dir: str, split: str, eval_name: Optional[str]) -> str:
+  """MODEL_DIR/eval/<name>, created, checked writable, with config.gin.
+
+  Raises:
+    ValueError: on a bad name, or a name holding another configuration's
+      results.
+    OSError: if the directory cannot be written (before any work).
+  """
+  config = _config_text()
+  if eval_name is None:
+    eval_name = f"{split}-{hashlib.sha256(config.encode()).hexdigest()[:8]}"
+  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", eval_name):
+    raise ValueError(
+        f"EVAL_NAME={eval_name!r}: allowed are letters, digits, '.', '_' "
+        "and '-' (a directory name under MODEL_DIR/eval).")
+  out_dir = os.path.join(model_dir, "eval", eval_name)
+  if jax.process_index() != 0:
+    return out_dir
+  try:
+    tf.io.gfile.makedirs(out_dir)
+    probe = os.path.join(out_dir, f".writable-{os.getpid()}")
+    _write_atomically(probe, lambda f: f.write(""))
+    tf.io.gfile.remove(probe)
+  except tf.errors.OpError as e:
+    raise PermissionError(
+        f"Cannot write the evaluation results to {out_dir}: {e.message}"
+    ) from None
+  path = os.path.join(out_dir, "config.gin")
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      if f.read() != config:
+        raise ValueError(
+            f"EVAL_NAME={eval_name!r} already holds the results of another "
+            f"evaluation configuration ({path}); choose another EVAL_NAME.")
+  else:
+    _write_atomically(path, lambda f: f.write(config))
+  return out_dir
+
+
+def _write_atomically(path: str, write) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    write(f)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
 def _write_results(
-    model_dir: str,
+    out_dir: str,
     split: str,
     step: int,
     results: Mapping[str, Any],
     extra: Optional[Mapping[str, Any]] = None,
 ) -> str:
-  out_dir = os.path.join(model_dir, "eval")
   writer = metrics_writer.MetricsWriter(out_dir)
   writer.write(step, {f"{split}/{k}": v for k, v in results.items()})
   writer.close()
   path = os.path.join(out_dir, f"{split}_step_{step}.json")
   if jax.process_index() == 0:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      record = {"step": step, "split": split, **results, **(extra or {})}
-      json.dump(record, f, indent=1, sort_keys=True)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    record = {"step": step, "split": split, **results, **(extra or {})}
+    _write_atomically(
+        path, lambda f: json.dump(record, f, indent=1, sort_keys=True))
   return path
 
 
@@ -144,10 +202,12 @@ def run(
     pack: bool = True,
     routing: Optional[routed_eval.RoutingConfig] = None,
     seqio_evaluator: bool = False,
+    eval_name: Optional[str] = None,
 ) -> dict[str, float]:
   """Evaluates a checkpoint of model_dir (default: the newest).
 
-  `routing` (modes) and `seqio_evaluator` add the module doc's other paths.
+  `routing` (modes) and `seqio_evaluator` add the module doc's other paths;
+  results go to MODEL_DIR/eval/<eval_name> (`eval_dir`).
 
   Returns:
     Flat metrics '{code}/loss', '{code}/perplexity', '{code}/bits_per_byte',
@@ -164,6 +224,7 @@ def run(
     )
   names = gin_flags.mixture_names(mixture_or_task_name, p)
   length = gin_flags.task_feature_length(task_feature_lengths)
+  out_dir = eval_dir(model_dir, split, eval_name)
   mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
   model = transformer.TieredDecoder(model_config)
   with sharding.with_sharding_rules(mesh):
@@ -181,7 +242,7 @@ def run(
         )
     )
   extra = routing and {"routing_config": dataclasses.asdict(routing)}
-  path = _write_results(model_dir, split, step, results, extra)
+  path = _write_results(out_dir, split, step, results, extra)
   bpb = results["all/bits_per_byte"]
   logging.info(
       "Step %d %s: all/bits_per_byte %.4f -> %s", step, split, bpb, path
