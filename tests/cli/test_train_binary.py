@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -372,3 +373,78 @@ def test_mixture_names_must_match_partitions():
 def test_positional_arguments_are_rejected():
   with pytest.raises(app.UsageError, match=r"Unexpected arguments: \['x'\]"):
     gin_flags.parse_command_line(["train", "x"])
+
+
+def test_resume_with_another_seed_or_width_is_refused(runs, clean_gin):
+  """Resuming with another SEED (silently accepted before) or expert width
+  (an Orbax traceback before) names the changed settings, before any
+  training and without touching the run's config.gin."""
+  model_dir = runs[1]
+  config_path = os.path.join(model_dir, "config.gin")
+  with open(config_path) as f:
+    before = f.read()
+  gin.clear_config()
+  gin_flags.parse_gin(
+      GIN_FILES,
+      _bindings(model_dir) + [
+          "SEED = 7", "tiered_routing.DecoderConfig.expert_d_ff = 16",
+          f"TRAIN_STEPS = {TRAIN_STEPS + 8}",  # Extending is allowed.
+      ],
+      [REPO_ROOT],
+      train_lib.REQUIRED_MACROS,
+  )
+  with pytest.raises(ValueError) as info:
+    train_lib.run()
+  message = str(info.value)
+  assert f"MODEL_DIR {model_dir} holds a run trained with other" in message
+  assert "SEED: 0 -> 7" in message
+  assert "DecoderConfig.expert_d_ff: 64 -> 16" in message
+  assert "TRAIN_STEPS" not in message
+  assert "--allow_changed_config" in message
+  with open(config_path) as f:
+    assert f.read() == before
+  with checkpoints.Checkpointer(os.path.join(model_dir, "checkpoints")) as c:
+    assert c.latest_step() == TRAIN_STEPS
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_the_step_and_resumes_bitwise(runs, tmp_path, signum):
+  """Ctrl-C or SIGTERM mid-run: the job finishes its step, saves it,
+  exits 130 with one line saying where; the same command resumes there
+  and ends bitwise where the uninterrupted run did."""
+  uninterrupted = runs[0]
+  model_dir = str(tmp_path / "interrupted")
+  env = dict(
+      os.environ,
+      JAX_COMPILATION_CACHE_DIR=os.path.join(
+          os.path.dirname(uninterrupted), "xla_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
+  proc = subprocess.Popen(_command(model_dir), cwd=REPO_ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    _wait_for(proc, os.path.join(model_dir, "checkpoints", str(SAVE_EVERY)))
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, stderr[-3000:]
+  name = signal.Signals(signum).name
+  match = re.search(rf"Interrupted: {name} at step (\d+): saved checkpoint "
+                    r"(\d+) in", stderr)
+  assert match, stderr[-3000:]
+  assert "Traceback" not in stderr
+  step = int(match.group(1))
+  assert SAVE_EVERY <= step < TRAIN_STEPS and int(match.group(2)) == step
+  steps = checkpoints.complete_steps(os.path.join(model_dir, "checkpoints"))
+  assert steps[-1] == step
+  rerun = subprocess.run(_command(model_dir), cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, check=False)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"Resuming from step {step}" in rerun.stderr
+  for key in ("params", "opt_state"):
+    for x, y in zip(jax.tree.leaves(_restore(uninterrupted, key)),
+                    jax.tree.leaves(_restore(model_dir, key))):
+      np.testing.assert_array_equal(x, y)

@@ -9,9 +9,10 @@
                                         their own quotes)
 """
 
+import difflib
 import os
 import re
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from absl import app
 from absl import flags
@@ -138,6 +139,56 @@ def parse_gin(
       gin.query_parameter(f"%{name}")
     except ValueError:
       raise ValueError(_missing_message(name)) from None
+  check_macros_used(gin_files, gin_bindings, search_paths, required_macros)
+
+
+_INCLUDE = re.compile(r"^\s*include\s+['\"]([^'\"]+)['\"]", re.MULTILINE)
+_MACRO_REFERENCE = re.compile(r"%([A-Za-z_]\w*)")
+_MACRO_BINDING = re.compile(r"^\s*([A-Za-z_]\w*)\s*=")
+
+
+def _gin_texts(files: Iterable[str], search_paths: Sequence[str]):
+  """The text of every gin file and of every file they include."""
+  seen, pending = set(), list(files)
+  while pending:
+    name = pending.pop()
+    path = next(
+        (os.path.join(d, name) for d in ("",) + tuple(search_paths)
+         if tf.io.gfile.exists(os.path.join(d, name))), None)
+    if path is None or path in seen:
+      continue
+    seen.add(path)
+    with tf.io.gfile.GFile(path) as f:
+      text = f.read()
+    pending.extend(_INCLUDE.findall(text))
+    yield text
+
+
+def check_macros_used(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str],
+    search_paths: Sequence[str],
+    required_macros: Sequence[str] = (),
+) -> None:
+  """Raises ValueError for a macro bound on the command line that nothing
+  uses: gin accepts `--gin.TRAIN_STEP=20` (for TRAIN_STEPS) and the run
+  silently trains the file's value.
+
+  A macro counts as used when a loaded gin file (includes followed) or a
+  binding refers to it as %NAME, or the binary requires it.
+  """
+  used = set(required_macros)
+  for text in list(_gin_texts(gin_files, search_paths)) + list(gin_bindings):
+    used.update(_MACRO_REFERENCE.findall(text))
+  for binding in gin_bindings:
+    match = _MACRO_BINDING.match(binding)
+    if match and match.group(1) not in used:
+      name = match.group(1)
+      close = difflib.get_close_matches(name, sorted(used), n=3)
+      hint = f" Did you mean {' or '.join(close)}?" if close else ""
+      raise ValueError(
+          f"The gin macro {name} (--gin.{name}) is not used by any loaded "
+          f"gin file, so it would change nothing.{hint}")
 
 
 def parse_command_line(

@@ -10,11 +10,13 @@ experiment file): MODEL_DIR, MIXTURE_OR_TASK_NAME (one mixture per partition;
 pretrain.gin derives it from DATA_SOURCE and the partition scheme),
 TRAIN_STEPS, BATCH_SIZE, TASK_FEATURE_LENGTHS. Running the same command again
 resumes from the newest checkpoint in MODEL_DIR; a second job on a MODEL_DIR
-that is in use refuses to start. The operative config is written to
-MODEL_DIR/config.gin. On a TPU pod slice run it on every host with
+that is in use refuses to start, and so does a resume whose gin config
+changes what the run trains (`resume_check`; --allow_changed_config
+overrides). The operative config is written to MODEL_DIR/config.gin. On a TPU pod slice run it on every host with
 --multi_host (see scripts/launch_tpu.sh).
 """
 
+import os
 from typing import Any, Mapping, Optional
 
 from absl import flags
@@ -25,6 +27,7 @@ import jax
 from tiered_routing import sharding
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
+from tiered_routing.cli import resume_check
 from tiered_routing.cli import user_errors
 from tiered_routing.data import pipeline
 from tiered_routing.model import decoder_config
@@ -36,6 +39,10 @@ from tiered_routing.train import train_state
 from tiered_routing.train import trainer
 
 FLAGS = flags.FLAGS
+_ALLOW_CHANGED_CONFIG = flags.DEFINE_bool(
+    "allow_changed_config", False,
+    "Resume MODEL_DIR even if the gin config changes settings other than "
+    "its length, periods and mesh (cli/resume_check.py).")
 REQUIRED_MACROS = (
     "MODEL_DIR",
     "MIXTURE_OR_TASK_NAME",
@@ -109,6 +116,10 @@ def run(
   )
   # Lock before touching anything in model_dir (config.gin included).
   with model_dir_lock.ModelDirLock(model_dir):
+    if not (FLAGS.is_parsed() and _ALLOW_CHANGED_CONFIG.value):
+      resume_check.check(
+          model_dir, os.path.join(model_dir, "checkpoints"),
+          gin.operative_config_str())
     mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
     dataset = pipeline.partitioned_dataset(
         names,

@@ -63,8 +63,9 @@ def guarded(main: Callable[[Sequence[str]], None]):
   def run_main(argv: Sequence[str]) -> None:
     try:
       main(argv)
-    except KeyboardInterrupt:
-      print("Interrupted.", file=sys.stderr)
+    except KeyboardInterrupt as e:
+      print(f"Interrupted: {e}" if str(e) else "Interrupted.",
+            file=sys.stderr)
       sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # pylint: disable=broad-except
       if not is_user_error(e) or _SHOW_TRACEBACK.value:

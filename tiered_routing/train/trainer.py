@@ -26,6 +26,7 @@ import numpy as np
 from tiered_routing import sharding
 from tiered_routing.model import decoder_config
 from tiered_routing.train import checkpoints
+from tiered_routing.train import interrupts
 from tiered_routing.train import loop
 from tiered_routing.train import metrics_writer
 from tiered_routing.train import model_dir_lock
@@ -153,24 +154,27 @@ def _train_locked(
     writer.close()
 
 
-def _save_hook(ckpt, log, config, metadata) -> loop.Hook:
+def _save_hook(ckpt, log, config, metadata, stop) -> loop.Hook:
   """Logs every step's metrics; checks and writes them at log steps; saves
   at checkpoint steps (after the check, so a diverged state is never
-  saved)."""
+  saved), and at the step a stop was requested (`interrupts`), which ends
+  the loop."""
   last_saved = [ckpt.latest_step()]
 
   def hook(done, state, metrics):
     log.add(done, metrics)
     is_last = done == config.train_steps
     save = is_last or done % config.save_every_steps == 0
+    save = save or stop.requested is not None
     write = is_last or done % config.log_every_steps == 0
     if save or write:
       log.check(last_saved[0])
     if write:
       log.write(done)
-    if save:
+    if save and last_saved[0] != done:
       ckpt.save(done, state, {**metadata, "data_step": done}, force=True)
       last_saved[0] = done
+    return stop.requested is not None
 
   return hook
 
@@ -190,13 +194,23 @@ def _loop(state, s, ckpt, log, batches, batch_shape, mesh, config, step_rng,
       out_shardings=(s.shardings, NamedSharding(mesh, PartitionSpec())),
       donate_argnums=0,
   )
-  state, _ = loop.run(
-      lambda state, batch: step_fn(state, batch, step_rng),
-      state,
-      _checked(iter(batches(start)), batch_shape),
-      start=start,
-      end=config.train_steps,
-      to_device=lambda batch: sharding.to_global_batch(batch, mesh),
-      hooks=[_save_hook(ckpt, log, config, metadata)],
-  )
+  # Several processes would each see their own signals and disagree on
+  # where to stop; there Orbax's preemption handling saves.
+  stops = (interrupts.StopRequests() if jax.process_count() == 1
+           else contextlib.nullcontext(interrupts.StopRequests()))
+  with stops as stop:
+    state, done = loop.run(
+        lambda state, batch: step_fn(state, batch, step_rng),
+        state,
+        _checked(iter(batches(start)), batch_shape),
+        start=start,
+        end=config.train_steps,
+        to_device=lambda batch: sharding.to_global_batch(batch, mesh),
+        hooks=[_save_hook(ckpt, log, config, metadata, stop)],
+    )
+  if stop.requested is not None:
+    ckpt.wait_until_finished()
+    raise interrupts.TrainingInterrupted(
+        f"{stop.requested} at step {done}: saved checkpoint {done} in "
+        f"{ckpt.directory}; run the same command to resume from it.")
   return state
