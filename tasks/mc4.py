@@ -36,8 +36,28 @@ def json_file_patterns(code: str) -> dict[str, str]:
   }
 
 
-def _read_gzip_lines(path: tf.Tensor) -> tf.data.Dataset:
-  return tf.data.TextLineDataset(path, compression_type="GZIP")
+def read_gzip_lines(path: tf.Tensor) -> tf.data.Dataset:
+  """{"line", "source": "<file>:<line number>"} of one json.gz shard."""
+  lines = tf.data.TextLineDataset(path, compression_type="GZIP")
+  return lines.enumerate(start=1).map(
+      lambda i, line: {
+          "line": line,
+          "source": tf.strings.join([path, ":", tf.strings.as_string(i)]),
+      })
+
+
+def check_gzip_shards(paths, directory: str, pattern: str) -> None:
+  """Raises if there is no shard, or one is not gzip (named the way
+  TextLineDataset's "inflate() failed" never names it)."""
+  if not paths:
+    raise FileNotFoundError(
+        f"No mC4 json shards match {pattern!r} in {directory} "
+        f"(${JSON_DIR_ENV_VAR}).")
+  for path in paths:
+    with tf.io.gfile.GFile(path, "rb") as f:
+      if f.read(2) != b"\x1f\x8b":
+        raise ValueError(
+            f"{path} is not a gzip file, as a c4 *.json.gz shard must be.")
 
 
 class C4JsonDataSource(seqio.FileDataSource):
@@ -46,7 +66,7 @@ class C4JsonDataSource(seqio.FileDataSource):
   def __init__(self, code: str, data_dir: str | None = None):
     self._data_dir = data_dir
     super().__init__(
-        read_file_fn=_read_gzip_lines,
+        read_file_fn=read_gzip_lines,
         split_to_filepattern=json_file_patterns(code),
     )
 
@@ -60,8 +80,11 @@ class C4JsonDataSource(seqio.FileDataSource):
     return data_dir
 
   def list_shards(self, split: str):
-    pattern = os.path.join(self.data_dir(), self._split_to_filepattern[split])
-    return seqio.utils.list_files(pattern)
+    directory = self.data_dir()
+    pattern = self._split_to_filepattern[split]
+    shards = seqio.utils.list_files(os.path.join(directory, pattern))
+    check_gzip_shards(shards, directory, pattern)
+    return shards
 
 
 def _eval_args(source: str) -> dict:

@@ -91,18 +91,36 @@ def lm_preprocessors(language_id: int, text_key: str = "text"):
   ]
 
 
-def _json_text(line: bytes) -> bytes:
-  record = json.loads(line)
-  return record["text"].encode("utf-8")
+def _json_text(line: bytes, source: bytes) -> tuple[bytes, bytes]:
+  """(text, "") of a c4 JSON line, or (b"", what is wrong and where).
+
+  It never raises: an exception inside `tf.numpy_function` in a parallel
+  tf.data pipeline was printed once per thread and then hung the input
+  pipeline; a failed TF assertion ends it cleanly."""
+  try:
+    record = json.loads(line)
+    return record["text"].encode("utf-8"), b""
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
+    where = source.decode("utf-8", errors="replace")
+    return b"", (
+        f"{where}: not a JSON object with a 'text' string "
+        f"({type(e).__name__}: {e})").encode("utf-8")
 
 
 @seqio.map_over_dataset
-def parse_c4_json(line: tf.Tensor) -> dict[str, tf.Tensor]:
+def parse_c4_json(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   """Parses one line of an allenai/c4 json.gz shard into {"text": ...}.
 
   Each line is a JSON object with `text`, `timestamp` and `url`; only the
-  text is kept. TF has no JSON op for arbitrary objects, so Python parses it.
+  text is kept. TF has no JSON op for arbitrary objects, so Python parses
+  it. `example` is {"line", "source"} (`mc4.read_gzip_lines`); a bad line
+  stops the pipeline with an error naming its file and line number.
   """
-  text = tf.numpy_function(_json_text, [line], tf.string, stateful=False)
+  text, error = tf.numpy_function(
+      _json_text, [example["line"], example["source"]],
+      [tf.string, tf.string], stateful=False)
+  check = tf.debugging.Assert(tf.equal(error, ""), [error])
+  with tf.control_dependencies([check]):
+    text = tf.identity(text)
   text.set_shape([])
   return {"text": text}

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -321,3 +322,52 @@ def test_corpus_stats_script_prints_every_language_with_baselines():
   assert 0 < float(ur["bigram (validation)"]) < float(
       ur["unigram (validation)"]
   )
+
+
+_BAD_SHARD_SCRIPT = """
+import os, sys
+os.environ["{env}"] = sys.argv[1]
+import tasks
+from tiered_routing.data import pipeline
+ds = pipeline.get_dataset("tr.mc4_json.en_v1", sequence_length=32,
+                          batch_size=4)
+batches = pipeline.batch_iterator(ds)
+for _ in range(100):
+  next(batches)
+"""
+
+
+def _shards(directory, lines_or_bytes):
+  for split in ("", "-validation"):
+    path = directory / f"c4-en{split}.tfrecord-00000-of-00001.json.gz"
+    if isinstance(lines_or_bytes, bytes):
+      path.write_bytes(lines_or_bytes)
+    else:
+      with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines_or_bytes) + "\n")
+
+
+@pytest.mark.parametrize("case", ["bad_line", "not_gzip", "no_shards"])
+def test_mc4_json_bad_input_fails_promptly_naming_the_file(tmp_path, case):
+  """A bad 4th line used to print JSONDecodeError per thread, without the
+  file, and then hang at 0% CPU; a non-gzip shard and an empty directory
+  did not name the file or the directory."""
+  good = [json.dumps({"text": f"line {i} " * 20}) for i in range(40)]
+  shard = tmp_path / "c4-en.tfrecord-00000-of-00001.json.gz"
+  if case == "bad_line":
+    _shards(tmp_path, good[:3] + ['{"text": "unterminated'] + good[3:])
+    expected = f"Reading the data failed: {shard}:4: not a JSON object"
+  elif case == "not_gzip":
+    _shards(tmp_path, b'{"text": "plain"}\n')
+    expected = f"{shard} is not a gzip file"
+  else:
+    expected = (f"No mC4 json shards match 'c4-en.tfrecord-*.json.gz' in "
+                f"{tmp_path}")
+  proc = subprocess.run(
+      [sys.executable, "-c",
+       _BAD_SHARD_SCRIPT.format(env=mc4.JSON_DIR_ENV_VAR), str(tmp_path)],
+      cwd=REPO, capture_output=True, text=True, timeout=240,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0
+  assert expected in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.count("JSONDecodeError") <= 1

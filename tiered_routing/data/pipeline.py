@@ -28,6 +28,7 @@ batches as a run that was never interrupted.
 """
 
 from collections.abc import Iterator, Mapping, Sequence
+import re
 
 import numpy as np
 import seqio
@@ -187,7 +188,27 @@ def partitioned_dataset(
 def batch_iterator(
     dataset: tf.data.Dataset, start_step: int = 0
 ) -> Iterator[Mapping[str, np.ndarray]]:
-  """NumPy batches from `start_step` on (deterministic resume)."""
+  """NumPy batches from `start_step` on (deterministic resume).
+
+  An error reading the data (a bad line, a damaged file) is raised as a
+  ValueError with the first line of TensorFlow's message, which names the
+  file when the source does, instead of TensorFlow's graph context."""
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step!r}")
-  return dataset.skip(start_step).prefetch(2).as_numpy_iterator()
+  return _data_errors(dataset.skip(start_step).prefetch(2).as_numpy_iterator())
+
+
+def _data_errors(batches):
+  try:
+    yield from batches
+  except tf.errors.OpError as e:
+    raise ValueError(f"Reading the data failed: {_first_line(e)}") from None
+
+
+def _first_line(error) -> str:
+  """TensorFlow's message without its graph context: the first line, or
+  the data of a failed assertion (a source's own check)."""
+  text = (error.message or type(error).__name__).strip().splitlines()[0]
+  text = re.sub(r"\{\{.*?\}\}\s*", "", text).replace("\\'", "'")
+  failed = re.search(r"assertion failed: \[(.*)\]", text)
+  return failed.group(1) if failed else text
