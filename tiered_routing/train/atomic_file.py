@@ -3,7 +3,8 @@
 A table, report or plot goes to a temporary file next to its path that then
 replaces it (`os.replace` is atomic on POSIX), so a killed run leaves either
 the previous file or the new one, never half of one; on an error the
-temporary file is removed.
+temporary file is removed. The file gets the permissions a plain `open`
+would give it (0666 less the umask), not mkstemp's private 0600.
 """
 
 import contextlib
@@ -27,12 +28,19 @@ def replacing(path: str, mode: str = "w") -> Iterator[IO]:
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
   text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
   try:
+    os.chmod(tmp, 0o666 & ~_umask())
     with os.fdopen(fd, mode, **text) as f:
       yield f
     os.replace(tmp, path)
   except BaseException:
     os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)  # The only way to read it is to set it.
+  os.umask(mask)
+  return mask
 
 
 def write_text(path: str, text: str) -> None:
