@@ -94,3 +94,15 @@ def test_train_binary_bad_value_is_one_line(tmp_path):
                            env=env, capture_output=True, text=True,
                            timeout=300)
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_help_lists_the_binary_flags():
+  proc = subprocess.run(
+      [sys.executable, "-m", "tiered_routing.train", "--help"],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  # (absl ends --help with status 1.)
+  for flag in ("--gin_file", "--gin_bindings", "--show_traceback",
+               "--allow_changed_config"):
+    assert flag in proc.stdout, proc.stdout
+  assert "Trains a TieredDecoder from gin files" in proc.stdout

@@ -6,7 +6,8 @@ that says how is the exception's own; printed after 5-200 frames of library
 internals it is easy to miss. `run` starts a binary like `absl.app.run` and
 prints such errors as `error: <message>` on stderr with exit status 1
 (`--show_traceback` re-raises them). Anything else is a bug and keeps its
-traceback. Ctrl-C ends with status 130, as shells expect.
+traceback. Ctrl-C ends with status 130, as shells expect. `--help` lists
+the binary's flags (the gin flags included).
 """
 
 import errno
@@ -77,6 +78,17 @@ def guarded(main: Callable[[Sequence[str]], None]):
   return run_main
 
 
+def _show_flags_in_help(main: Callable[[Sequence[str]], None]) -> None:
+  """`--help` lists only the main module's own flags, and the binaries'
+  flags live in shared modules (`gin_flags`, here, the binary's module):
+  make those the main module's key flags."""
+  modules = {gin_flags.__name__, __name__, main.__module__}
+  for module in modules:
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
   """`absl.app.run` with the gin flags and the one-line user errors."""
+  _show_flags_in_help(main)
   app.run(guarded(main), flags_parser=gin_flags.parse_flags)

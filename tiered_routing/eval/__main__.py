@@ -3,5 +3,7 @@
 from tiered_routing.cli import eval as eval_binary
 from tiered_routing.cli import user_errors
 
+__doc__ = eval_binary.__doc__  # What --help prints.
+
 if __name__ == "__main__":
   user_errors.run(eval_binary.main)

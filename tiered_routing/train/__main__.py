@@ -3,5 +3,7 @@
 from tiered_routing.cli import train
 from tiered_routing.cli import user_errors
 
+__doc__ = train.__doc__  # What --help prints.
+
 if __name__ == "__main__":
   user_errors.run(train.main)
