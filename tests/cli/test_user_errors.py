@@ -102,7 +102,7 @@ def test_help_lists_the_binary_flags():
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   # (absl ends --help with status 1.)
-  for flag in ("--gin_file", "--gin_bindings", "--show_traceback",
-               "--allow_changed_config"):
+  for flag in ("--gin_file", "--gin_bindings", "--[no]show_traceback",
+               "--[no]allow_changed_config"):
     assert flag in proc.stdout, proc.stdout
   assert "Trains a TieredDecoder from gin files" in proc.stdout
