@@ -1,10 +1,13 @@
 r"""Trains a SentencePiece vocabulary on an embedded corpus or any SeqIO task.
 
-By default it rebuilds a vocabulary that ships with the package, trained on
-the train split of an embedded corpus (udhr16: the sample; debian16):
+It rebuilds a vocabulary that ships with the package, trained on the train
+split of an embedded corpus (udhr16: the sample; debian16), to compare with
+the shipped one:
 
-  python scripts/train_vocab.py --corpus=udhr16
-  python scripts/train_vocab.py --corpus=debian16
+  python scripts/train_vocab.py --corpus=debian16 --output=/tmp/debian16.model
+
+--output is required and an existing file is replaced only with
+--overwrite, so the shipped model is never replaced by accident.
 
 On any registered task or mixture (e.g. mC4 with a TFDS data dir), reading
 the raw `text` field of up to --max_examples examples:
@@ -38,10 +41,10 @@ _CORPUS = flags.DEFINE_enum(
     "Embedded corpus to train on (without --mixture_or_task).",
 )
 _OUTPUT = flags.DEFINE_string(
-    "output",
-    None,
-    "Where to write the .model file; default: the corpus's shipped model.",
-)
+    "output", None, "Where to write the .model file (required).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace --output if it exists (e.g. the shipped "
+    "model of a corpus whose text changed).")
 _VOCAB_SIZE = flags.DEFINE_integer(
     "vocab_size",
     4096,
@@ -127,14 +130,18 @@ def train(
 def main(argv):
   del argv
   corpus = next(c for c in corpora.CORPORA if c.name == _CORPUS.value)
+  output = _OUTPUT.value
+  if output is None:
+    raise app.UsageError(
+        f"--output is required, e.g. --output=/tmp/{corpus.name}.model "
+        f"(the shipped model is {corpus.vocab_path()}).")
+  if os.path.exists(output) and not _OVERWRITE.value:
+    raise app.UsageError(
+        f"--output={output} exists; pass --overwrite to replace it.")
   if _TASK.value:
     sentences = task_text(_TASK.value, _MAX_EXAMPLES.value)
-    output = _OUTPUT.value
-    if output is None:
-      raise app.UsageError("--output is required with --mixture_or_task.")
   else:
     sentences = corpus_text(corpus)
-    output = _OUTPUT.value or str(corpus.vocab_file)
   train(
       sentences,
       output,

@@ -371,3 +371,18 @@ def test_mc4_json_bad_input_fails_promptly_naming_the_file(tmp_path, case):
   assert proc.returncode != 0
   assert expected in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.count("JSONDecodeError") <= 1
+
+
+def test_train_vocab_never_replaces_a_model_by_accident(tmp_path):
+  """Run without flags, as an older README said, it overwrote the shipped
+  vocabulary inside the package."""
+  script = str(REPO / "scripts/train_vocab.py")
+  bare = subprocess.run([sys.executable, script], capture_output=True,
+                        text=True)
+  assert bare.returncode != 0 and "--output is required" in bare.stderr
+  existing = tmp_path / "spm.model"
+  existing.write_bytes(b"keep me")
+  again = subprocess.run([sys.executable, script, f"--output={existing}"],
+                         capture_output=True, text=True)
+  assert again.returncode != 0 and "pass --overwrite" in again.stderr
+  assert existing.read_bytes() == b"keep me"
