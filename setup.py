@@ -40,6 +40,7 @@ setuptools.setup(
         "scipy==1.17.1",
         "sentencepiece==0.2.3",
         "seqio==0.0.20",
+        "tensorboard==2.21.0",
         "tensorflow==2.21.0",
         "tensorflow-datasets==4.9.10",
         "tensorflow-text==2.21.1",

@@ -430,3 +430,18 @@ def test_a_record_after_a_torn_line_is_kept(tmp_path):
   writer.close()
   assert {s: r["loss"] for s, r in metrics_writer.read_jsonl(
       str(path)).items()} == {1: 2.0, 2: 1.5, 3: 1.25}
+
+
+def test_tensorboard_reads_the_metrics_as_scalars(tmp_path):
+  """Written as TF2 tensor summaries, they were missing from
+  EventAccumulator's 'scalars' (TensorBoard's scalar tools)."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  writer = metrics_writer.MetricsWriter(str(tmp_path))
+  writer.write(10, {"loss": 2.5, "learning_rate": 1e-3})
+  writer.write(20, {"loss": 2.0, "learning_rate": 5e-4})
+  writer.close()
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  assert sorted(events.Tags()["scalars"]) == ["learning_rate", "loss"]
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+      (10, 2.5), (20, 2.0)]

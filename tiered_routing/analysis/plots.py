@@ -44,7 +44,8 @@ def _codes(codes: Sequence[str] | None, num_rows: int) -> tuple[str, ...]:
   return codes
 
 
-def _save(fig: figure_lib.Figure, path, dpi: int) -> epath.Path:
+def save_png(fig: figure_lib.Figure, path, dpi: int) -> epath.Path:
+  """Saves `fig` to `path`, written aside and renamed into place."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   backend_agg.FigureCanvasAgg(fig)
@@ -115,7 +116,7 @@ def plot_usage_heatmaps(
   fig.colorbar(image, ax=list(axes), label=label)
   if title:
     fig.suptitle(title, fontsize=10)
-  return _save(fig, path, dpi)
+  return save_png(fig, path, dpi)
 
 
 def _usage_panels(usage_NxMxE: np.ndarray, normalize: str) -> list:
@@ -180,4 +181,4 @@ def plot_js_matrix(
   ax.set_yticklabels(codes, fontsize=7)
   ax.set_title(title, fontsize=9)
   fig.colorbar(image, ax=ax)
-  return _save(fig, path, dpi)
+  return save_png(fig, path, dpi)

@@ -30,13 +30,16 @@ from tensorflow.core.framework import summary_pb2
 from tiered_routing.tier1 import languages
 
 JSONL_NAME = "metrics.jsonl"
-# `tf.summary.scalar` lives in the tensorboard package, which is not a
-# dependency; this is the metadata it attaches, so TensorBoard shows the
-# values written with the core `tf.summary.write` as ordinary scalars.
-_SCALAR_METADATA = summary_pb2.SummaryMetadata(
-    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-    data_class=summary_pb2.DATA_CLASS_SCALAR,
-)
+
+
+def _scalar_summary(scalars: Mapping[str, float]) -> bytes:
+  """A `Summary` of `simple_value`s: TensorBoard's scalar dashboard and its
+  `EventAccumulator` (`Tags()['scalars']`) read these directly; the tensor
+  summaries TF2's `tf.summary` writes show up only under 'tensors' there."""
+  return summary_pb2.Summary(value=[
+      summary_pb2.Summary.Value(tag=name, simple_value=value)
+      for name, value in scalars.items()
+  ]).SerializeToString()
 
 
 def _to_python(value: Any) -> Any:
@@ -101,13 +104,8 @@ class MetricsWriter:
       return
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
     with self._summary.as_default():
-      for name, value in scalars.items():
-        tf.summary.write(
-            name,
-            tf.constant(value, tf.float32),
-            step=step,
-            metadata=_SCALAR_METADATA,
-        )
+      tf.summary.experimental.write_raw_pb(
+          tf.constant(_scalar_summary(scalars)), step=step)
     self._summary.flush()
     record = {"step": int(step), **scalars, **_to_python(dict(extra or {}))}
     self._append(json.dumps(record, sort_keys=True))
