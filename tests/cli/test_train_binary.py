@@ -186,7 +186,7 @@ def test_operative_config_and_metrics(runs):
   assert records[TRAIN_STEPS]["loss"] < records[SAVE_EVERY]["loss"]
 
 
-def test_eval_binary_reports_every_language(runs, clean_gin):
+def test_eval_binary_reports_every_language(runs, clean_gin, capsys):
   model_dir = runs[1]
   _parse(model_dir, ["gin/runs/eval.gin"])
   # What a training run that is saving right now has on disk: evaluating
@@ -209,6 +209,11 @@ def test_eval_binary_reports_every_language(runs, clean_gin):
   plain = [p for p in _eval_records(model_dir)
            if not _eval_record(p).get("routing_config")]
   assert len(plain) == 1, plain
+  # The printed table: a row per language, then 'all' and 'macro'.
+  rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+  table = [r[0] for r in rows if r and r[0] in (*languages.CODES, "all",
+                                                 "macro")]
+  assert table == [*languages.CODES, "all", "macro"]
 
 
 def _eval_records(model_dir):

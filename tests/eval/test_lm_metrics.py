@@ -113,3 +113,21 @@ def test_piece_num_bytes_counts_text_bytes():
   np.testing.assert_array_equal(table2[table.size :], [13, 13, 13])
   with pytest.raises(ValueError, match="SentencePiece"):
     lm_metrics.piece_num_bytes(object())
+
+
+def test_language_table_lists_each_language_then_all_and_macro():
+  results = {
+      "ur/loss": 3.0, "ur/perplexity": math.exp(3.0),
+      "ur/bits_per_byte": 1.25, "ur/num_tokens": 1234.0,
+      "hi/loss": 2.0, "hi/perplexity": math.exp(2.0),
+      "hi/bits_per_byte": 1.0, "hi/num_tokens": 10.0,
+      "all/loss": 2.5, "macro/loss": 2.5,
+  }
+  lines = lm_metrics.format_language_table(results).splitlines()
+  assert lines[0].split() == ["lang", "loss", "perplexity", "bits_per_byte",
+                              "num_tokens"]
+  assert [line.split()[0] for line in lines[1:]] == ["hi", "ur", "all",
+                                                     "macro"]
+  assert lines[2].split() == ["ur", "3.0000", f"{math.exp(3.0):.4f}",
+                              "1.2500", "1,234"]
+  assert lines[3].split() == ["all", "2.5000"]

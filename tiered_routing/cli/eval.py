@@ -48,6 +48,7 @@ from tiered_routing.cli import train  # pylint: disable=unused-import
 from tiered_routing.cli import user_errors
 from tiered_routing.data import eval_data
 from tiered_routing.eval import language_eval
+from tiered_routing.eval import lm_metrics
 from tiered_routing.eval import routed_eval
 from tiered_routing.eval import scoring
 from tiered_routing.eval import seqio_eval
@@ -236,6 +237,8 @@ def run(
     vocabulary = eval_data.vocabulary_of(names[0])
     data = (names, scheme, length, batch_size // p, split, vocabulary)
     results = _packed_results(model_config, params, mesh, data, pack)
+    print(f"Step {step}, {split} split:", flush=True)
+    print(lm_metrics.format_language_table(results), flush=True)
     results.update(
         evaluate_unpacked(
             model, params, mesh, data, routing, seqio_evaluator, step

@@ -254,3 +254,32 @@ class LanguageLossAccumulator:
       if values and len(values) == len(per_lang):
         out[f"macro/{metric}"] = float(np.mean(values))
     return out
+
+
+TABLE_COLUMNS = ("loss", "perplexity", "bits_per_byte", "num_tokens")
+
+
+def format_language_table(results, prefix: str = "") -> str:
+  """The per-language table the eval binary prints: every language with
+  results, then the pooled 'all' and the language mean 'macro'.
+
+  Args:
+    results: flat '{prefix}{code}/{metric}' values.
+    prefix: e.g. 'routing/oracle/'.
+  """
+  header = f"{'lang':<6}" + "".join(f"{c:>15}" for c in TABLE_COLUMNS)
+  lines = [header]
+  for code in (*languages.CODES, "all", "macro"):
+    if f"{prefix}{code}/loss" not in results:
+      continue
+    cells = []
+    for column in TABLE_COLUMNS:
+      value = results.get(f"{prefix}{code}/{column}")
+      if value is None:
+        cells.append(" " * 15)
+      elif column == "num_tokens":
+        cells.append(f"{int(value):>15,}")
+      else:
+        cells.append(f"{value:>15.4f}")
+    lines.append(f"{code:<6}" + "".join(cells))
+  return "\n".join(lines)
