@@ -24,3 +24,6 @@ def test_binary_prints_table(clean_gin, capsys):
   assert f"{count.total:,d}" in out
   assert f"{count.active:,d}" in out
   assert "active per token" in out
+  # The README's table columns: the widths are printed too.
+  assert int(out.split("d_model")[1].split()[0]) == config.d_model
+  assert int(out.split("expert d_ff")[1].split()[0]) == config.expert_d_ff

@@ -386,3 +386,20 @@ def test_train_vocab_never_replaces_a_model_by_accident(tmp_path):
                          capture_output=True, text=True)
   assert again.returncode != 0 and "pass --overwrite" in again.stderr
   assert existing.read_bytes() == b"keep me"
+
+
+def test_list_tasks_prints_the_registered_names():
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "scripts/list_tasks.py"),
+       r"--pattern=debian16\.(ur_v1|all_v1|family2)"],
+      capture_output=True, text=True, check=True)
+  assert proc.stdout.splitlines() == [
+      "Tasks (1):", "  tr.debian16.ur_v1",
+      "Mixtures (3):", "  tr.debian16.all_v1  (16 tasks)",
+      "  tr.debian16.family2.p0_v1  (8 tasks)",
+      "  tr.debian16.family2.p1_v1  (8 tasks)",
+  ]
+  bad = subprocess.run(
+      [sys.executable, str(REPO / "scripts/list_tasks.py"), "--pattern=("],
+      capture_output=True, text=True)
+  assert bad.returncode == 1 and "is not a regex" in bad.stderr

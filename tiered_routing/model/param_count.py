@@ -109,7 +109,11 @@ def format_table(config: decoder_config.DecoderConfig) -> str:
   count = count_params(config)
   rows = [("partitions", config.num_partitions),
           ("sharing", config.sharing),
+          ("d_model", config.d_model),
+          ("layers", config.num_layers),
           ("experts per MoE layer", config.experts_per_layer),
+          ("experts per partition", config.num_experts),
+          ("expert d_ff", config.expert_d_ff),
           ("total", count.total),
           ("per partition total", count.per_partition_total),
           ("active per token", count.active),
