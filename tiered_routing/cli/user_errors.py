@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 
 from tiered_routing.cli import gin_flags
+from tiered_routing.cli import quiet_logs
 from tiered_routing.train import checkpoint_integrity
 from tiered_routing.train import model_dir_lock
 
@@ -82,7 +83,8 @@ def _show_flags_in_help(main: Callable[[Sequence[str]], None]) -> None:
   """`--help` lists only the main module's own flags, and the binaries'
   flags live in shared modules (`gin_flags`, here, the binary's module):
   make those the main module's key flags."""
-  modules = {gin_flags.__name__, __name__, main.__module__}
+  modules = {gin_flags.__name__, quiet_logs.__name__, __name__,
+             main.__module__}
   for module in modules:
     for flag in flags.FLAGS.get_key_flags_for_module(module):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
@@ -91,4 +93,5 @@ def _show_flags_in_help(main: Callable[[Sequence[str]], None]) -> None:
 def run(main: Callable[[Sequence[str]], None]) -> None:
   """`absl.app.run` with the gin flags and the one-line user errors."""
   _show_flags_in_help(main)
+  quiet_logs.install()
   app.run(guarded(main), flags_parser=gin_flags.parse_flags)

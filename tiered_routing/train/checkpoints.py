@@ -74,6 +74,8 @@ def _reader(directory: str) -> ocp.CheckpointManager:
 
 def complete_steps(directory: str | os.PathLike) -> list[int]:
   """Steps of the complete checkpoints in `directory`, ascending."""
+  if "://" not in str(directory) and not os.path.isdir(directory):
+    return []
   reader = _reader(str(directory))
   try:
     return sorted(reader.all_steps())
