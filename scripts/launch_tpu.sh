@@ -15,6 +15,9 @@
 # Everything after `--` is passed to the train binary. Environment for the
 # data (TFDS_DATA_DIR, TR_SPM_MODEL, TR_MC4_JSON_DIR) is forwarded to the
 # hosts when set here. Steps: create | install | train | all (default).
+# The TPU runtime's python3 is 3.10, below the supported versions, so the
+# install step puts Python 3.11 in a virtualenv (~/tr-venv) with uv.
+
 set -euo pipefail
 
 NAME="tiered-routing"
@@ -28,10 +31,13 @@ SPOT=0
 RUN=0
 STEP="all"
 REMOTE_DIR="tiered_routing"
+PYTHON_VERSION="3.11"
+VENV="~/tr-venv"
 TRAIN_ARGS=()
 
 usage() {
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  # The header comment, up to the first line that is not a comment.
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   cat <<'EOF'
 
 Flags: --name= --zone= --accelerator= --runtime= --project= --gin_file=
@@ -115,37 +121,42 @@ install() {
   repo="$(cd "$(dirname "$0")/.." && pwd)"
   run "${GCLOUD[@]}" scp --recurse "$repo" "$NAME:~/$REMOTE_DIR" \
     "${COMMON[@]}" --worker=all
-  run "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command="cd \
-~/$REMOTE_DIR && python3 -m pip install -e '.[tpu]' -c constraints.txt"
+  run "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command="\
+curl -LsSf https://astral.sh/uv/install.sh | sh && \
+~/.local/bin/uv venv --python $PYTHON_VERSION $VENV && cd ~/$REMOTE_DIR && \
+~/.local/bin/uv pip install --python $VENV/bin/python -e '.[tpu]' \
+-c constraints.txt"
+}
+
+train_script() {
+  # What every host runs: the same command, quoted once.
+  local var line
+  echo "#!/usr/bin/env bash"
+  echo "cd ~/$REMOTE_DIR"
+  for var in TFDS_DATA_DIR TR_SPM_MODEL TR_MC4_JSON_DIR; do
+    if [[ -n "${!var:-}" ]]; then
+      echo "export $var=$(quote "${!var}")"
+    fi
+  done
+  line="exec $VENV/bin/python -m tiered_routing.train --multi_host"
+  for var in "--gin_file=$GIN_FILE" "--gin.MODEL_DIR='$MODEL_DIR'" \
+      "${TRAIN_ARGS[@]}"; do
+    line+=" $(quote "$var")"
+  done
+  echo "$line"
 }
 
 train() {
-  # The command goes to every host as a small script, so it is quoted once.
-  local script var line
-  script="$(mktemp)"
-  {
-    echo "#!/usr/bin/env bash"
-    echo "cd ~/$REMOTE_DIR"
-    for var in TFDS_DATA_DIR TR_SPM_MODEL TR_MC4_JSON_DIR; do
-      if [[ -n "${!var:-}" ]]; then
-        echo "export $var=$(quote "${!var}")"
-      fi
-    done
-    line="exec python3 -m tiered_routing.train --multi_host"
-    for var in "--gin_file=$GIN_FILE" "--gin.MODEL_DIR='$MODEL_DIR'" \
-        "${TRAIN_ARGS[@]}"; do
-      line+=" $(quote "$var")"
-    done
-    echo "$line"
-  } > "$script"
-  echo "# run_train.sh, copied to every host:"
-  sed 's/^/#   /' "$script"
-  run "${GCLOUD[@]}" scp "$script" "$NAME:~/$REMOTE_DIR/run_train.sh" \
-    "${COMMON[@]}" --worker=all
+  # The script travels inside the ssh command (base64, so no quoting and no
+  # local temporary file that a printed command could refer to).
+  local encoded
+  echo "# run_train.sh, written on every host:"
+  train_script | sed 's/^/#   /'
+  encoded="$(train_script | base64 | tr -d '\n')"
   # Every host runs the same command; logs go to each host's train.log.
   run "${GCLOUD[@]}" ssh "$NAME" "${COMMON[@]}" --worker=all --command="cd \
-~/$REMOTE_DIR && nohup bash run_train.sh > train.log 2>&1 &"
-  rm -f "$script"
+~/$REMOTE_DIR && echo $encoded | base64 -d > run_train.sh && \
+nohup bash run_train.sh > train.log 2>&1 &"
 }
 
 [[ "$RUN" == 1 ]] || echo "# Dry run (add --run to execute):"
@@ -155,6 +166,6 @@ case "$STEP" in
   train) train ;;
   all) create; install; train ;;
 esac
-echo "# Follow: ${GCLOUD[*]} ssh $NAME --zone=$ZONE --worker=0" \
+echo "# Follow: ${GCLOUD[*]} ssh $NAME ${COMMON[*]} --worker=0" \
   "--command='tail -f ~/$REMOTE_DIR/train.log'"
-echo "# Delete: ${GCLOUD[*]} delete $NAME --zone=$ZONE"
+echo "# Delete: ${GCLOUD[*]} delete $NAME ${COMMON[*]}"
