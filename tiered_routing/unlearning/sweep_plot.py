@@ -21,6 +21,9 @@ from typing import Any
 
 from matplotlib import colormaps
 from matplotlib import figure as figure_lib
+from matplotlib import lines
+from matplotlib import patches
+from matplotlib import ticker
 from matplotlib.backends import backend_agg
 import numpy as np
 
@@ -60,42 +63,47 @@ def pareto_front(
   return front[np.lexsort((y[front], x[front]))] if front.size else front
 
 
-def _draw_front(ax, x, y, mask, x_clip, style, label) -> None:
-  """A Pareto front over the rows in `mask`: step line and ringed markers."""
+def _draw_front(ax, x, y, mask, x_clip, style) -> None:
+  """A Pareto front over the rows in `mask` (capped gaps compared, see the
+  module doc): a step line and rings drawn where the points themselves
+  are, not at the cap."""
   idx = np.flatnonzero(mask)
   front = idx[pareto_front(x[idx], y[idx])] if idx.size else idx
   if not front.size:
     return
-  fx = np.clip(np.minimum(x[front], 1.0), *x_clip)
-  ax.step(
-      fx,
-      y[front],
-      where="post",
-      linestyle=style,
-      color="0.2",
-      linewidth=1,
-      label=label,
-      zorder=2,
-  )
-  ax.scatter(
-      fx,
-      y[front],
-      s=150,
-      facecolors="none",
-      edgecolors="0.2",
-      linewidths=1,
-      linestyle=style,
-      zorder=2,
-  )
+  fx = np.clip(x[front], *x_clip)
+  order = np.argsort(fx, kind="stable")
+  ax.step(fx[order], y[front][order], where="post", linestyle=style,
+          color="0.2", linewidth=1, zorder=2)
+  ax.scatter(fx, y[front], s=150, facecolors="none", edgecolors="0.2",
+             linewidths=1, linestyle=style, zorder=2)
+
+
+def _dodged(x, y, x_clip, width: float = 0.025) -> np.ndarray:
+  """x, with markers that would sit on top of each other (same position
+  after clipping, e.g. one configuration's methods that are all the exact
+  drop) spread side by side around it."""
+  xc = np.clip(x, *x_clip)
+  out = xc.copy()
+  groups = {}
+  for i, key in enumerate(zip(np.round(xc, 3), np.round(y, 4))):
+    if np.all(np.isfinite(key)):
+      groups.setdefault(key, []).append(i)
+  for members in groups.values():
+    for j, i in enumerate(members):
+      out[i] = xc[i] + (j - (len(members) - 1) / 2) * width
+  return out
 
 
 def _scatter(ax, rows, x, y, x_clip, palette, runs, methods) -> None:
   """One marker per row at its means, with its 95% intervals as error bars:
   colour = configuration, shape = method; gaps beyond the axis are drawn
-  at its edge, hollow, labelled with their value."""
+  at its edge, hollow, labelled with their value; coinciding markers are
+  spread side by side (`_dodged`)."""
+  dodged = _dodged(x, y, x_clip)
   for i, row in enumerate(rows):
-    xc = float(np.clip(x[i], *x_clip))
-    clipped = not math.isnan(x[i]) and xc != x[i]
+    xc = float(dodged[i])
+    clipped = not math.isnan(x[i]) and float(np.clip(x[i], *x_clip)) != x[i]
     color = palette[runs.index(row["run"])]
     x_err = _ci(row, FORGET_KEY)
     ax.errorbar(
@@ -140,6 +148,9 @@ def _mean(row: Mapping[str, Any], key: str) -> float:
   return float(row.get(f"{key}_mean", row.get(key, float("nan"))))
 
 
+_Y_TICKS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
 def _axes(ax, x_clip, title) -> None:
   ax.axvline(1.0, color="0.7", linewidth=0.8)
   ax.axhline(0.0, color="0.7", linewidth=0.8)
@@ -149,18 +160,33 @@ def _axes(ax, x_clip, title) -> None:
   ax.set_title(title, fontsize=9)
 
 
+def _y_ticks(ax) -> None:
+  """Labelled ticks on both sides of zero (symlog's own leave the small
+  negative values, e.g. an exact retrain's -0.02, unreadable)."""
+  low, high = ax.get_ylim()
+  ticks = sorted({s * t + 0.0 for t in _Y_TICKS for s in (-1, 1)
+                  if low <= s * t <= high})  # + 0.0: no '-0'.
+  ax.set_yticks(ticks)
+  ax.set_yticklabels([f"{t:g}" for t in ticks], fontsize=7)
+  ax.yaxis.set_minor_locator(ticker.NullLocator())
+
+
 def _legend(ax, palette, runs, methods) -> None:
+  """Methods by marker shape (grey), configurations by colour (patches, so
+  no configuration looks like the square method), fronts by line style."""
   handles = [
-      ax.scatter(
-          [], [], marker=_MARKERS[j % len(_MARKERS)], color="0.4", label=m
-      )
+      lines.Line2D([], [], linestyle="none", color="0.4", label=m,
+                   marker=_MARKERS[j % len(_MARKERS)])
       for j, m in enumerate(methods)
   ]
+  handles += [patches.Patch(color=palette[j], label=r)
+              for j, r in enumerate(runs)]
   handles += [
-      ax.scatter([], [], marker="s", color=palette[j], label=r)
-      for j, r in enumerate(runs)
+      lines.Line2D([], [], linestyle=style, color="0.2", marker="o",
+                   markerfacecolor="none", markersize=9, label=label)
+      for style, label in (("-", "Pareto front, all methods"),
+                           ("--", "Pareto front, approximate methods"))
   ]
-  handles += [h for h in ax.get_lines() if h.get_label().startswith("Pareto")]
   ax.legend(handles=handles, fontsize=6, loc="upper left", ncol=2)
 
 
@@ -170,13 +196,8 @@ def _panel(ax, rows, x_clip, palette, runs, methods, title) -> None:
   y = np.array([_mean(r, UTILITY_KEY) for r in rows])
   _scatter(ax, rows, x, y, x_clip, palette, runs, methods)
   approximate = np.array([not r["method"].startswith("exact") for r in rows])
-  _draw_front(
-      ax, x, y, np.ones(len(rows), bool), x_clip, "-",
-      "Pareto front, all methods",
-  )
-  _draw_front(
-      ax, x, y, approximate, x_clip, "--", "Pareto front, approximate methods"
-  )
+  _draw_front(ax, x, y, np.ones(len(rows), bool), x_clip, "-")
+  _draw_front(ax, x, y, approximate, x_clip, "--")
   _axes(ax, x_clip, title)
 
 
@@ -215,6 +236,7 @@ def plot_pareto(
   axes[0].set_ylabel(
       "utility loss: retained languages' mean Δ loss (nats, symlog)"
   )
+  _y_ticks(axes[0])  # The axes share y.
   _legend(axes[0], palette, runs, methods)
   if title:
     fig.suptitle(title, fontsize=10)
