@@ -43,7 +43,7 @@ def _raising(error):
 ])
 def test_user_errors_print_one_line_and_exit_1(error, capsys):
   with pytest.raises(SystemExit) as info:
-    user_errors.guarded(_raising(error))(["prog"])
+    user_errors.guarded(_raising(error), sys.exit)(["prog"])
   assert info.value.code == user_errors.EXIT_USER_ERROR
   err = capsys.readouterr().err
   first = err.splitlines()[0]
@@ -61,18 +61,18 @@ def test_user_errors_print_one_line_and_exit_1(error, capsys):
 ])
 def test_bugs_keep_their_traceback(error):
   with pytest.raises(type(error)):
-    user_errors.guarded(_raising(error))(["prog"])
+    user_errors.guarded(_raising(error), sys.exit)(["prog"])
 
 
 def test_show_traceback_reraises_user_errors():
   flags.FLAGS.show_traceback = True
   with pytest.raises(ValueError, match="bad"):
-    user_errors.guarded(_raising(ValueError("bad")))(["prog"])
+    user_errors.guarded(_raising(ValueError("bad")), sys.exit)(["prog"])
 
 
 def test_ctrl_c_exits_130(capsys):
   with pytest.raises(SystemExit) as info:
-    user_errors.guarded(_raising(KeyboardInterrupt()))(["prog"])
+    user_errors.guarded(_raising(KeyboardInterrupt()), sys.exit)(["prog"])
   assert info.value.code == 130
   assert "Interrupted" in capsys.readouterr().err
 

@@ -324,19 +324,6 @@ def test_corpus_stats_script_prints_every_language_with_baselines():
   )
 
 
-_BAD_SHARD_SCRIPT = """
-import os, sys
-os.environ["{env}"] = sys.argv[1]
-import tasks
-from tiered_routing.data import pipeline
-ds = pipeline.get_dataset("tr.mc4_json.en_v1", sequence_length=32,
-                          batch_size=4)
-batches = pipeline.batch_iterator(ds)
-for _ in range(100):
-  next(batches)
-"""
-
-
 def _shards(directory, lines_or_bytes):
   for split in ("", "-validation"):
     path = directory / f"c4-en{split}.tfrecord-00000-of-00001.json.gz"
@@ -363,13 +350,17 @@ def test_mc4_json_bad_input_fails_promptly_naming_the_file(tmp_path, case):
   else:
     expected = (f"No mC4 json shards match 'c4-en.tfrecord-*.json.gz' in "
                 f"{tmp_path}")
+  # The issue's command: the train binary on one mc4_json task.
   proc = subprocess.run(
-      [sys.executable, "-c",
-       _BAD_SHARD_SCRIPT.format(env=mc4.JSON_DIR_ENV_VAR), str(tmp_path)],
+      [sys.executable, "-m", "tiered_routing.train",
+       "--gin_file=gin/quickstart.gin", "--gin.NUM_PARTITIONS=1",
+       "--gin.MIXTURE_OR_TASK_NAME='tr.mc4_json.en_v1'",
+       f"--gin.MODEL_DIR='{tmp_path / 'run'}'"],
       cwd=REPO, capture_output=True, text=True, timeout=240,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode != 0
-  assert expected in proc.stderr, proc.stderr[-3000:]
+      env={**os.environ, "JAX_PLATFORMS": "cpu",
+           mc4.JSON_DIR_ENV_VAR: str(tmp_path)})
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert f"error: {expected}" in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.count("JSONDecodeError") <= 1
 
 

@@ -188,6 +188,15 @@ def _packed_results(config, params, mesh, data, pack) -> dict[str, float]:
   return evaluator.evaluate(params).flat()
 
 
+def _check_sizes(scheme, num_partitions: int, batch_size: int) -> None:
+  p = num_partitions
+  if scheme.num_partitions != p or batch_size % p:
+    raise ValueError(
+        f"Need scheme.num_partitions == num_partitions == {p} "
+        f"and BATCH_SIZE={batch_size} a multiple of {p}."
+    )
+
+
 @gin.configurable("evaluate", module="eval_script")
 def run(
     *,
@@ -218,11 +227,7 @@ def run(
     with `seqio_evaluator`, 'seqio/{code}/...'.
   """
   p = model_config.num_partitions
-  if scheme.num_partitions != p or batch_size % p:
-    raise ValueError(
-        f"Need scheme.num_partitions == num_partitions == {p} "
-        f"and BATCH_SIZE={batch_size} a multiple of {p}."
-    )
+  _check_sizes(scheme, p, batch_size)
   names = gin_flags.mixture_names(mixture_or_task_name, p)
   length = gin_flags.task_feature_length(task_feature_lengths)
   out_dir = eval_dir(model_dir, split, eval_name)
@@ -237,8 +242,8 @@ def run(
     vocabulary = eval_data.vocabulary_of(names[0])
     data = (names, scheme, length, batch_size // p, split, vocabulary)
     results = _packed_results(model_config, params, mesh, data, pack)
-    print(f"Step {step}, {split} split:", flush=True)
-    print(lm_metrics.format_language_table(results), flush=True)
+    print(f"Step {step}, {split} split:\n"
+          f"{lm_metrics.format_language_table(results)}", flush=True)
     results.update(
         evaluate_unpacked(
             model, params, mesh, data, routing, seqio_evaluator, step

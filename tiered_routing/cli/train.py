@@ -76,6 +76,14 @@ def _validate(
   return gin_flags.mixture_names(names, p), (p, batch_size // p, length)
 
 
+def _check_resume(model_dir: str) -> None:
+  """`resume_check.check` unless --allow_changed_config."""
+  if not (FLAGS.is_parsed() and _ALLOW_CHANGED_CONFIG.value):
+    resume_check.check(
+        model_dir, os.path.join(model_dir, "checkpoints"),
+        gin.operative_config_str())
+
+
 @gin.configurable("train", module="train_script")
 def run(
     *,
@@ -116,10 +124,7 @@ def run(
   )
   # Lock before touching anything in model_dir (config.gin included).
   with model_dir_lock.ModelDirLock(model_dir):
-    if not (FLAGS.is_parsed() and _ALLOW_CHANGED_CONFIG.value):
-      resume_check.check(
-          model_dir, os.path.join(model_dir, "checkpoints"),
-          gin.operative_config_str())
+    _check_resume(model_dir)
     mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
     dataset = pipeline.partitioned_dataset(
         names,
