@@ -127,9 +127,10 @@ def damaged(
   """The error for a damaged step, with the steps one can resume from."""
   others = sorted(s for s in other_steps if s != step)
   hint = (
-      f"Other complete steps: {others}; to resume from one, pass "
+      f"Other complete steps: {others}; to resume training from one, pass "
       f"--gin.tiered_routing.TrainConfig.restore_step={others[-1]} (the "
-      "damaged step and any later ones are then moved aside, not deleted)."
+      "damaged step and any later ones are then moved aside, not deleted); "
+      f"to evaluate one, --gin.CHECKPOINT_STEP={others[-1]}."
       if others
       else "There is no other complete step in that directory."
   )
