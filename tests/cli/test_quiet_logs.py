@@ -1,6 +1,9 @@
 """Library noise is filtered from the console; everything else prints."""
 
 import logging
+import os
+import subprocess
+import sys
 
 from absl import flags
 import pytest
@@ -41,3 +44,16 @@ def test_filter(level, path, message, shown):
   assert noise.filter(_record(level, path, message)) is shown
   flags.FLAGS.library_logs = True
   assert noise.filter(_record(level, path, message)) is True
+
+
+def test_no_cuinit_error_without_an_nvidia_driver():
+  if os.path.exists("/proc/driver/nvidia"):
+    pytest.skip("a machine with an NVIDIA driver initializes CUDA")
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  proc = subprocess.run(
+      [sys.executable, "-c",
+       "import tiered_routing.cli, tensorflow as tf; "
+       "tf.config.list_physical_devices(); print('ok')"],
+      capture_output=True, text=True, env=env, timeout=300, check=True)
+  assert proc.stdout.strip() == "ok"
+  assert "cuInit" not in proc.stderr
