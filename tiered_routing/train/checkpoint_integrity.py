@@ -13,7 +13,9 @@ when the error names one, and the other complete steps to resume from.
 Digests are taken of arrays whose whole value this process holds (fully
 addressable, or fully replicated across processes); an array split across
 hosts is not digested. Checkpoints written before digests existed restore
-unchecked, with a warning.
+unchecked, with a warning. The price is one hashing pass over the state's
+bytes on the host at every save and restore, before an asynchronous save
+goes to the background.
 """
 
 import hashlib
@@ -151,4 +153,5 @@ def describe_read_error(error: BaseException, directory: str) -> str:
   paths = re.findall(re.escape(directory.rstrip("/")) + r"/[^\s'\"\]\),]+", text)
   if paths:
     where = f"at {paths[0]}; "
-  return f"it cannot be read ({where}{type(error).__name__}: {first})"
+  return (f"it cannot be read ({where}{type(error).__name__}: {first}; or "
+          "it was saved by a model of another shape)")
