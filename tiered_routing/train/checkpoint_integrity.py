@@ -15,7 +15,8 @@ addressable, or fully replicated across processes); an array split across
 hosts is not digested. Checkpoints written before digests existed restore
 unchecked, with a warning. The price is one hashing pass over the state's
 bytes on the host at every save and restore, before an asynchronous save
-goes to the background.
+goes to the background: 0.38 s for 90 MB (the cpu preset's n = 1 state
+with its Adam moments) on one core.
 """
 
 import hashlib
