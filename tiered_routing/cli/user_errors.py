@@ -6,8 +6,9 @@ that says how is the exception's own; printed after 5-200 frames of library
 internals it is easy to miss. `run` starts a binary like `absl.app.run` and
 prints such errors as `error: <message>` on stderr with exit status 1
 (`--show_traceback` re-raises them). Anything else is a bug and keeps its
-traceback. Ctrl-C ends with status 130, as shells expect. `--help` lists
-the binary's flags (the gin flags included).
+traceback. Ctrl-C ends with status 130, as shells expect. Both end the
+process without the interpreter's shutdown (`exit_now`), which tf.data can
+deadlock. `--help` lists the binary's flags (the gin flags included).
 """
 
 import errno
