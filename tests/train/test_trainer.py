@@ -435,7 +435,8 @@ def test_a_record_after_a_torn_line_is_kept(tmp_path):
 def test_tensorboard_reads_the_metrics_as_scalars(tmp_path):
   """Written as TF2 tensor summaries, they were missing from
   EventAccumulator's 'scalars' (TensorBoard's scalar tools)."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import (  # pylint: disable=g-import-not-at-top
+      event_accumulator)
   writer = metrics_writer.MetricsWriter(str(tmp_path))
   writer.write(10, {"loss": 2.5, "learning_rate": 1e-3})
   writer.write(20, {"loss": 2.0, "learning_rate": 5e-4})

@@ -40,8 +40,8 @@ def test_negative_utility_losses_get_labelled_ticks():
 
 def test_legend_configurations_are_patches_not_method_shapes():
   ax = _axes()
-  sweep_plot._legend(ax, sweep_plot._palette(2), ["family1_none", "family4_all"],
-                     ["exact_retrain", "mask"])
+  sweep_plot._legend(ax, sweep_plot._palette(2),
+                     ["family1_none", "family4_all"], ["exact_retrain", "mask"])
   handles = ax.get_legend().legend_handles
   labels = [t.get_text() for t in ax.get_legend().get_texts()]
   kinds = dict(zip(labels, handles))

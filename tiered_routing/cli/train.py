@@ -12,8 +12,9 @@ TRAIN_STEPS, BATCH_SIZE, TASK_FEATURE_LENGTHS. Running the same command again
 resumes from the newest checkpoint in MODEL_DIR; a second job on a MODEL_DIR
 that is in use refuses to start, and so does a resume whose gin config
 changes what the run trains (`resume_check`; --allow_changed_config
-overrides). The operative config is written to MODEL_DIR/config.gin. On a TPU pod slice run it on every host with
---multi_host (see scripts/launch_tpu.sh).
+overrides). The operative config is written to MODEL_DIR/config.gin. On a
+TPU pod slice run it on every host with --multi_host (see
+scripts/launch_tpu.sh).
 """
 
 import os

@@ -151,7 +151,8 @@ def describe_read_error(error: BaseException, directory: str) -> str:
   if len(first) > 300:
     first = first[:300] + "..."
   where = ""
-  paths = re.findall(re.escape(directory.rstrip("/")) + r"/[^\s'\"\]\),]+", text)
+  under = re.escape(directory.rstrip("/")) + r"/[^\s'\"\]\),]+"
+  paths = re.findall(under, text)
   if paths:
     where = f"at {paths[0]}; "
   return (f"it cannot be read ({where}{type(error).__name__}: {first}; or "
