@@ -86,3 +86,16 @@ def test_watch_credits_each_result_once_and_returns_exit_codes(
   assert len(lines) == 3  # One per new result; the restored one is not.
   assert lines[-1].startswith("sweep 4/4 units")
   assert lines[-1].endswith("ETA 0:00:00")
+
+
+def test_remaining_weight_counts_training_until_the_first_result(tmp_path):
+  """The serial runner and the parent's watch share this estimate; they
+  used to disagree on a partly finished job (train counted if any result
+  was missing vs only if all were)."""
+  job = _job(tmp_path, "family2_none", 0, langs=("ur", "de", "zh"))
+  assert job.remaining_weight() == 10.0 + 3 * 1.0
+  _finish(job.result_paths[0])
+  assert job.remaining_weight() == 2 * 1.0  # The original is trained.
+  for path in job.result_paths[1:]:
+    _finish(path)
+  assert job.remaining_weight() == 0.0

@@ -240,11 +240,8 @@ class _Runner:
     self.caches = {}
     todo, total = 0.0, 0
     for job in jobs(sweep, output_dir, configs):
-      missing = len(job.missing())
       total += 1 + len(job.result_paths)
-      todo += (job.train_weight if missing else 0.0) + (
-          job.forget_weight * missing
-      )
+      todo += job.remaining_weight()
     self.progress = sweep_progress.Progress(total, todo)
 
   def cache(self, seed: int) -> stream_cache.DataCache:

@@ -86,6 +86,14 @@ class Job:
   def missing(self) -> list[str]:
     return [p for p in self.result_paths if not os.path.exists(p)]
 
+  def remaining_weight(self) -> float:
+    """Estimated cost still ahead: one forget per missing result, plus the
+    original's training while no result exists (after the first, the
+    original is trained and checkpointed)."""
+    missing = len(self.missing())
+    train = self.train_weight if missing == len(self.result_paths) else 0.0
+    return train + self.forget_weight * missing
+
 
 def claim_order(jobs: Sequence[Job], priority: Sequence[str]) -> list[Job]:
   """Configuration by configuration in `priority` order, seeds within.
@@ -164,11 +172,7 @@ def watch(
     The workers' exit codes.
   """
   seen = {p for j in jobs for p in j.result_paths if os.path.exists(p)}
-  todo = sum(
-      (j.train_weight if len(j.missing()) == len(j.result_paths) else 0.0)
-      + j.forget_weight * len(j.missing())
-      for j in jobs
-  )
+  todo = sum(j.remaining_weight() for j in jobs)
   total = sum(len(j.result_paths) for j in jobs)
   progress = sweep_progress.Progress(total, todo)
   progress.done_units = len(seen)
