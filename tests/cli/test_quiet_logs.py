@@ -15,12 +15,7 @@ def _record(level, path, message):
   return logging.LogRecord("absl", level, path, 1, message, None, None)
 
 
-@pytest.fixture(autouse=True)
-def _flags():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["test"])
-  yield
-  flags.FLAGS.library_logs = False
+pytestmark = pytest.mark.usefixtures("parsed_flags")
 
 
 @pytest.mark.parametrize("level, path, message, shown", [

@@ -17,12 +17,7 @@ REPO_ROOT = os.path.dirname(
 )
 
 
-@pytest.fixture(autouse=True)
-def _parsed_flags():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(["test"])
-  yield
-  flags.FLAGS.show_traceback = False
+pytestmark = pytest.mark.usefixtures("parsed_flags")
 
 
 def _raising(error):

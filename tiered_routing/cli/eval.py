@@ -56,6 +56,7 @@ from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
 from tiered_routing.tier1 import language_classifier
 from tiered_routing.tier1 import schemes
+from tiered_routing.train import atomic_file
 from tiered_routing.train import metrics_writer
 from tiered_routing.train import restore
 
@@ -98,12 +99,12 @@ def eval_dir(model_dir: str, split: str, eval_name: Optional[str]) -> str:
   try:
     tf.io.gfile.makedirs(out_dir)
     probe = os.path.join(out_dir, f".writable-{os.getpid()}")
-    _write_atomically(probe, lambda f: f.write(""))
+    atomic_file.write_text(probe, "")
     tf.io.gfile.remove(probe)
-  except tf.errors.OpError as e:
+  except (tf.errors.OpError, OSError) as e:
     raise PermissionError(
-        f"Cannot write the evaluation results to {out_dir}: {e.message}"
-    ) from None
+        f"Cannot write the evaluation results to {out_dir}: "
+        f"{getattr(e, 'message', None) or e}") from None
   path = os.path.join(out_dir, "config.gin")
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
@@ -112,15 +113,8 @@ def eval_dir(model_dir: str, split: str, eval_name: Optional[str]) -> str:
             f"EVAL_NAME={eval_name!r} already holds the results of another "
             f"evaluation configuration ({path}); choose another EVAL_NAME.")
   else:
-    _write_atomically(path, lambda f: f.write(config))
+    atomic_file.write_text(path, config)
   return out_dir
-
-
-def _write_atomically(path: str, write) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    write(f)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _write_results(
@@ -136,8 +130,7 @@ def _write_results(
   path = os.path.join(out_dir, f"{split}_step_{step}.json")
   if jax.process_index() == 0:
     record = {"step": step, "split": split, **results, **(extra or {})}
-    _write_atomically(
-        path, lambda f: json.dump(record, f, indent=1, sort_keys=True))
+    atomic_file.write_text(path, json.dumps(record, indent=1, sort_keys=True))
   return path
 
 

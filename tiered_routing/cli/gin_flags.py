@@ -19,6 +19,8 @@ from absl import flags
 import gin
 import tensorflow as tf
 
+from tiered_routing.train import atomic_file
+
 # The repository root when running from a source checkout (holds gin/).
 REPO_ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -247,11 +249,7 @@ def write_config(model_dir: str, filename: str = "config.gin") -> str:
   if jax.process_index() != 0:
     return text
   tf.io.gfile.makedirs(model_dir)
-  path = os.path.join(model_dir, filename)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  atomic_file.write_text(os.path.join(model_dir, filename), text)
   return text
 
 

@@ -44,6 +44,14 @@ def _umask() -> int:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` atomically."""
-  with replacing(path) as f:
+  """Writes `text` to `path` atomically; a URL (gs://) goes through
+  `tf.io.gfile`, written aside and renamed over the old file."""
+  if "://" not in path:
+    with replacing(path) as f:
+      f.write(text)
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
     f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)

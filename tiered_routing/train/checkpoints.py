@@ -131,7 +131,8 @@ def read_subtree(directory: str | os.PathLike, step: int, *,
   directory = str(directory)
   reader = _reader(directory)
   try:
-    with _reading(step, directory, reader.all_steps()):
+    all_steps = reader.all_steps()
+    with _reading(step, directory, all_steps):
       saved = reader.item_metadata(step)[STATE].tree
     if key not in saved:
       raise ValueError(
@@ -144,7 +145,7 @@ def read_subtree(directory: str | os.PathLike, step: int, *,
     else:
       item = {key: target(saved[key])}
       restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    with _reading(step, directory, reader.all_steps()):
+    with _reading(step, directory, all_steps):
       restored = reader.restore(step, args=ocp.args.Composite(**{
           STATE: ocp.args.PyTreeRestore(
               item=item, restore_args=restore_args, partial_restore=True),
@@ -152,7 +153,7 @@ def read_subtree(directory: str | os.PathLike, step: int, *,
     integrity.verify(
         key, restored[STATE][key],
         (restored[METADATA] or {}).get(integrity.DIGESTS_KEY),
-        step=step, directory=directory, other_steps=reader.all_steps())
+        step=step, directory=directory, other_steps=all_steps)
   finally:
     reader.close()
   return restored[STATE][key]
@@ -293,7 +294,8 @@ class Checkpointer:
     """
     step = self._check_step(step)
     target = abstract_like(abstract_state, shardings)
-    with _reading(step, self.directory, self.all_steps()):
+    all_steps = self.all_steps()
+    with _reading(step, self.directory, all_steps):
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
           STATE: ocp.args.StandardRestore(target),
           METADATA: ocp.args.JsonRestore(),
@@ -301,7 +303,7 @@ class Checkpointer:
     metadata = dict(restored[METADATA] or {})
     integrity.verify_state(
         restored[STATE], metadata.pop(integrity.DIGESTS_KEY, None),
-        step=step, directory=self.directory, other_steps=self.all_steps())
+        step=step, directory=self.directory, other_steps=all_steps)
     return Restored(step, restored[STATE], metadata)
 
   def restore_metadata(self, step: Optional[int] = None) -> dict[str, Any]:
