@@ -510,3 +510,19 @@ def test_config_validation():
     configuration.check_moe(
         dataclasses.replace(_spec().model_config, num_experts=0)
     )
+
+
+def test_every_row_is_audited_with_exact_as_the_zero_point(outcome):
+  _, rows, _ = outcome
+  for method, row in rows.items():
+    for name in ("loss", "zlib", "minkpp"):
+      assert 0.0 <= row[f"mia_auc_{name}"] <= 1.0, (method, name)
+    for bits in (8, 4):
+      assert math.isfinite(row[f"quant_int{bits}_forget_loss"]), method
+    assert 0.0 <= row["verbmem_rougel"] <= 1.0
+    assert row["mia_paragraphs"] >= 4
+  exact = rows["exact_retrain"]
+  # The retrained partition is the reference: PrivLeak 0 by construction.
+  for name in ("loss", "zlib", "minkpp"):
+    assert exact[f"privleak_{name}"] == 0.0
+  assert exact["verbmem_rougel"] == exact["verbmem_rougel_reference"]

@@ -26,7 +26,7 @@ from tiered_routing.cli import user_errors
 from tiered_routing.data import eval_data
 from tiered_routing.data import seqio_names
 from tiered_routing.model import decoder_config
-from tiered_routing.related import decoding
+from tiered_routing.eval import decoding
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
 from tiered_routing.train import restore

@@ -12,6 +12,7 @@ import numpy as np
 
 Rows = dict[str, np.ndarray]
 _WEIGHTS = "decoder_loss_weights"
+_TARGETS = "decoder_target_tokens"
 
 
 def zeros_like(rows: Mapping[str, np.ndarray]) -> Rows:
@@ -91,3 +92,49 @@ def regroup(batches: Mapping[str, np.ndarray], rows_per_batch: int) -> Rows:
 def steps_of(batches: Mapping[str, np.ndarray], steps: int) -> Rows:
   """The first `steps` entries of [I, ...] batches (I steps)."""
   return {k: v[:steps] for k, v in batches.items()}
+
+
+def unpack_segments(
+    rows: Mapping[str, np.ndarray], language_id: int, min_tokens: int = 1
+) -> Rows:
+  """Every packed segment of one language as a row of its own.
+
+  Membership audits score training paragraphs one by one; packed training
+  rows hold several. A segment moved to the start of an empty row, with
+  positions from 0 and segment id 1, is scored exactly as it was packed
+  (attention and routing respect segments). Identical segments (a small
+  corpus repeats) are kept once, in first-seen order.
+
+  Args:
+    rows: {feature: [..., L]} packed rows with 'decoder_segment_ids' and
+      'decoder_language_ids'.
+    language_id: keep this language's segments.
+    min_tokens: keep segments with at least this many scored tokens.
+
+  Returns:
+    {feature: [N, L]}, the same features.
+  """
+  flat = {k: v.reshape(-1, v.shape[-1]) for k, v in rows.items()}
+  segments = flat["decoder_segment_ids"]
+  languages_ = flat["decoder_language_ids"]
+  out, seen = [], set()
+  for r in range(len(segments)):
+    for s in np.unique(segments[r][segments[r] > 0]):
+      where = np.flatnonzero(segments[r] == s)
+      if languages_[r, where[0]] != language_id:
+        continue
+      key = flat[_TARGETS][r, where].tobytes()
+      if flat[_WEIGHTS][r, where].sum() < min_tokens or key in seen:
+        continue
+      seen.add(key)
+      row = {k: np.zeros_like(v[r]) for k, v in flat.items()}
+      n = len(where)
+      for k, v in flat.items():
+        row[k][:n] = v[r, where]
+      row["decoder_segment_ids"][:n] = 1
+      if "decoder_positions" in row:
+        row["decoder_positions"][:n] = np.arange(n)
+      out.append(row)
+  if not out:
+    return {k: np.zeros((0, v.shape[-1]), v.dtype) for k, v in flat.items()}
+  return stack(out, axis=0)

@@ -8,6 +8,8 @@ Modules:
   lm_metrics      token loss, perplexity and bits per byte from sums.
   routing_counts  expert use per (language, MoE layer, expert).
   scoring         every partition's log-probabilities of the same rows.
+  decoding        text generation from one tier-1 partition (the generate
+                  binary, verbatim-memory audits).
   routed_eval     evaluation under tier-1 inference routing modes.
   seqio_eval      `seqio.Evaluator` with a model score_fn.
   seqio_metrics   the tasks' SeqIO score metric fns.

@@ -6,6 +6,5 @@ Modules:
   expert_gates      adding and removing experts of sequence-gated layers.
   moefication       a dense FFN split into experts.
   moefied_decoder   MoEfication of every dense FFN of a `TieredDecoder`.
-  decoding          text generation from one tier-1 partition.
   method_tables     row comparisons and Markdown tables of the binaries.
 """

@@ -145,15 +145,17 @@ def mask_method(
   """Masks the forget-critical experts out of the forget partition's router
   (no training; the cost is the attribution's forward passes), scored with
   capacity for the remaining experts (`capacity_for_remaining`)."""
+  model = methods.Model(
+      c.original,
+      ~critical,
+      capacity_for_remaining(c.spec.model_config, critical),
+  )
   return methods.Row(
       "mask",
-      c.score(
-          c.original,
-          ~critical,
-          capacity_for_remaining(c.spec.model_config, critical),
-      ),
+      c.score(*model),
       tradeoff_metrics.UnlearningCost(
           forward_tokens=tokens, active_params=active
       ),
       extra,
+      model,
   )

@@ -25,13 +25,26 @@ from tiered_routing.unlearning import tradeoff_metrics
 Rows = feature_rows.Rows
 
 
+class Model(NamedTuple):
+  """What a method leaves to serve the languages: parameters, and for the
+  mask method the expert mask and the config it is scored with."""
+
+  params: Any
+  expert_mask_MxPxE: Optional[np.ndarray] = None
+  config: Optional[Any] = None
+
+
 class Row(NamedTuple):
-  """One method's outcome, before it is compared with the references."""
+  """One method's outcome, before it is compared with the references.
+
+  `model` is what the audits (`forget_audits`) attack; None when the forget
+  partition was dropped (the language has no model at all)."""
 
   method: str
   languages: tradeoff_metrics.LanguageResults
   cost: tradeoff_metrics.UnlearningCost
   extra: dict[str, Any]
+  model: Optional[Model] = None
 
 
 Trained = configuration.TrainedConfiguration
@@ -109,7 +122,8 @@ def reference_and_exact(c: Trained, work_dir: str, active: int) -> Reference:
       train_tokens=int(tokens.sum()),
       active_params=active,
   )
-  return Reference(ref, Row("exact_retrain", ref, cost, extra), params)
+  row = Row("exact_retrain", ref, cost, extra, Model(params))
+  return Reference(ref, row, params)
 
 
 def _retrain_partition(c: Trained, work_dir: str) -> tuple[Any, np.ndarray]:
@@ -293,4 +307,4 @@ def gradient_method(
         held_out_target_nll=stop.target_nll,
         reached_target=held_out >= stop.target_nll,
     )
-  return Row(method, c.score(params), cost, extra)
+  return Row(method, c.score(params), cost, extra, Model(params))

@@ -34,6 +34,10 @@ method and returns one `metrics.UnlearningResult` per method:
                  streams: the other languages of the forget partition under
                  sharing 'none', all other languages otherwise).
 
+Every method's model is then audited beyond mean loss (`forget_audits`:
+membership inference and PrivLeak, verbatim continuation, int8 / int4
+round trips, routing shift), with the reference as the zero point.
+
 Results are scored per language on the validation split
 (`eval.language_eval`); the forget language's compartmentalization (top-m
 routing
@@ -51,6 +55,7 @@ from tiered_routing.data import stream_cache
 from tiered_routing.model import param_count
 from tiered_routing.tier1 import schemes
 from tiered_routing.unlearning import configuration
+from tiered_routing.unlearning import forget_audits
 from tiered_routing.unlearning import gradient_methods
 from tiered_routing.unlearning import mask_method
 from tiered_routing.unlearning import methods
@@ -189,6 +194,10 @@ def forget(
           c.base_routing, code, config.top_m, _reachable_experts(c)
       ),
   }
+  if config.audits.enabled:
+    auditor = forget_audits.Auditor(c, reference, ref.exact_row.model)
+    rows = [row._replace(extra={**row.extra, **auditor.columns(row)})
+            for row in rows]
   results = tuple(_result(c, row, reference, extra) for row in rows)
   return ConfigurationResult(
       results,

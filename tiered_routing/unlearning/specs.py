@@ -84,6 +84,53 @@ class DataSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class AuditConfig:
+  """The attacks and audits every method's model is put through
+  (`forget_audits`), beyond mean validation loss.
+
+  Attributes:
+    enabled: run them (False: the sweep's v1 columns only).
+    paragraphs: members (training paragraphs of the forget language) and as
+      many non-members (its held-out paragraphs) for membership inference.
+    min_paragraph_tokens: shorter paragraphs are skipped (a score of a few
+      tokens is noise).
+    scan_steps: training steps of the forget partition's stream searched
+      for member paragraphs (every one of them was trained on).
+    minkpp_k: the fraction of lowest tokens Min-K%++ averages.
+    prompts: member paragraphs continued for verbatim memorization.
+    prefix_tokens: prompt length.
+    continuation_tokens: tokens generated and compared.
+    quant_bits: weight round-trips (8 and / or 4 bits).
+  """
+
+  enabled: bool = True
+  paragraphs: int = 64
+  min_paragraph_tokens: int = 8
+  scan_steps: int = 64
+  minkpp_k: float = 0.2
+  prompts: int = 32
+  prefix_tokens: int = 8
+  continuation_tokens: int = 16
+  quant_bits: tuple[int, ...] = (8, 4)
+
+  def __post_init__(self):
+    for name in ("paragraphs", "min_paragraph_tokens", "scan_steps",
+                 "prompts", "prefix_tokens", "continuation_tokens"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"AuditConfig.{name}={value!r} must be an int >= 1."
+        )
+    if not 0 < self.minkpp_k <= 1:
+      raise ValueError(f"AuditConfig.minkpp_k={self.minkpp_k!r}; allowed: "
+                       "0 < k <= 1.")
+    bad = [b for b in self.quant_bits if b not in (8, 4)]
+    if bad:
+      raise ValueError(f"AuditConfig.quant_bits={self.quant_bits!r}; "
+                       "allowed: a subset of (8, 4).")
+
+
+@dataclasses.dataclass(frozen=True)
 class UnlearningConfig:
   """What to forget, with which methods and settings.
 
@@ -104,6 +151,7 @@ class UnlearningConfig:
       'validation' no reported number is measured on rows a method was
       stopped on (corpora with a test split: debian16).
     stop_rows: how many of those rows.
+    audits: the attacks and audits beyond mean loss.
   """
 
   forget_language: str = "ur"
@@ -119,6 +167,7 @@ class UnlearningConfig:
   eval_split: str = "validation"
   stop_split: str = "validation"
   stop_rows: int = 16
+  audits: AuditConfig = AuditConfig()
 
   def __post_init__(self):
     languages.get(self.forget_language)

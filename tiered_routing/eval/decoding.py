@@ -54,6 +54,7 @@ def _step(
     temperature,
     top_k,
     block,
+    expert_mask_MxPxE=None,
     *,
     model,
     num_partitions,
@@ -68,6 +69,7 @@ def _step(
     temperature: float32 scalar; 0 = greedy.
     top_k: int32 scalar; sample among the k likeliest tokens (0 = all).
     block: int32 scalar; the partition block of the batch the rows fill.
+    expert_mask_MxPxE: optional per-layer expert mask (`forward.forward`).
 
   Returns:
     (new buffer, new lengths, chosen token per row).
@@ -83,7 +85,9 @@ def _step(
       "decoder_segment_ids": place(segment_BxL),
       "decoder_positions": place(positions_BxL),
   }
-  logits_PxBxLxV = forward_lib.forward(model, params, batch).logits_PxBxLxV
+  logits_PxBxLxV = forward_lib.forward(
+      model, params, batch, expert_mask_MxPxE=expert_mask_MxPxE
+  ).logits_PxBxLxV
   logits_BxLxV = jax.lax.dynamic_index_in_dim(
       logits_PxBxLxV, block, 0, keepdims=False
   )
@@ -157,21 +161,31 @@ class Generator:
     params: its params (all partitions), e.g. from
       `train.restore.restore_params`.
     partition: the tier-1 partition to run, 0..P-1.
+    expert_mask_MxPxE: bool [M, P, E], experts allowed per MoE layer (e.g.
+      the mask unlearning method's); None = all.
   """
 
   def __init__(
-      self, config: decoder_config.DecoderConfig, params: Any, partition: int
+      self,
+      config: decoder_config.DecoderConfig,
+      params: Any,
+      partition: int,
+      expert_mask_MxPxE: Any = None,
   ):
     _check_int("partition", partition, 0, config.num_partitions - 1)
     self.partition = partition
+    mask = expert_mask_MxPxE
     if config.sharing == "none":
       # The partition is an independent model: run it alone.
       params = one_partition.partition_params(params, partition)
       config = one_partition.one_partition_config(config)
       block = 0
+      if mask is not None:
+        mask = jnp.asarray(mask)[:, partition : partition + 1]
     else:
       block = partition
     self.config, self.params, self._block = config, params, jnp.int32(block)
+    self._mask = None if mask is None else jnp.asarray(mask, bool)
     self._step = _jitted_step(config)
 
   def _buffer(self, prompts, max_new_tokens):
@@ -229,6 +243,7 @@ class Generator:
           temperature,
           top_k,
           self._block,
+          self._mask,
       )
       out.append(token)
     return np.asarray(jax.device_get(jnp.stack(out, axis=1)))

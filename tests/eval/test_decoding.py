@@ -10,7 +10,7 @@ import pytest
 
 from tiered_routing.model import decoder_config
 from tiered_routing.model import transformer
-from tiered_routing.related import decoding
+from tiered_routing.eval import decoding
 
 P, V, N = 2, 32, 5
 BASE = decoder_config.DecoderConfig(

@@ -1,0 +1,361 @@
+"""Attacks and audits of every unlearned model, beyond mean validation loss.
+
+Mean loss on held-out text says how much worse a model predicts the
+language; it does not say whether the training text can still be
+recognised, recited, or recovered. Following MUSE (Shi et al. 2024, arXiv
+2407.06460), TOFU (Maini et al. 2024) and the quantization attack of Zhang
+et al. 2024 (arXiv 2410.16454), every method's model (`methods.Model`) and
+the never-saw-it reference are put through:
+
+  mia_*, privleak_*  membership inference on the forget language's training
+                     paragraphs against its held-out paragraphs
+                     (`membership_inference`), PrivLeak against the
+                     reference; `mia_retain_auc_minkpp` is the same test on a
+                     retained language (it should not move).
+  verbmem_*          greedy continuation of training-paragraph prefixes
+                     (`verbatim_memory`).
+  quant_int{8,4}_*   the forget loss, gap closed and retained-loss change
+                     after a round trip of the weights (`weight_quantization`):
+                     does rounding undo the unlearning?
+  routing_shift_*    Jensen-Shannon divergence (bits, mean over MoE layers)
+                     between the original's and the model's expert usage on
+                     the held-out paragraphs of the forget and the retained
+                     language: did a method forget, or route around the
+                     experts that hold the language (GRIP, arXiv 2601.16905)?
+
+Exact methods are the zero point: the retrained partition is the reference
+(PrivLeak 0 by construction), and a dropped partition has no model, so its
+language is scored as the uniform distribution (AUC 1/2, nothing recited,
+nothing to quantize back).
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tiered_routing.analysis import routing_stats
+from tiered_routing.data import eval_data
+from tiered_routing.data import feature_rows
+from tiered_routing.data import stream_cache
+from tiered_routing.eval import decoding
+from tiered_routing.model import forward as forward_lib
+from tiered_routing.model import transformer
+from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import one_partition
+from tiered_routing.unlearning import membership_inference as mia
+from tiered_routing.unlearning import methods
+from tiered_routing.unlearning import tradeoff_metrics
+from tiered_routing.unlearning import verbatim_memory
+from tiered_routing.unlearning import weight_quantization
+
+_CHUNK_ROWS = 16
+_MIN_PARAGRAPHS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageSets:
+  """One language's membership-inference paragraphs, one per [L] row."""
+
+  code: str
+  partition: int
+  members: feature_rows.Rows
+  non_members: feature_rows.Rows
+  member_texts: tuple[bytes, ...]
+  non_member_texts: tuple[bytes, ...]
+
+  @property
+  def size(self) -> int:
+    return len(self.member_texts)
+
+
+def _texts(rows, code: str, c) -> tuple[bytes, ...]:
+  vocabulary = eval_data.vocabulary_of(c.data.task_name(code))
+  weights = rows["decoder_loss_weights"] > 0
+  return tuple(
+      vocabulary.decode(rows["decoder_target_tokens"][i][weights[i]].tolist())
+      .encode("utf-8")
+      for i in range(len(weights))
+  )
+
+
+def language_sets(c, code: str) -> LanguageSets:
+  """Members: distinct paragraphs of `code` in the first `scan_steps` of
+  its partition's training stream (the original trained on every one).
+  Non-members: its held-out paragraphs (the evaluation split), evenly
+  spread, without any that equal a member. As many of each."""
+  audits = c.config.audits
+  q = c.scheme.partition_of(code)
+  _, rows, _ = c.spec.batch_shape
+  steps = min(audits.scan_steps, c.spec.train_config.train_steps)
+  stream = c.cache.stream(
+      c.data.partition_names[q], c.cache.seed + q, rows, steps
+  )
+  lang, least = languages.language_id(code), audits.min_paragraph_tokens
+  members = feature_rows.unpack_segments(stream, lang, least)
+  held = c.cache.validation_rows(
+      {code: c.data.task_name(code)}, split=c.config.eval_split
+  )[code]
+  non = feature_rows.unpack_segments(held, lang, least)
+  seen = {r.tobytes() for r in members["decoder_target_tokens"]}
+  fresh = [
+      i for i, r in enumerate(non["decoder_target_tokens"])
+      if r.tobytes() not in seen
+  ]
+  n = min(audits.paragraphs, len(members["decoder_target_tokens"]), len(fresh))
+  pick = np.asarray(fresh, np.int64)[stream_cache.spread(len(fresh), n)]
+  members = {k: v[:n] for k, v in members.items()}
+  non = {k: v[pick] for k, v in non.items()}
+  return LanguageSets(
+      code, q, members, non, _texts(members, code, c), _texts(non, code, c)
+  )
+
+
+@functools.lru_cache(maxsize=None)
+def _stats_fn(config):
+  """Jitted (params, batch, mask) -> (logp, minkpp, expert usage [M, E])."""
+  model = transformer.TieredDecoder(config)
+  experts = config.experts_per_layer
+
+  def stats(params, batch, mask):
+    out = forward_lib.forward(
+        model, params, batch, expert_mask_MxPxE=mask, capture_routing=True
+    )
+    logp, minkpp = mia.token_statistics(
+        out.logits_PxBxLxV, batch["decoder_target_tokens"]
+    )
+    valid_T = batch["decoder_loss_weights"].reshape(-1) > 0
+    routing = out.routing
+    used_MxTxK = (routing.combine_weights_MxTxK != 0) & valid_T[None, :, None]
+    one_hot = jax.nn.one_hot(routing.expert_index_MxTxK, experts)
+    usage_MxE = jnp.sum(one_hot * used_MxTxK[..., None], axis=(1, 2))
+    return logp, minkpp, usage_MxE
+
+  return jax.jit(stats)
+
+
+def _view(c, model: methods.Model, q: int):
+  """(config, params, mask, block, blocks): partition q's model alone under
+  strict partitions, else the whole model with q's block filled."""
+  cfg = model.config or c.spec.model_config
+  mask = model.expert_mask_MxPxE
+  if c.strict:
+    params = one_partition.partition_params(model.params, q)
+    mask = None if mask is None else np.asarray(mask)[:, q : q + 1]
+    return one_partition.one_partition_config(cfg), params, mask, 0, 1
+  return cfg, model.params, mask, q, cfg.num_partitions
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStats:
+  """A model's statistics on N rows: logp, minkpp [N, L], usage [M, E]."""
+
+  logp: np.ndarray
+  minkpp: np.ndarray
+  usage: Optional[np.ndarray]
+
+
+def token_stats(c, model: Optional[methods.Model], q: int, rows) -> TokenStats:
+  """`model`'s statistics on rows of partition q (None: uniform, no
+  routing: the partition was dropped)."""
+  n, length = rows["decoder_target_tokens"].shape
+  if model is None:
+    uniform = -math.log(c.spec.model_config.vocab_size)
+    return TokenStats(
+        np.full((n, length), uniform), np.zeros((n, length)), None
+    )
+  cfg, params, mask, block, blocks = _view(c, model, q)
+  fn = _stats_fn(cfg)
+  logp, minkpp, usage = [], [], 0.0
+  for chunk in feature_rows.chunk_rows(rows, _CHUNK_ROWS):
+    parts = [feature_rows.zeros_like(chunk)] * blocks
+    parts[block] = chunk
+    batch = c.to_device(feature_rows.stack(parts, axis=0))
+    lp, mk, us = jax.device_get(fn(params, batch, mask))
+    logp.append(lp[block])
+    minkpp.append(mk[block])
+    usage = usage + us
+  cut = lambda parts: np.concatenate(parts)[:n]
+  return TokenStats(cut(logp), cut(minkpp), np.asarray(usage))
+
+
+def _scores(c, stats: TokenStats, rows, texts) -> mia.ParagraphScores:
+  return mia.paragraph_scores(
+      stats.logp, stats.minkpp, rows["decoder_loss_weights"], texts,
+      c.config.audits.minkpp_k,
+  )
+
+
+def _js_bits(usage_a: Optional[np.ndarray], usage_b: Optional[np.ndarray]):
+  """Mean over MoE layers of the JS divergence of two usages [M, E]."""
+  if usage_a is None or usage_b is None:
+    return math.nan
+  per_layer = [
+      routing_stats.js_divergence_matrix(np.stack([a, b]))[0, 1]
+      for a, b in zip(usage_a, usage_b)
+  ]
+  return float(np.nanmean(per_layer)) if per_layer else math.nan
+
+
+def _prompts(sets: LanguageSets, prefix: int, continuation: int, count: int):
+  """(prompts, truths): prefixes of member paragraphs longer than the
+  prefix, and their next tokens (at most `continuation`)."""
+  targets = sets.members["decoder_target_tokens"]
+  weights = sets.members["decoder_loss_weights"] > 0
+  prompts, truths = [], []
+  for tokens, keep in zip(targets, weights):
+    tokens = tokens[keep]
+    if len(tokens) > prefix and len(prompts) < count:
+      prompts.append(tuple(int(t) for t in tokens[:prefix]))
+      truths.append(tuple(int(t) for t in tokens[prefix:][:continuation]))
+  return prompts, truths
+
+
+class Auditor:
+  """Audits the methods' models of one forget unit.
+
+  Built once per (configuration, seed, forget language): it picks the
+  paragraph sets and scores the original and the reference, whose numbers
+  every row is compared with.
+
+  Args:
+    c: the trained configuration (`configuration.TrainedConfiguration`).
+    reference: the reference's results (`tradeoff_metrics.LanguageResults`).
+    reference_model: its model; None when the partition was dropped.
+  """
+
+  def __init__(self, c, reference, reference_model: Optional[methods.Model]):
+    self.c, self.reference = c, reference
+    audits = c.config.audits
+    code = c.config.forget_language
+    self.forget = language_sets(c, code)
+    self.retained = language_sets(c, _retained_language(c))
+    self.prompts, self.truths = _prompts(
+        self.forget, audits.prefix_tokens, audits.continuation_tokens,
+        audits.prompts,
+    )
+    original = methods.Model(c.original)
+    self._original_usage = {
+        s.code: token_stats(c, original, s.partition, s.non_members).usage
+        for s in (self.forget, self.retained)
+    }
+    self.reference_auc = self._membership(reference_model, self.forget)
+    self.unit = {
+        "mia_paragraphs": self.forget.size,
+        "mia_retain_language": self.retained.code,
+        "verbmem_prompts": len(self.prompts),
+        "mia_auc_minkpp_reference": self.reference_auc["minkpp"],
+        "mia_auc_minkpp_original": self._membership(
+            original, self.forget
+        )["minkpp"],
+        "verbmem_rougel_original": self._verbatim(original)["rougel"],
+        "verbmem_rougel_reference": self._verbatim(reference_model)["rougel"],
+    }
+
+  def _membership(self, model, sets: LanguageSets) -> dict[str, float]:
+    if sets.size < _MIN_PARAGRAPHS:
+      return {name: math.nan for name in mia.SCORES}
+    c = self.c
+    members = _scores(
+        c, token_stats(c, model, sets.partition, sets.members),
+        sets.members, sets.member_texts,
+    )
+    non = _scores(
+        c, token_stats(c, model, sets.partition, sets.non_members),
+        sets.non_members, sets.non_member_texts,
+    )
+    return {
+        name: mia.auc(members.get(name), non.get(name)) for name in mia.SCORES
+    }
+
+  def _verbatim(self, model) -> dict[str, float]:
+    if len(self.prompts) < _MIN_PARAGRAPHS:
+      return {"rougel": math.nan, "exact": math.nan, "token_accuracy": math.nan}
+    if model is None:  # No model: nothing is recited.
+      return {"rougel": 0.0, "exact": 0.0, "token_accuracy": 0.0}
+    cfg = model.config or self.c.spec.model_config
+    generator = decoding.Generator(
+        cfg, model.params, self.forget.partition, model.expert_mask_MxPxE
+    )
+    sampling = decoding.SamplingConfig(
+        max_new_tokens=self.c.config.audits.continuation_tokens
+    )
+    generated = generator.generate(self.prompts, sampling)
+    return verbatim_memory.continuation_scores(generated, self.truths)
+
+  def columns(self, row: methods.Row) -> dict[str, Any]:
+    """Every audit column of one method's row (`row.model` None: the
+    forget partition was dropped)."""
+    model, out = row.model, dict(self.unit)
+    auc = self._membership(model, self.forget)
+    for name in mia.SCORES:
+      out[f"mia_auc_{name}"] = auc[name]
+      ref = self.reference_auc[name]
+      out[f"privleak_{name}"] = (
+          mia.privleak(auc[name], ref) if ref > 0 else math.nan
+      )
+    retained_model = methods.Model(self.c.original) if model is None else model
+    out["mia_retain_auc_minkpp"] = self._membership(
+        retained_model, self.retained
+    )["minkpp"]
+    out.update(
+        {f"verbmem_{k}": v for k, v in self._verbatim(model).items()}
+    )
+    out.update(self._routing_shift(model, retained_model))
+    for bits in self.c.config.audits.quant_bits:
+      out.update(self._quantized(row, bits))
+    return out
+
+  def _routing_shift(self, model, retained_model) -> dict[str, float]:
+    out = {}
+    for name, sets, m in (
+        ("forget", self.forget, model),
+        ("retain", self.retained, retained_model),
+    ):
+      usage = None if m is None else token_stats(
+          self.c, m, sets.partition, sets.non_members
+      ).usage
+      out[f"routing_shift_{name}_js"] = _js_bits(
+          self._original_usage[sets.code], usage
+      )
+    return out
+
+  def _quantized(self, row: methods.Row, bits: int) -> dict[str, float]:
+    """The row's forget and retained results after a `bits` round trip."""
+    c, code = self.c, self.c.config.forget_language
+    if row.model is None:
+      results = row.languages  # A dropped partition has no weights.
+    else:
+      params = weight_quantization.round_trip(row.model.params, bits)
+      results = c.score(params, row.model.expert_mask_MxPxE, row.model.config)
+    forget = tradeoff_metrics.forget_quality(
+        code, results, c.base, self.reference,
+        uniform_loss=math.log(c.spec.model_config.vocab_size),
+    )
+    partition = c.scheme.languages_of(c.forget_partition)
+    utility = tradeoff_metrics.utility(code, results, row.languages, partition)
+    group = "inside" if c.strict else "retain"
+    prefix = f"quant_int{bits}"
+    return {
+        f"{prefix}_forget_loss": forget["forget_loss"],
+        f"{prefix}_forget_loss_change": forget["forget_loss"]
+        - float(row.languages[code]["loss"]),
+        f"{prefix}_gap_closed": forget["forget_gap_closed"],
+        f"{prefix}_retain_loss_change": utility[f"{group}_loss_delta"],
+    }
+
+
+def _retained_language(c) -> str:
+  """The retained language of the membership check: one of the forget
+  partition's other languages, else one of its family, else any."""
+  code = c.config.forget_language
+  if c.plan.retain_languages:
+    return c.plan.retain_languages[0]
+  family = languages.get(code).family
+  others = [x for x in languages.CODES if x != code]
+  same = [x for x in others if languages.get(x).family == family]
+  return (same or others)[0]
