@@ -257,54 +257,78 @@ def test_hash_router_top_k_distinct_and_needs_token_ids():
 SEG = jnp.array([1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5, 5, 0, 0])
 
 
-def _sequence_routing(num_experts=4, top_k=2, x_rng=11):
+def _sequence_routing(num_experts=4, top_k=2, x_rng=11, causal=True):
   x = jax.random.normal(jax.random.PRNGKey(x_rng), (SEG.shape[0], D))
   router = sequence_gates.SequenceGateRouter(
-      num_experts=num_experts, top_k=top_k)
+      num_experts=num_experts, top_k=top_k, causal=causal)
   variables, out = _init_apply(router, x, segment_ids_T=SEG)
   return x, router, variables, out
 
 
-def test_sequence_gates_route_whole_segments_by_their_mean():
-  x, _, variables, out = _sequence_routing()
+def _segment_means(x, seg, causal):
+  """numpy reference: per token, the mean of its segment (prefix if causal)."""
+  x, seg = np.asarray(x, np.float64), np.asarray(seg)
+  t = np.arange(len(seg))
+  return np.stack([x[(seg == seg[i]) & ((t <= i) | (not causal))].mean(0)
+                   for i in t])
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_sequence_gates_route_tokens_by_their_segment_mean(causal):
+  # Causal (default): token t by the mean of its segment's tokens <= t;
+  # causal=False: by the whole segment's mean (tokens of a segment agree).
+  x, _, variables, out = _sequence_routing(causal=causal)
   gates = np.asarray(nn.unbox(variables['params']['gates']))
+  scores = 1 / (1 + np.exp(-_segment_means(x, SEG, causal) @ gates.T))
   idx = np.asarray(out.expert_index_TxK)
-  for s in range(1, 6):
-    rows = np.nonzero(np.asarray(SEG) == s)[0]
-    scores = 1 / (1 + np.exp(-gates @ np.asarray(x)[rows].mean(0)))
-    top = np.argsort(-scores)[:2]
-    for r in rows:
-      np.testing.assert_array_equal(idx[r], top)
-      np.testing.assert_allclose(out.combine_weights_TxK[r],
-                                 scores[top] / scores[top].sum(), rtol=1e-5)
+  for t in range(14):
+    top = np.argsort(-scores[t])[:2]
+    np.testing.assert_array_equal(idx[t], top)
+    np.testing.assert_allclose(out.combine_weights_TxK[t],
+                               scores[t, top] / scores[t, top].sum(),
+                               rtol=1e-5)
   np.testing.assert_array_equal(out.combine_weights_TxK[14:], 0.0)
+  differs = [np.any(idx[SEG == s] != idx[SEG == s][0]) for s in range(1, 6)]
+  assert any(differs) == causal
 
 
-@pytest.mark.parametrize('kind', ['sequence_gate', 'token_topk'])
-def test_router_gradients_are_finite_with_padding_tokens(kind):
-  # Padding (segment id 0) rows are all-zero after masking; normalizing them
-  # must not put 0 * inf = NaN into the gradient of packed batches.
-  x = jax.random.normal(jax.random.PRNGKey(3), (SEG.shape[0], D))
-  router = router_registry.make_router(kind, num_experts=4, top_k=2)
-  variables = router.init(jax.random.PRNGKey(0), x, segment_ids_T=SEG)
-
-  def loss(params):
-    out = router.apply({'params': params}, x, segment_ids_T=SEG)
-    return out.load_balance_loss + jnp.sum(out.combine_weights_TxK)
-
-  grads = jax.grad(loss)(variables['params'])
-  for leaf in jax.tree_util.tree_leaves(nn.unbox(grads)):
-    assert np.all(np.isfinite(np.asarray(leaf)))
+@pytest.mark.parametrize('seg', [
+    [1, 1, 2, 2, 1, 1, 0, 3, 3, 0],  # Id 1 in two runs: one segment.
+    [5, 5, 5, 9, 9, 0, 0, 40000],    # Ids above T.
+    [3], [0, 0, 0]])
+@pytest.mark.parametrize('causal', [True, False])
+def test_segment_mean_handles_any_id_layout(seg, causal):
+  seg = np.asarray(seg)
+  v = np.random.default_rng(len(seg)).normal(size=(len(seg), 3))
+  got = sequence_gates.segment_mean(jnp.asarray(v, jnp.float32),
+                                    jnp.asarray(seg), causal=causal)
+  np.testing.assert_allclose(got, _segment_means(v, seg, causal), rtol=1e-5,
+                             atol=1e-6)
 
 
-def test_add_expert_gate_leaves_other_sequences_unchanged():
+@pytest.mark.parametrize('causal', [True, False])
+def test_sequence_gate_routing_reads_no_later_token(causal):
+  # Changing token s changes no routing output of a token t < s, and none of
+  # another segment's, bit for bit; the whole-segment mean does read s.
+  x, router, variables, out = _sequence_routing(causal=causal)
+  s = 7  # Third token of segment 3 (tokens 5..8).
+  x2 = x.at[s].add(3.0)
+  out2 = _apply(router, variables, x2, segment_ids_T=SEG)
+  changed = np.any(np.asarray(out.router_probs_TxE)
+                   != np.asarray(out2.router_probs_TxE), axis=-1)
+  seg = np.asarray(SEG)
+  assert not changed[seg != seg[s]].any()
+  np.testing.assert_array_equal(changed[seg == seg[s]],
+                                [False, False, True, True] if causal else True)
+
+
+def test_add_expert_gate_leaves_other_experts_unchanged():
   x, _, variables, old = _sequence_routing()
-  # A new row scoring +5 on sequence 3's mean and -5 on the others' means:
-  # only sequence 3 picks the new expert 4.
-  means = np.stack([np.asarray(x)[np.asarray(SEG) == s].mean(0)
-                    for s in range(1, 6)])
-  new_row = np.linalg.lstsq(means, np.where(np.arange(1, 6) == 3, 5., -5.),
-                            rcond=None)[0]
+  # A new row scoring +5 on segment 3's prefix means and -5 on the others'
+  # (least squares): the tokens of segment 3 pick the new expert 4.
+  means = _segment_means(x, SEG, causal=True)[:14]
+  new_row = np.linalg.lstsq(
+      means, np.where(np.asarray(SEG)[:14] == 3, 5., -5.), rcond=None)[0]
   params = sequence_gates.add_expert_gate(variables['params'], new_row)
   assert params['gates'].unbox().shape == (5, D)
   new = _apply(sequence_gates.SequenceGateRouter(5, 2), {'params': params}, x,
@@ -312,7 +336,8 @@ def test_add_expert_gate_leaves_other_sequences_unchanged():
   np.testing.assert_array_equal(new.router_probs_TxE[:, :4],
                                 old.router_probs_TxE)
   picks_new = np.any(np.asarray(new.expert_index_TxK) == 4, axis=-1)
-  np.testing.assert_array_equal(picks_new, np.asarray(SEG) == 3)
+  assert picks_new[np.asarray(SEG) == 3].all()
+  assert not picks_new.all()
   unaffected = ~picks_new
   np.testing.assert_array_equal(new.expert_index_TxK[unaffected],
                                 old.expert_index_TxK[unaffected])

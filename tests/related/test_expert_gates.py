@@ -218,6 +218,14 @@ def test_new_expert_leaves_old_sequences_bitwise_unchanged(
   untouched = np.asarray(old_row) & ~uses.any(-1)
   assert untouched.sum() >= old_row.sum() // 2
   np.testing.assert_array_equal(new_logits[untouched], old_logits[untouched])
+  # Routing is per token and causal: in every row (one sequence each), the
+  # tokens before the first one that reaches the new expert are unchanged.
+  before_first_use = ~np.logical_or.accumulate(uses, axis=-1)
+  np.testing.assert_array_equal(
+      new_logits[before_first_use], old_logits[before_first_use]
+  )
+  # ... which covers tokens of rows that do reach it later.
+  assert (before_first_use & uses.any(-1, keepdims=True)).any()
   # The new language's rows use the new expert after training.
   new_rows = ~np.asarray(old_row)
   assert uses.any(-1)[new_rows].all()

@@ -9,20 +9,25 @@ Steps (`related.expert_gates`; training in the one loop, `train.loop`):
 
   1. Train a base model with router='sequence_gate' on every language but
      NEW_LANGUAGE (trainer library; MODEL_DIR/base, resumable).
-  2. Add one expert per MoE layer, copied from the expert the new language's
-     sequences score highest, and train only it (weights + gate row) on
-     batches holding NEW_LANGUAGE rows (cross-entropy) and old-language rows
-     (negatives of the one-vs-rest gate loss).
-  3. Check the old languages: validation sequences that do not select the new
-     expert must have bit-identical logits.
+  2. Add one expert per MoE layer, copied from the expert that carries the
+     most combine weight per NEW_LANGUAGE token (ESFT-Gate relevance on one
+     batch; routing is per token, on each token's causal prefix), and train
+     only it (weights + gate row) on batches holding NEW_LANGUAGE rows
+     (cross-entropy) and old-language rows (negatives of the per-token
+     one-vs-rest gate loss).
+  3. Check the old languages: validation rows none of whose tokens reaches
+     the new expert in any layer must have bit-identical logits, and so must
+     every token with no token of its sequence at or before it on the new
+     expert (routing is causal); the table gives both, per row and per token.
   4. Remove the added expert (which restores the base model exactly: the new
      language is forgotten) and, separately, the old expert the old languages
-     use most (its sequences re-route to their next-best experts).
+     use most (its tokens re-route to their next-best experts).
 
 The table goes to stdout and OUTPUT (default MODEL_DIR/expert_gates.md).
 """
 
 import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -41,6 +46,7 @@ from tiered_routing.data import seqio_names
 from tiered_routing.eval import language_eval
 from tiered_routing.model import decoder_config
 from tiered_routing.model import expert_params
+from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import transformer
 from tiered_routing.related import esft
 from tiered_routing.related import expert_gates
@@ -62,7 +68,11 @@ COLUMNS = (
     "old_seqs_on_expert",
     "old_seqs_changed",
     "max_abs_logit_diff",
+    "old_tokens_on_expert",
+    "old_tokens_changed",
+    "max_abs_prefix_diff",
 )
+_INPUTS = ("decoder_input_tokens", "decoder_segment_ids", "decoder_positions")
 
 
 def _register_without(code: str) -> str:
@@ -169,6 +179,70 @@ def _on_removed(experts_M):
   return on
 
 
+def _reached_in_segment(on_RxL, segment_RxL) -> np.ndarray:
+  """bool [R, L]: token t or an earlier token of its segment is on.
+
+  Segments are contiguous runs of one id in a row (packed rows).
+  """
+  count_Rx1pL = np.pad(np.cumsum(on_RxL, axis=-1), ((0, 0), (1, 0)))
+  prev_RxL = np.pad(segment_RxL, ((0, 0), (1, 0)), constant_values=-1)
+  start_RxL = segment_RxL != prev_RxL[:, :-1]
+  t_L = np.arange(on_RxL.shape[-1])
+  first_RxL = np.maximum.accumulate(np.where(start_RxL, t_L, 0), axis=-1)
+  before_RxL = np.take_along_axis(count_Rx1pL, first_RxL, -1)
+  return count_Rx1pL[:, 1:] > before_RxL
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_fn(config: decoder_config.DecoderConfig):
+  """Jitted (logits, TokenRouting) of a config (compiled once)."""
+  model = transformer.TieredDecoder(config)
+
+  @jax.jit
+  def run(params, batch):
+    out = forward_lib.forward(model, params, batch, capture_routing=True)
+    return out.logits_PxBxLxV, out.routing
+
+  return run
+
+
+def _compare_tokens(evaluator, before, after, exclude, on_fn=None):
+  """Token-level twin of `method_tables.compare_rows` (routing is per token).
+
+  Returns:
+    (share of old-language scored tokens on the expert, share whose logits
+    changed at all, max |logit change| over those with no token on the
+    expert at or before them in their sequence: 0.0 = bit-identical).
+  """
+  (base_config, base), (config, params) = before, after
+  base_fn, fn = _forward_fn(base_config), _forward_fn(config)
+  excluded = languages.language_id(exclude)
+  on = changed = total = 0
+  max_diff = 0.0
+  for batch, _ in evaluator.full_batches():
+    inputs = {k: jnp.asarray(batch[k]) for k in _INPUTS}
+    old_logits, base_routed = base_fn(base, inputs)
+    logits, routed = fn(params, inputs)
+    length = batch["decoder_input_tokens"].shape[-1]
+    old = (batch["decoder_loss_weights"] > 0) & (
+        batch["decoder_language_ids"] != excluded
+    )
+    old = old.reshape(-1, length)
+    uses = np.zeros(old.shape, bool)
+    if on_fn is not None:
+      uses = np.asarray(on_fn(base_routed, routed)).reshape(old.shape)
+    diff = np.abs(np.asarray(logits) - np.asarray(old_logits)).max(-1)
+    diff = diff.reshape(old.shape)  # Per token: max over the vocabulary.
+    reached = _reached_in_segment(
+        uses, np.asarray(batch["decoder_segment_ids"]).reshape(old.shape)
+    )
+    on += int((old & uses).sum())
+    changed += int((old & (diff > 0)).sum())
+    total += int(old.sum())
+    max_diff = max(max_diff, float(diff[old & ~reached].max(initial=0)))
+  return on / max(total, 1), changed / max(total, 1), max_diff
+
+
 @gin.configurable("run", module="expert_gates_script")
 def run(
     *,
@@ -234,6 +308,9 @@ def run(
 def _grow_and_train(config, base, code, data, training, mesh):
   """Adds an expert copied from the new language's favourite and trains it.
 
+  The favourite, per MoE layer, is the expert with the largest mean combine
+  weight over the probe batch's new-language tokens.
+
   Args:
     config: the base model's config.
     base: its parameters.
@@ -271,6 +348,9 @@ def _evaluate_all(
     on, changed, diff = method_tables.compare_rows(
         evaluator, (config, base), (cfg, params), code, on_fn
     )
+    tokens = _compare_tokens(
+        evaluator, (config, base), (cfg, params), code, on_fn
+    )
     results.append(
         {
             "model": name,
@@ -280,18 +360,17 @@ def _evaluate_all(
             "old_seqs_on_expert": on if on_fn is not None else "-",
             "old_seqs_changed": changed,
             "max_abs_logit_diff": diff,
+            "old_tokens_on_expert": tokens[0] if on_fn is not None else "-",
+            "old_tokens_changed": tokens[1],
+            "max_abs_prefix_diff": tokens[2],
         }
     )
 
   new = _on_added(config.num_experts)
   add("base", config, base)
   add("grown, untrained", grown_config, grown, new)
-  add(
-      f"grown, new expert trained ({num_trainable} params)",
-      grown_config,
-      trained,
-      new,
-  )
+  trained_name = f"grown, new expert trained ({num_trainable} params)"
+  add(trained_name, grown_config, trained, new)
   removed, removed_config = expert_gates.remove_expert(
       trained, grown_config, config.num_experts
   )
@@ -302,12 +381,8 @@ def _evaluate_all(
   )
   busiest = esft.expert_relevance(old_counts, olds).argmax(-1)
   pruned, pruned_config = expert_gates.remove_expert(base, config, busiest)
-  add(
-      f"base minus busiest expert {busiest.tolist()}",
-      pruned_config,
-      pruned,
-      _on_removed(busiest),
-  )
+  pruned_name = f"base minus busiest expert {busiest.tolist()}"
+  add(pruned_name, pruned_config, pruned, _on_removed(busiest))
   return results
 
 

@@ -13,7 +13,10 @@ nowhere (no capacity used, not in the auxiliary losses). A combine weight of
 0.0 marks an unused slot.
 
 The expert-owned sequence gates live in `sequence_gates`; `router_registry`
-lists every kind.
+lists every kind. All route causally (token t by tokens <= t of its own
+sequence) except expert choice, which compares the whole group. Capacity
+drops of the dispatch (`dispatch.moe_mlp`) are another dependence on the
+rest of the group, for every router; dropless dispatch has none.
 """
 
 import math
@@ -205,6 +208,15 @@ class ExpertChoiceRouter(nn.Module):
   token's probability for e if e picked the token, else 0. Balanced by
   construction, so load_balance_loss = 0; z_loss is still reported.
   Disallowed and padding tokens are picked last and then carry weight 0.
+
+  NOT causal: an expert's choice compares every token of the group, so
+  whether token t is routed (and where) depends on later tokens of its own
+  sequence and on the other sequences of the group. A language model's
+  loss measured with it reads the future and is optimistic (Zhou et al.
+  2022, "Limitations", note it does not directly apply to auto-regressive
+  generation); tests/model/test_causality.py shows the dependence. Use it
+  to compare training dynamics, not to report LM losses; token_topk, hash
+  and sequence_gate route causally.
   """
   num_experts: int
   capacity_factor: float = 1.0

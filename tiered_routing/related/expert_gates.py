@@ -1,35 +1,40 @@
 """Adding and removing experts of sequence-gated MoE layers.
 
 With `router='sequence_gate'` (`model.sequence_gates`) every expert owns
-one gate row g_e and scores a sequence independently of the other experts,
-s_e = sigmoid(g_e . h) (as in the expert-owned gates of Lifelong-MoE-style
+one gate row g_e and scores a token independently of the other experts,
+s_e = sigmoid(g_e . h), h the mean activation of the token's sequence up to
+and including it (causal; as in the expert-owned gates of Lifelong-MoE-style
 and DEMix-style models, Gururangan et al. 2022). So an expert can be added
-for a new language, or removed, without retraining the others:
+for a new language, or removed, without retraining the others. Routing is
+per token: the tokens of one sequence can choose different experts, early
+tokens (short prefixes) most of all.
 
   add       `add_expert` appends one expert (a gate row and expert weights)
             at the end of every partition's experts in every MoE layer.
             Training it alone (`new_expert_selection` as the train step's
             update mask) leaves every other parameter bit-identical, so a
-            sequence of an old language that does not select the new expert
-            in any layer computes exactly what it computed before, provided
-            no token is dropped (a sequence moving to the new expert frees
-            capacity and can change another's drops): use a capacity of T
-            (capacity factor E / K) or the dropless 'ragged' dispatch. The
-            'reference' loop is not bitwise stable across expert counts
+            token computes exactly what it computed before if no token of
+            its sequence at or before it reaches the new expert in any layer
+            (its routing, attention and experts read nothing else); a whole
+            sequence is unchanged if none of its tokens does. This holds
+            provided no token is dropped (a token moving to the new expert
+            frees capacity and can change another's drops): use a capacity
+            of T (capacity factor E / K) or the dropless 'ragged' dispatch.
+            The 'reference' loop is not bitwise stable across expert counts
             under the group vmap (XLA sums it in an E-dependent order, ~1e-6
             apart).
-  remove    `remove_expert` deletes one expert per MoE layer; sequences that
-            used it fall back to their next-best expert, the others are
-            unchanged.
+  remove    `remove_expert` deletes one expert per MoE layer; tokens that
+            used it fall back to their next-best expert; a token is
+            unchanged if no token of its sequence at or before it used it.
 
 Training the new expert (`NewExpertObjective`, run by the one training loop)
-minimizes the new language's
-token cross-entropy plus a one-vs-rest gate loss: binary cross-entropy of the
-new gate's logit against "is this the new language" over the sequences of a
-batch that also holds old-language sequences. The LM loss alone would only
-reach the gate row through the sequences that already select the expert; the
-gate loss makes the new gate a detector of its language, which is what keeps
-old sequences off the new expert.
+minimizes the new language's token cross-entropy plus a one-vs-rest gate
+loss: binary cross-entropy of the new gate's logit at every scored token
+(the logit of that token's prefix mean) against "is this the new language",
+over batches that also hold old-language sequences. The LM loss alone would
+only reach the gate row through the tokens that already select the expert;
+the gate loss makes the new gate a detector of its language from every
+prefix length on, which is what keeps old tokens off the new expert.
 
 Under tier 1 (P > 1) a new language belongs to some partitions ('owners');
 every partition gets the new slot (experts per partition are uniform) and
@@ -131,7 +136,7 @@ def add_expert(
     source_experts: expert whose weights the new one copies: an int, or int
       [M] (per MoE layer) or [M, P].
     gate_rows_MxPxD: the new gate rows; None = zeros, i.e. score 0.5 for
-      every sequence until trained.
+      every token until trained.
 
   Returns:
     (new params, config with num_experts + 1).
@@ -292,6 +297,10 @@ def new_expert_loss(
     expert_mask_PxE: Optional[jax.Array] = None,
 ):
   """New-language cross-entropy + gate loss, and metrics.
+
+  The gate loss and accuracy are per scored token, each on the new gate's
+  logit for that token's prefix (its routing logit), averaged over tokens
+  and MoE layers.
 
   Returns:
     (loss, {'lm_loss', 'gate_loss', 'gate_accuracy', 'new_expert_use',
