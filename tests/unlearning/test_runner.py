@@ -521,6 +521,7 @@ def test_every_row_is_audited_with_exact_as_the_zero_point(outcome):
       assert math.isfinite(row[f"quant_int{bits}_forget_loss"]), method
     assert 0.0 <= row["verbmem_rougel"] <= 1.0
     assert row["mia_paragraphs"] >= 4
+    assert math.isfinite(row["routing_replay_forget_loss"]), method
   exact = rows["exact_retrain"]
   # The retrained partition is the reference: PrivLeak 0 by construction.
   for name in ("loss", "zlib", "minkpp"):

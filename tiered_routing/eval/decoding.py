@@ -8,10 +8,10 @@ length so that one jitted step serves every step (and every temperature,
 top-k and seed: they are traced values). Positions not yet generated carry
 segment id 0, i.e. padding: attention never reads them and routers send
 them nowhere, so they take no expert capacity. Full recomputation is also
-what keeps the result exact for routers that are not causal (expert choice
-picks tokens by comparing the whole group; sequence gates average the whole
-sequence): every step routes exactly the current prefix, as the model does
-when it is applied to that prefix alone. A key-value cache would reuse
+what keeps the result exact where routing is not causal (expert choice
+picks tokens by comparing the whole group, and a capacity-limited dispatch
+drops tokens by comparing it): every step routes exactly the current
+prefix, as the model does when it is applied to that prefix alone. A key-value cache would reuse
 routing decisions made for shorter prefixes.
 
 Rows of one call are batched; note that a capacity-limited dispatch lets

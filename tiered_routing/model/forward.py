@@ -9,7 +9,8 @@ and router-jitter streams, and how callers ask for
 
   * expert masks (`expert_mask_PxE` for every MoE layer, e.g. forced routing
     or tier 1 under sharing 'all'; `expert_mask_MxPxE` per MoE layer, e.g.
-    unlearning by masking forget-critical experts);
+    unlearning by masking forget-critical experts; `expert_mask_MxPxBxLxE`
+    per token, to replay another model's routing);
   * the sown intermediates (router losses and metrics, for training);
   * every token's routing (`routing_capture.TokenRouting`, for attribution,
     TRACE, analysis and expert gates).
@@ -66,6 +67,7 @@ def forward(
     deterministic: bool = True,
     expert_mask_PxE: Optional[jax.Array] = None,
     expert_mask_MxPxE: Optional[jax.Array] = None,
+    expert_mask_MxPxBxLxE: Optional[jax.Array] = None,
     keep_intermediates: bool = False,
     capture_routing: bool = False,
 ) -> ForwardOutput:
@@ -79,6 +81,8 @@ def forward(
     deterministic: disables dropout and router jitter.
     expert_mask_PxE: bool [P, E], True = allowed, in every MoE layer.
     expert_mask_MxPxE: bool [M, P, E], one mask per MoE layer.
+    expert_mask_MxPxBxLxE: bool, one mask per MoE layer and token (routing
+      replay, `routing_capture.replay_mask`).
     keep_intermediates: also return the sown intermediates.
     capture_routing: also return every token's routing (implies the
       intermediates, which then also hold the captured router outputs;
@@ -92,6 +96,7 @@ def forward(
       positions_PxBxL=batch.get(POSITIONS),
       expert_mask_PxE=expert_mask_PxE,
       expert_mask_MxPxE=expert_mask_MxPxE,
+      expert_mask_MxPxBxLxE=expert_mask_MxPxBxLxE,
       deterministic=deterministic,
       rngs=_rngs(rng),
   )

@@ -115,3 +115,30 @@ def token_routing(intermediates: Any) -> TokenRouting:
       ),
       layer_names=names,
   )
+
+
+def replay_mask(
+    routing: TokenRouting, batch_shape: tuple[int, int, int], num_experts: int
+) -> jax.Array:
+  """A per-token expert mask that replays `routing` in another model.
+
+  Each token may use only the experts it used (non-zero combine weight)
+  in the captured routing, so a top-k router given the mask picks exactly
+  them again; its own gates still weigh them. Tokens that used no expert
+  (padding, or every slot dropped) are left free.
+
+  Args:
+    routing: the captured routing of a `[P, B/P, L]` batch.
+    batch_shape: (P, B/P, L).
+    num_experts: experts per MoE layer (`config.experts_per_layer`).
+
+  Returns:
+    bool [M, P, B/P, L, E] for `forward.forward(expert_mask_MxPxBxLxE=...)`.
+  """
+  used_MxTxK = routing.combine_weights_MxTxK != 0
+  one_hot = jax.nn.one_hot(routing.expert_index_MxTxK, num_experts, dtype=bool)
+  chosen_MxTxE = jnp.any(one_hot & used_MxTxK[..., None], axis=2)
+  free_MxTx1 = ~jnp.any(chosen_MxTxE, axis=-1, keepdims=True)
+  mask_MxTxE = chosen_MxTxE | free_MxTx1
+  return mask_MxTxE.reshape((routing.expert_index_MxTxK.shape[0],)
+                            + tuple(batch_shape) + (num_experts,))

@@ -19,7 +19,10 @@ the data pipeline. How much the partitions share is `DecoderConfig.sharing`:
 
 Expert masks (bool, True = allowed) are `expert_mask_PxE`, used in every MoE
 layer, or `expert_mask_MxPxE`, one per MoE layer: unlearning removes a
-forget-critical expert only in the layer where it was found.
+forget-critical expert only in the layer where it was found. A per-token
+`expert_mask_MxPxBxLxE` replays a routing: allowing each token only the
+experts another model chose for it makes the router choose them too (the
+unlearning audits' routing replay).
 
 Layers are pre-norm (RMSNorm) blocks with rotary attention; the feed-forward
 of layer i is MoE when `i % moe_every == moe_every - 1` (so `moe_every=2`
@@ -133,9 +136,11 @@ class DecoderBlock(nn.Module):
     segment_ids = moe.routing_segment_ids(
         segment_ids_BxL.reshape(p * g, s), l).reshape(*lead, s)
     mask = None
-    if expert_mask_BxE is not None:
+    if expert_mask_BxE is not None:  # [B, E] per row, or [B, L, E] per token.
       e = expert_mask_BxE.shape[-1]
-      mask = jnp.broadcast_to(expert_mask_BxE[:, None, :], (b, l, e))
+      mask = jnp.broadcast_to(
+          expert_mask_BxE if expert_mask_BxE.ndim == 3
+          else expert_mask_BxE[:, None, :], (b, l, e))
       mask = mask.reshape(*lead, s, e)
     layer = moe.MoeFeedForward(
         num_experts=self.num_experts, expert_d_ff=cfg.expert_d_ff,
@@ -170,7 +175,8 @@ class DecoderStack(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxL, segment_ids_BxL, positions_BxL,
                expert_mask_MxBxE, deterministic):
-    """Returns logits_BxLxV; `expert_mask_MxBxE[m]` masks MoE layer m."""
+    """Returns logits_BxLxV; `expert_mask_MxBxE[m]` masks MoE layer m
+    (per row, or per token as [M, B, L, E])."""
     cfg, dtype = self.config, self.config.activation_dtype
     embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype,
                          name="token_embed")
@@ -215,9 +221,6 @@ class TieredDecoder(nn.Module):
   def _expert_masks(self, expert_mask_PxE, expert_mask_MxPxE):
     """Validates either mask form; returns bool [M, P, E] or None."""
     cfg = self.config
-    if expert_mask_PxE is not None and expert_mask_MxPxE is not None:
-      raise ValueError("Got both expert_mask_PxE and expert_mask_MxPxE; "
-                       "allowed: at most one.")
     want = (cfg.num_partitions, cfg.experts_per_layer)
     where = (f"P = num_partitions, E = experts per MoE layer for sharing="
              f"{cfg.sharing!r}")
@@ -236,12 +239,24 @@ class TieredDecoder(nn.Module):
             f"{want} (M = MoE layers {cfg.moe_layers} in order; {where}).")
     return None if expert_mask_MxPxE is None else expert_mask_MxPxE.astype(bool)
 
+  def _token_masks(self, mask_MxPxBxLxE, batch_shape):
+    """Validates a per-token mask; returns bool [M, P * B/P, L, E]."""
+    cfg = self.config
+    p, b, l = batch_shape
+    want = (len(cfg.moe_layers), p, b, l, cfg.experts_per_layer)
+    if mask_MxPxBxLxE.shape != want:
+      raise ValueError(
+          f"expert_mask_MxPxBxLxE has shape {mask_MxPxBxLxE.shape}; expected "
+          f"{want} (MoE layers, the batch's [P, B/P, L], experts per layer).")
+    return mask_MxPxBxLxE.astype(bool).reshape(want[0], p * b, l, want[-1])
+
   @nn.compact
   def __call__(self, tokens_PxBxL: jax.Array, *,
                segment_ids_PxBxL: Optional[jax.Array] = None,
                positions_PxBxL: Optional[jax.Array] = None,
                expert_mask_PxE: Optional[jax.Array] = None,
                expert_mask_MxPxE: Optional[jax.Array] = None,
+               expert_mask_MxPxBxLxE: Optional[jax.Array] = None,
                deterministic: bool = True) -> jax.Array:
     """Returns float32 logits_PxBxLxV.
 
@@ -255,17 +270,26 @@ class TieredDecoder(nn.Module):
         'all'); E = `config.experts_per_layer`.
       expert_mask_MxPxE: bool [M, P, E], entry m for MoE layer m, i.e. layer
         `config.moe_layers[m]` (unlearning by masking per-layer experts).
-        At most one of the two masks may be given.
+      expert_mask_MxPxBxLxE: bool, one mask per MoE layer and token (routing
+        replay). At most one of the three masks may be given.
       deterministic: disables dropout and router jitter.
     """
     cfg = self.config
     self._check_inputs(tokens_PxBxL, segment_ids_PxBxL=segment_ids_PxBxL,
                        positions_PxBxL=positions_PxBxL)
-    mask_MxPxE = self._expert_masks(expert_mask_PxE, expert_mask_MxPxE)
+    given = [m for m in (expert_mask_PxE, expert_mask_MxPxE,
+                         expert_mask_MxPxBxLxE) if m is not None]
+    if len(given) > 1:
+      raise ValueError("Got several of expert_mask_PxE, expert_mask_MxPxE "
+                       "and expert_mask_MxPxBxLxE; allowed: at most one.")
     p, b, l = tokens_PxBxL.shape
-    # Row r of the flat, partition-major batch belongs to partition r // b.
-    mask_MxBxE = (None if mask_MxPxE is None
-                  else jnp.repeat(mask_MxPxE, b, axis=1))
+    if expert_mask_MxPxBxLxE is not None:
+      mask_MxBxE = self._token_masks(expert_mask_MxPxBxLxE, (p, b, l))
+    else:
+      mask_MxPxE = self._expert_masks(expert_mask_PxE, expert_mask_MxPxE)
+      # Row r of the flat, partition-major batch belongs to partition r // b.
+      mask_MxBxE = (None if mask_MxPxE is None
+                    else jnp.repeat(mask_MxPxE, b, axis=1))
     if cfg.sharing == "none":
       # Masks go in as [M, P, B/P, E]: their partition axis is axis 1.
       mask_MxPxBxE = (None if mask_MxBxE is None else mask_MxBxE.reshape(

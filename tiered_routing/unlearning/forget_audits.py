@@ -20,8 +20,13 @@ the never-saw-it reference are put through:
   routing_shift_*    Jensen-Shannon divergence (bits, mean over MoE layers)
                      between the original's and the model's expert usage on
                      the held-out paragraphs of the forget and the retained
-                     language: did a method forget, or route around the
-                     experts that hold the language (GRIP, arXiv 2601.16905)?
+                     language, and
+  routing_replay_*   the forget loss on those paragraphs with the original's
+                     routing replayed through the model's weights
+                     (`routing_capture.replay_mask`): did a method forget, or
+                     route around the experts that hold the language (GRIP,
+                     arXiv 2601.16905)? Rerouting shows as a large JS and a
+                     replayed loss well below the model's own.
 
 Exact methods are the zero point: the retrained partition is the reference
 (PrivLeak 0 by construction), and a dropped partition has no model, so its
@@ -39,14 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tiered_routing.analysis import routing_stats
-from tiered_routing.data import eval_data
 from tiered_routing.data import feature_rows
-from tiered_routing.data import stream_cache
 from tiered_routing.eval import decoding
 from tiered_routing.model import forward as forward_lib
+from tiered_routing.model import routing_capture
 from tiered_routing.model import transformer
-from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import one_partition
+from tiered_routing.unlearning import audit_sets
 from tiered_routing.unlearning import membership_inference as mia
 from tiered_routing.unlearning import methods
 from tiered_routing.unlearning import tradeoff_metrics
@@ -55,64 +59,6 @@ from tiered_routing.unlearning import weight_quantization
 
 _CHUNK_ROWS = 16
 _MIN_PARAGRAPHS = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class LanguageSets:
-  """One language's membership-inference paragraphs, one per [L] row."""
-
-  code: str
-  partition: int
-  members: feature_rows.Rows
-  non_members: feature_rows.Rows
-  member_texts: tuple[bytes, ...]
-  non_member_texts: tuple[bytes, ...]
-
-  @property
-  def size(self) -> int:
-    return len(self.member_texts)
-
-
-def _texts(rows, code: str, c) -> tuple[bytes, ...]:
-  vocabulary = eval_data.vocabulary_of(c.data.task_name(code))
-  weights = rows["decoder_loss_weights"] > 0
-  return tuple(
-      vocabulary.decode(rows["decoder_target_tokens"][i][weights[i]].tolist())
-      .encode("utf-8")
-      for i in range(len(weights))
-  )
-
-
-def language_sets(c, code: str) -> LanguageSets:
-  """Members: distinct paragraphs of `code` in the first `scan_steps` of
-  its partition's training stream (the original trained on every one).
-  Non-members: its held-out paragraphs (the evaluation split), evenly
-  spread, without any that equal a member. As many of each."""
-  audits = c.config.audits
-  q = c.scheme.partition_of(code)
-  _, rows, _ = c.spec.batch_shape
-  steps = min(audits.scan_steps, c.spec.train_config.train_steps)
-  stream = c.cache.stream(
-      c.data.partition_names[q], c.cache.seed + q, rows, steps
-  )
-  lang, least = languages.language_id(code), audits.min_paragraph_tokens
-  members = feature_rows.unpack_segments(stream, lang, least)
-  held = c.cache.validation_rows(
-      {code: c.data.task_name(code)}, split=c.config.eval_split
-  )[code]
-  non = feature_rows.unpack_segments(held, lang, least)
-  seen = {r.tobytes() for r in members["decoder_target_tokens"]}
-  fresh = [
-      i for i, r in enumerate(non["decoder_target_tokens"])
-      if r.tobytes() not in seen
-  ]
-  n = min(audits.paragraphs, len(members["decoder_target_tokens"]), len(fresh))
-  pick = np.asarray(fresh, np.int64)[stream_cache.spread(len(fresh), n)]
-  members = {k: v[:n] for k, v in members.items()}
-  non = {k: v[pick] for k, v in non.items()}
-  return LanguageSets(
-      code, q, members, non, _texts(members, code, c), _texts(non, code, c)
-  )
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,6 +82,28 @@ def _stats_fn(config):
     return logp, minkpp, usage_MxE
 
   return jax.jit(stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _replay_fn(config):
+  """Jitted (original params, params, batch) -> log p of the targets with
+  the original's routing replayed through `params`."""
+  model = transformer.TieredDecoder(config)
+
+  def replayed(original, params, batch):
+    routing = forward_lib.forward(
+        model, original, batch, capture_routing=True
+    ).routing
+    mask = routing_capture.replay_mask(
+        routing, batch["decoder_input_tokens"].shape,
+        config.experts_per_layer,
+    )
+    logits = forward_lib.forward(
+        model, params, batch, expert_mask_MxPxBxLxE=mask
+    ).logits_PxBxLxV
+    return mia.token_statistics(logits, batch["decoder_target_tokens"])[0]
+
+  return jax.jit(replayed)
 
 
 def _view(c, model: methods.Model, q: int):
@@ -183,11 +151,35 @@ def token_stats(c, model: Optional[methods.Model], q: int, rows) -> TokenStats:
   return TokenStats(cut(logp), cut(minkpp), np.asarray(usage))
 
 
+def replay_nll(c, model: methods.Model, q: int, rows) -> float:
+  """Mean NLL of `rows` (partition q) under `model`'s weights with the
+  original model's routing replayed (its own expert mask, if any, is
+  replaced too: a mask is a routing change)."""
+  view = lambda params: _view(c, methods.Model(params), q)
+  cfg, original, _, block, blocks = view(c.original)
+  params = view(model.params)[1]
+  fn = _replay_fn(cfg)
+  total, count = 0.0, 0
+  for chunk in feature_rows.chunk_rows(rows, _CHUNK_ROWS):
+    parts = [feature_rows.zeros_like(chunk)] * blocks
+    parts[block] = chunk
+    batch = c.to_device(feature_rows.stack(parts, axis=0))
+    logp = np.asarray(jax.device_get(fn(original, params, batch)))[block]
+    weights = chunk["decoder_loss_weights"] > 0
+    total, count = total - logp[weights].sum(), count + weights.sum()
+  return float(total / max(count, 1))
+
+
 def _scores(c, stats: TokenStats, rows, texts) -> mia.ParagraphScores:
   return mia.paragraph_scores(
       stats.logp, stats.minkpp, rows["decoder_loss_weights"], texts,
       c.config.audits.minkpp_k,
   )
+
+
+def _mean_nll(stats: TokenStats, sets: audit_sets.LanguageSets) -> float:
+  weights = sets.non_members["decoder_loss_weights"] > 0
+  return float(-stats.logp[weights].mean())
 
 
 def _js_bits(usage_a: Optional[np.ndarray], usage_b: Optional[np.ndarray]):
@@ -199,20 +191,6 @@ def _js_bits(usage_a: Optional[np.ndarray], usage_b: Optional[np.ndarray]):
       for a, b in zip(usage_a, usage_b)
   ]
   return float(np.nanmean(per_layer)) if per_layer else math.nan
-
-
-def _prompts(sets: LanguageSets, prefix: int, continuation: int, count: int):
-  """(prompts, truths): prefixes of member paragraphs longer than the
-  prefix, and their next tokens (at most `continuation`)."""
-  targets = sets.members["decoder_target_tokens"]
-  weights = sets.members["decoder_loss_weights"] > 0
-  prompts, truths = [], []
-  for tokens, keep in zip(targets, weights):
-    tokens = tokens[keep]
-    if len(tokens) > prefix and len(prompts) < count:
-      prompts.append(tuple(int(t) for t in tokens[:prefix]))
-      truths.append(tuple(int(t) for t in tokens[prefix:][:continuation]))
-  return prompts, truths
 
 
 class Auditor:
@@ -232,9 +210,9 @@ class Auditor:
     self.c, self.reference = c, reference
     audits = c.config.audits
     code = c.config.forget_language
-    self.forget = language_sets(c, code)
-    self.retained = language_sets(c, _retained_language(c))
-    self.prompts, self.truths = _prompts(
+    self.forget = audit_sets.language_sets(c, code)
+    self.retained = audit_sets.language_sets(c, audit_sets.retained_language(c))
+    self.prompts, self.truths = audit_sets.prompts(
         self.forget, audits.prefix_tokens, audits.continuation_tokens,
         audits.prompts,
     )
@@ -256,7 +234,7 @@ class Auditor:
         "verbmem_rougel_reference": self._verbatim(reference_model)["rougel"],
     }
 
-  def _membership(self, model, sets: LanguageSets) -> dict[str, float]:
+  def _membership(self, model, sets: audit_sets.LanguageSets) -> dict[str, float]:
     if sets.size < _MIN_PARAGRAPHS:
       return {name: math.nan for name in mia.SCORES}
     c = self.c
@@ -311,17 +289,28 @@ class Auditor:
     return out
 
   def _routing_shift(self, model, retained_model) -> dict[str, float]:
+    """JS of expert usage against the original, and the forget loss with
+    the original's routing replayed: a method that rerouted rather than
+    forgot gets its knowledge back (a negative change)."""
     out = {}
     for name, sets, m in (
         ("forget", self.forget, model),
         ("retain", self.retained, retained_model),
     ):
-      usage = None if m is None else token_stats(
+      stats = None if m is None else token_stats(
           self.c, m, sets.partition, sets.non_members
-      ).usage
-      out[f"routing_shift_{name}_js"] = _js_bits(
-          self._original_usage[sets.code], usage
       )
+      out[f"routing_shift_{name}_js"] = _js_bits(
+          self._original_usage[sets.code],
+          None if stats is None else stats.usage,
+      )
+      if name == "forget":
+        own = math.nan if stats is None else _mean_nll(stats, sets)
+        replay = math.nan if m is None else replay_nll(
+            self.c, m, sets.partition, sets.non_members
+        )
+        out["routing_replay_forget_loss"] = replay
+        out["routing_replay_forget_loss_change"] = replay - own
     return out
 
   def _quantized(self, row: methods.Row, bits: int) -> dict[str, float]:
@@ -347,15 +336,3 @@ class Auditor:
         f"{prefix}_gap_closed": forget["forget_gap_closed"],
         f"{prefix}_retain_loss_change": utility[f"{group}_loss_delta"],
     }
-
-
-def _retained_language(c) -> str:
-  """The retained language of the membership check: one of the forget
-  partition's other languages, else one of its family, else any."""
-  code = c.config.forget_language
-  if c.plan.retain_languages:
-    return c.plan.retain_languages[0]
-  family = languages.get(code).family
-  others = [x for x in languages.CODES if x != code]
-  same = [x for x in others if languages.get(x).family == family]
-  return (same or others)[0]
