@@ -527,3 +527,10 @@ def test_every_row_is_audited_with_exact_as_the_zero_point(outcome):
   for name in ("loss", "zlib", "minkpp"):
     assert exact[f"privleak_{name}"] == 0.0
   assert exact["verbmem_rougel"] == exact["verbmem_rougel_reference"]
+  # A model that never saw the language learns it from its text.
+  assert 0.0 < exact["relearn_8_recovered"]
+  # The mask method's weights are the original's: unmasked, they start
+  # where the original is.
+  mask = rows["mask"]
+  start = float(mask["relearn_8_curve"].split()[0])
+  np.testing.assert_allclose(start, mask["relearn_original_nll"], atol=1e-4)

@@ -48,11 +48,10 @@ def _texts(rows, code: str, c) -> tuple[bytes, ...]:
   )
 
 
-def language_sets(c, code: str) -> LanguageSets:
-  """Members: distinct paragraphs of `code` in the first `scan_steps` of
-  its partition's training stream (the original trained on every one).
-  Non-members: its held-out paragraphs (the evaluation split), evenly
-  spread, without any that equal a member. As many of each."""
+def training_paragraphs(c, code: str) -> feature_rows.Rows:
+  """Distinct paragraphs of `code` (at least `min_paragraph_tokens` long)
+  in the first `scan_steps` batches of its partition's training stream:
+  the original was trained on every one. {feature: [N, L]}."""
   audits = c.config.audits
   q = c.scheme.partition_of(code)
   _, rows, _ = c.spec.batch_shape
@@ -60,12 +59,23 @@ def language_sets(c, code: str) -> LanguageSets:
   stream = c.cache.stream(
       c.data.partition_names[q], c.cache.seed + q, rows, steps
   )
-  lang, least = languages.language_id(code), audits.min_paragraph_tokens
-  members = feature_rows.unpack_segments(stream, lang, least)
+  return feature_rows.unpack_segments(
+      stream, languages.language_id(code), audits.min_paragraph_tokens
+  )
+
+
+def language_sets(c, code: str) -> LanguageSets:
+  """Members: `training_paragraphs`. Non-members: the language's held-out
+  paragraphs (the evaluation split), evenly spread, without any that
+  equal a member. As many of each, at most `paragraphs`."""
+  audits = c.config.audits
+  members = training_paragraphs(c, code)
   held = c.cache.validation_rows(
       {code: c.data.task_name(code)}, split=c.config.eval_split
   )[code]
-  non = feature_rows.unpack_segments(held, lang, least)
+  non = feature_rows.unpack_segments(
+      held, languages.language_id(code), audits.min_paragraph_tokens
+  )
   seen = {r.tobytes() for r in members["decoder_target_tokens"]}
   fresh = [
       i for i, r in enumerate(non["decoder_target_tokens"])
@@ -76,7 +86,8 @@ def language_sets(c, code: str) -> LanguageSets:
   members = {k: v[:n] for k, v in members.items()}
   non = {k: v[pick] for k, v in non.items()}
   return LanguageSets(
-      code, q, members, non, _texts(members, code, c), _texts(non, code, c)
+      code, c.scheme.partition_of(code), members, non,
+      _texts(members, code, c), _texts(non, code, c),
   )
 
 
@@ -104,3 +115,28 @@ def retained_language(c) -> str:
   others = [x for x in languages.CODES if x != code]
   same = [x for x in others if languages.get(x).family == family]
   return (same or others)[0]
+
+
+# Languages an attacker could relearn a forgotten one from without its own
+# text: Urdu from Hindi (the same spoken language, Hindustani, in another
+# script) and from Persian (the same Perso-Arabic script); Chinese from
+# Japanese (shared Han characters); German from English (West Germanic).
+RELATED = {
+    "ur": ("hi", "fa"),
+    "hi": ("ur",),
+    "zh": ("ja",),
+    "ja": ("zh",),
+    "de": ("en",),
+    "en": ("de",),
+}
+
+
+def related_languages(code: str) -> tuple[str, ...]:
+  """`RELATED[code]`, else the first other language of its family."""
+  if code in RELATED:
+    return RELATED[code]
+  family = languages.get(code).family
+  return tuple(
+      x for x in languages.CODES
+      if x != code and languages.get(x).family == family
+  )[:1]

@@ -53,6 +53,7 @@ from tiered_routing.tier1 import one_partition
 from tiered_routing.unlearning import audit_sets
 from tiered_routing.unlearning import membership_inference as mia
 from tiered_routing.unlearning import methods
+from tiered_routing.unlearning import relearning
 from tiered_routing.unlearning import tradeoff_metrics
 from tiered_routing.unlearning import verbatim_memory
 from tiered_routing.unlearning import weight_quantization
@@ -177,6 +178,29 @@ def _scores(c, stats: TokenStats, rows, texts) -> mia.ParagraphScores:
   )
 
 
+def _attacks(c) -> list[relearning.Attack]:
+  """The forget language's budgets, then each related language's."""
+  audits, code = c.config.audits, c.config.forget_language
+  own = audit_sets.training_paragraphs(c, code)
+  sources = [(f"relearn_{b}", own, b) for b in audits.relearn_budgets]
+  if audits.relearn_related and audits.relearn_budgets:
+    most = max(audits.relearn_budgets)
+    for r in audit_sets.related_languages(code):
+      sources.append((f"relearn_related_{r}",
+                      audit_sets.training_paragraphs(c, r), most))
+  out = []
+  for name, rows, budget in sources:
+    available = len(rows["decoder_target_tokens"])
+    if not available:
+      continue
+    out.append(relearning.Attack(
+        name, {k: v[:budget] for k, v in rows.items()},
+        audits.relearn_steps, audits.relearn_rows_per_step,
+        audits.relearn_learning_rate,
+    ))
+  return out
+
+
 def _mean_nll(stats: TokenStats, sets: audit_sets.LanguageSets) -> float:
   weights = sets.non_members["decoder_loss_weights"] > 0
   return float(-stats.logp[weights].mean())
@@ -222,6 +246,12 @@ class Auditor:
         for s in (self.forget, self.retained)
     }
     self.reference_auc = self._membership(reference_model, self.forget)
+    self.attacks = _attacks(c)
+    held_out = {k: v[: audits.relearn_eval_rows]
+                for k, v in self.forget.non_members.items()}
+    self._held_out_rows = held_out
+    self._held_out = relearning.held_out_batch(c, held_out)
+    self._original_nll = self._served_nll(original)
     self.unit = {
         "mia_paragraphs": self.forget.size,
         "mia_retain_language": self.retained.code,
@@ -286,6 +316,35 @@ class Auditor:
     out.update(self._routing_shift(model, retained_model))
     for bits in self.c.config.audits.quant_bits:
       out.update(self._quantized(row, bits))
+    out.update(self._relearning(model))
+    return out
+
+  def _served_nll(self, model) -> float:
+    stats = token_stats(
+        self.c, model, self.forget.partition, self._held_out_rows
+    )
+    weights = self._held_out_rows["decoder_loss_weights"] > 0
+    return float(-stats.logp[weights].mean())
+
+  def _relearning(self, model) -> dict[str, float]:
+    """Every relearning attack on the model (`relearning`)."""
+    attacked = relearning.attack_model(model)
+    start = math.nan if model is None else self._served_nll(model)
+    out = {"relearn_start_nll": start,
+           "relearn_original_nll": self._original_nll}
+    for attack in self.attacks:
+      out[f"{attack.name}_paragraphs"] = len(
+          attack.rows["decoder_target_tokens"])
+      if attacked is None:
+        out.update(relearning.nan_summary(attack.name))
+        continue
+      nll, tokens = relearning.curve(
+          self.c, attacked.params, attack, self._held_out
+      )
+      out.update(relearning.summary(
+          attack.name, start, self._original_nll, nll, tokens
+      ))
+      out[f"{attack.name}_curve"] = " ".join(f"{v:.4f}" for v in nll)
     return out
 
   def _routing_shift(self, model, retained_model) -> dict[str, float]:

@@ -179,7 +179,7 @@ def unlearning_batches(c: Trained) -> dict[str, Rows]:
   }
 
 
-def _unlearned_model(c: Trained, params: Any) -> tuple[Any, Any]:
+def editable_model(c: Trained, params: Any) -> tuple[Any, Any]:
   """(config, params) of the model the gradient methods update: the
   forget partition alone under strict partitions, else the whole model."""
   cfg, p = c.spec.model_config, c.forget_partition
@@ -214,7 +214,7 @@ def held_out_stop(
   uniform = math.log(c.spec.model_config.vocab_size)
   if reference.params is None:
     return held_out_stop_lib.HeldOutStop(batch, uniform)
-  cfg, params = _unlearned_model(c, reference.params)
+  cfg, params = editable_model(c, reference.params)
   target = held_out_stop_lib.mean_nll(cfg, params, batch)
   return held_out_stop_lib.HeldOutStop(batch, min(target, uniform))
 
@@ -267,7 +267,7 @@ def gradient_method(
   """
   ft_config = c.config.finetune
   p = c.forget_partition
-  model_cfg, start = _unlearned_model(c, c.original)
+  model_cfg, start = editable_model(c, c.original)
   mask = _update_mask(model_cfg, start, p)
   new, history = gradient_methods.unlearn(
       model_cfg,

@@ -101,6 +101,14 @@ class AuditConfig:
     prefix_tokens: prompt length.
     continuation_tokens: tokens generated and compared.
     quant_bits: weight round-trips (8 and / or 4 bits).
+    relearn_budgets: relearning attacks on this many of the forget
+      language's training paragraphs (`relearning`).
+    relearn_related: also attack with related languages' paragraphs only
+      (`audit_sets.related_languages`; the largest budget of each).
+    relearn_steps: optimizer steps of every attack.
+    relearn_rows_per_step: paragraphs per step.
+    relearn_learning_rate: the attacks' constant learning rate.
+    relearn_eval_rows: held-out forget paragraphs scored after each step.
   """
 
   enabled: bool = True
@@ -112,10 +120,18 @@ class AuditConfig:
   prefix_tokens: int = 8
   continuation_tokens: int = 16
   quant_bits: tuple[int, ...] = (8, 4)
+  relearn_budgets: tuple[int, ...] = (8, 32, 128)
+  relearn_related: bool = True
+  relearn_steps: int = 16
+  relearn_rows_per_step: int = 4
+  relearn_learning_rate: float = 1e-3
+  relearn_eval_rows: int = 16
 
   def __post_init__(self):
     for name in ("paragraphs", "min_paragraph_tokens", "scan_steps",
-                 "prompts", "prefix_tokens", "continuation_tokens"):
+                 "prompts", "prefix_tokens", "continuation_tokens",
+                 "relearn_steps", "relearn_rows_per_step",
+                 "relearn_eval_rows"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
@@ -124,6 +140,13 @@ class AuditConfig:
     if not 0 < self.minkpp_k <= 1:
       raise ValueError(f"AuditConfig.minkpp_k={self.minkpp_k!r}; allowed: "
                        "0 < k <= 1.")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+           for b in self.relearn_budgets):
+      raise ValueError(f"AuditConfig.relearn_budgets={self.relearn_budgets!r}"
+                       "; allowed: ints >= 1.")
+    if not self.relearn_learning_rate > 0:
+      raise ValueError("AuditConfig.relearn_learning_rate="
+                       f"{self.relearn_learning_rate!r} must be > 0.")
     bad = [b for b in self.quant_bits if b not in (8, 4)]
     if bad:
       raise ValueError(f"AuditConfig.quant_bits={self.quant_bits!r}; "

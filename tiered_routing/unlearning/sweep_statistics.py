@@ -23,6 +23,9 @@ import numpy as np
 from scipy import stats
 
 KEY_COLUMNS = ("run", "forget_language", "method")
+# Columns that hold a per-seed series (relearning curves), kept in
+# results_by_seed.csv only.
+PER_SEED_SUFFIX = "_curve"
 SEED_COLUMN = "seed"
 NAN = float("nan")
 
@@ -62,7 +65,8 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
   Numeric columns (booleans count as 0 / 1) become `<column>_mean` and
   `<column>_ci95`; other columns are kept when every seed agrees and
-  joined with '|' otherwise. `seeds` counts the seeds.
+  joined with '|' otherwise; series (`PER_SEED_SUFFIX`) are left out.
+  `seeds` counts the seeds.
   """
   out = []
   for key, group in _grouped(rows).items():
@@ -71,6 +75,8 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     columns = dict.fromkeys(c for r in group for c in r)
     for column in columns:
       if column in KEY_COLUMNS or column == SEED_COLUMN:
+        continue
+      if column.endswith(PER_SEED_SUFFIX):  # Curves: per seed only.
         continue
       values = [r.get(column) for r in group]
       if all(_is_number(v) for v in values):
