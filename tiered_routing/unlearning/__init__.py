@@ -17,4 +17,6 @@ Modules:
   gradient_methods    the gradient methods run in the one training loop.
   tradeoff_metrics    forget quality, utility, cost; `UnlearningResult`.
   sweep_report        results.csv / .md, the Pareto plot, the manifest.
+  relearning_plot     relearning.csv (the attacks' curves, long format) and
+                      the relearning curves plots.
 """

@@ -13,6 +13,15 @@
   per_language.csv     every model's loss per language and seed, with the
                        language's baselines.
   pareto.png           `sweep_plot.plot_pareto` of results.csv.
+  relearning.csv       the relearning attacks' curves in long format, one
+                       row per (configuration, forget language, method,
+                       seed, attack, step): held-out forget NLL and the
+                       fraction of the forgotten gap recovered
+                       (`relearning_plot.long_rows`); only when the rows
+                       have curves (`relearn_*_curve`).
+  relearning.png,      those curves per configuration and forget language,
+  relearning_related.png  for the largest own budget and for a related
+                       language (`relearning_plot.write_plots`).
 
 A reader never sees half a file (temporary file + rename).
 """
@@ -26,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tiered_routing.train import atomic_file
+from tiered_routing.unlearning import relearning_plot
 from tiered_routing.unlearning import sweep_plot
 from tiered_routing.unlearning import sweep_statistics
 from tiered_routing.unlearning import sweep_tables
@@ -183,6 +193,19 @@ def write_outputs(
         + markdown_table(pairs, COMPARISON_COLUMNS),
     )
   sweep_plot.plot_pareto(aggregated, path("pareto.png"), title=title)
+  _write_relearning(output_dir, rows, title)
+
+
+def _write_relearning(
+    output_dir: str, rows: Sequence[Mapping[str, Any]], title: str
+) -> None:
+  """relearning.csv and its plots, when the rows have curves (sweeps from
+  before the relearning attacks have none and get no such files)."""
+  points = relearning_plot.long_rows(rows)
+  if not points:
+    return
+  write_csv_rows(os.path.join(output_dir, "relearning.csv"), points)
+  relearning_plot.write_plots(points, output_dir, title)
 
 
 def check_or_write_manifest(
