@@ -162,3 +162,48 @@ def test_bad_routing_settings_name_the_value():
   assert not routed_eval.RoutingConfig(
       "ensemble", weighting="prefix"
   ).needs_classifier
+
+
+@pytest.mark.parametrize("weighting", ["posterior", "prefix"])
+def test_opt_out_routes_around_a_switched_off_partition(data, weighting):
+  batches = [data[0][0], data[0][-1]]  # Partitions' mixtures in order.
+  present = sorted({
+      int(b["decoder_language_ids"][r, 0]) for b in batches
+      for r in range(len(b["decoder_loss_weights"]))
+      if b["decoder_loss_weights"][r].sum()
+  })
+  off = FAMILY4.partition_of(languages.CODES[present[0]])
+  on = [l for l in present if FAMILY4.partition_of(languages.CODES[l]) != off]
+  assert on, "the batches should hold languages of two partitions"
+  config = routed_eval.RoutingConfig(
+      ["classifier", "ensemble"], weighting=weighting,
+      disabled_partitions=[off],
+  )
+  mesh, scorer = _scorer(4)
+  with sharding.with_sharding_rules(mesh):
+    out = routed_eval.evaluate(_routed(scorer, config, data[1]), batches)
+  ens = f"routing/{config.label('ensemble')}"
+  for lang in present:
+    code = languages.CODES[lang]
+    if FAMILY4.partition_of(code) == off:
+      # No route: scored as the uniform distribution, every row.
+      assert out[f"routing/oracle/{code}/loss"] == pytest.approx(np.log(4096))
+      assert out[f"routing/oracle/{code}/unroutable"] == 1.0
+      assert out[f"{ens}/{code}/oracle_weight"] == pytest.approx(0.0, abs=1e-6)
+    shares = [v for k, v in out.items()
+              if k.startswith(f"routing/classifier/{code}/routed_to_p")]
+    assert sum(shares) == pytest.approx(1.0)
+  assert not [k for k in out if k.endswith(f"routed_to_p{off}")]
+
+
+def test_opt_out_bad_partitions_are_named():
+  with pytest.raises(ValueError, match="'x' is not a partition index"):
+    routed_eval.RoutingConfig("oracle", disabled_partitions=["x"])
+  mesh, scorer = _scorer(4)
+  del mesh
+  with pytest.raises(ValueError, match="allowed: ints in 0..3"):
+    _routed(scorer, routed_eval.RoutingConfig(
+        "oracle", disabled_partitions=[4]), None)
+  with pytest.raises(ValueError, match="switches off all 4"):
+    _routed(scorer, routed_eval.RoutingConfig(
+        "oracle", disabled_partitions=[0, 1, 2, 3]), None)

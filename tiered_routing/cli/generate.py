@@ -9,9 +9,12 @@ r"""Generates text from one tier-1 partition of a trained checkpoint.
 temperature samples, optionally among the --top_k likeliest tokens, with
 --seed. Prompts are encoded with the vocabulary of DATA_SOURCE's tasks;
 each prompt is printed with its continuation, up to the first EOS.
+Opt-out at inference: `--gin.generate_script.generate.disabled_partitions=
+"[2]"` switches partitions off; asking for one of them is refused.
 `scripts/generate.py` runs this binary too.
 """
 
+from collections.abc import Sequence
 from typing import Optional
 
 from absl import flags
@@ -28,6 +31,7 @@ from tiered_routing.data import seqio_names
 from tiered_routing.model import decoder_config
 from tiered_routing.eval import decoding
 from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import opt_out
 from tiered_routing.tier1 import schemes
 from tiered_routing.train import restore
 
@@ -58,8 +62,23 @@ def resolve_partition(
     scheme: schemes.PartitionScheme,
     language: Optional[str],
     partition: Optional[int],
+    disabled_partitions: Sequence[int] = (),
 ) -> int:
-  """The partition of --language and/or --partition (which must agree)."""
+  """The partition of --language and/or --partition (which must agree and
+  must not be switched off: `disabled_partitions`, the opt-out)."""
+  disabled = opt_out.check_disabled(disabled_partitions, scheme.num_partitions)
+  chosen = _resolve(scheme, language, partition)
+  if chosen in disabled:
+    owner = "" if language is None else f" (--language={language})"
+    raise ValueError(
+        f"Partition {chosen}{owner} is opted out (disabled_partitions="
+        f"{list(disabled)}); partitions on: "
+        f"{[p for p in range(scheme.num_partitions) if p not in disabled]}."
+    )
+  return chosen
+
+
+def _resolve(scheme, language, partition) -> int:
   if language is None and partition is None:
     raise ValueError(
         "Give --language (one of "
@@ -85,9 +104,13 @@ def run(
     scheme: schemes.PartitionScheme = gin.REQUIRED,
     model_config: decoder_config.DecoderConfig = gin.REQUIRED,
     mesh_config: Optional[sharding.MeshConfig] = None,
+    disabled_partitions: Sequence[int] = (),
 ) -> list[str]:
-  """Prints and returns one continuation per --prompt."""
-  partition = resolve_partition(scheme, _LANGUAGE.value, _PARTITION.value)
+  """Prints and returns one continuation per --prompt; a partition in
+  `disabled_partitions` (opt-out at inference) is refused."""
+  partition = resolve_partition(
+      scheme, _LANGUAGE.value, _PARTITION.value, disabled_partitions
+  )
   sampling = decoding.SamplingConfig(
       max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value,

@@ -16,8 +16,14 @@ partition p), so every mode is scored from one forward pass:
 
 Rows are unpacked (one sequence per row) so a row has one posterior.
 Per language it reports loss, perplexity and bits per byte of each mode,
-the routing accuracy against the oracle, and the utility cost
-(mode - oracle) of loss and bits per byte.
+the routing accuracy against the oracle, the utility cost (mode - oracle)
+of loss and bits per byte, and where its rows went (`routed_to_p<q>`, the
+share of rows per partition; the ensemble's is its heaviest partition).
+
+Opt-out (`RoutingConfig.disabled_partitions`, `tier1.opt_out`): switched-off
+partitions are never chosen; the oracle scores the rows of their languages
+as uniform ('unroutable' share), the classifier and the ensemble route
+among the partitions left.
 """
 
 import dataclasses
@@ -33,6 +39,7 @@ from tiered_routing.eval import scoring
 from tiered_routing.tier1 import inference_routing as ir
 from tiered_routing.tier1 import language_classifier
 from tiered_routing.tier1 import languages
+from tiered_routing.tier1 import opt_out
 from tiered_routing.tier1 import schemes
 
 MODES = ir.MODES
@@ -61,6 +68,7 @@ class RoutingConfig:
     temperature: classifier posterior softmax(-||x - c||^2 / T).
     classifier_docs: training documents per language the classifier is fit
       on (the first ones of the train split).
+    disabled_partitions: partitions switched off at inference (opt-out).
   """
 
   modes: Sequence[str] | str = MODES
@@ -68,6 +76,7 @@ class RoutingConfig:
   top_k: Optional[int] = None
   temperature: float = 0.1
   classifier_docs: int = 1000
+  disabled_partitions: Sequence[int] = ()
 
   def __post_init__(self):
     modes = (self.modes,) if isinstance(self.modes, str) else self.modes
@@ -94,6 +103,14 @@ class RoutingConfig:
       raise ValueError(
           f"classifier_docs={self.classifier_docs!r}; allowed: >= 1"
       )
+    disabled = tuple(self.disabled_partitions)
+    bad = [p for p in disabled if isinstance(p, bool)
+           or not isinstance(p, (int, np.integer)) or p < 0]
+    if bad:
+      raise ValueError(f"disabled_partitions={list(disabled)}: {bad[0]!r} is "
+                       "not a partition index; allowed: ints >= 0.")
+    object.__setattr__(self, "disabled_partitions",
+                       tuple(sorted(set(int(p) for p in disabled))))
 
   def label(self, mode: str) -> str:
     """A mode's name in the results; an ensemble's names its settings."""
@@ -123,12 +140,15 @@ class RowScores(NamedTuple):
       shared).
     decisions: routing decisions made (rows, or scored tokens).
     oracle_weight: summed mixture weight on the oracle partition.
+    partition: int [B], the partition the row went to (the ensemble: its
+      heaviest over the row's tokens); -1 = unroutable (oracle, opted out).
   """
 
   log_likelihood: np.ndarray
   hits: np.ndarray
   decisions: np.ndarray
   oracle_weight: np.ndarray
+  partition: np.ndarray
 
 
 class RoutedScorer:
@@ -156,9 +176,13 @@ class RoutedScorer:
       )
     self.scorer, self.scheme, self.config = scorer, scheme, config
     self.vocabulary, self.classifier = vocabulary, classifier
+    self.enabled = opt_out.enabled_mask(
+        scheme.num_partitions, config.disabled_partitions
+    )
 
   def posterior(self, texts: Sequence[str]) -> np.ndarray:
-    """P(partition | text), [B, P]; uniform for empty (padding) rows."""
+    """P(partition | text) over the enabled partitions, [B, P]; uniform
+    for empty (padding) rows."""
     p = self.scheme.num_partitions
     out = np.full((len(texts), p), 1.0 / p)
     real = [i for i, t in enumerate(texts) if t]
@@ -166,7 +190,7 @@ class RoutedScorer:
       out[real] = self.classifier.partition_posterior(
           [texts[i] for i in real], self.scheme, self.config.temperature
       )
-    return out
+    return opt_out.restrict_posterior(out, self.enabled)
 
   def __call__(
       self, batch: Mapping[str, np.ndarray]
@@ -179,34 +203,47 @@ class RoutedScorer:
     oracle_B = np.asarray(
         ir.oracle_partitions(batch["decoder_language_ids"][:, 0], self.scheme)
     )
-    posterior = self.posterior(texts) if self.config.needs_classifier else None
+    posterior = self.posterior(texts)
     out = {}
     for mode in self.config.modes:
       if mode == "ensemble":
         out[mode] = self._ensemble(lp_PxBxL, mask_BxL, oracle_B, posterior)
       else:
-        part_B = np.asarray(
-            ir.routed_partition(
-                mode,
-                language_ids=batch["decoder_language_ids"][:, 0],
-                scheme=self.scheme,
-                posterior=posterior,
-            )
-        )
-        ll = ir.sequence_log_likelihood(
-            ir.select_partition(lp_PxBxL, part_B), mask_BxL
-        )
-        real_B = (mask_BxL.sum(axis=1) > 0).astype(np.float64)
-        hit_B = (part_B == oracle_B) * real_B
-        out[mode] = RowScores(ll, hit_B, real_B, hit_B)
+        out[mode] = self._single(mode, batch, lp_PxBxL, mask_BxL, oracle_B,
+                                 posterior)
     return texts, out
+
+  def _single(self, mode, batch, lp_PxBxL, mask_BxL, oracle_B, posterior):
+    """The oracle or the classifier: one partition per row; a row whose
+    oracle partition is off is unroutable and scored as uniform."""
+    part_B = np.asarray(
+        ir.routed_partition(
+            mode,
+            language_ids=batch["decoder_language_ids"][:, 0],
+            scheme=self.scheme,
+            posterior=posterior,
+        )
+    )
+    ll = np.asarray(ir.sequence_log_likelihood(
+        ir.select_partition(lp_PxBxL, part_B), mask_BxL
+    ), np.float64)
+    off_B = ~self.enabled[part_B]
+    uniform = -np.log(self.scorer.vocab_size) * mask_BxL.sum(axis=1)
+    ll = np.where(off_B, uniform, ll)
+    real_B = (mask_BxL.sum(axis=1) > 0).astype(np.float64)
+    hit_B = (part_B == oracle_B) * real_B * ~off_B
+    return RowScores(ll, hit_B, real_B, hit_B, np.where(off_B, -1, part_B))
 
   def _ensemble(self, lp_PxBxL, mask_BxL, oracle_B, posterior):
     cfg = self.config
+    prior = None  # The prefix weighting's prior: uniform over what is on.
+    if cfg.weighting == "prefix" and cfg.disabled_partitions:
+      prior = np.broadcast_to(self.enabled / self.enabled.sum(),
+                              posterior.shape)
     log_w_BxLxP = ir.ensemble_log_weights(
         lp_PxBxL,
         weighting=cfg.weighting,
-        posterior=posterior if cfg.weighting == "posterior" else None,
+        posterior=posterior if cfg.weighting == "posterior" else prior,
         top_k=cfg.top_k,
         mask_BxL=mask_BxL,
     )
@@ -222,11 +259,15 @@ class RoutedScorer:
     w_oracle_BxL = np.exp(
         np.take_along_axis(log_w, oracle_B[:, None, None], axis=-1)[..., 0]
     )
+    heaviest_B = np.argmax(
+        (np.exp(log_w) * mask_BxL[..., None]).sum(axis=1), axis=-1
+    )
     return RowScores(
         ir.sequence_log_likelihood(token_ll, mask_BxL),
         (hit_BxL * mask_BxL).sum(axis=1),
         mask_BxL.sum(axis=1).astype(np.float64),
         (w_oracle_BxL * mask_BxL).sum(axis=1),
+        heaviest_B,
     )
 
 
@@ -239,6 +280,8 @@ class RoutingAccumulator:
     self._loss = {m: lm_metrics.LanguageLossAccumulator() for m in modes}
     # (hits, decisions, oracle weight) per mode and language id.
     self._routing = {m: np.zeros((languages.NUM_LANGUAGES, 3)) for m in modes}
+    # Rows per mode, language id and partition (index -1: unroutable).
+    self._routed = {m: {} for m in modes}
 
   def add(self, batch, texts, scores: Mapping[str, RowScores]) -> None:
     """Adds the scored rows of one batch (padding rows are skipped)."""
@@ -262,6 +305,8 @@ class RoutingAccumulator:
             s.decisions[row],
             s.oracle_weight[row],
         )
+        key = (lang, int(s.partition[row]))
+        self._routed[mode][key] = self._routed[mode].get(key, 0) + 1
 
   def results(self) -> dict[str, float]:
     """Flat '{PREFIX}/{mode}/{code|all|macro}/{metric}' metrics."""
@@ -273,6 +318,7 @@ class RoutingAccumulator:
         code = languages.CODES[lang]
         res[f"{code}/routing_accuracy"] = counts[lang, 0] / counts[lang, 1]
         res[f"{code}/oracle_weight"] = counts[lang, 2] / counts[lang, 1]
+      res.update(self._routed_shares(mode))
       total = counts.sum(axis=0)
       if total[1]:
         res["all/routing_accuracy"] = total[0] / total[1]
@@ -280,6 +326,18 @@ class RoutingAccumulator:
       label = self.config.label(mode)
       out.update({f"{PREFIX}/{label}/{k}": float(v) for k, v in res.items()})
     return with_costs(out, self.config.labels)
+
+
+  def _routed_shares(self, mode: str) -> dict[str, float]:
+    """'{code}/routed_to_p{q}' and '{code}/unroutable': shares of rows."""
+    rows = {}
+    for (lang, _), n in self._routed[mode].items():
+      rows[lang] = rows.get(lang, 0) + n
+    out = {}
+    for (lang, part), n in sorted(self._routed[mode].items()):
+      where = "unroutable" if part < 0 else f"routed_to_p{part}"
+      out[f"{languages.CODES[lang]}/{where}"] = n / rows[lang]
+    return out
 
 
 def with_costs(results: Mapping[str, float], labels) -> dict[str, float]:

@@ -43,6 +43,7 @@ class PartitionScorer:
       rows: int,
   ):
     self.num_partitions = model.config.num_partitions
+    self.vocab_size = model.config.vocab_size
     self.rows = rows
     self._params, self._mesh = params, mesh
     self._fn = jax.jit(functools.partial(_token_logprobs, model=model))
