@@ -14,7 +14,7 @@ from tiered_routing.eval import decoding
 from tiered_routing.model import decoder_config
 from tiered_routing.model import forward
 from tiered_routing.model import transformer
-from tiered_routing.unlearning import forget_audits
+from tiered_routing.unlearning import audit_scoring
 from tiered_routing.unlearning import membership_inference as mia
 from tiered_routing.unlearning import verbatim_memory
 
@@ -74,11 +74,11 @@ def test_rouge_l_golden():
 
 def test_routing_shift_js_bits():
   usage = np.array([[10.0, 0.0], [5.0, 5.0]])
-  assert forget_audits._js_bits(usage, usage) == 0.0
+  assert audit_scoring.js_bits(usage, usage) == 0.0
   moved = np.array([[0.0, 10.0], [5.0, 5.0]])
   # Layer 0 moved to a disjoint expert (1 bit), layer 1 did not.
-  np.testing.assert_allclose(forget_audits._js_bits(usage, moved), 0.5)
-  assert np.isnan(forget_audits._js_bits(usage, None))
+  np.testing.assert_allclose(audit_scoring.js_bits(usage, moved), 0.5)
+  assert np.isnan(audit_scoring.js_bits(usage, None))
 
 
 def test_unpack_segments_moves_each_segment_to_its_own_row():

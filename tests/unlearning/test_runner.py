@@ -106,6 +106,9 @@ UNLEARN = specs.UnlearningConfig(
         steps=5, learning_rate=1e-3, rows_per_batch=2
     ),
     attribution_batches=2,
+    audits=specs.AuditConfig(
+        relearn_budgets=(8,), relearn_steps=4, router_rows=4, router_docs=100
+    ),
 )
 
 
@@ -522,6 +525,8 @@ def test_every_row_is_audited_with_exact_as_the_zero_point(outcome):
     assert 0.0 <= row["verbmem_rougel"] <= 1.0
     assert row["mia_paragraphs"] >= 4
     assert math.isfinite(row["routing_replay_forget_loss"]), method
+    assert math.isfinite(row["router_classifier_retain_loss"]), method
+    assert 0.0 <= row["router_classifier_forget_own_share"] <= 1.0
   exact = rows["exact_retrain"]
   # The retrained partition is the reference: PrivLeak 0 by construction.
   for name in ("loss", "zlib", "minkpp"):

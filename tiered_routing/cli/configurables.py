@@ -45,6 +45,9 @@ UnlearningConfig = gin.external_configurable(
 FinetuneConfig = gin.external_configurable(
     gradient_methods.FinetuneConfig, module="tradeoff_script"
 )
+AuditConfig = gin.external_configurable(
+    specs.AuditConfig, module="tradeoff_script"
+)
 TraceConfig = gin.external_configurable(
     trace.TraceConfig, module="tradeoff_script"
 )

@@ -82,7 +82,9 @@ def language_sets(c, code: str) -> LanguageSets:
       if r.tobytes() not in seen
   ]
   n = min(audits.paragraphs, len(members["decoder_target_tokens"]), len(fresh))
-  pick = np.asarray(fresh, np.int64)[stream_cache.spread(len(fresh), n)]
+  pick = np.asarray(fresh, np.int64)[
+      stream_cache.spread(len(fresh), n) if n else np.arange(0)
+  ]
   members = {k: v[:n] for k, v in members.items()}
   non = {k: v[pick] for k, v in non.items()}
   return LanguageSets(

@@ -21,6 +21,9 @@ the never-saw-it reference are put through:
                      between the original's and the model's expert usage on
                      the held-out paragraphs of the forget and the retained
                      language, and
+  router_classifier_* utility and routing under the classifier router,
+                     with a dropped partition switched off: where does
+                     the forget language's text go (`router_audit`)?
   routing_replay_*   the forget loss on those paragraphs with the original's
                      routing replayed through the model's weights
                      (`routing_capture.replay_mask`): did a method forget, or
@@ -34,148 +37,21 @@ language is scored as the uniform distribution (AUC 1/2, nothing recited,
 nothing to quantize back).
 """
 
-import dataclasses
-import functools
 import math
 from typing import Any, Optional
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from tiered_routing.analysis import routing_stats
-from tiered_routing.data import feature_rows
 from tiered_routing.eval import decoding
-from tiered_routing.model import forward as forward_lib
-from tiered_routing.model import routing_capture
-from tiered_routing.model import transformer
-from tiered_routing.tier1 import one_partition
+from tiered_routing.unlearning import audit_scoring
 from tiered_routing.unlearning import audit_sets
 from tiered_routing.unlearning import membership_inference as mia
 from tiered_routing.unlearning import methods
 from tiered_routing.unlearning import relearning
+from tiered_routing.unlearning import router_audit
 from tiered_routing.unlearning import tradeoff_metrics
 from tiered_routing.unlearning import verbatim_memory
 from tiered_routing.unlearning import weight_quantization
 
-_CHUNK_ROWS = 16
 _MIN_PARAGRAPHS = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _stats_fn(config):
-  """Jitted (params, batch, mask) -> (logp, minkpp, expert usage [M, E])."""
-  model = transformer.TieredDecoder(config)
-  experts = config.experts_per_layer
-
-  def stats(params, batch, mask):
-    out = forward_lib.forward(
-        model, params, batch, expert_mask_MxPxE=mask, capture_routing=True
-    )
-    logp, minkpp = mia.token_statistics(
-        out.logits_PxBxLxV, batch["decoder_target_tokens"]
-    )
-    valid_T = batch["decoder_loss_weights"].reshape(-1) > 0
-    routing = out.routing
-    used_MxTxK = (routing.combine_weights_MxTxK != 0) & valid_T[None, :, None]
-    one_hot = jax.nn.one_hot(routing.expert_index_MxTxK, experts)
-    usage_MxE = jnp.sum(one_hot * used_MxTxK[..., None], axis=(1, 2))
-    return logp, minkpp, usage_MxE
-
-  return jax.jit(stats)
-
-
-@functools.lru_cache(maxsize=None)
-def _replay_fn(config):
-  """Jitted (original params, params, batch) -> log p of the targets with
-  the original's routing replayed through `params`."""
-  model = transformer.TieredDecoder(config)
-
-  def replayed(original, params, batch):
-    routing = forward_lib.forward(
-        model, original, batch, capture_routing=True
-    ).routing
-    mask = routing_capture.replay_mask(
-        routing, batch["decoder_input_tokens"].shape,
-        config.experts_per_layer,
-    )
-    logits = forward_lib.forward(
-        model, params, batch, expert_mask_MxPxBxLxE=mask
-    ).logits_PxBxLxV
-    return mia.token_statistics(logits, batch["decoder_target_tokens"])[0]
-
-  return jax.jit(replayed)
-
-
-def _view(c, model: methods.Model, q: int):
-  """(config, params, mask, block, blocks): partition q's model alone under
-  strict partitions, else the whole model with q's block filled."""
-  cfg = model.config or c.spec.model_config
-  mask = model.expert_mask_MxPxE
-  if c.strict:
-    params = one_partition.partition_params(model.params, q)
-    mask = None if mask is None else np.asarray(mask)[:, q : q + 1]
-    return one_partition.one_partition_config(cfg), params, mask, 0, 1
-  return cfg, model.params, mask, q, cfg.num_partitions
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenStats:
-  """A model's statistics on N rows: logp, minkpp [N, L], usage [M, E]."""
-
-  logp: np.ndarray
-  minkpp: np.ndarray
-  usage: Optional[np.ndarray]
-
-
-def token_stats(c, model: Optional[methods.Model], q: int, rows) -> TokenStats:
-  """`model`'s statistics on rows of partition q (None: uniform, no
-  routing: the partition was dropped)."""
-  n, length = rows["decoder_target_tokens"].shape
-  if model is None:
-    uniform = -math.log(c.spec.model_config.vocab_size)
-    return TokenStats(
-        np.full((n, length), uniform), np.zeros((n, length)), None
-    )
-  cfg, params, mask, block, blocks = _view(c, model, q)
-  fn = _stats_fn(cfg)
-  logp, minkpp, usage = [], [], 0.0
-  for chunk in feature_rows.chunk_rows(rows, _CHUNK_ROWS):
-    parts = [feature_rows.zeros_like(chunk)] * blocks
-    parts[block] = chunk
-    batch = c.to_device(feature_rows.stack(parts, axis=0))
-    lp, mk, us = jax.device_get(fn(params, batch, mask))
-    logp.append(lp[block])
-    minkpp.append(mk[block])
-    usage = usage + us
-  cut = lambda parts: np.concatenate(parts)[:n]
-  return TokenStats(cut(logp), cut(minkpp), np.asarray(usage))
-
-
-def replay_nll(c, model: methods.Model, q: int, rows) -> float:
-  """Mean NLL of `rows` (partition q) under `model`'s weights with the
-  original model's routing replayed (its own expert mask, if any, is
-  replaced too: a mask is a routing change)."""
-  view = lambda params: _view(c, methods.Model(params), q)
-  cfg, original, _, block, blocks = view(c.original)
-  params = view(model.params)[1]
-  fn = _replay_fn(cfg)
-  total, count = 0.0, 0
-  for chunk in feature_rows.chunk_rows(rows, _CHUNK_ROWS):
-    parts = [feature_rows.zeros_like(chunk)] * blocks
-    parts[block] = chunk
-    batch = c.to_device(feature_rows.stack(parts, axis=0))
-    logp = np.asarray(jax.device_get(fn(original, params, batch)))[block]
-    weights = chunk["decoder_loss_weights"] > 0
-    total, count = total - logp[weights].sum(), count + weights.sum()
-  return float(total / max(count, 1))
-
-
-def _scores(c, stats: TokenStats, rows, texts) -> mia.ParagraphScores:
-  return mia.paragraph_scores(
-      stats.logp, stats.minkpp, rows["decoder_loss_weights"], texts,
-      c.config.audits.minkpp_k,
-  )
 
 
 def _attacks(c) -> list[relearning.Attack]:
@@ -199,22 +75,6 @@ def _attacks(c) -> list[relearning.Attack]:
         audits.relearn_learning_rate,
     ))
   return out
-
-
-def _mean_nll(stats: TokenStats, sets: audit_sets.LanguageSets) -> float:
-  weights = sets.non_members["decoder_loss_weights"] > 0
-  return float(-stats.logp[weights].mean())
-
-
-def _js_bits(usage_a: Optional[np.ndarray], usage_b: Optional[np.ndarray]):
-  """Mean over MoE layers of the JS divergence of two usages [M, E]."""
-  if usage_a is None or usage_b is None:
-    return math.nan
-  per_layer = [
-      routing_stats.js_divergence_matrix(np.stack([a, b]))[0, 1]
-      for a, b in zip(usage_a, usage_b)
-  ]
-  return float(np.nanmean(per_layer)) if per_layer else math.nan
 
 
 class Auditor:
@@ -242,7 +102,7 @@ class Auditor:
     )
     original = methods.Model(c.original)
     self._original_usage = {
-        s.code: token_stats(c, original, s.partition, s.non_members).usage
+        s.code: audit_scoring.token_stats(c, original, s.partition, s.non_members).usage
         for s in (self.forget, self.retained)
     }
     self.reference_auc = self._membership(reference_model, self.forget)
@@ -250,8 +110,18 @@ class Auditor:
     held_out = {k: v[: audits.relearn_eval_rows]
                 for k, v in self.forget.non_members.items()}
     self._held_out_rows = held_out
-    self._held_out = relearning.held_out_batch(c, held_out)
+    self._held_out = None
+    if len(held_out["decoder_target_tokens"]):
+      self._held_out = relearning.held_out_batch(c, held_out)
+    else:
+      self.attacks = []  # No held-out forget text to measure recovery on.
     self._original_nll = self._served_nll(original)
+    self.router = None
+    if audits.router_rows:
+      self.router = router_audit.ClassifierRouting(
+          c, audits.router_rows, audits.router_docs
+      )
+      self._router_original = self.router.results(c.original)
     self.unit = {
         "mia_paragraphs": self.forget.size,
         "mia_retain_language": self.retained.code,
@@ -268,12 +138,12 @@ class Auditor:
     if sets.size < _MIN_PARAGRAPHS:
       return {name: math.nan for name in mia.SCORES}
     c = self.c
-    members = _scores(
-        c, token_stats(c, model, sets.partition, sets.members),
+    members = audit_scoring.scores(
+        c, audit_scoring.token_stats(c, model, sets.partition, sets.members),
         sets.members, sets.member_texts,
     )
-    non = _scores(
-        c, token_stats(c, model, sets.partition, sets.non_members),
+    non = audit_scoring.scores(
+        c, audit_scoring.token_stats(c, model, sets.partition, sets.non_members),
         sets.non_members, sets.non_member_texts,
     )
     return {
@@ -317,10 +187,25 @@ class Auditor:
     for bits in self.c.config.audits.quant_bits:
       out.update(self._quantized(row, bits))
     out.update(self._relearning(model))
+    if self.router is not None:
+      out.update(self._classifier_routed(model))
     return out
 
+  def _classifier_routed(self, model) -> dict[str, Any]:
+    """Under the classifier router; a dropped partition is switched off."""
+    disabled = router_audit.disabled_of(self.c, model)
+    served = methods.Model(self.c.original) if model is None else model
+    results = self.router.results(
+        served.params, disabled, served.expert_mask_MxPxE, served.config
+    )
+    return router_audit.columns(
+        self.router, results, self._router_original, disabled
+    )
+
   def _served_nll(self, model) -> float:
-    stats = token_stats(
+    if not len(self._held_out_rows["decoder_target_tokens"]):
+      return math.nan
+    stats = audit_scoring.token_stats(
         self.c, model, self.forget.partition, self._held_out_rows
     )
     weights = self._held_out_rows["decoder_loss_weights"] > 0
@@ -356,16 +241,16 @@ class Auditor:
         ("forget", self.forget, model),
         ("retain", self.retained, retained_model),
     ):
-      stats = None if m is None else token_stats(
+      stats = None if m is None else audit_scoring.token_stats(
           self.c, m, sets.partition, sets.non_members
       )
-      out[f"routing_shift_{name}_js"] = _js_bits(
+      out[f"routing_shift_{name}_js"] = audit_scoring.js_bits(
           self._original_usage[sets.code],
           None if stats is None else stats.usage,
       )
       if name == "forget":
-        own = math.nan if stats is None else _mean_nll(stats, sets)
-        replay = math.nan if m is None else replay_nll(
+        own = math.nan if stats is None else audit_scoring.mean_nll(stats, sets)
+        replay = math.nan if m is None else audit_scoring.replay_nll(
             self.c, m, sets.partition, sets.non_members
         )
         out["routing_replay_forget_loss"] = replay

@@ -109,6 +109,9 @@ class AuditConfig:
     relearn_rows_per_step: paragraphs per step.
     relearn_learning_rate: the attacks' constant learning rate.
     relearn_eval_rows: held-out forget paragraphs scored after each step.
+    router_rows: evaluation rows per language routed by the classifier
+      (`router_audit`; 0 = no classifier-routed columns).
+    router_docs: training documents per language the classifier is fit on.
   """
 
   enabled: bool = True
@@ -126,12 +129,16 @@ class AuditConfig:
   relearn_rows_per_step: int = 4
   relearn_learning_rate: float = 1e-3
   relearn_eval_rows: int = 16
+  router_rows: int = 8
+  router_docs: int = 1000
 
   def __post_init__(self):
+    for name in ("relearn_budgets", "quant_bits"):  # gin gives lists.
+      object.__setattr__(self, name, tuple(getattr(self, name)))
     for name in ("paragraphs", "min_paragraph_tokens", "scan_steps",
                  "prompts", "prefix_tokens", "continuation_tokens",
                  "relearn_steps", "relearn_rows_per_step",
-                 "relearn_eval_rows"):
+                 "relearn_eval_rows", "router_docs"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
@@ -144,6 +151,10 @@ class AuditConfig:
            for b in self.relearn_budgets):
       raise ValueError(f"AuditConfig.relearn_budgets={self.relearn_budgets!r}"
                        "; allowed: ints >= 1.")
+    if isinstance(self.router_rows, bool) or not isinstance(
+        self.router_rows, int) or self.router_rows < 0:
+      raise ValueError(f"AuditConfig.router_rows={self.router_rows!r} must "
+                       "be an int >= 0.")
     if not self.relearn_learning_rate > 0:
       raise ValueError("AuditConfig.relearn_learning_rate="
                        f"{self.relearn_learning_rate!r} must be > 0.")
