@@ -1,5 +1,6 @@
 """Sweep jobs: result files, claims, claim order and the parent's watch."""
 
+import json
 import os
 
 from tiered_routing.unlearning import sweep_jobs
@@ -15,10 +16,10 @@ def _job(tmp_path, name, seed, langs=("ur",), train=10.0, forget=1.0):
   )
 
 
-def _finish(path):
+def _finish(path, version=sweep_jobs.RESULT_VERSION):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    f.write("{}")
+    f.write(json.dumps({"version": version}))
 
 
 def test_result_path_layout(tmp_path):
@@ -99,3 +100,20 @@ def test_remaining_weight_counts_training_until_the_first_result(tmp_path):
   for path in job.result_paths[1:]:
     _finish(path)
   assert job.remaining_weight() == 0.0
+
+
+def test_results_of_an_older_version_are_redone(tmp_path):
+  """Units saved before the audits existed (no 'version') are forgotten
+  again on resume; an unreadable result is redone too."""
+  job = _job(tmp_path, "family2_none", 0, langs=("ur", "de", "zh"))
+  _finish(job.result_paths[0])
+  _finish(job.result_paths[1], version=1)
+  os.makedirs(os.path.dirname(job.result_paths[2]), exist_ok=True)
+  with open(job.result_paths[2], "w") as f:
+    f.write('{"rows": [')  # Torn.
+  assert job.missing() == list(job.result_paths[1:])
+  old = json.loads(open(job.result_paths[1]).read())
+  del old["version"]
+  with open(job.result_paths[1], "w") as f:
+    f.write(json.dumps(old))
+  assert not sweep_jobs.is_current(job.result_paths[1])

@@ -267,7 +267,7 @@ class _Runner:
         l: sweep_jobs.result_path(self.output_dir, c.name, seed, l)
         for l in langs
     }
-    todo = [l for l in langs if not os.path.exists(paths[l])]
+    todo = [l for l in langs if not sweep_jobs.is_current(paths[l])]
     seed_dir = os.path.join(self.output_dir, "runs", c.name, f"seed{seed}")
     trained = None
     if not todo:
@@ -363,7 +363,7 @@ def run_sweep(
     sweep_jobs.clear_claims(todo)
     finished = lambda: [
         sweep_jobs.load_result(p)
-        for j in todo for p in j.result_paths if os.path.exists(p)
+        for j in todo for p in j.result_paths if sweep_jobs.is_current(p)
     ]
     codes = sweep_jobs.watch(todo, launch(), lambda: write(finished()))
     sweep_jobs.clear_claims(todo)

@@ -36,6 +36,22 @@ class WorkersFailed(RuntimeError):
   """A worker process exited with an error (its log says why)."""
 
 
+# Version 2: rows carry the audits beyond mean loss (`forget_audits`). A
+# unit saved by an older version is forgotten again on resume (its
+# original and reference checkpoints are reused, not retrained).
+RESULT_VERSION = 2
+
+
+def is_current(path: str) -> bool:
+  """Whether a unit's result exists and was written by this version."""
+  if not os.path.exists(path):
+    return False
+  try:
+    return load_result(path).get("version", 1) == RESULT_VERSION
+  except (OSError, ValueError):
+    return False  # Unreadable: redo it.
+
+
 def result_path(output_dir: str, name: str, seed: int, code: str) -> str:
   return os.path.join(output_dir, "runs", name, f"seed{seed}", code,
                       "result.json")
@@ -49,6 +65,7 @@ def save_result(path: str, result, seed: int, wall_s: float) -> dict:
     row["seed"] = seed
     rows.append(row)
   payload = {
+      "version": RESULT_VERSION,
       "seed": seed,
       "rows": rows,
       "languages": result.languages,
@@ -84,7 +101,7 @@ class Job:
   forget_weight: float
 
   def missing(self) -> list[str]:
-    return [p for p in self.result_paths if not os.path.exists(p)]
+    return [p for p in self.result_paths if not is_current(p)]
 
   def remaining_weight(self) -> float:
     """Estimated cost still ahead: one forget per missing result, plus the
@@ -142,7 +159,7 @@ class Process(Protocol):
 def _credit(job: Job, seen: set, progress: sweep_progress.Progress):
   """Logs a progress line for each of `job`'s results new since last time."""
   for path in job.result_paths:
-    if path in seen or not os.path.exists(path):
+    if path in seen or not is_current(path):
       continue
     first = not any(p in seen for p in job.result_paths)
     seen.add(path)
@@ -171,7 +188,7 @@ def watch(
   Returns:
     The workers' exit codes.
   """
-  seen = {p for j in jobs for p in j.result_paths if os.path.exists(p)}
+  seen = {p for j in jobs for p in j.result_paths if is_current(p)}
   todo = sum(j.remaining_weight() for j in jobs)
   total = sum(len(j.result_paths) for j in jobs)
   progress = sweep_progress.Progress(total, todo)
