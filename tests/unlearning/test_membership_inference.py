@@ -94,13 +94,15 @@ def test_unpack_segments_moves_each_segment_to_its_own_row():
   np.testing.assert_array_equal(
       out["decoder_target_tokens"], [[8, 9, 0, 0, 0, 0]]
   )
-  np.testing.assert_array_equal(out["decoder_input_tokens"], [[0, 8, 0, 0, 0, 0]])
-  np.testing.assert_array_equal(out["decoder_segment_ids"], [[1, 1, 0, 0, 0, 0]])
-  np.testing.assert_array_equal(out["decoder_positions"], [[0, 1, 0, 0, 0, 0]])
-  assert len(feature_rows.unpack_segments(packed, 3, min_tokens=4)[
-      "decoder_target_tokens"]) == 0
+  for feature, want in (("decoder_input_tokens", [0, 8]),
+                        ("decoder_segment_ids", [1, 1]),
+                        ("decoder_positions", [0, 1])):
+    np.testing.assert_array_equal(out[feature], [want + [0, 0, 0, 0]])
+  count = lambda rows, **kw: len(
+      feature_rows.unpack_segments(rows, 3, **kw)["decoder_target_tokens"])
+  assert count(packed, min_tokens=4) == 0
   twice = {k: np.concatenate([v, v]) for k, v in packed.items()}
-  assert len(feature_rows.unpack_segments(twice, 3)["decoder_target_tokens"]) == 1
+  assert count(twice) == 1  # A repeated paragraph is kept once.
 
 
 def _rows(tokens_NxL):

@@ -102,7 +102,9 @@ class Auditor:
     )
     original = methods.Model(c.original)
     self._original_usage = {
-        s.code: audit_scoring.token_stats(c, original, s.partition, s.non_members).usage
+        s.code: audit_scoring.token_stats(
+            c, original, s.partition, s.non_members
+        ).usage
         for s in (self.forget, self.retained)
     }
     self.reference_auc = self._membership(reference_model, self.forget)
@@ -134,7 +136,7 @@ class Auditor:
         "verbmem_rougel_reference": self._verbatim(reference_model)["rougel"],
     }
 
-  def _membership(self, model, sets: audit_sets.LanguageSets) -> dict[str, float]:
+  def _membership(self, model, sets: audit_sets.LanguageSets) -> dict:
     if sets.size < _MIN_PARAGRAPHS:
       return {name: math.nan for name in mia.SCORES}
     c = self.c
@@ -142,9 +144,11 @@ class Auditor:
         c, audit_scoring.token_stats(c, model, sets.partition, sets.members),
         sets.members, sets.member_texts,
     )
+    stats = audit_scoring.token_stats(
+        c, model, sets.partition, sets.non_members
+    )
     non = audit_scoring.scores(
-        c, audit_scoring.token_stats(c, model, sets.partition, sets.non_members),
-        sets.non_members, sets.non_member_texts,
+        c, stats, sets.non_members, sets.non_member_texts
     )
     return {
         name: mia.auc(members.get(name), non.get(name)) for name in mia.SCORES

@@ -104,8 +104,11 @@ class ClassifierRouting:
     """Per-language results of a model under the classifier router."""
     config = config or self.c.spec.model_config
     evaluator = self._evaluator(tuple(disabled), config)
+    # Routing is captured (and ignored) so that the program is the one the
+    # sweep's own scoring compiled (`configuration._evaluate`).
     return evaluator.evaluate(
-        params, expert_mask_MxPxE=expert_mask_MxPxE, config=config
+        params, expert_mask_MxPxE=expert_mask_MxPxE, config=config,
+        capture_routing=True,
     ).language_results()
 
 
