@@ -394,3 +394,34 @@ def test_list_tasks_prints_the_registered_names():
       [sys.executable, str(REPO / "scripts/list_tasks.py"), "--pattern=("],
       capture_output=True, text=True)
   assert bad.returncode == 1 and "is not a regex" in bad.stderr
+
+
+def test_mc4_json_mixtures_are_rated_by_shard_size(tmp_path, monkeypatch):
+  """A FileDataSource has no example count: seqio's rate raised TypeError
+  ('NoneType' *= float) for every mc4_json mixture. The rate is now the
+  training shards' bytes^(1/T); sources with counts keep seqio's rate."""
+  for code, docs in (("en", 40), ("de", 10)):
+    for split in ("", "-validation"):
+      path = tmp_path / f"c4-{code}{split}.tfrecord-00000-of-00001.json.gz"
+      with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i in range(docs):
+          f.write(json.dumps({"text": f"{code} document {i} " * 5}) + "\n")
+  monkeypatch.setenv(mc4.JSON_DIR_ENV_VAR, str(tmp_path))
+  name = seqio_names.register_mixture(
+      "tr.mc4_json.test_en_de_v1",
+      [seqio_names.task_name("mc4_json", c) for c in ("en", "de")],
+  )
+  mixture = seqio.get_mixture_or_task(name)
+  rates = {t.name: mixture.get_rate(t) for t in mixture.tasks}
+  size = lambda c: os.path.getsize(
+      tmp_path / f"c4-{c}.tfrecord-00000-of-00001.json.gz")
+  t = seqio_names.DEFAULT_TEMPERATURE
+  assert rates["tr.mc4_json.en_v1"] == pytest.approx(size("en") ** (1 / t))
+  assert rates["tr.mc4_json.de_v1"] == pytest.approx(size("de") ** (1 / t))
+  ds = pipeline.get_dataset(name, sequence_length=16, batch_size=2)
+  assert next(pipeline.batch_iterator(ds))["decoder_target_tokens"].shape == (
+      2, 16)
+  sample = seqio.get_mixture_or_task("tr.sample.all_v1")
+  task = sample.tasks[0]
+  assert sample.get_rate(task) == pytest.approx(
+      seqio.mixing_rate_num_examples(task, temperature=t))

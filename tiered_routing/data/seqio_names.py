@@ -15,12 +15,16 @@ default mixtures) build them the same way. Mixing rates use temperature
 sampling over example counts, r_l proportional to n_l^(1/T)
 (`seqio.mixing_rate_num_examples`); T = 1/0.3 by default, the alpha = 0.3 of
 mT5 (Xue et al. 2021), which up-samples low-resource languages such as si.
+A source without example counts (`mc4_json`: gzip shards, counted only by
+reading them) is sampled by the size of its training shards in bytes
+instead (`mixing_rate`), the same temperature applied.
 """
 
 from collections.abc import Sequence
 import functools
 
 import seqio
+import tensorflow as tf
 
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
@@ -51,6 +55,26 @@ def partition_name(source: str, scheme_name: str, partition: int) -> str:
   return f"tr.{source}.{scheme_name}.p{partition}_v1"
 
 
+def _train_bytes(task: seqio.Task) -> int:
+  """Total size of a file source's training shards."""
+  source = task.source
+  if not isinstance(source, seqio.FileDataSource):
+    raise ValueError(
+        f"Task {task.name!r} has no example count and no files to size; "
+        "a mixture of it needs explicit rates."
+    )
+  paths = source.list_shards("train")
+  return sum(tf.io.gfile.stat(p).length for p in paths)
+
+
+def mixing_rate(task: seqio.Task, temperature: float) -> float:
+  """n^(1/T) of the task's training examples (`seqio`'s rate), or, when
+  its source cannot count them, of its training shards' bytes."""
+  if task.num_input_examples("train") is not None:
+    return seqio.mixing_rate_num_examples(task, temperature=temperature)
+  return float(_train_bytes(task)) ** (1.0 / temperature)
+
+
 def register_mixture(
     name: str, tasks: Sequence[str], temperature: float = DEFAULT_TEMPERATURE
 ) -> str:
@@ -66,9 +90,7 @@ def register_mixture(
           "registered; import the `tasks` package first (gin files do it "
           "with gin/runs/tasks.gin)."
       )
-    rate = functools.partial(
-        seqio.mixing_rate_num_examples, temperature=temperature
-    )
+    rate = functools.partial(mixing_rate, temperature=temperature)
     seqio.MixtureRegistry.add(name, [(t, rate) for t in tasks])
   return name
 
