@@ -300,12 +300,17 @@ def _alive(pid):
     return f.read().split(")")[-1].split()[0] != "Z"
 
 
+# Workers, kills and resumes are what this test is about; the audits run in
+# the end-to-end test above, so here they are off (half the test's time).
+NO_AUDITS = "--gin.tradeoff_script.AuditConfig.enabled=False"
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG")
 def test_two_workers_die_with_a_killed_sweep_and_resume_identically(
     tmp_path,
 ):
   killed = tmp_path / "killed"
-  parent = _start(killed, "--workers=2")
+  parent = _start(killed, "--workers=2", NO_AUDITS)
   assert _wait(lambda: len(_claimed_pids(killed)) == 2, 240), (
       parent.stderr.read() if parent.poll() is not None else "no claims"
   )
@@ -314,19 +319,19 @@ def test_two_workers_die_with_a_killed_sweep_and_resume_identically(
   parent.wait()
   assert _wait(lambda: not any(_alive(p) for p in workers), 60), workers
 
-  resumed = _run(killed, "--workers=2")
+  resumed = _run(killed, "--workers=2", NO_AUDITS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "2 workers started" in resumed.stderr
   assert (killed / "logs" / "worker1.log").exists()
   assert not list(killed.glob("runs/*/*/CLAIM"))
 
-  clean = _run(tmp_path / "clean", "--workers=2")
+  clean = _run(tmp_path / "clean", "--workers=2", NO_AUDITS)
   assert clean.returncode == 0, clean.stderr[-3000:]
   expected = (tmp_path / "clean" / "results.csv").read_text()
   assert (killed / "results.csv").read_text() == expected
 
   # One thread per process sums in another order than two threads: the
   # recorded XLA flags refuse a resume with --workers=1.
-  serial = _run(killed)
+  serial = _run(killed, NO_AUDITS)
   assert serial.returncode != 0
   assert "different xla_flags" in serial.stderr

@@ -151,13 +151,22 @@ def _memorizer():
   return config, trained, params, members, non_members
 
 
-def _auc(config, params, members, non_members, name):
+@functools.lru_cache(maxsize=None)
+def _statistics(config):
   model = transformer.TieredDecoder(config)
+
+  def statistics(params, rows):
+    logits = forward.forward(model, params, rows).logits_PxBxLxV
+    return mia.token_statistics(logits, rows["decoder_target_tokens"])
+
+  return jax.jit(statistics)
+
+
+def _auc(config, params, members, non_members, name):
   scores = []
   for tokens in (members, non_members):
     rows = {k: v[None] for k, v in _rows(tokens).items()}
-    logits = forward.forward(model, params, rows).logits_PxBxLxV
-    logp, mk = mia.token_statistics(logits, rows["decoder_target_tokens"])
+    logp, mk = _statistics(config)(params, rows)
     texts = [bytes(t.astype(np.uint8)) for t in tokens]
     scores.append(mia.paragraph_scores(
         logp[0], mk[0], rows["decoder_loss_weights"][0], texts))

@@ -59,7 +59,9 @@ def test_round_trip_tree_keeps_vectors_and_runs(tiny_model):
       assert np.asarray(b).shape == np.asarray(a).shape, path
   assert any(changed)
   batch = {"decoder_input_tokens": m.tokens}
-  logits = lambda p: forward.forward(m.model, p, batch).logits_PxBxLxV
+  logits = jax.jit(
+      lambda p: forward.forward(m.model, p, batch).logits_PxBxLxV
+  )  # One program for the three parameter sets.
   ref = logits(m.params)
   err8 = float(jnp.max(jnp.abs(logits(out8) - ref)))
   err4 = float(jnp.max(jnp.abs(logits(wq.round_trip(m.params, 4)) - ref)))
