@@ -21,20 +21,22 @@ the never-saw-it reference are put through:
                      between the original's and the model's expert usage on
                      the held-out paragraphs of the forget and the retained
                      language, and
-  router_classifier_* utility and routing under the classifier router,
-                     with a dropped partition switched off: where does
-                     the forget language's text go (`router_audit`)?
   routing_replay_*   the forget loss on those paragraphs with the original's
                      routing replayed through the model's weights
                      (`routing_capture.replay_mask`): did a method forget, or
                      route around the experts that hold the language (GRIP,
                      arXiv 2601.16905)? Rerouting shows as a large JS and a
                      replayed loss well below the model's own.
+  relearn_*          relearning attacks from a few paragraphs of the forget
+                     language or of a related one (`relearning`).
+  router_classifier_* utility and routing under the classifier router,
+                     with a dropped partition switched off: where does
+                     the forget language's text go (`router_audit`)?
 
 Exact methods are the zero point: the retrained partition is the reference
 (PrivLeak 0 by construction), and a dropped partition has no model, so its
-language is scored as the uniform distribution (AUC 1/2, nothing recited,
-nothing to quantize back).
+language is scored as the uniform distribution (loss and Min-K%++ AUC 1/2,
+nothing recited, nothing to quantize back, nothing to relearn from).
 """
 
 import math
