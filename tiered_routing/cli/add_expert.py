@@ -27,7 +27,6 @@ The table goes to stdout and OUTPUT (default MODEL_DIR/expert_gates.md).
 """
 
 import dataclasses
-import functools
 import os
 from typing import Optional
 
@@ -46,7 +45,6 @@ from tiered_routing.data import seqio_names
 from tiered_routing.eval import language_eval
 from tiered_routing.model import decoder_config
 from tiered_routing.model import expert_params
-from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import transformer
 from tiered_routing.related import esft
 from tiered_routing.related import expert_gates
@@ -193,19 +191,6 @@ def _reached_in_segment(on_RxL, segment_RxL) -> np.ndarray:
   return count_Rx1pL[:, 1:] > before_RxL
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_fn(config: decoder_config.DecoderConfig):
-  """Jitted (logits, TokenRouting) of a config (compiled once)."""
-  model = transformer.TieredDecoder(config)
-
-  @jax.jit
-  def run(params, batch):
-    out = forward_lib.forward(model, params, batch, capture_routing=True)
-    return out.logits_PxBxLxV, out.routing
-
-  return run
-
-
 def _compare_tokens(evaluator, before, after, exclude, on_fn=None):
   """Token-level twin of `method_tables.compare_rows` (routing is per token).
 
@@ -215,7 +200,8 @@ def _compare_tokens(evaluator, before, after, exclude, on_fn=None):
     expert at or before them in their sequence: 0.0 = bit-identical).
   """
   (base_config, base), (config, params) = before, after
-  base_fn, fn = _forward_fn(base_config), _forward_fn(config)
+  base_fn = method_tables.forward_fn(base_config)
+  fn = method_tables.forward_fn(config)
   excluded = languages.language_id(exclude)
   on = changed = total = 0
   max_diff = 0.0

@@ -23,6 +23,16 @@ def stack(parts: Sequence[Mapping[str, np.ndarray]], axis: int) -> Rows:
   return {k: np.stack([p[k] for p in parts], axis=axis) for k in parts[0]}
 
 
+def place_block(
+    rows: Mapping[str, np.ndarray], block: int, num_blocks: int, axis: int = 0
+) -> Rows:
+  """`rows` as block `block` of `num_blocks` stacked on `axis`, the other
+  blocks all-zero rows (e.g. one partition's rows in a [P, B, L] batch)."""
+  parts = [zeros_like(rows)] * num_blocks
+  parts[block] = rows
+  return stack(parts, axis=axis)
+
+
 def scored_tokens(rows: Mapping[str, np.ndarray]) -> int:
   """Tokens with a non-zero loss weight (what a step actually trains on)."""
   return int(np.sum(rows[_WEIGHTS] > 0))

@@ -23,7 +23,7 @@ from tiered_routing.train import atomic_file
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_fn(config: decoder_config.DecoderConfig):
+def forward_fn(config: decoder_config.DecoderConfig):
   """Jitted (logits, TokenRouting) of a config (cached: compiled once)."""
   model = transformer.TieredDecoder(config)
 
@@ -59,7 +59,7 @@ def compare_rows(
     language each.
   """
   (base_config, base), (config, params) = before, after
-  base_fn, fn = _forward_fn(base_config), _forward_fn(config)
+  base_fn, fn = forward_fn(base_config), forward_fn(config)
   on_count = changed = total = 0
   max_diff = 0.0
   excluded = languages.language_id(exclude)

@@ -24,7 +24,6 @@ from tiered_routing.model import forward as forward_lib
 from tiered_routing.model import routing_capture
 from tiered_routing.model import transformer
 from tiered_routing.tier1 import one_partition
-from tiered_routing.unlearning import audit_sets
 from tiered_routing.unlearning import membership_inference as mia
 from tiered_routing.unlearning import methods
 
@@ -110,9 +109,7 @@ def token_stats(c, model: Optional[methods.Model], q: int, rows) -> TokenStats:
   fn = _stats_fn(cfg)
   logp, minkpp, usage = [], [], 0.0
   for chunk in feature_rows.chunk_rows(rows, _CHUNK_ROWS):
-    parts = [feature_rows.zeros_like(chunk)] * blocks
-    parts[block] = chunk
-    batch = c.to_device(feature_rows.stack(parts, axis=0))
+    batch = c.to_device(feature_rows.place_block(chunk, block, blocks))
     lp, mk, us = jax.device_get(fn(params, batch, mask))
     logp.append(lp[block])
     minkpp.append(mk[block])
@@ -131,9 +128,7 @@ def replay_nll(c, model: methods.Model, q: int, rows) -> float:
   fn = _replay_fn(cfg)
   total, count = 0.0, 0
   for chunk in feature_rows.chunk_rows(rows, _CHUNK_ROWS):
-    parts = [feature_rows.zeros_like(chunk)] * blocks
-    parts[block] = chunk
-    batch = c.to_device(feature_rows.stack(parts, axis=0))
+    batch = c.to_device(feature_rows.place_block(chunk, block, blocks))
     logp = np.asarray(jax.device_get(fn(original, params, batch)))[block]
     weights = chunk["decoder_loss_weights"] > 0
     total, count = total - logp[weights].sum(), count + weights.sum()
@@ -147,8 +142,9 @@ def scores(c, stats: TokenStats, rows, texts) -> mia.ParagraphScores:
   )
 
 
-def mean_nll(stats: TokenStats, sets: audit_sets.LanguageSets) -> float:
-  weights = sets.non_members["decoder_loss_weights"] > 0
+def mean_nll(stats: TokenStats, rows) -> float:
+  """Mean NLL of the scored tokens of `rows` (NaN if there are none)."""
+  weights = rows["decoder_loss_weights"] > 0
   return float(-stats.logp[weights].mean()) if weights.any() else math.nan
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from tiered_routing.data import eval_data
 from tiered_routing.data import feature_rows
 from tiered_routing.data import stream_cache
+from tiered_routing.eval import scoring
 from tiered_routing.tier1 import languages
 
 
@@ -40,12 +41,7 @@ class LanguageSets:
 
 def _texts(rows, code: str, c) -> tuple[bytes, ...]:
   vocabulary = eval_data.vocabulary_of(c.data.task_name(code))
-  weights = rows["decoder_loss_weights"] > 0
-  return tuple(
-      vocabulary.decode(rows["decoder_target_tokens"][i][weights[i]].tolist())
-      .encode("utf-8")
-      for i in range(len(weights))
-  )
+  return tuple(t.encode("utf-8") for t in scoring.row_texts(rows, vocabulary))
 
 
 def training_paragraphs(c, code: str) -> feature_rows.Rows:

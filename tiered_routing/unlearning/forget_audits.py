@@ -209,13 +209,10 @@ class Auditor:
     )
 
   def _served_nll(self, model) -> float:
-    if not len(self._held_out_rows["decoder_target_tokens"]):
-      return math.nan
     stats = audit_scoring.token_stats(
         self.c, model, self.forget.partition, self._held_out_rows
     )
-    weights = self._held_out_rows["decoder_loss_weights"] > 0
-    return float(-stats.logp[weights].mean())
+    return audit_scoring.mean_nll(stats, self._held_out_rows)
 
   def _relearning(self, model) -> dict[str, float]:
     """Every relearning attack on the model (`relearning`)."""
@@ -255,7 +252,8 @@ class Auditor:
           None if stats is None else stats.usage,
       )
       if name == "forget":
-        own = math.nan if stats is None else audit_scoring.mean_nll(stats, sets)
+        own = math.nan if stats is None else audit_scoring.mean_nll(
+            stats, sets.non_members)
         replay = math.nan if m is None else audit_scoring.replay_nll(
             self.c, m, sets.partition, sets.non_members
         )

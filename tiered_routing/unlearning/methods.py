@@ -191,6 +191,17 @@ def editable_model(c: Trained, params: Any) -> tuple[Any, Any]:
   return cfg, params
 
 
+def forget_partition_rows(c: Trained, rows: Rows, axis: int = 0) -> Rows:
+  """Rows ([.., B, L], the batch axis at `axis`) laid out for
+  `editable_model`: a partition axis of 1 under strict partitions, else
+  the forget partition's block of P, the others all-zero rows."""
+  if c.strict:
+    return {k: np.expand_dims(v, axis) for k, v in rows.items()}
+  return feature_rows.place_block(
+      rows, c.forget_partition, c.spec.model_config.num_partitions, axis
+  )
+
+
 def held_out_stop(
     c: Trained, reference: Reference
 ) -> held_out_stop_lib.HeldOutStop:
@@ -203,14 +214,7 @@ def held_out_stop(
       {code: c.data.task_name(code)}, split=c.config.stop_split
   )[code]
   rows = {k: v[: c.config.stop_rows] for k, v in rows.items()}
-  if c.strict:
-    batch = {k: v[None] for k, v in rows.items()}
-  else:
-    num_partitions = c.spec.model_config.num_partitions
-    blocks = [feature_rows.zeros_like(rows)] * num_partitions
-    blocks[c.forget_partition] = rows
-    batch = feature_rows.stack(blocks, axis=0)
-  batch = c.to_device(batch)
+  batch = c.to_device(forget_partition_rows(c, rows))
   uniform = math.log(c.spec.model_config.vocab_size)
   if reference.params is None:
     return held_out_stop_lib.HeldOutStop(batch, uniform)

@@ -48,19 +48,9 @@ def _coefficients() -> combined_objective.Coefficients:
   )
 
 
-def _place(c, rows: feature_rows.Rows) -> feature_rows.Rows:
-  """[I, B, L] rows into the forget partition's block: [I, P', B, L]."""
-  if c.strict:
-    return {k: v[:, None] for k, v in rows.items()}
-  blocks = [feature_rows.zeros_like(rows)] * c.spec.model_config.num_partitions
-  blocks[c.forget_partition] = rows
-  return feature_rows.stack(blocks, axis=1)
-
-
 def held_out_batch(c, rows: feature_rows.Rows):
   """The forget language's held-out rows as a device batch [P', N, L]."""
-  return c.to_device({k: v[0] for k, v in _place(c, {
-      k: v[None] for k, v in rows.items()}).items()})
+  return c.to_device(methods.forget_partition_rows(c, rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +84,7 @@ def curve(c, params, attack: Attack, held_out) -> tuple[np.ndarray, int]:
       {k: v[None] for k, v in attack.rows.items()},
       attack.rows_per_step, attack.steps,
   )
-  retain = _place(c, rows)
+  retain = methods.forget_partition_rows(c, rows, axis=1)  # [I, P', B, L]
   config = dataclasses.replace(
       c.config.finetune, steps=attack.steps,
       learning_rate=attack.learning_rate, stop_at_reference=False,

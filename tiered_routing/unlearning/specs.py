@@ -83,6 +83,16 @@ class DataSpec:
   mixture_name: Callable[[str, int, tuple[str, ...]], str]
 
 
+def _is_int(value, low: int) -> bool:
+  return not isinstance(value, bool) and isinstance(value, int) and (
+      value >= low)
+
+
+def _check_int(name: str, value, low: int) -> None:
+  if not _is_int(value, low):
+    raise ValueError(f"{name}={value!r} must be an int >= {low}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class AuditConfig:
   """The attacks and audits every method's model is put through
@@ -139,22 +149,14 @@ class AuditConfig:
                  "prompts", "prefix_tokens", "continuation_tokens",
                  "relearn_steps", "relearn_rows_per_step",
                  "relearn_eval_rows", "router_docs"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"AuditConfig.{name}={value!r} must be an int >= 1."
-        )
+      _check_int(f"AuditConfig.{name}", getattr(self, name), 1)
+    _check_int("AuditConfig.router_rows", self.router_rows, 0)
     if not 0 < self.minkpp_k <= 1:
       raise ValueError(f"AuditConfig.minkpp_k={self.minkpp_k!r}; allowed: "
                        "0 < k <= 1.")
-    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-           for b in self.relearn_budgets):
+    if not all(_is_int(b, 1) for b in self.relearn_budgets):
       raise ValueError(f"AuditConfig.relearn_budgets={self.relearn_budgets!r}"
                        "; allowed: ints >= 1.")
-    if isinstance(self.router_rows, bool) or not isinstance(
-        self.router_rows, int) or self.router_rows < 0:
-      raise ValueError(f"AuditConfig.router_rows={self.router_rows!r} must "
-                       "be an int >= 0.")
     if not self.relearn_learning_rate > 0:
       raise ValueError("AuditConfig.relearn_learning_rate="
                        f"{self.relearn_learning_rate!r} must be > 0.")
@@ -217,8 +219,4 @@ class UnlearningConfig:
           f" must be in [1, finetune.steps={self.finetune.steps}]."
       )
     for name in ("eval_rows", "top_m", "stop_rows"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"UnlearningConfig.{name}={value!r} must be an int " ">= 1."
-        )
+      _check_int(f"UnlearningConfig.{name}", getattr(self, name), 1)
