@@ -14,8 +14,13 @@ into --output_dir (`unlearning.sweep_report`):
   comparisons.csv / .md paired differences over seeds (resolved or not)
   per_language.csv      every model's loss per language, with baselines
   pareto.png            utility loss vs forget quality, with intervals
+  relearning.csv / .png relearning attacks' curves (and the other audit
+                        columns in results*.csv: docs/unlearning_audits.md)
+  sequential.csv / .png removal requests in sequence: utility and cost
+                        after each (presets with sequential_configurations)
   baselines.json        unigram / bigram loss per language
   runs/<config>/seed<s>/  checkpoints and one result.json per language
+                        (and sequential/result.json)
 
 Presets (gin/experiments/tradeoff_<preset>.gin):
   smoke   one tiny configuration, two seeds, a handful of steps (tests).
@@ -139,6 +144,8 @@ def make_sweep(**kwargs) -> sweep_lib.Sweep:
       "seeds",
       "forget_languages",
       "shared_forget_languages",
+      "sequential_configurations",
+      "sequential_languages",
   ):
     if kwargs.get(name) is not None:
       kwargs[name] = tuple(kwargs[name])

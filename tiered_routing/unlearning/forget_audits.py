@@ -39,8 +39,13 @@ language is scored as the uniform distribution (loss and Min-K%++ AUC 1/2,
 nothing recited, nothing to quantize back, nothing to relearn from).
 """
 
+import collections
+import contextlib
 import math
+import time
 from typing import Any, Optional
+
+from absl import logging
 
 from tiered_routing.eval import decoding
 from tiered_routing.unlearning import audit_scoring
@@ -94,6 +99,21 @@ class Auditor:
 
   def __init__(self, c, reference, reference_model: Optional[methods.Model]):
     self.c, self.reference = c, reference
+    self.seconds = collections.Counter()  # Audit family -> wall seconds.
+    with self._timed("setup"):
+      self._setup(reference_model)
+
+  @contextlib.contextmanager
+  def _timed(self, family: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[family] += time.perf_counter() - start
+
+  def _setup(self, reference_model: Optional[methods.Model]) -> None:
+    """Paragraph sets, attacks, and the original's and reference's scores."""
+    c = self.c
     audits = c.config.audits
     code = c.config.forget_language
     self.forget = audit_sets.language_sets(c, code)
@@ -175,6 +195,38 @@ class Auditor:
     """Every audit column of one method's row (`row.model` None: the
     forget partition was dropped)."""
     model, out = row.model, dict(self.unit)
+    before = sum(self.seconds.values())
+    with self._timed("membership"):
+      out.update(self._privacy(model))
+    with self._timed("verbatim"):
+      out.update(
+          {f"verbmem_{k}": v for k, v in self._verbatim(model).items()}
+      )
+    with self._timed("routing_shift"):
+      out.update(self._routing_shift(model, self._retained_model(model)))
+    with self._timed("quantization"):
+      for bits in self.c.config.audits.quant_bits:
+        out.update(self._quantized(row, bits))
+    with self._timed("relearning"):
+      out.update(self._relearning(model))
+    if self.router is not None:
+      with self._timed("classifier_routing"):
+        out.update(self._classifier_routed(model))
+    out["audit_seconds"] = sum(self.seconds.values()) - before
+    logging.info(
+        "%s %s audits so far (s): %s", self.c.run, row.method,
+        ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.most_common()),
+    )
+    return out
+
+  def _retained_model(self, model) -> methods.Model:
+    """The model the retained language is served by: the original where
+    the forget partition was dropped (the other partitions are intact)."""
+    return methods.Model(self.c.original) if model is None else model
+
+  def _privacy(self, model) -> dict[str, float]:
+    """Membership-inference AUCs, PrivLeak, and the retained check."""
+    out = {}
     auc = self._membership(model, self.forget)
     for name in mia.SCORES:
       out[f"mia_auc_{name}"] = auc[name]
@@ -182,19 +234,9 @@ class Auditor:
       out[f"privleak_{name}"] = (
           mia.privleak(auc[name], ref) if ref > 0 else math.nan
       )
-    retained_model = methods.Model(self.c.original) if model is None else model
     out["mia_retain_auc_minkpp"] = self._membership(
-        retained_model, self.retained
+        self._retained_model(model), self.retained
     )["minkpp"]
-    out.update(
-        {f"verbmem_{k}": v for k, v in self._verbatim(model).items()}
-    )
-    out.update(self._routing_shift(model, retained_model))
-    for bits in self.c.config.audits.quant_bits:
-      out.update(self._quantized(row, bits))
-    out.update(self._relearning(model))
-    if self.router is not None:
-      out.update(self._classifier_routed(model))
     return out
 
   def _classifier_routed(self, model) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def _check_finite(run: str, method: str, langs) -> None:
     )
 
 
-def _approximate_rows(c, reference, active) -> list[methods.Row]:
+def approximate_rows(c, reference, active) -> list[methods.Row]:
   """The rows of the mask and gradient methods, in `config.methods` order.
 
   Gradient methods stop at the reference's held-out forget NLL when
@@ -183,7 +183,7 @@ def forget(
   ref = methods.reference_and_exact(c, work_dir, active)
   reference = ref.languages
   rows = [ref.exact_row] if "exact" in config.methods else []
-  rows += _approximate_rows(c, ref, active)
+  rows += approximate_rows(c, ref, active)
   code = config.forget_language
   extra = {
       "scheme": scheme.name,

@@ -24,31 +24,21 @@ parallel (`run_worker`, `sweep_jobs`).
 import dataclasses
 import functools
 import os
-import time
 from typing import Any, Callable, Optional
-
-from absl import logging
 
 from tiered_routing import sharding
 from tiered_routing.data import seqio_names
-from tiered_routing.data import stream_cache
 from tiered_routing.model import decoder_config
-from tiered_routing.model import param_count
 from tiered_routing.model import size_family
 from tiered_routing.tier1 import languages
 from tiered_routing.tier1 import schemes
 from tiered_routing.train import optimizers
 from tiered_routing.train import steps
-from tiered_routing.unlearning import configuration
-from tiered_routing.unlearning import runner
 from tiered_routing.unlearning import specs
 from tiered_routing.unlearning import sweep_baselines
-from tiered_routing.unlearning import sweep_progress
-from tiered_routing.unlearning import sweep_report
 from tiered_routing.unlearning import sweep_jobs
-
-# Seeds of different training runs draw from well separated data streams.
-_DATA_SEED_STRIDE = 1000
+from tiered_routing.unlearning import sweep_report
+from tiered_routing.unlearning import sweep_units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +76,10 @@ class Sweep:
     data_seed: offset of every seed's data streams.
     materialize_data: keep training streams in memory (small corpora).
     max_validation_examples: per language (None = the whole split).
+    sequential_configurations: configurations (strict partitions) whose
+      every seed also removes `sequential_languages` one after another
+      (`sequential_removals`).
+    sequential_languages: the removal requests, in order.
   """
 
   model_config: decoder_config.DecoderConfig
@@ -109,6 +103,8 @@ class Sweep:
   data_seed: int = 0
   materialize_data: bool = True
   max_validation_examples: Optional[int] = None
+  sequential_configurations: tuple[str, ...] = ()
+  sequential_languages: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.equal_total_params and self.model_overrides:
@@ -120,8 +116,17 @@ class Sweep:
       raise ValueError(
           f"Sweep.seeds={self.seeds!r}; allowed: distinct ints, at least one."
       )
-    for code in self.languages + (self.shared_forget_languages or ()):
+    for code in (self.languages + (self.shared_forget_languages or ())
+                 + self.sequential_languages):
       languages.get(code)
+    if self.sequential_configurations and (
+        len(set(self.sequential_languages)) < max(
+            2, len(self.sequential_languages))):
+      raise ValueError(
+          f"Sweep.sequential_languages={self.sequential_languages!r}; "
+          "allowed: at least two distinct codes when "
+          "sequential_configurations is set."
+      )
 
   @property
   def languages(self) -> tuple[str, ...]:
@@ -191,130 +196,21 @@ def configurations(sweep: Sweep) -> list[Configuration]:
           f"sweep does not produce; it produces {names}."
       )
     out = [c for c in out if c.name in sweep.only]
+  _check_sequential(sweep, out)
   return out
 
 
-def data_spec(source: str, scheme: schemes.PartitionScheme) -> specs.DataSpec:
-  """The SeqIO names of one configuration's data (tasks must be
-  registered: gin/runs/tasks.gin imports the `tasks` package)."""
-  return specs.DataSpec(
-      partition_names=tuple(
-          seqio_names.partition_mixture_names(source, scheme)
-      ),
-      task_name=functools.partial(seqio_names.task_name, source),
-      mixture_name=functools.partial(seqio_names.language_mixture, source),
-  )
-
-
-def _spec(sweep: Sweep, c: Configuration, seed: int) -> specs.TrainSpec:
-  return specs.TrainSpec(
-      c.model_config,
-      sweep.optimizer_config,
-      dataclasses.replace(sweep.train_config, seed=seed),
-      sweep.batch_size,
-      sweep.sequence_length,
-  )
-
-
-def _weights(sweep: Sweep, c: Configuration) -> tuple[float, float]:
-  """Estimated cost of (training the original, forgetting one language):
-  active parameters x steps; a forget unit retrains the whole model
-  (shared parameters), one partition, or nothing (a dropped partition),
-  plus the unlearning methods and evaluations (a tenth of a training)."""
-  cfg = c.model_config
-  train = float(param_count.count_params(cfg).active) * (
-      sweep.train_config.train_steps
-  )
-  shared = cfg.num_partitions == 1 or cfg.sharing != "none"
-  one_each = all(len(p) == 1 for p in c.scheme.partitions)
-  retrain = 1.0 if shared else (0.0 if one_each else 1 / cfg.num_partitions)
-  return train, train * (retrain + 0.1)
-
-
-class _Runner:
-  """Runs (or restores) every unit of a sweep, in order."""
-
-  def __init__(self, sweep: Sweep, output_dir: str, configs):
-    self.sweep, self.output_dir = sweep, output_dir
-    self.mesh = sharding.make_mesh(sweep.mesh_config)
-    self.caches = {}
-    todo, total = 0.0, 0
-    for job in jobs(sweep, output_dir, configs):
-      total += 1 + len(job.result_paths)
-      todo += job.remaining_weight()
-    self.progress = sweep_progress.Progress(total, todo)
-
-  def cache(self, seed: int) -> stream_cache.DataCache:
-    if seed not in self.caches:
-      self.caches[seed] = stream_cache.DataCache(
-          self.sweep.sequence_length,
-          self.sweep.data_seed + _DATA_SEED_STRIDE * seed,
-          materialize=self.sweep.materialize_data,
-          max_validation_examples=self.sweep.max_validation_examples,
-      )
-    return self.caches[seed]
-
-  def unlearning(self, code: str, seed: int) -> specs.UnlearningConfig:
-    return dataclasses.replace(
-        self.sweep.unlearning, forget_language=code, seed=seed
+def _check_sequential(sweep: Sweep, configs: list[Configuration]) -> None:
+  """Sequential removals need configurations of the sweep with strict
+  partitions (the exact model after k removals is then partition
+  retrains, `sequential_removals`)."""
+  strict = [c.name for c in configs if c.model_config.sharing == "none"]
+  bad = [n for n in sweep.sequential_configurations if n not in strict]
+  if bad:
+    raise ValueError(
+        f"tradeoff.sweep.sequential_configurations names {bad}; allowed: "
+        f"configurations of this sweep with sharing 'none': {strict}."
     )
-
-  def run(self, c: Configuration, seed: int) -> list[dict]:
-    """Every forget language of (configuration, seed); their payloads."""
-    langs = self.sweep.languages_of(c.model_config)
-    train, forget = _weights(self.sweep, c)
-    paths = {
-        l: sweep_jobs.result_path(self.output_dir, c.name, seed, l)
-        for l in langs
-    }
-    todo = [l for l in langs if not sweep_jobs.is_current(paths[l])]
-    seed_dir = os.path.join(self.output_dir, "runs", c.name, f"seed{seed}")
-    trained = None
-    if not todo:
-      self.progress.skip()
-      logging.info("%s seed %d: done earlier, kept.", c.name, seed)
-    for code in langs:
-      path = paths[code]
-      if code not in todo:
-        self.progress.skip()
-        continue
-      if trained is None:
-        trained = configuration.prepare(
-            run=c.name, scheme=c.scheme, spec=_spec(self.sweep, c, seed),
-            data=data_spec(self.sweep.source, c.scheme),
-            config=self.unlearning(code, seed), cache=self.cache(seed),
-            work_dir=seed_dir, mesh=self.mesh,
-        )
-        self.progress.done(train, f"{c.name} seed {seed} trained")
-      start = time.time()
-      result = runner.forget(
-          configuration.for_language(trained, self.unlearning(code, seed)),
-          os.path.dirname(path),
-      )
-      sweep_jobs.save_result(path, result, seed, time.time() - start)
-      self.progress.done(forget, f"{c.name} seed {seed} forgot {code}")
-    return [sweep_jobs.load_result(paths[l]) for l in langs]
-
-
-def jobs(
-    sweep: Sweep, output_dir: str, configs: list[Configuration]
-) -> list[sweep_jobs.Job]:
-  """One job per (configuration, seed), in the serial order."""
-  out = []
-  for c in configs:
-    train, forget = _weights(sweep, c)
-    for seed in sweep.seeds:
-      langs = sweep.languages_of(c.model_config)
-      out.append(sweep_jobs.Job(
-          c.name, seed,
-          os.path.join(output_dir, "runs", c.name, f"seed{seed}"),
-          tuple(
-              sweep_jobs.result_path(output_dir, c.name, seed, l)
-              for l in langs
-          ),
-          train, forget,
-      ))
-  return out
 
 
 def _title(sweep: Sweep) -> str:
@@ -324,7 +220,7 @@ def _title(sweep: Sweep) -> str:
   )
 
 
-def _baselines(sweep: Sweep, output_dir: str, units: _Runner):
+def _baselines(sweep: Sweep, output_dir: str, units: sweep_units.Units):
   return sweep_baselines.baselines(
       os.path.join(output_dir, "baselines.json"),
       units.cache(sweep.seeds[0]),
@@ -353,13 +249,13 @@ def run_sweep(
       kept).
   """
   configs = configurations(sweep)
-  units = _Runner(sweep, output_dir, configs)
+  units = sweep_units.Units(sweep, output_dir, configs)
   baselines = _baselines(sweep, output_dir, units)
   write = lambda payloads: sweep_report.write_outputs(
       output_dir, payloads, _title(sweep), baselines
   )
   if launch is not None:
-    todo = jobs(sweep, output_dir, configs)
+    todo = sweep_units.jobs(sweep, output_dir, configs)
     sweep_jobs.clear_claims(todo)
     finished = lambda: [
         sweep_jobs.load_result(p)
@@ -388,9 +284,9 @@ def run_sweep(
 def run_worker(sweep: Sweep, output_dir: str) -> None:
   """Claims and runs jobs until none is left (see `sweep_jobs`)."""
   configs = {c.name: c for c in configurations(sweep)}
-  units = _Runner(sweep, output_dir, list(configs.values()))
+  units = sweep_units.Units(sweep, output_dir, list(configs.values()))
   for job in sweep_jobs.claim_order(
-      jobs(sweep, output_dir, list(configs.values())),
+      sweep_units.jobs(sweep, output_dir, list(configs.values())),
       sweep.only or list(configs),
   ):
     if job.missing() and sweep_jobs.claim(job):

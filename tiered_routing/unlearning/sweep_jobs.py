@@ -75,6 +75,22 @@ def save_result(path: str, result, seed: int, wall_s: float) -> dict:
   return payload
 
 
+def save_sequential(path: str, rows: list, seed: int, wall_s: float) -> dict:
+  """Writes one (configuration, seed)'s sequential removals atomically:
+  a payload with no per-language-unit rows and the sequence's rows
+  (`sequential_removals.run_sequence`) under 'sequential'."""
+  payload = {
+      "version": RESULT_VERSION,
+      "seed": seed,
+      "rows": [],
+      "languages": {},
+      "sequential": [{**row, "seed": seed} for row in rows],
+      "wall_s": wall_s,
+  }
+  atomic_file.write_text(path, json.dumps(payload, indent=1) + "\n")
+  return payload
+
+
 def load_result(path: str) -> dict:
   with open(path, encoding="utf-8") as f:
     return json.load(f)

@@ -22,6 +22,10 @@
   relearning.png,      those curves per configuration and forget language,
   relearning_related.png  for the largest own budget and for a related
                        language (`relearning_plot.write_plots`).
+  sequential.csv,      sequential removal requests (`sequential_removals`):
+  sequential_by_seed.csv, utility and cost after each, over seeds and per
+  sequential.png       seed (`sequential_plot`); only when a sweep has
+                       `sequential_configurations`.
 
 A reader never sees half a file (temporary file + rename).
 """
@@ -36,6 +40,7 @@ from typing import Any
 
 from tiered_routing.train import atomic_file
 from tiered_routing.unlearning import relearning_plot
+from tiered_routing.unlearning import sequential_plot
 from tiered_routing.unlearning import sweep_plot
 from tiered_routing.unlearning import sweep_statistics
 from tiered_routing.unlearning import sweep_tables
@@ -162,6 +167,10 @@ def write_outputs(
     title: heading of the tables and the plot.
     baselines: {code: {'unigram_loss', 'bigram_loss'}}.
   """
+  sequential = [r for p in payloads for r in p.get("sequential", ())]
+  if sequential:
+    _write_sequential(output_dir, sequential, title)
+  payloads = [p for p in payloads if p["rows"]]  # Not the sequences'.
   rows = [r for p in payloads for r in p["rows"]]
   if not rows:
     return
@@ -206,6 +215,15 @@ def _write_relearning(
     return
   write_csv_rows(os.path.join(output_dir, "relearning.csv"), points)
   relearning_plot.write_plots(points, output_dir, title)
+
+
+def _write_sequential(
+    output_dir: str, rows: Sequence[Mapping[str, Any]], title: str
+) -> None:
+  path = lambda name: os.path.join(output_dir, name)
+  write_csv_rows(path("sequential_by_seed.csv"), rows)
+  write_csv_rows(path("sequential.csv"), sweep_statistics.aggregate(rows))
+  sequential_plot.plot_sequential(rows, path("sequential.png"), title)
 
 
 def check_or_write_manifest(
