@@ -23,6 +23,7 @@ from tiered_routing.model import param_count
 from tiered_routing.unlearning import sweep as sweep_lib
 from tiered_routing.unlearning import sweep_plot
 from tiered_routing.unlearning import sweep_report
+from tiered_routing.unlearning import sweep_units
 
 REPO = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +119,23 @@ def test_cpu_preset_is_the_research_grid_at_equal_total_parameters(
   assert sweep.unlearning.eval_split == "test"
   assert sweep.unlearning.stop_split == "validation"
   assert sweep.unlearning.finetune.stop_at_reference
+
+
+def test_cpu_preset_removes_four_languages_in_sequence_on_strict_configs(
+    clean_gin,
+):
+  sweep = _sweep("cpu")
+  assert sweep.sequential_languages == ("ur", "de", "zh", "es")
+  units = {c.name: sweep_units.unit_names(sweep, c)
+           for c in sweep_lib.configurations(sweep)}
+  assert units["family4_none"] == ["ur", "de", "zh", "sequential"]
+  assert units["family16_none"] == ["ur", "de", "zh", "sequential"]
+  assert units["family4_attention"] == ["ur"]
+  with pytest.raises(ValueError, match=r"\['family4_attention'\].*'none'"):
+    sweep_lib.configurations(dataclasses.replace(
+        sweep, sequential_configurations=("family4_attention",)))
+  with pytest.raises(ValueError, match="sequential_languages=.*distinct"):
+    dataclasses.replace(sweep, sequential_languages=("ur", "ur"))
 
 
 def test_mc4_preset_uses_the_size_configs(clean_gin):
