@@ -18,7 +18,9 @@ import tensorflow_datasets as tfds
 import tasks  # pylint: disable=unused-import
 from tasks import mc4
 from tasks import mixtures
+from tiered_routing import sharding
 from tiered_routing.data import corpora
+from tiered_routing.data import host_shards
 from tiered_routing.data import pipeline
 from tiered_routing.data import seqio_names
 from tiered_routing.tier1 import languages
@@ -158,6 +160,46 @@ def test_partitioned_batches_keep_each_partition_in_its_block():
           languages.CODES[i] for i in batch["decoder_language_ids"][p][used]
       }
       assert langs <= set(scheme.languages_of(p))
+
+
+def test_host_blocks_tile_the_global_batch():
+  """Row shard j of partition p is the same whoever reads it: two hosts'
+  blocks (partitions 2-3 rows shard 0, and rows shard 1) are the slices of
+  the batch one process reads with the same number of row shards."""
+  scheme = schemes.family(4)
+  names = seqio_names.partition_mixture_names("sample", scheme)
+  shape = (4, 4, 16)
+
+  def batches(partitions, shards):
+    block = host_shards.HostBlock(partitions, shards, 2, shape)
+    ds = pipeline.partitioned_dataset(
+        names, global_batch_size=16, block=block, sequence_length=16, seed=3
+    )
+    return list(pipeline.batch_iterator(ds.take(2)))
+
+  whole = batches((0, 1, 2, 3), (0, 1))
+  first, second = batches((2, 3), (0,)), batches((2, 3), (1,))
+  for step in range(2):
+    for key, value in whole[step].items():
+      assert value.shape == (4, 4, 16)
+      np.testing.assert_array_equal(first[step][key], value[2:, :2], key)
+      np.testing.assert_array_equal(second[step][key], value[2:, 2:], key)
+  # One row shard reads other rows than two: the order depends on it.
+  one = pipeline.partitioned_dataset(
+      names, global_batch_size=16, sequence_length=16, seed=3)
+  assert not np.array_equal(
+      next(pipeline.batch_iterator(one))["decoder_target_tokens"],
+      whole[0]["decoder_target_tokens"])
+
+
+def test_host_block_of_one_process_is_the_whole_batch():
+  mesh = sharding.make_mesh(sharding.MeshConfig(partition=2))
+  block = host_shards.host_block(mesh, (4, 8, 16))
+  assert block == host_shards.whole_batch((4, 8, 16))
+  assert host_shards.host_block(mesh, (4, 8, 16), 4).row_shards == (
+      0, 1, 2, 3)
+  with pytest.raises(ValueError, match="num_row_shards=3 does not divide"):
+    host_shards.host_block(mesh, (4, 8, 16), 3)
 
 
 def test_data_order_is_a_function_of_step():

@@ -30,6 +30,7 @@ from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
 from tiered_routing.cli import resume_check
 from tiered_routing.cli import user_errors
+from tiered_routing.data import host_shards
 from tiered_routing.data import pipeline
 from tiered_routing.model import decoder_config
 from tiered_routing.tier1 import schemes
@@ -99,6 +100,7 @@ def run(
     mesh_config: Optional[sharding.MeshConfig] = None,
     data_seed: int = 0,
     pack: bool = True,
+    input_row_shards: Optional[int] = None,
 ) -> train_state.TrainState:
   """Builds data, mesh and model from the arguments (gin); returns the state.
 
@@ -114,6 +116,11 @@ def run(
     mesh_config: mesh axis sizes (default: all devices on 'data').
     data_seed: shuffling and mixing seed (partition p uses data_seed + p).
     pack: pack several sequences per row.
+    input_row_shards: row shards per partition (`data.host_shards`): each
+      process reads only the partitions and row shards its devices hold;
+      None = as many as split a partition's rows among the processes. The
+      data order depends on it: give the same number to reproduce a
+      multi-process run on another number of processes.
   """
   names, batch_shape = _validate(
       model_config,
@@ -127,14 +134,20 @@ def run(
   with model_dir_lock.ModelDirLock(model_dir):
     _check_resume(model_dir)
     mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
+    block = host_shards.host_block(mesh, batch_shape, input_row_shards)
     dataset = pipeline.partitioned_dataset(
         names,
         global_batch_size=batch_size,
+        block=block,
         sequence_length=batch_shape[2],
         seed=data_seed,
         pack=pack,
     )
-    logging.info("Mesh %s; mixtures %s", dict(mesh.shape), names)
+    logging.info(
+        "Mesh %s; mixtures %s; this process reads partitions %s, row "
+        "shards %s of %d", dict(mesh.shape), names, block.partitions,
+        block.row_shards, block.num_row_shards,
+    )
     return trainer.train(
         model_dir=model_dir,
         model_config=model_config,
@@ -145,6 +158,7 @@ def run(
         mesh=mesh,
         metadata={"gin_config": gin_flags.write_config(model_dir)},
         lock_model_dir=False,
+        host_block=block,
     )
 
 

@@ -29,10 +29,13 @@ batches as a run that was never interrupted.
 
 from collections.abc import Iterator, Mapping, Sequence
 import re
+from typing import Optional
 
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from tiered_routing.data import host_shards
 
 LANGUAGE_IDS = "language_ids"
 MODEL_FEATURES = (
@@ -151,15 +154,26 @@ def get_dataset(
 
 
 def partitioned_dataset(
-    names: Sequence[str], *, global_batch_size: int, **kwargs
+    names: Sequence[str],
+    *,
+    global_batch_size: int,
+    block: Optional[host_shards.HostBlock] = None,
+    **kwargs,
 ) -> tf.data.Dataset:
   """Zips one stream per partition into batches of shape [P, B/P, L].
 
   Args:
     names: one task or mixture per partition, in partition order.
     global_batch_size: B, split evenly over the P partitions.
+    block: the part of each global batch this process reads
+      (`host_shards.host_block`): its partitions, and within each its row
+      shards, row shard j reading `ShardInfo(j, block.num_row_shards)`;
+      None = the whole batch in one row shard.
     **kwargs: passed to `get_dataset` (sequence_length, seed, ...);
       partition p's stream uses seed + p.
+
+  Returns:
+    Batches of `block.shape`.
   """
   num_partitions = len(names)
   if num_partitions < 1 or global_batch_size % num_partitions:
@@ -167,20 +181,38 @@ def partitioned_dataset(
         f"global_batch_size={global_batch_size!r} must be a positive "
         f"multiple of the number of partitions ({num_partitions})"
     )
-  per_partition = global_batch_size // num_partitions
+  if block is None:
+    block = host_shards.whole_batch(
+        (num_partitions, global_batch_size // num_partitions, 0))
+  elif block.global_shape[:2] != (
+      num_partitions, global_batch_size // num_partitions):
+    raise ValueError(
+        f"The host block of {block.global_shape} does not fit "
+        f"{num_partitions} partitions of {global_batch_size} rows.")
   seed = kwargs.pop("seed", 0)
+  shards = block.num_row_shards
   streams = tuple(
       get_dataset(
-          name,
-          batch_size=per_partition,
+          names[p],
+          batch_size=block.rows_per_shard,
           seed=None if seed is None else seed + p,
+          shard_info=seqio.ShardInfo(j, shards) if shards > 1 else None,
           **kwargs,
       )
-      for p, name in enumerate(names)
+      for p in block.partitions
+      for j in block.row_shards
   )
+  per = len(block.row_shards)
 
   def stack(*batches):
-    return {k: tf.stack([b[k] for b in batches]) for k in batches[0]}
+    """[partition][shard] batches -> [partitions, rows of the shards, L]."""
+    return {
+        k: tf.stack([
+            tf.concat([b[k] for b in batches[i * per:(i + 1) * per]], 0)
+            for i in range(len(block.partitions))
+        ])
+        for k in batches[0]
+    }
 
   return tf.data.Dataset.zip(streams).map(stack)
 

@@ -16,7 +16,7 @@ from a checkpoint computes exactly what an uninterrupted run computes
 import contextlib
 import functools
 import os
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from tiered_routing import sharding
+from tiered_routing.data import host_shards
 from tiered_routing.model import decoder_config
 from tiered_routing.train import checkpoints
 from tiered_routing.train import interrupts
@@ -65,8 +66,8 @@ def _checked(batches: Iterator, batch_shape) -> Iterator:
     shape = tuple(np.shape(first["decoder_input_tokens"]))
     if shape != tuple(batch_shape):
       raise ValueError(
-          f"Batches have shape {shape} but batch_shape="
-          f"{tuple(batch_shape)} [P, B/P, L] was declared."
+          f"Batches have shape {shape} but {tuple(batch_shape)} "
+          "[P, B/P, L] (or this process's block of it) was declared."
       )
     yield first
   yield from batches
@@ -84,6 +85,7 @@ def train(
     metadata: Optional[Mapping[str, Any]] = None,
     lock_model_dir: bool = True,
     init_params: Optional[Callable[[jax.Array], Any]] = None,
+    host_block: Optional[host_shards.HostBlock] = None,
 ) -> train_state.TrainState:
   """Trains (or resumes) to `config.train_steps`, checkpointing in model_dir.
 
@@ -93,15 +95,18 @@ def train(
     model_config: the decoder.
     optimizer_config: the optimizer.
     config: losses and loop settings.
-    batches: `batches(start_step)` iterates over host batches of
-      [P, B/P, L] features from batch `start_step` on, the same on every host
-      (e.g. `pipeline.batch_iterator(dataset, start_step)`).
-    batch_shape: [P, B/P, L] of the batches.
+    batches: `batches(start_step)` iterates over host batches from batch
+      `start_step` on (e.g. `pipeline.batch_iterator(dataset, start_step)`):
+      the whole [P, B/P, L] batch, the same on every host, or with
+      `host_block` this process's block of it.
+    batch_shape: [P, B/P, L] of the global batch.
     mesh: device mesh (see `sharding.make_mesh`).
     metadata: extra JSON saved with every checkpoint (e.g. the gin config).
     lock_model_dir: take the model_dir lock (False if the caller holds it).
     init_params: the initial parameters as a function of the init key
       (`train_state.init_state`); None = the model's own init.
+    host_block: the block of each global batch this process reads
+      (`host_shards.host_block`); None = every host has the whole batch.
 
   Returns:
     The final train state.
@@ -120,14 +125,28 @@ def train(
     s = train_state.setup(
         model_config, optimizer_config, config.train_steps, mesh, batch_shape
     )
+    if host_block is None:
+      feed = _Feed(tuple(batch_shape),
+                   lambda batch: sharding.to_global_batch(batch, mesh))
+    else:
+      feed = _Feed(host_block.shape, lambda batch: host_shards.to_global_batch(
+          batch, mesh, host_block))
     return _train_locked(
         model_dir, s, config, batches, batch_shape, mesh,
-        dict(metadata or {}), init_params,
+        dict(metadata or {}), init_params, feed,
     )
 
 
+class _Feed(NamedTuple):
+  """The host batches' shape and how they become global arrays."""
+
+  shape: tuple[int, ...]
+  to_device: Callable[[Any], Any]
+
+
 def _train_locked(
-    model_dir, s, config, batches, batch_shape, mesh, metadata, init_params
+    model_dir, s, config, batches, batch_shape, mesh, metadata, init_params,
+    feed,
 ):
   """Opens metrics and checkpoints, restores or initializes, and loops."""
   ckpt_dir = os.path.join(model_dir, "checkpoints")
@@ -148,7 +167,7 @@ def _train_locked(
       log = metrics_writer.TrainMetricsLog(
           writer, s.schedule, config.train_steps, ckpt_dir
       )
-      return _loop(state, s, ckpt, log, batches, batch_shape, mesh, config,
+      return _loop(state, s, ckpt, log, batches, feed, mesh, config,
                    step_rng, metadata)
   finally:
     writer.close()
@@ -179,7 +198,7 @@ def _save_hook(ckpt, log, config, metadata, stop) -> loop.Hook:
   return hook
 
 
-def _loop(state, s, ckpt, log, batches, batch_shape, mesh, config, step_rng,
+def _loop(state, s, ckpt, log, batches, feed, mesh, config, step_rng,
           metadata) -> train_state.TrainState:
   """Steps from the state's step to config.train_steps."""
   start = int(jax.device_get(state.step))
@@ -202,10 +221,10 @@ def _loop(state, s, ckpt, log, batches, batch_shape, mesh, config, step_rng,
     state, done = loop.run(
         lambda state, batch: step_fn(state, batch, step_rng),
         state,
-        _checked(iter(batches(start)), batch_shape),
+        _checked(iter(batches(start)), feed.shape),
         start=start,
         end=config.train_steps,
-        to_device=lambda batch: sharding.to_global_batch(batch, mesh),
+        to_device=feed.to_device,
         hooks=[_save_hook(ckpt, log, config, metadata, stop)],
     )
   if stop.requested is not None:
