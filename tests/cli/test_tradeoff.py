@@ -272,11 +272,8 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
   third = _run(out, "--gin.FORGET_LANGUAGE='si'")
   assert third.returncode != 0
   assert "different gin_config" in third.stderr
-
-  # A fresh run on the same machine writes the same results, byte for byte.
-  fresh = _run(tmp_path / "again")
-  assert fresh.returncode == 0, fresh.stderr[-3000:]
-  assert (tmp_path / "again" / "results.csv").read_text() == before
+  # A fresh run writing the same bytes is checked with two workers below
+  # (a killed and resumed sweep against an uninterrupted one).
 
 
 def _start(output_dir, *args):

@@ -116,11 +116,9 @@ def run(
     mesh_config: mesh axis sizes (default: all devices on 'data').
     data_seed: shuffling and mixing seed (partition p uses data_seed + p).
     pack: pack several sequences per row.
-    input_row_shards: row shards per partition (`data.host_shards`): each
-      process reads only the partitions and row shards its devices hold;
-      None = as many as split a partition's rows among the processes. The
-      data order depends on it: give the same number to reproduce a
-      multi-process run on another number of processes.
+    input_row_shards: row shards per partition (`data.host_shards`; None
+      = as many as split its rows among the processes). The data order
+      depends on it: reuse a multi-process run's value to reproduce it.
   """
   names, batch_shape = _validate(
       model_config,
@@ -135,19 +133,8 @@ def run(
     _check_resume(model_dir)
     mesh = sharding.make_mesh(mesh_config or sharding.MeshConfig())
     block = host_shards.host_block(mesh, batch_shape, input_row_shards)
-    dataset = pipeline.partitioned_dataset(
-        names,
-        global_batch_size=batch_size,
-        block=block,
-        sequence_length=batch_shape[2],
-        seed=data_seed,
-        pack=pack,
-    )
-    logging.info(
-        "Mesh %s; mixtures %s; this process reads partitions %s, row "
-        "shards %s of %d", dict(mesh.shape), names, block.partitions,
-        block.row_shards, block.num_row_shards,
-    )
+    dataset = _host_dataset(names, batch_size, block, data_seed, pack)
+    logging.info("Mesh %s; mixtures %s", dict(mesh.shape), names)
     return trainer.train(
         model_dir=model_dir,
         model_config=model_config,
@@ -160,6 +147,22 @@ def run(
         lock_model_dir=False,
         host_block=block,
     )
+
+
+def _host_dataset(names, batch_size, block, data_seed, pack):
+  """This process's block of every batch (`data.host_shards`)."""
+  logging.info(
+      "This process reads partitions %s, row shards %s of %d.",
+      block.partitions, block.row_shards, block.num_row_shards,
+  )
+  return pipeline.partitioned_dataset(
+      names,
+      global_batch_size=batch_size,
+      block=block,
+      sequence_length=block.global_shape[2],
+      seed=data_seed,
+      pack=pack,
+  )
 
 
 def main(argv):

@@ -175,20 +175,7 @@ def partitioned_dataset(
   Returns:
     Batches of `block.shape`.
   """
-  num_partitions = len(names)
-  if num_partitions < 1 or global_batch_size % num_partitions:
-    raise ValueError(
-        f"global_batch_size={global_batch_size!r} must be a positive "
-        f"multiple of the number of partitions ({num_partitions})"
-    )
-  if block is None:
-    block = host_shards.whole_batch(
-        (num_partitions, global_batch_size // num_partitions, 0))
-  elif block.global_shape[:2] != (
-      num_partitions, global_batch_size // num_partitions):
-    raise ValueError(
-        f"The host block of {block.global_shape} does not fit "
-        f"{num_partitions} partitions of {global_batch_size} rows.")
+  block = _checked_block(len(names), global_batch_size, block)
   seed = kwargs.pop("seed", 0)
   shards = block.num_row_shards
   streams = tuple(
@@ -215,6 +202,27 @@ def partitioned_dataset(
     }
 
   return tf.data.Dataset.zip(streams).map(stack)
+
+
+def _checked_block(
+    num_partitions: int,
+    global_batch_size: int,
+    block: Optional[host_shards.HostBlock],
+) -> host_shards.HostBlock:
+  """`block`, or the whole batch, once it fits P partitions of B rows."""
+  if num_partitions < 1 or global_batch_size % num_partitions:
+    raise ValueError(
+        f"global_batch_size={global_batch_size!r} must be a positive "
+        f"multiple of the number of partitions ({num_partitions})"
+    )
+  rows = global_batch_size // num_partitions
+  if block is None:
+    return host_shards.whole_batch((num_partitions, rows, 0))
+  if block.global_shape[:2] != (num_partitions, rows):
+    raise ValueError(
+        f"The host block of {block.global_shape} does not fit "
+        f"{num_partitions} partitions of {global_batch_size} rows.")
+  return block
 
 
 def batch_iterator(

@@ -125,15 +125,9 @@ def train(
     s = train_state.setup(
         model_config, optimizer_config, config.train_steps, mesh, batch_shape
     )
-    if host_block is None:
-      feed = _Feed(tuple(batch_shape),
-                   lambda batch: sharding.to_global_batch(batch, mesh))
-    else:
-      feed = _Feed(host_block.shape, lambda batch: host_shards.to_global_batch(
-          batch, mesh, host_block))
     return _train_locked(
         model_dir, s, config, batches, batch_shape, mesh,
-        dict(metadata or {}), init_params, feed,
+        dict(metadata or {}), init_params, _feed(batch_shape, mesh, host_block),
     )
 
 
@@ -142,6 +136,14 @@ class _Feed(NamedTuple):
 
   shape: tuple[int, ...]
   to_device: Callable[[Any], Any]
+
+
+def _feed(batch_shape, mesh, host_block) -> _Feed:
+  if host_block is None:
+    return _Feed(tuple(batch_shape),
+                 lambda batch: sharding.to_global_batch(batch, mesh))
+  return _Feed(host_block.shape, lambda batch: host_shards.to_global_batch(
+      batch, mesh, host_block))
 
 
 def _train_locked(

@@ -195,7 +195,6 @@ class Auditor:
     """Every audit column of one method's row (`row.model` None: the
     forget partition was dropped)."""
     model, out = row.model, dict(self.unit)
-    before = sum(self.seconds.values())
     with self._timed("membership"):
       out.update(self._privacy(model))
     with self._timed("verbatim"):
@@ -212,7 +211,6 @@ class Auditor:
     if self.router is not None:
       with self._timed("classifier_routing"):
         out.update(self._classifier_routed(model))
-    out["audit_seconds"] = sum(self.seconds.values()) - before
     logging.info(
         "%s %s audits so far (s): %s", self.c.run, row.method,
         ", ".join(f"{k} {v:.0f}" for k, v in self.seconds.most_common()),

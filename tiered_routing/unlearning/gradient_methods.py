@@ -238,8 +238,16 @@ def _initial_state(unlearner: _Unlearner, params: Any):
   reference), committed where the step's outputs will be: an uncommitted
   first state would make the second step compile again."""
   new = jax.tree.map(jnp.copy, params)
-  commit = lambda x: jax.device_put(x, x.sharding)
   scalar = _replicated_like(jax.tree.leaves(new)[0].sharding)
+  devices = jax.tree.leaves(new)[0].sharding.device_set
+
+  def commit(x):
+    # Optimizer leaves made from no parameter (a partitionwise count) land
+    # on the default device; on a mesh of several devices they must be on
+    # the parameters' devices, replicated, or the step refuses them.
+    on_mesh = x.sharding.device_set == devices
+    return jax.device_put(x, x.sharding if on_mesh else scalar)
+
   return train_state.TrainState(
       step=jax.device_put(jnp.zeros((), jnp.int32), scalar),
       params=new,

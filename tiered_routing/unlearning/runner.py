@@ -71,10 +71,13 @@ class ConfigurationResult:
     results: one row per method, in `UnlearningConfig.methods` order.
     languages: per-language validation results of every model: 'original',
       'reference' and each method's.
+    audit_seconds: wall time of the audits per family (`forget_audits`);
+      kept out of the rows so that a rerun writes the same results.
   """
 
   results: tuple[tradeoff_metrics.UnlearningResult, ...]
   languages: dict[str, tradeoff_metrics.LanguageResults]
+  audit_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _check_finite(run: str, method: str, langs) -> None:
@@ -194,10 +197,12 @@ def forget(
           c.base_routing, code, config.top_m, _reachable_experts(c)
       ),
   }
+  seconds = {}
   if config.audits.enabled:
     auditor = forget_audits.Auditor(c, reference, ref.exact_row.model)
     rows = [row._replace(extra={**row.extra, **auditor.columns(row)})
             for row in rows]
+    seconds = dict(auditor.seconds)
   results = tuple(_result(c, row, reference, extra) for row in rows)
   return ConfigurationResult(
       results,
@@ -206,6 +211,7 @@ def forget(
           "reference": reference,
           **{row.method: row.languages for row in rows},
       },
+      seconds,
   )
 
 

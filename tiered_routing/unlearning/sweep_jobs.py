@@ -70,6 +70,7 @@ def save_result(path: str, result, seed: int, wall_s: float) -> dict:
       "rows": rows,
       "languages": result.languages,
       "wall_s": wall_s,
+      "audit_seconds": result.audit_seconds,
   }
   atomic_file.write_text(path, json.dumps(payload, indent=1) + "\n")
   return payload
