@@ -5,7 +5,8 @@ languages; `mc4` reads TFDS `c4/multilingual` under
 `tfds.testing.mock_data` (random text of the real feature spec). Each runs
 the trade-off sweep (`sweep.run_sweep`, in this process, so the TFDS mock
 applies) on a tiny family2_none model: train, reference, exact retrain and
-GA, with the report files written. The `sample` and `debian16` sources run
+GA, with the report files written; the mc4_json run also removes ur and
+then de in sequence (`sequential_removals`, through the sweep's units). The `sample` and `debian16` sources run
 through the same job in test_tradeoff.py and the README's commands.
 """
 
@@ -28,7 +29,7 @@ from tiered_routing.unlearning import sweep as sweep_lib
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 
 
-def _sweep(source: str) -> sweep_lib.Sweep:
+def _sweep(source: str, **kwargs) -> sweep_lib.Sweep:
   config = decoder_config.DecoderConfig(
       vocab_size=4096, d_model=32, num_heads=2, head_dim=16, num_layers=2,
       d_ff=64, moe_every=2, num_experts=4, expert_d_ff=32, top_k=2,
@@ -50,6 +51,7 @@ def _sweep(source: str) -> sweep_lib.Sweep:
               steps=2, rows_per_batch=2),
           audits=specs.AuditConfig(enabled=False),
       ),
+      **kwargs,
   )
 
 
@@ -85,9 +87,18 @@ def test_main_job_on_mc4_json_shards_and_mc4_tfds_under_mock_data(
   shards.mkdir()
   _write_shards(shards)
   monkeypatch.setenv(mc4.JSON_DIR_ENV_VAR, str(shards))
-  payloads = sweep_lib.run_sweep(_sweep("mc4_json"), str(tmp_path / "json"))
-  assert len(payloads) == 1
+  payloads = sweep_lib.run_sweep(
+      _sweep("mc4_json", sequential_configurations=("family2_none",),
+             sequential_languages=("ur", "de")),
+      str(tmp_path / "json"),
+  )
+  assert len(payloads) == 2  # ur, then the sequence ur -> de.
   _check_report(tmp_path / "json")
+  with open(tmp_path / "json" / "sequential.csv", newline="") as f:
+    sequence = list(csv.DictReader(f))
+  assert [(r["method"], r["forget_language"]) for r in sequence] == [
+      ("exact", "ur"), ("ga", "ur"), ("exact", "ur+de"), ("ga", "ur+de")]
+  assert (tmp_path / "json" / "sequential.png").exists()
   # The mock has no dataset_info.json, so no split sizes; report its own.
   with tfds.testing.mock_data(num_examples=12), mock.patch.object(
       seqio.TfdsDataSource, "num_input_examples", lambda self, split: 12
