@@ -100,6 +100,35 @@ def test_comparisons_pair_methods_and_configurations():
   assert not [p for p in pairs if p["metric"] == "outside_loss_delta"]
 
 
+def test_audits_are_compared_with_the_never_saw_it_model():
+  """Each method's relearning and audit columns against exact_retrain's,
+  paired by seed (values by hand); a NaN reference gives no pair."""
+  rows = []
+  for seed in range(3):
+    ga = _row("family1_none", "ga", seed, 0.0)
+    ga.update(relearn_128_recovered=0.9 + 0.01 * seed,
+              relearn_related_fa_steps=3.0, mia_auc_minkpp=0.5)
+    ref = _row("family1_none", "exact_retrain", seed, 0.0)
+    ref.update(relearn_128_recovered=0.6, relearn_related_fa_steps=17.0,
+               mia_auc_minkpp=0.5 + 0.1 * seed)
+    # A dropped partition: no weights to attack, NaN columns.
+    dropped = _row("family16_none", "exact_retrain", seed, 0.0)
+    dropped.update(relearn_128_recovered=float("nan"))
+    after = _row("family16_none", "ga", seed, 0.0)
+    after.update(relearn_128_recovered=0.5)
+    rows += [ga, ref, dropped, after]
+  pairs = sweep_tables.comparisons(rows, [])
+  audit = {p["metric"]: p for p in pairs if p["kind"] == "audit vs reference"}
+  assert set(audit) == {"relearn_128_recovered", "relearn_related_fa_steps",
+                        "mia_auc_minkpp"}
+  assert all(p["a"] == "family1_none:ga" for p in audit.values())
+  assert audit["relearn_128_recovered"]["diff_mean"] == pytest.approx(0.31)
+  assert audit["relearn_128_recovered"]["resolved"]
+  assert audit["relearn_related_fa_steps"]["diff_mean"] == pytest.approx(-14)
+  assert audit["mia_auc_minkpp"]["diff_mean"] == pytest.approx(-0.1)
+  assert not audit["mia_auc_minkpp"]["resolved"]  # -0.0, -0.1, -0.2.
+
+
 def test_progress_extrapolates_from_the_weight_done():
   now = [0.0]
   progress = sweep_progress.Progress(4, 10.0, clock=lambda: now[0])

@@ -11,8 +11,15 @@
                       vs NPO, GradDiff vs GA) within a configuration, and
                       each configuration against n = 1, its strict
                       counterpart at the same n (the hybrids) and the
-                      family scheme (random schemes), for the same method.
+                      family scheme (random schemes), for the same method;
+                      and each method's audits (`forget_audits`: the
+                      relearning attacks, membership AUC, recitation,
+                      int4 round trip, routing replay) against the
+                      never-saw-it model, `exact_retrain` (kind 'audit vs
+                      reference').
 """
+
+import re
 
 import math
 from collections.abc import Mapping, Sequence
@@ -35,6 +42,14 @@ PAIR_METRICS = (
     "forget_gap_closed",
 )
 ONE_PARTITION = "family1_none"
+REFERENCE = "exact_retrain"
+AUDIT_METRICS = (
+    "mia_auc_minkpp",
+    "verbmem_rougel",
+    "quant_int4_forget_loss_change",
+    "routing_replay_forget_loss_change",
+)
+_RELEARNED = re.compile(r"relearn_(\d+|related_[a-z]+)_(recovered|steps)$")
 
 
 def per_language_rows(
@@ -131,6 +146,15 @@ def _pair(rows, a, b, metric, kind) -> Optional[dict[str, Any]]:
   }
 
 
+def _audit_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The audit columns the rows have: AUDIT_METRICS and every relearning
+  attack's recovered fraction and steps to half the gap."""
+  present = dict.fromkeys(k for r in rows for k in r)
+  return [m for m in AUDIT_METRICS if m in present] + [
+      k for k in present if _RELEARNED.match(k)
+  ]
+
+
 def comparisons(
     rows: Sequence[Mapping[str, Any]], originals: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -150,6 +174,10 @@ def comparisons(
         for metric in PAIR_METRICS:
           out.append(_pair(rows, a, {**a, "run": partner}, metric,
                            "configuration"))
+    if method != REFERENCE and (run, lang, REFERENCE) in keys:
+      for metric in _audit_metrics(rows):
+        out.append(_pair(rows, a, {**a, "method": REFERENCE}, metric,
+                         "audit vs reference"))
   for run in sorted({r["run"] for r in originals}):
     a = {"run": run, "forget_language": "", "method": "original"}
     for partner in _partners(run, runs):
