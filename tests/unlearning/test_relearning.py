@@ -22,10 +22,14 @@ def test_summary_capped_and_immediate():
   # The mask method: its weights, unmasked, are the original's (step 0).
   mask = relearning.summary("r", 8.0, 6.0, np.array([6.0, 5.9]), 10)
   assert mask["r_steps"] == 0.0 and mask["r_tokens"] == 0.0
-  # Nothing was forgotten: no gap to recover.
-  assert math.isnan(
-      relearning.summary("r", 6.0, 6.0, np.array([6.0, 5.9]), 10)[
-          "r_recovered"])
+  # Nothing (or next to nothing: 0.05 nats) was forgotten: no gap to
+  # recover, no steps to half of it; the final NLL is still reported.
+  for start in (6.0, 6.05):
+    out = relearning.summary("r", start, 6.0, np.array([start, 5.9]), 10)
+    assert all(math.isnan(out[f"r_{k}"])
+               for k in ("recovered", "steps", "tokens")), out
+    assert out["r_final_nll"] == 5.9
+  assert relearning.MIN_GAP_NATS == 0.1
 
 
 def test_nan_summary_and_related_languages():

@@ -86,6 +86,7 @@ def test_long_rows_golden_recovered_nan_gap_and_dropped_partition():
 def test_recovered_gap_threshold():
   nll = np.array([3.0, 2.0])
   assert np.all(np.isnan(relearning_plot.recovered(3.0 + 1e-7, 3.0, nll)))
+  assert np.all(np.isnan(relearning_plot.recovered(3.05, 3.0, nll)))
   assert np.all(np.isnan(relearning_plot.recovered(NAN, 3.0, nll)))
   np.testing.assert_allclose(
       relearning_plot.recovered(3.0, 2.0, nll), [0.0, 1.0])
@@ -133,15 +134,19 @@ def test_nothing_to_plot_writes_nothing(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_first_related_attack_per_panel():
+def test_every_related_attack_gets_a_panel():
   points = [
       {"run": "r", "forget_language": "ur", "attack": a, "step": 0}
       for a in ("relearn_32", "relearn_related_hi", "relearn_related_fa")
   ] + [{"run": "r", "forget_language": "zh", "attack": "relearn_related_ja",
         "step": 0}]
-  kept = relearning_plot._first_related(points)
+  kept = relearning_plot.related_points(points)
   assert [(p["forget_language"], p["attack"]) for p in kept] == [
-      ("ur", "relearn_related_hi"), ("zh", "relearn_related_ja")]
+      ("ur", "relearn_related_hi"), ("ur", "relearn_related_fa"),
+      ("zh", "relearn_related_ja")]
+  assert relearning_plot._panels(kept) == [
+      ("r", "ur", "relearn_related_hi"), ("r", "ur", "relearn_related_fa"),
+      ("r", "zh", "relearn_related_ja")]
 
 
 def test_write_outputs_writes_relearning_csv_and_plots(tmp_path):

@@ -38,6 +38,12 @@ from tiered_routing.unlearning import gradient_methods
 from tiered_routing.unlearning import held_out_stop
 from tiered_routing.unlearning import methods
 
+# A method that raised the served model's held-out forget NLL by less than
+# this (nats/token) forgot too little for "the fraction of the forgotten gap
+# recovered" to mean anything (the mask method on one partition: 0.04): its
+# recovered fraction and steps are NaN.
+MIN_GAP_NATS = 0.1
+
 
 def _coefficients() -> combined_objective.Coefficients:
   """Plain next-token loss on the relearning text (the retain term)."""
@@ -117,15 +123,15 @@ def summary(
     tokens: tokens trained on per step.
   """
   gap = start - original
+  if not gap > MIN_GAP_NATS:  # Nothing forgotten: nothing to recover.
+    return {**nan_summary(name), f"{name}_final_nll": float(nll[-1])}
   target = start - 0.5 * gap
   reached = [s for s, value in enumerate(nll) if value <= target]
   steps = reached[0] if reached else len(nll)
   return {
       f"{name}_steps": float(steps),
       f"{name}_tokens": float(min(steps, len(nll) - 1) * tokens),
-      f"{name}_recovered": (
-          float((start - nll[-1]) / gap) if gap > 1e-6 else math.nan
-      ),
+      f"{name}_recovered": float((start - nll[-1]) / gap),
       f"{name}_final_nll": float(nll[-1]),
   }
 

@@ -11,15 +11,16 @@ reference. Recovered after a step is
   (relearn_start_nll - nll) / (relearn_start_nll - relearn_original_nll),
 
 0 = still as forgotten as served, 1 = back to the original (NaN when the
-method forgot nothing: a gap <= 1e-6 has no fraction).
+method forgot next to nothing: a gap <= `relearning.MIN_GAP_NATS`, 0.1
+nats, has no meaningful fraction).
 
   long_rows         the curves in long format (relearning.csv): one row per
                     (run, forget_language, method, seed, attack, step).
-  plot_relearning   small multiples, one panel per (run, forget language),
-                    one line per method: mean over seeds, 95% t-band.
+  plot_relearning   small multiples, one panel per (run, forget language,
+                    attack), one line per method: mean over seeds, 95%
+                    t-band.
   write_plots       relearning.png (the largest own budget) and
-                    relearning_related.png (each panel's first related
-                    language).
+                    relearning_related.png (every related language).
 
 Figures use the Agg canvas without pyplot, as in `analysis.plots`, and are
 written atomically (`plots.save_png`).
@@ -38,6 +39,7 @@ from matplotlib import lines
 import numpy as np
 
 from tiered_routing.analysis import plots
+from tiered_routing.unlearning import relearning
 from tiered_routing.unlearning import sweep_statistics
 
 CURVE_SUFFIX = sweep_statistics.PER_SEED_SUFFIX
@@ -45,7 +47,7 @@ RELATED_PREFIX = "relearn_related_"
 _OWN = re.compile(r"relearn_(\d+)$")
 # The `_steps` column counts the steps to this fraction recovered.
 THRESHOLD = 0.5
-MIN_GAP = 1e-6
+MIN_GAP = relearning.MIN_GAP_NATS
 LONG_COLUMNS = ("run", "forget_language", "method", "seed", "attack", "step",
                 "nll", "recovered")
 _COLUMNS = 4
@@ -193,9 +195,11 @@ def _legend(fig, colors, width: float) -> None:
              ncol=ncol, frameon=False)
 
 
-def _panels(points) -> list[tuple[str, str]]:
-  """The (run, forget language) pairs present, in first-seen order."""
-  return list(dict.fromkeys((p["run"], p["forget_language"]) for p in points))
+def _panels(points) -> list[tuple[str, str, str]]:
+  """The (run, forget language, attack) triples present, in first-seen
+  order: one panel each."""
+  return list(dict.fromkeys(
+      (p["run"], p["forget_language"], p["attack"]) for p in points))
 
 
 def _label_axes(axes: np.ndarray, used: int) -> None:
@@ -260,8 +264,8 @@ def plot_relearning(
   """Small multiples of the fraction of the gap recovered per step.
 
   Args:
-    points: `long_rows` of the attack(s) to draw, at most one attack per
-      (run, forget language) panel (e.g. its own related language).
+    points: `long_rows` of the attack(s) to draw: one panel per (run,
+      forget language, attack).
     path: the PNG to write.
     title: first line of the figure title (the sweep's).
     dpi: pixels per inch.
@@ -279,11 +283,10 @@ def plot_relearning(
   fig = figure_lib.Figure(figsize=(width, 2.6 * nrows + 1.6),
                           layout="constrained")
   axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
-  for ax, (run, code) in zip(axes.flat, panels):
-    mine = [p for p in points
-            if p["run"] == run and p["forget_language"] == code]
-    title_of = _panel_title(run, code, {p["attack"] for p in mine})
-    _panel(ax, mine, colors, title_of)
+  for ax, (run, code, attack) in zip(axes.flat, panels):
+    mine = [p for p in points if p["run"] == run
+            and p["forget_language"] == code and p["attack"] == attack]
+    _panel(ax, mine, colors, _panel_title(run, code, {attack}))
   axes[0, 0].set_ylim(*_y_limits(points))  # Shared by every panel.
   _label_axes(axes, len(panels))
   _legend(fig, colors, width)
@@ -291,21 +294,15 @@ def plot_relearning(
   return plots.save_png(fig, path, dpi)
 
 
-def _first_related(points) -> list[dict[str, Any]]:
-  """Each (run, forget language)'s first related-language attack: the
-  related languages differ by forget language (ur: hi, fa; zh: ja)."""
-  first: dict[tuple[str, str], str] = {}
-  for p in points:
-    if p["attack"].startswith(RELATED_PREFIX):
-      first.setdefault((p["run"], p["forget_language"]), p["attack"])
-  return [p for p in points
-          if first.get((p["run"], p["forget_language"])) == p["attack"]]
+def related_points(points) -> list[dict[str, Any]]:
+  """The related-language attacks' points (ur: hi and fa; zh: ja; ...)."""
+  return [p for p in points if p["attack"].startswith(RELATED_PREFIX)]
 
 
 def write_plots(points: Sequence[Mapping[str, Any]], output_dir: str,
                 title: str = "") -> list:
   """relearning.png for the largest own budget and relearning_related.png
-  for each panel's first related language, where those attacks exist.
+  for every related language (a panel each), where those attacks exist.
 
   Args:
     points: `long_rows` of every attack.
@@ -322,7 +319,7 @@ def write_plots(points: Sequence[Mapping[str, Any]], output_dir: str,
     written.append(plot_relearning(
         [p for p in points if p["attack"] == own],
         os.path.join(output_dir, "relearning.png"), title))
-  related = _first_related(points)
+  related = related_points(points)
   if related:
     written.append(plot_relearning(
         related, os.path.join(output_dir, "relearning_related.png"), title))

@@ -20,7 +20,7 @@
                        (`relearning_plot.long_rows`); only when the rows
                        have curves (`relearn_*_curve`).
   relearning.png,      those curves per configuration and forget language,
-  relearning_related.png  for the largest own budget and for a related
+  relearning_related.png  for the largest own budget and for each related
                        language (`relearning_plot.write_plots`).
   sequential.csv,      sequential removal requests (`sequential_removals`):
   sequential_by_seed.csv, utility and cost after each, over seeds and per

@@ -1,0 +1,95 @@
+r"""Rewrites a sweep's report files from its finished units' result.json.
+
+  python -m tiered_routing.cli.rewrite_report --output_dir=/tmp/cpu_run \
+      [--report_dir=docs/results/cpu]
+
+The trade-off sweep (`cli.tradeoff`) rewrites its report after every unit
+with the code it started with. After the report code changes (a new table,
+a new comparison), this writes the report of the units finished so far with
+the current code, without stopping the sweep or rerunning a unit: every
+current `runs/<config>/seed<s>/<unit>/result.json` (`sweep_jobs.is_current`)
+in the order of the sweep's configurations (`sweep.json`), then seeds, then
+units (the sequential removals last), with the sweep's n-gram baselines
+(`baselines.json`). --report_dir (default: --output_dir) receives the files
+of `unlearning.sweep_report`; a snapshot for the docs goes there.
+"""
+
+import glob
+import json
+import os
+import re
+from typing import Sequence
+
+from absl import flags
+from absl import logging
+
+from tiered_routing.cli import gin_flags
+from tiered_routing.cli import user_errors
+from tiered_routing.unlearning import sweep_jobs
+from tiered_routing.unlearning import sweep_report
+from tiered_routing.unlearning import sweep_units
+
+FLAGS = flags.FLAGS
+_REPORT_DIR = flags.DEFINE_string(
+    "report_dir", None,
+    "Where the report files go (default: --output_dir).")
+
+
+def _unit_order(path: str) -> tuple:
+  seed_dir, unit = os.path.split(os.path.dirname(path))
+  seed = int(re.sub(r"\D", "", os.path.basename(seed_dir)) or 0)
+  return seed, unit == sweep_units.SEQUENTIAL, unit
+
+
+def finished_payloads(output_dir: str, configurations: Sequence[str]):
+  """Every current unit's payload, in the sweep's order."""
+  payloads = []
+  for name in configurations:
+    paths = glob.glob(os.path.join(
+        output_dir, "runs", name, "seed*", "*", "result.json"))
+    for path in sorted(paths, key=_unit_order):
+      if sweep_jobs.is_current(path):
+        payloads.append(sweep_jobs.load_result(path))
+  return payloads
+
+
+def _title(manifest: dict, payloads) -> str:
+  """The sweep's title (`sweep._title`) from its manifest and units."""
+  source = re.search(r"sweep\.source = '(\w+)'",
+                     manifest.get("gin_config", ""))
+  codes = dict.fromkeys(
+      r["forget_language"] for p in payloads for r in p["rows"])
+  seeds = len({p["seed"] for p in payloads})
+  return (f"Forgetting {', '.join(codes)}: "
+          f"{source.group(1) if source else 'unknown'} data, {seeds} "
+          f"seed{'s' if seeds > 1 else ''}")
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    raise ValueError(
+        f"{path} does not exist: --output_dir must be a sweep's output "
+        "directory (it holds sweep.json and baselines.json).")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  output_dir = gin_flags.OUTPUT_DIR.value
+  if not output_dir:
+    raise ValueError("--output_dir is required: a sweep's output directory.")
+  manifest = _read_json(os.path.join(output_dir, "sweep.json"))
+  baselines = _read_json(os.path.join(output_dir, "baselines.json"))
+  payloads = finished_payloads(output_dir, manifest["configurations"])
+  if not payloads:
+    raise ValueError(f"{output_dir} has no finished unit of this version.")
+  report_dir = _REPORT_DIR.value or output_dir
+  os.makedirs(report_dir, exist_ok=True)
+  sweep_report.write_outputs(
+      report_dir, payloads, _title(manifest, payloads), baselines)
+  logging.info("%d units' report written to %s.", len(payloads), report_dir)
+
+
+if __name__ == "__main__":
+  user_errors.run(main)
