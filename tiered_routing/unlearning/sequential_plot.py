@@ -6,13 +6,14 @@ column) become, per (configuration, method, removals k):
   sequential_by_seed.csv  every row as it was run;
   sequential.csv          the mean over seeds and the half-width of its 95%
                           t-interval of every number (`sweep_statistics`);
-  sequential.png          one column of panels per configuration: the
-                          retained languages' mean loss change against the
-                          exact model after the same removals (top: 0 =
-                          the utility of a model that never saw them) and
-                          the cumulative unlearning FLOPs (bottom, log
-                          scale: exact is one partition retrain or nothing
-                          per request), against k, with 95% bands.
+  sequential.png          one column of panels per configuration, against
+                          k with 95% bands: the removed languages' mean gap
+                          closed (1 = the exact model), the retained
+                          languages' mean loss change against the exact
+                          model after the same removals (0 = the utility
+                          of a model that never saw them), and the
+                          cumulative unlearning FLOPs (log scale: exact is
+                          one partition retrain or nothing per request).
 
 Figures use the Agg canvas without pyplot and are written atomically
 (`plots.save_png`).
@@ -31,10 +32,13 @@ from tiered_routing.analysis import plots
 from tiered_routing.unlearning import sweep_statistics
 
 PANELS = (
+    ("forget_gap_closed", "removed languages'\ngap closed (mean)", "linear"),
     ("retain_loss_delta_vs_exact",
-     "retained Δloss vs exact (nats)", "linear"),
-    ("cumulative_flops", "cumulative unlearning FLOPs", "log"),
+     "retained Δloss\nvs exact (nats)", "linear"),
+    ("cumulative_flops", "cumulative\nunlearning FLOPs", "log"),
 )
+# The reference line of each linear panel: the exact model's value.
+_EXACT_LEVEL = {"forget_gap_closed": 1.0, "retain_loss_delta_vs_exact": 0.0}
 
 
 def by_k(
@@ -64,8 +68,8 @@ def _panel(ax, rows, run, colors, column, scale) -> None:
     ax.fill_between(ks, mean - half, mean + half, color=color, alpha=0.18,
                     linewidth=0)
   ax.set_yscale(scale)
-  if scale == "linear":
-    ax.axhline(0.0, color="0.6", linewidth=0.8)
+  if column in _EXACT_LEVEL:
+    ax.axhline(_EXACT_LEVEL[column], color="0.6", linewidth=0.8)
   ax.xaxis.get_major_locator().set_params(integer=True)
   ax.tick_params(labelsize=7)
 
@@ -78,8 +82,8 @@ def plot_sequential(
   methods = list(dict.fromkeys(r["method"] for r in rows))
   cmap = colormaps["tab10"]
   colors = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
-  width = 0.6 + 3.2 * len(runs)
-  fig = figure_lib.Figure(figsize=(width, 5.6), layout="constrained")
+  width = max(6.4, 0.8 + 3.2 * len(runs))
+  fig = figure_lib.Figure(figsize=(width, 7.2), layout="constrained")
   axes = np.array(fig.subplots(len(PANELS), len(runs), squeeze=False))
   order = {r["removals"]: r["forget_language"] for r in rows}
   for j, run in enumerate(runs):
