@@ -8,6 +8,7 @@ unlearning, the mask and gradient ascent.
 import functools
 import math
 import os
+import types
 
 import jax
 import numpy as np
@@ -152,3 +153,19 @@ def test_sweep_report_writes_the_sequence_files(sequence, tmp_path):
   text = (tmp_path / "sequential.csv").read_text()
   assert "retain_loss_delta_vs_exact_mean" in text
   assert math.isfinite(np.mean([r["cumulative_flops"] for r in rows]))
+
+
+@pytest.mark.parametrize("scheme, expected", [
+    # Every request alone in its partition: the groups run once.
+    (schemes.family(16), ["mask", "ga=graddiff", "npo=npo_retain=trace"]),
+    # Partitions with other languages: every method is its own run.
+    (schemes.family(4), ["mask", "ga", "graddiff", "npo", "npo_retain",
+                         "trace"]),
+])
+def test_methods_identical_for_the_whole_sequence_run_once(scheme, expected):
+  c = types.SimpleNamespace(
+      scheme=scheme, config=specs.UnlearningConfig(),
+      data=types.SimpleNamespace(task_name=lambda code: f"tr.t.{code}_v1"))
+  runs = seq.method_runs(c, ("ur", "de", "zh", "es"))
+  assert [name for name, _ in runs] == expected
+  assert all(name.split("=")[0] == method for name, method in runs)

@@ -23,7 +23,9 @@ after k removals would be a full retrain per k). After removal k:
             masked together.
   gradient  each method (GA, GradDiff, NPO, NPO+retain, TRACE) steps from
             its own model after removal k - 1 and stops at the exact
-            model's held-out loss on the new language (`held_out_stop`).
+            model's held-out loss on the new language (`held_out_stop`);
+            methods identical by construction for the whole sequence (no
+            request with retain data) run once (`method_runs`).
 
 One row per (method, k) (`sequence_row`): the removed languages' mean loss
 and gap closed against the exact model after k, the other languages' mean
@@ -42,6 +44,7 @@ from tiered_routing.model import param_count
 from tiered_routing.tier1 import languages
 from tiered_routing.unlearning import configuration
 from tiered_routing.unlearning import exact
+from tiered_routing.unlearning import gradient_methods
 from tiered_routing.unlearning import mask_method
 from tiered_routing.unlearning import methods
 from tiered_routing.unlearning import runner
@@ -109,6 +112,27 @@ def _mask_step(c: Trained, state: _State, active: int) -> methods.Row:
 def _gradient_step(c: Trained, reference, active: int) -> methods.Row:
   (row,) = runner.approximate_rows(c, reference, active)
   return row
+
+
+def method_runs(
+    c: Trained, codes: Sequence[str]
+) -> list[tuple[str, str]]:
+  """(row name, method run) of every non-exact method. When no request
+  has retain data (every removed language alone in its partition), GA =
+  GradDiff and NPO = NPO+retain = TRACE by construction at every step:
+  each group runs once and is one row named 'ga=graddiff' etc., as in the
+  per-language units (`gradient_methods.identical_by_construction`)."""
+  others = [m for m in c.config.methods if m != EXACT]
+  table, has_retain = exact.RoutingTable.from_scheme(c.scheme), False
+  for code in codes:
+    has_retain |= bool(exact.plan(table, code, c.data.task_name)
+                       .retain_languages)
+    table = exact.drop_partition(table, code)
+  gradient = tuple(m for m in others if m in gradient_methods.METHODS)
+  groups = {g[0]: g for g in gradient_methods.identical_by_construction(
+      gradient, has_retain)}
+  return [("=".join(groups[m]), m) if m in groups else (m, m)
+          for m in others if m in groups or m not in gradient]
 
 
 def sequence_row(
@@ -188,25 +212,25 @@ def run_sequence(
   active = param_count.count_params(c.spec.model_config).active
   uniform = math.log(c.spec.model_config.vocab_size)
   start = _State(c.original, c.base, Cost(active_params=active))
-  others = [m for m in c.config.methods if m != EXACT]
-  states = {m: start for m in [EXACT] + others}
+  others = method_runs(c, codes)
+  states = {name: start for name in [EXACT] + [n for n, _ in others]}
   table, rows = exact.RoutingTable.from_scheme(c.scheme), []
   for k, code in enumerate(codes, 1):
     ref, states[EXACT], step = _exact_step(
         c, table, code, states[EXACT], k, work_dir, active
     )
     steps = {EXACT: step}
-    for m in others:
-      stage = _stage(c, table, code, states[m], m)
+    for name, m in others:
+      stage = _stage(c, table, code, states[name], m)
       if m == "mask":
         stage = dataclasses.replace(stage, original=c.original)
-        row = _mask_step(stage, states[m], active)
+        row = _mask_step(stage, states[name], active)
         critical = ~row.model.expert_mask_MxPxE
       else:
         row, critical = _gradient_step(stage, ref, active), None
-      steps[m] = row.cost
-      states[m] = _State(row.model.params, row.languages,
-                         _add(states[m].cost, row.cost), critical)
+      steps[name] = row.cost
+      states[name] = _State(row.model.params, row.languages,
+                            _add(states[name].cost, row.cost), critical)
     table = exact.drop_partition(table, code)
     removed = tuple(codes[:k])
     for m, state in states.items():
