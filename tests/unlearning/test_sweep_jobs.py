@@ -7,12 +7,13 @@ from tiered_routing.unlearning import sweep_jobs
 from tiered_routing.unlearning import sweep_progress
 
 
-def _job(tmp_path, name, seed, langs=("ur",), train=10.0, forget=1.0):
+def _job(tmp_path, name, seed, langs=("ur",), train=10.0, forget=1.0,
+         sequence=0.0):
   out = str(tmp_path)
   return sweep_jobs.Job(
       name, seed, os.path.join(out, "runs", name, f"seed{seed}"),
       tuple(sweep_jobs.result_path(out, name, seed, l) for l in langs),
-      train, forget,
+      train, forget, sequence,
   )
 
 
@@ -117,3 +118,12 @@ def test_results_of_an_older_version_are_redone(tmp_path):
   with open(job.result_paths[1], "w") as f:
     f.write(json.dumps(old))
   assert not sweep_jobs.is_current(job.result_paths[1])
+
+
+def test_the_sequence_weighs_its_own_estimate(tmp_path):
+  job = _job(tmp_path, "family4_none", 0, ("ur", sweep_jobs.SEQUENTIAL),
+             train=10.0, forget=1.0, sequence=4.0)
+  assert job.remaining_weight() == 10.0 + 1.0 + 4.0
+  _finish(job.result_paths[0])
+  assert job.remaining_weight() == 4.0
+  assert job.weight_of(job.result_paths[1]) == 4.0

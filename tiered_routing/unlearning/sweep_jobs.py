@@ -30,6 +30,7 @@ from tiered_routing.train import atomic_file
 from tiered_routing.unlearning import sweep_progress
 
 CLAIM = "CLAIM"
+SEQUENTIAL = "sequential"  # A seed's sequence directory, beside languages'.
 
 
 class WorkersFailed(RuntimeError):
@@ -108,6 +109,8 @@ class Job:
     result_paths: one result.json per forget language.
     train_weight: estimated cost of training the original.
     forget_weight: estimated cost of forgetting one language.
+    sequential_weight: estimated cost of the sequential removals (a
+      result path in a `SEQUENTIAL` directory); 0 = none.
   """
 
   name: str
@@ -116,17 +119,25 @@ class Job:
   result_paths: tuple[str, ...]
   train_weight: float
   forget_weight: float
+  sequential_weight: float = 0.0
 
   def missing(self) -> list[str]:
     return [p for p in self.result_paths if not is_current(p)]
+
+  def weight_of(self, path: str) -> float:
+    """The estimated cost of one of `result_paths`."""
+    if os.path.basename(os.path.dirname(path)) == SEQUENTIAL:
+      return self.sequential_weight
+    return self.forget_weight
 
   def remaining_weight(self) -> float:
     """Estimated cost still ahead: one forget per missing result, plus the
     original's training while no result exists (after the first, the
     original is trained and checkpointed)."""
-    missing = len(self.missing())
-    train = self.train_weight if missing == len(self.result_paths) else 0.0
-    return train + self.forget_weight * missing
+    missing = self.missing()
+    first = len(missing) == len(self.result_paths)
+    train = self.train_weight if first else 0.0
+    return train + sum(self.weight_of(p) for p in missing)
 
 
 def claim_order(jobs: Sequence[Job], priority: Sequence[str]) -> list[Job]:
@@ -180,7 +191,7 @@ def _credit(job: Job, seen: set, progress: sweep_progress.Progress):
       continue
     first = not any(p in seen for p in job.result_paths)
     seen.add(path)
-    weight = job.forget_weight + (job.train_weight if first else 0.0)
+    weight = job.weight_of(path) + (job.train_weight if first else 0.0)
     language = os.path.basename(os.path.dirname(path))
     progress.done(weight, f"{job.name} seed {job.seed} forgot {language}")
 

@@ -33,7 +33,7 @@ from tiered_routing.unlearning import sweep_progress
 
 # Seeds of different training runs draw from well separated data streams.
 _DATA_SEED_STRIDE = 1000
-SEQUENTIAL = "sequential"  # The sequence's directory beside the languages'.
+SEQUENTIAL = sweep_jobs.SEQUENTIAL
 
 
 def data_spec(source: str, scheme: schemes.PartitionScheme) -> specs.DataSpec:
@@ -133,7 +133,9 @@ class Units:
             os.path.dirname(path),
         )
         sweep_jobs.save_result(path, result, seed, time.time() - start)
-      self.progress.done(forget, f"{c.name} seed {seed} {_verb(unit)}")
+      weight = (_sequence_weight(self.sweep, forget)
+                if unit == SEQUENTIAL else forget)
+      self.progress.done(weight, f"{c.name} seed {seed} {_verb(unit)}")
     return [sweep_jobs.load_result(paths[u]) for u in names]
 
   def _prepare(self, c, seed: int, code: str):
@@ -149,6 +151,11 @@ class Units:
         ),
         mesh=self.mesh,
     )
+
+
+def _sequence_weight(sweep, forget: float) -> float:
+  """A sequence costs about one forget unit per request."""
+  return forget * len(sweep.sequential_languages)
 
 
 def _verb(unit: str) -> str:
@@ -179,7 +186,7 @@ def jobs(
               sweep_jobs.result_path(output_dir, c.name, seed, u)
               for u in unit_names(sweep, c)
           ),
-          train, forget,
+          train, forget, _sequence_weight(sweep, forget),
       ))
   return out
 
