@@ -39,8 +39,8 @@ def sweep_dir(tmp_path):
       "version": sweep_jobs.RESULT_VERSION, "seed": 0, "rows": [],
       "languages": {}, "sequential": [
           {"run": "family2_none", "forget_language": "ur", "method": "exact",
-           "seed": 0, "removals": 1, "retain_loss_delta_vs_exact": 0.0,
-           "cumulative_flops": 1e9}]})
+           "seed": 0, "removals": 1, "forget_gap_closed": 1.0,
+           "retain_loss_delta_vs_exact": 0.0, "cumulative_flops": 1e9}]})
   (out / "sweep.json").write_text(json.dumps({
       "configurations": ["family2_none"],
       "gin_config": "tradeoff.make_sweep.source = 'sample'\n"}))
