@@ -60,9 +60,8 @@ def _title(manifest: dict, payloads) -> str:
   codes = dict.fromkeys(
       r["forget_language"] for p in payloads for r in p["rows"])
   seeds = len({p["seed"] for p in payloads})
-  return (f"Forgetting {', '.join(codes)}: "
-          f"{source.group(1) if source else 'unknown'} data, {seeds} "
-          f"seed{'s' if seeds > 1 else ''}")
+  return sweep_report.title(
+      codes, source.group(1) if source else "unknown", seeds)
 
 
 def _read_json(path: str) -> dict:

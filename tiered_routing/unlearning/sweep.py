@@ -214,10 +214,7 @@ def _check_sequential(sweep: Sweep, configs: list[Configuration]) -> None:
 
 
 def _title(sweep: Sweep) -> str:
-  return (
-      f"Forgetting {', '.join(sweep.languages)}: {sweep.source} data, "
-      f"{len(sweep.seeds)} seed{'s' if len(sweep.seeds) > 1 else ''}"
-  )
+  return sweep_report.title(sweep.languages, sweep.source, len(sweep.seeds))
 
 
 def _baselines(sweep: Sweep, output_dir: str, units: sweep_units.Units):

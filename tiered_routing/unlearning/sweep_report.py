@@ -151,6 +151,12 @@ _LEGEND = (
 )
 
 
+def title(languages, source: str, seeds: int) -> str:
+  """The heading of a sweep's tables and plots."""
+  return (f"Forgetting {', '.join(languages)}: {source} data, {seeds} "
+          f"seed{'s' if seeds > 1 else ''}")
+
+
 def write_outputs(
     output_dir: str,
     payloads: Sequence[Mapping[str, Any]],
