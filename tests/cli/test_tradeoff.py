@@ -138,6 +138,50 @@ def test_cpu_preset_removes_four_languages_in_sequence_on_strict_configs(
     dataclasses.replace(sweep, sequential_languages=("ur", "ur"))
 
 
+@pytest.mark.parametrize("preset", ["smoke", "sample", "cpu", "mc4"])
+def test_every_preset_takes_audit_bindings(clean_gin, preset):
+  """An AuditConfig binding on the command line reaches the sweep (a
+  preset that left UnlearningConfig.audits unbound ignored it silently)."""
+  sweep = _sweep(preset, ["tradeoff_script.AuditConfig.enabled = False"])
+  assert not sweep.unlearning.audits.enabled
+  c = sweep_lib.configurations(sweep)[0]
+  assert not sweep.audited(c.name, sweep.languages[0])
+
+
+def test_cpu_preset_audits_where_issue_14_asks(clean_gin, tmp_path):
+  """n in {1, 4, 16} and the n = 4 hybrids, the first forget language;
+  a unit saved without audits is redone only where audits are asked."""
+  sweep = _sweep("cpu")
+  audited = {
+      c.name: sorted(sweep_units.audited_units(sweep, c))
+      for c in sweep_lib.configurations(sweep)
+  }
+  assert {n for n, codes in audited.items() if codes} == {
+      "family1_none", "family4_none", "family16_none",
+      "family4_attention", "family4_all",
+  }
+  assert all(codes in ([], ["ur"]) for codes in audited.values())
+  gin.clear_config()
+  everything = _sweep("cpu", ["AUDIT_CONFIGURATIONS = None",
+                              "AUDIT_FORGET_LANGUAGES = None"])
+  c = sweep_lib.configurations(everything)[1]  # family2_none
+  assert sweep_units.audited_units(everything, c) == {"ur", "de", "zh"}
+  with pytest.raises(ValueError, match=r"audit_configurations names "
+                     r"\['family3_none'\]"):
+    sweep_lib.configurations(dataclasses.replace(
+        sweep, audit_configurations=("family3_none",)))
+  job = next(j for j in sweep_units.jobs(sweep, str(tmp_path),
+                                          sweep_lib.configurations(sweep))
+             if j.name == "family4_none")
+  ur, de = job.result_paths[:2]
+  assert job.audited_paths == (ur,)
+  for path in (ur, de):
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+      json.dump({"version": 2, "audited": False, "rows": []}, f)
+  assert job.missing() == [ur] + list(job.result_paths[2:])
+
+
 def test_mc4_preset_uses_the_size_configs(clean_gin):
   """tradeoff_mc4.gin's per-n widths are those of gin/models/n{n}.gin."""
   sweep = _sweep("mc4")
@@ -226,8 +270,9 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
     rows = list(csv.DictReader(f))
   assert [r["method"] for r in rows] == METHODS
   for column in (
-      "run",
+      "config",
       "forget_language",
+      "method",
       "seeds",
       "forget_loss_delta_mean",
       "forget_gap_closed_ci95",
@@ -240,7 +285,7 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
       "comp_mi_bits_mean",
   ):
     assert column in rows[0], column
-  assert {r["run"] for r in rows} == {"family2_attention"}
+  assert {r["config"] for r in rows} == {"family2_attention"}
   assert {r["seeds"] for r in rows} == {"2"}
   assert all(float(r["retain_loss_delta_ci95"]) >= 0 for r in rows)
   with open(out / "results_by_seed.csv", newline="") as f:

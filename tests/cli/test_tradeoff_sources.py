@@ -70,7 +70,7 @@ def _check_report(output_dir):
   with open(output_dir / "results.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert [r["method"] for r in rows] == ["exact_retrain", "ga"]
-  assert {r["run"] for r in rows} == {"family2_none"}
+  assert {r["config"] for r in rows} == {"family2_none"}
   for name in ("results.md", "per_language.csv", "originals.csv",
                "baselines.json", "pareto.png"):
     assert (output_dir / name).exists(), name

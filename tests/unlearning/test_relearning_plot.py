@@ -154,7 +154,9 @@ def test_write_outputs_writes_relearning_csv_and_plots(tmp_path):
   sweep_report.write_outputs(str(tmp_path), _payloads(rows), "smoke", {})
   with open(tmp_path / "relearning.csv", newline="") as f:
     table = list(csv.DictReader(f))
-  assert tuple(table[0]) == relearning_plot.LONG_COLUMNS
+  assert tuple(table[0]) == tuple(
+      sweep_report.CSV_NAMES.get(c, c) for c in relearning_plot.LONG_COLUMNS)
+  assert tuple(table[0])[0] == "config"
   # 2 seeds x 2 attacked methods x 3 attacks x 3 points; exact_drop none.
   assert len(table) == 36
   assert {r["method"] for r in table} == {"ga", "mask"}

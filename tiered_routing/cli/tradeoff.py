@@ -146,6 +146,8 @@ def make_sweep(**kwargs) -> sweep_lib.Sweep:
       "shared_forget_languages",
       "sequential_configurations",
       "sequential_languages",
+      "audit_configurations",
+      "audit_forget_languages",
   ):
     if kwargs.get(name) is not None:
       kwargs[name] = tuple(kwargs[name])

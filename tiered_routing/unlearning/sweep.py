@@ -80,6 +80,11 @@ class Sweep:
       every seed also removes `sequential_languages` one after another
       (`sequential_removals`).
     sequential_languages: the removal requests, in order.
+    audit_configurations: configurations whose forget units are put
+      through the audits (`unlearning.audits`, `forget_audits`); None =
+      every configuration. The attacks multiply a unit's cost, so the cpu
+      preset audits where they answer the question (issue 14's sizing).
+    audit_forget_languages: forget languages audited; None = every one.
   """
 
   model_config: decoder_config.DecoderConfig
@@ -105,6 +110,8 @@ class Sweep:
   max_validation_examples: Optional[int] = None
   sequential_configurations: tuple[str, ...] = ()
   sequential_languages: tuple[str, ...] = ()
+  audit_configurations: Optional[tuple[str, ...]] = None
+  audit_forget_languages: Optional[tuple[str, ...]] = None
 
   def __post_init__(self):
     if self.equal_total_params and self.model_overrides:
@@ -117,7 +124,8 @@ class Sweep:
           f"Sweep.seeds={self.seeds!r}; allowed: distinct ints, at least one."
       )
     for code in (self.languages + (self.shared_forget_languages or ())
-                 + self.sequential_languages):
+                 + self.sequential_languages
+                 + (self.audit_forget_languages or ())):
       languages.get(code)
     if self.sequential_configurations and (
         len(set(self.sequential_languages)) < max(
@@ -139,6 +147,17 @@ class Sweep:
     if shared and self.shared_forget_languages is not None:
       return self.shared_forget_languages
     return self.languages
+
+  def audited(self, name: str, code: str) -> bool:
+    """Whether configuration `name`'s unit forgetting `code` runs the
+    audits."""
+    return (
+        self.unlearning.audits.enabled
+        and (self.audit_configurations is None
+             or name in self.audit_configurations)
+        and (self.audit_forget_languages is None
+             or code in self.audit_forget_languages)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,17 +206,23 @@ def configurations(sweep: Sweep) -> list[Configuration]:
           out.append(
               Configuration(f"{scheme.name}_{sharing}", scheme, config)
           )
+  _check_names(sweep, [c.name for c in out])
   if sweep.only is not None:
-    names = [c.name for c in out]
-    unknown = [n for n in sweep.only if n not in names]
-    if unknown:
-      raise ValueError(
-          f"tradeoff.sweep.only names {unknown}, which the "
-          f"sweep does not produce; it produces {names}."
-      )
     out = [c for c in out if c.name in sweep.only]
   _check_sequential(sweep, out)
   return out
+
+
+def _check_names(sweep: Sweep, names: list[str]) -> None:
+  """`only` and `audit_configurations` name configurations the sweep
+  produces (before `only` filters them)."""
+  for field in ("only", "audit_configurations"):
+    unknown = [n for n in getattr(sweep, field) or () if n not in names]
+    if unknown:
+      raise ValueError(
+          f"tradeoff.sweep.{field} names {unknown}, which the "
+          f"sweep does not produce; it produces {names}."
+      )
 
 
 def _check_sequential(sweep: Sweep, configs: list[Configuration]) -> None:
@@ -256,7 +281,7 @@ def run_sweep(
     sweep_jobs.clear_claims(todo)
     finished = lambda: [
         sweep_jobs.load_result(p)
-        for j in todo for p in j.result_paths if sweep_jobs.is_current(p)
+        for j in todo for p in j.result_paths if j.is_done(p)
     ]
     codes = sweep_jobs.watch(todo, launch(), lambda: write(finished()))
     sweep_jobs.clear_claims(todo)

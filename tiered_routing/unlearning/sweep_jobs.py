@@ -43,14 +43,20 @@ class WorkersFailed(RuntimeError):
 RESULT_VERSION = 2
 
 
-def is_current(path: str) -> bool:
-  """Whether a unit's result exists and was written by this version."""
+def is_current(path: str, audited: bool = False) -> bool:
+  """Whether a unit's result exists, was written by this version and, when
+  `audited`, carries the audits (a unit saved without them, outside an
+  earlier sweep's `audit_configurations`, is forgotten again)."""
   if not os.path.exists(path):
     return False
   try:
-    return load_result(path).get("version", 1) == RESULT_VERSION
+    payload = load_result(path)
   except (OSError, ValueError):
     return False  # Unreadable: redo it.
+  # Version-2 results written before the audit scope existed were audited.
+  return payload.get("version", 1) == RESULT_VERSION and (
+      not audited or payload.get("audited", True)
+  )
 
 
 def result_path(output_dir: str, name: str, seed: int, code: str) -> str:
@@ -71,6 +77,7 @@ def save_result(path: str, result, seed: int, wall_s: float) -> dict:
       "rows": rows,
       "languages": result.languages,
       "wall_s": wall_s,
+      "audited": bool(result.audit_seconds),
       "audit_seconds": result.audit_seconds,
   }
   atomic_file.write_text(path, json.dumps(payload, indent=1) + "\n")
@@ -111,6 +118,7 @@ class Job:
     forget_weight: estimated cost of forgetting one language.
     sequential_weight: estimated cost of the sequential removals (a
       result path in a `SEQUENTIAL` directory); 0 = none.
+    audited_paths: those of `result_paths` whose units run the audits.
   """
 
   name: str
@@ -120,9 +128,14 @@ class Job:
   train_weight: float
   forget_weight: float
   sequential_weight: float = 0.0
+  audited_paths: tuple[str, ...] = ()
+
+  def is_done(self, path: str) -> bool:
+    """Whether one of `result_paths` is current (`is_current`)."""
+    return is_current(path, audited=path in self.audited_paths)
 
   def missing(self) -> list[str]:
-    return [p for p in self.result_paths if not is_current(p)]
+    return [p for p in self.result_paths if not self.is_done(p)]
 
   def weight_of(self, path: str) -> float:
     """The estimated cost of one of `result_paths`."""
@@ -187,7 +200,7 @@ class Process(Protocol):
 def _credit(job: Job, seen: set, progress: sweep_progress.Progress):
   """Logs a progress line for each of `job`'s results new since last time."""
   for path in job.result_paths:
-    if path in seen or not is_current(path):
+    if path in seen or not job.is_done(path):
       continue
     first = not any(p in seen for p in job.result_paths)
     seen.add(path)
@@ -216,7 +229,7 @@ def watch(
   Returns:
     The workers' exit codes.
   """
-  seen = {p for j in jobs for p in j.result_paths if is_current(p)}
+  seen = {p for j in jobs for p in j.result_paths if j.is_done(p)}
   todo = sum(j.remaining_weight() for j in jobs)
   total = sum(len(j.result_paths) for j in jobs)
   progress = sweep_progress.Progress(total, todo)

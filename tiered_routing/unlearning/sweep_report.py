@@ -120,8 +120,15 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns=TABLE_COLUMNS):
   return "\n".join(lines) + "\n"
 
 
+# A row's configuration is `run` inside the sweep (`tradeoff_metrics`) and
+# `config` in every file a reader opens, as in the Markdown tables.
+CSV_NAMES = {"run": "config"}
+
+
 def write_csv_rows(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  """Rows as CSV (columns in first-seen order, blank where missing)."""
+  """Rows as CSV (columns in first-seen order, blank where missing; the
+  key `run` is written as `config`)."""
+  rows = [{CSV_NAMES.get(k, k): v for k, v in r.items()} for r in rows]
   columns = list(dict.fromkeys(k for r in rows for k in r))
   out = io.StringIO()
   writer = csv.DictWriter(

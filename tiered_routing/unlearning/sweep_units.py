@@ -96,9 +96,17 @@ class Units:
       )
     return self.caches[seed]
 
-  def unlearning(self, code: str, seed: int) -> specs.UnlearningConfig:
+  def unlearning(
+      self, name: str, code: str, seed: int
+  ) -> specs.UnlearningConfig:
+    """Configuration `name`'s settings for forgetting `code`: the audits
+    run only where the sweep asks for them (`Sweep.audited`)."""
+    config = self.sweep.unlearning
+    audits = dataclasses.replace(
+        config.audits, enabled=self.sweep.audited(name, code)
+    )
     return dataclasses.replace(
-        self.sweep.unlearning, forget_language=code, seed=seed
+        config, forget_language=code, seed=seed, audits=audits
     )
 
   def run(self, c, seed: int) -> list[dict]:
@@ -109,7 +117,11 @@ class Units:
         u: sweep_jobs.result_path(self.output_dir, c.name, seed, u)
         for u in names
     }
-    todo = [u for u in names if not sweep_jobs.is_current(paths[u])]
+    audited = audited_units(self.sweep, c)
+    todo = [
+        u for u in names
+        if not sweep_jobs.is_current(paths[u], audited=u in audited)
+    ]
     trained = None
     if not todo:
       self.progress.skip()
@@ -129,7 +141,9 @@ class Units:
         sweep_jobs.save_sequential(path, rows, seed, time.time() - start)
       else:
         result = runner.forget(
-            configuration.for_language(trained, self.unlearning(unit, seed)),
+            configuration.for_language(
+                trained, self.unlearning(c.name, unit, seed)
+            ),
             os.path.dirname(path),
         )
         sweep_jobs.save_result(path, result, seed, time.time() - start)
@@ -145,7 +159,7 @@ class Units:
     return configuration.prepare(
         run=c.name, scheme=c.scheme, spec=train_spec(self.sweep, c, seed),
         data=data_spec(self.sweep.source, c.scheme),
-        config=self.unlearning(code, seed), cache=self.cache(seed),
+        config=self.unlearning(c.name, code, seed), cache=self.cache(seed),
         work_dir=os.path.join(
             self.output_dir, "runs", c.name, f"seed{seed}"
         ),
@@ -171,6 +185,13 @@ def unit_names(sweep, c) -> list[str]:
   return names
 
 
+def audited_units(sweep, c) -> set[str]:
+  """The forget languages of configuration `c` whose units run the
+  audits."""
+  return {u for u in unit_names(sweep, c)
+          if u != SEQUENTIAL and sweep.audited(c.name, u)}
+
+
 def jobs(
     sweep, output_dir: str, configs: list
 ) -> list[sweep_jobs.Job]:
@@ -178,15 +199,16 @@ def jobs(
   out = []
   for c in configs:
     train, forget = weights(sweep, c)
+    audited = audited_units(sweep, c)
     for seed in sweep.seeds:
+      path = functools.partial(sweep_jobs.result_path, output_dir, c.name,
+                               seed)
       out.append(sweep_jobs.Job(
           c.name, seed,
           os.path.join(output_dir, "runs", c.name, f"seed{seed}"),
-          tuple(
-              sweep_jobs.result_path(output_dir, c.name, seed, u)
-              for u in unit_names(sweep, c)
-          ),
+          tuple(path(u) for u in unit_names(sweep, c)),
           train, forget, _sequence_weight(sweep, forget),
+          tuple(path(u) for u in unit_names(sweep, c) if u in audited),
       ))
   return out
 
