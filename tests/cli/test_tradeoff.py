@@ -306,6 +306,15 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
     assert (out / name).exists(), name
   manifest = json.loads((out / "sweep.json").read_text())
   assert manifest["configurations"] == ["family2_attention"]
+  # Each unit's cost in CPU seconds; the first also carries the original's
+  # training, so that the payloads sum to the sweep's cost.
+  unit = json.loads(
+      (out / "runs" / "family2_attention" / "seed0" / "ur" / "result.json")
+      .read_text())
+  assert unit["audited"] and unit["cpu_s"] > 0 and unit["prepare_cpu_s"] > 0
+  audit_cpu = sum(unit["audit_cpu_seconds"].values())
+  assert 0 < audit_cpu <= unit["cpu_s"]
+  assert set(unit["audit_cpu_seconds"]) == set(unit["audit_seconds"])
   assert not [p for p in os.listdir(out) if ".tmp" in p]
 
   before = (out / "results.csv").read_text()

@@ -26,6 +26,7 @@ from absl import logging
 from tiered_routing.cli import gin_flags
 from tiered_routing.cli import user_errors
 from tiered_routing.unlearning import sweep_jobs
+from tiered_routing.unlearning import sweep_costs
 from tiered_routing.unlearning import sweep_report
 from tiered_routing.unlearning import sweep_units
 
@@ -87,7 +88,9 @@ def main(argv: Sequence[str]) -> None:
   os.makedirs(report_dir, exist_ok=True)
   sweep_report.write_outputs(
       report_dir, payloads, _title(manifest, payloads), baselines)
-  logging.info("%d units' report written to %s.", len(payloads), report_dir)
+  logging.info("%d units' report written to %s. Cost: %s.", len(payloads),
+               report_dir,
+               sweep_costs.total_line(sweep_costs.cost_rows(payloads)))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ from tiered_routing.cli import user_errors
 from tiered_routing.model import param_count
 from tiered_routing.train import model_dir_lock
 from tiered_routing.unlearning import sweep as sweep_lib
+from tiered_routing.unlearning import sweep_costs
 from tiered_routing.unlearning import sweep_jobs
 from tiered_routing.unlearning import sweep_report
 
@@ -294,14 +295,15 @@ def main(argv):
       logging.info("Resuming the sweep in %s.", output_dir)
     start = time.time()
     try:
-      sweep_lib.run_sweep(sweep, output_dir, launch)
+      payloads = sweep_lib.run_sweep(sweep, output_dir, launch)
     except sweep_jobs.WorkersFailed as e:
       logging.error("%s", e)
       sys.exit(1)
     logging.info(
-        "Sweep finished in %.0f s; results in %s.",
+        "Sweep finished in %.0f s; results in %s. Cost: %s.",
         time.time() - start,
         output_dir,
+        sweep_costs.total_line(sweep_costs.cost_rows(payloads)),
     )
 
 

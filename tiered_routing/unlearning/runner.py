@@ -73,11 +73,15 @@ class ConfigurationResult:
       'reference' and each method's.
     audit_seconds: wall time of the audits per family (`forget_audits`);
       kept out of the rows so that a rerun writes the same results.
+    audit_cpu_seconds: their CPU time per family.
   """
 
   results: tuple[tradeoff_metrics.UnlearningResult, ...]
   languages: dict[str, tradeoff_metrics.LanguageResults]
   audit_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+  audit_cpu_seconds: dict[str, float] = dataclasses.field(
+      default_factory=dict
+  )
 
 
 def _check_finite(run: str, method: str, langs) -> None:
@@ -197,12 +201,12 @@ def forget(
           c.base_routing, code, config.top_m, _reachable_experts(c)
       ),
   }
-  seconds = {}
+  seconds, cpu_seconds = {}, {}
   if config.audits.enabled:
     auditor = forget_audits.Auditor(c, reference, ref.exact_row.model)
     rows = [row._replace(extra={**row.extra, **auditor.columns(row)})
             for row in rows]
-    seconds = dict(auditor.seconds)
+    seconds, cpu_seconds = dict(auditor.seconds), dict(auditor.cpu_seconds)
   results = tuple(_result(c, row, reference, extra) for row in rows)
   return ConfigurationResult(
       results,
@@ -212,6 +216,7 @@ def forget(
           **{row.method: row.languages for row in rows},
       },
       seconds,
+      cpu_seconds,
   )
 
 

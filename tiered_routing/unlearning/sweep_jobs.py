@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from tiered_routing.train import atomic_file
 from tiered_routing.unlearning import sweep_progress
@@ -64,8 +64,14 @@ def result_path(output_dir: str, name: str, seed: int, code: str) -> str:
                       "result.json")
 
 
-def save_result(path: str, result, seed: int, wall_s: float) -> dict:
-  """Writes one unit's rows (a runner.ConfigurationResult) atomically."""
+def save_result(
+    path: str, result, seed: int, timing: Mapping[str, float]
+) -> dict:
+  """Writes one unit's rows (a runner.ConfigurationResult) atomically.
+
+  `timing` (`UnitClock.timing`) goes into the payload: its cost in wall
+  and CPU seconds, not into the rows (a rerun writes the same tables).
+  """
   rows = []
   for r in result.results:
     row = r.to_row()
@@ -76,15 +82,18 @@ def save_result(path: str, result, seed: int, wall_s: float) -> dict:
       "seed": seed,
       "rows": rows,
       "languages": result.languages,
-      "wall_s": wall_s,
+      **timing,
       "audited": bool(result.audit_seconds),
       "audit_seconds": result.audit_seconds,
+      "audit_cpu_seconds": result.audit_cpu_seconds,
   }
   atomic_file.write_text(path, json.dumps(payload, indent=1) + "\n")
   return payload
 
 
-def save_sequential(path: str, rows: list, seed: int, wall_s: float) -> dict:
+def save_sequential(
+    path: str, rows: list, seed: int, timing: Mapping[str, float]
+) -> dict:
   """Writes one (configuration, seed)'s sequential removals atomically:
   a payload with no per-language-unit rows and the sequence's rows
   (`sequential_removals.run_sequence`) under 'sequential'."""
@@ -94,10 +103,28 @@ def save_sequential(path: str, rows: list, seed: int, wall_s: float) -> dict:
       "rows": [],
       "languages": {},
       "sequential": [{**row, "seed": seed} for row in rows],
-      "wall_s": wall_s,
+      **timing,
   }
   atomic_file.write_text(path, json.dumps(payload, indent=1) + "\n")
   return payload
+
+
+class UnitClock:
+  """Wall and CPU seconds (this process, every thread) since `start`.
+
+  CPU time is the sweep's cost measure: wall time also counts waits for
+  the other worker's core and pauses of the machine.
+  """
+
+  def __init__(self):
+    self.start()
+
+  def start(self) -> None:
+    self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+  def timing(self, **extra: float) -> dict[str, float]:
+    return {"wall_s": time.perf_counter() - self.wall,
+            "cpu_s": time.process_time() - self.cpu, **extra}
 
 
 def load_result(path: str) -> dict:

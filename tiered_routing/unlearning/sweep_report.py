@@ -26,6 +26,8 @@
   sequential_by_seed.csv, utility and cost after each, over seeds and per
   sequential.png       seed (`sequential_plot`); only when a sweep has
                        `sequential_configurations`.
+  costs.csv            each unit's CPU seconds: the original's training,
+                       the audits, the rest (`sweep_costs`).
 
 A reader never sees half a file (temporary file + rename).
 """
@@ -41,6 +43,7 @@ from typing import Any
 from tiered_routing.train import atomic_file
 from tiered_routing.unlearning import relearning_plot
 from tiered_routing.unlearning import sequential_plot
+from tiered_routing.unlearning import sweep_costs
 from tiered_routing.unlearning import sweep_plot
 from tiered_routing.unlearning import sweep_statistics
 from tiered_routing.unlearning import sweep_tables
@@ -180,6 +183,9 @@ def write_outputs(
     title: heading of the tables and the plot.
     baselines: {code: {'unigram_loss', 'bigram_loss'}}.
   """
+  costs = sweep_costs.cost_rows(payloads)
+  if costs:
+    write_csv_rows(os.path.join(output_dir, "costs.csv"), costs)
   sequential = [r for p in payloads for r in p.get("sequential", ())]
   if sequential:
     _write_sequential(output_dir, sequential, title)

@@ -15,7 +15,6 @@ result.json`). `jobs` lists the same units for the worker processes
 import dataclasses
 import functools
 import os
-import time
 
 from absl import logging
 
@@ -122,7 +121,7 @@ class Units:
         u for u in names
         if not sweep_jobs.is_current(paths[u], audited=u in audited)
     ]
-    trained = None
+    trained, prepare = None, {}
     if not todo:
       self.progress.skip()
       logging.info("%s seed %d: done earlier, kept.", c.name, seed)
@@ -130,15 +129,20 @@ class Units:
       if unit not in todo:
         self.progress.skip()
         continue
+      clock = sweep_jobs.UnitClock()
       if trained is None:
         trained = self._prepare(c, seed, names[0])
+        # Training (or restoring) the original: recorded with the first
+        # unit, so that the payloads sum to the sweep's cost.
+        prepare = {f"prepare_{k}": v for k, v in clock.timing().items()}
         self.progress.done(train, f"{c.name} seed {seed} trained")
-      start, path = time.time(), paths[unit]
+        clock.start()
+      path = paths[unit]
       if unit == SEQUENTIAL:
         rows = sequential_removals.run_sequence(
             trained, self.sweep.sequential_languages, os.path.dirname(path)
         )
-        sweep_jobs.save_sequential(path, rows, seed, time.time() - start)
+        sweep_jobs.save_sequential(path, rows, seed, clock.timing(**prepare))
       else:
         result = runner.forget(
             configuration.for_language(
@@ -146,7 +150,8 @@ class Units:
             ),
             os.path.dirname(path),
         )
-        sweep_jobs.save_result(path, result, seed, time.time() - start)
+        sweep_jobs.save_result(path, result, seed, clock.timing(**prepare))
+      prepare = {}
       weight = (_sequence_weight(self.sweep, forget)
                 if unit == SEQUENTIAL else forget)
       self.progress.done(weight, f"{c.name} seed {seed} {_verb(unit)}")
