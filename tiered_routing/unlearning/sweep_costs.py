@@ -29,6 +29,15 @@ def _unit_name(payload: Mapping[str, Any]) -> tuple[str, str]:
   return first["run"], first["forget_language"]
 
 
+def _audited(payload: Mapping[str, Any]) -> bool:
+  """Whether a unit ran the audits (payloads from before the `audited`
+  key: whether its rows have their columns)."""
+  if "audited" in payload:
+    return bool(payload["audited"])
+  rows = payload.get("rows") or [{}]
+  return any(k.startswith("mia_auc") for k in rows[0])
+
+
 def cost_rows(payloads: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """One row per unit: its CPU seconds split into the original's
   preparation, the audits and the rest (retraining, methods, scoring)."""
@@ -43,7 +52,7 @@ def cost_rows(payloads: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         "run": config,
         "seed": p["seed"],
         "unit": unit,
-        "audited": bool(p.get("audited", bool(p.get("audit_seconds")))),
+        "audited": _audited(p),
         "prepare_cpu_s": p.get("prepare_cpu_s", 0.0 if "cpu_s" in p else NAN),
         "unit_cpu_s": cpu,
         "audit_cpu_s": audits if "cpu_s" in p else NAN,
