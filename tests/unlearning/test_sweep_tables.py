@@ -111,17 +111,24 @@ def test_audits_are_compared_with_the_never_saw_it_model():
     ref = _row("family1_none", "exact_retrain", seed, 0.0)
     ref.update(relearn_128_recovered=0.6, relearn_related_fa_steps=17.0,
                mia_auc_minkpp=0.5 + 0.1 * seed)
-    # A dropped partition: no weights to attack, NaN columns.
-    dropped = _row("family16_none", "exact_retrain", seed, 0.0)
-    dropped.update(relearn_128_recovered=float("nan"))
+    # A dropped partition: no weights to attack (NaN relearning), its
+    # text scores as uniform (AUC 1/2).
+    dropped = _row("family16_none", "exact_drop", seed, 0.0)
+    dropped.update(relearn_128_recovered=float("nan"), mia_auc_minkpp=0.5)
     after = _row("family16_none", "ga", seed, 0.0)
-    after.update(relearn_128_recovered=0.5)
+    after.update(relearn_128_recovered=0.5, mia_auc_minkpp=0.6 + 0.02 * seed)
     rows += [ga, ref, dropped, after]
   pairs = sweep_tables.comparisons(rows, [])
-  audit = {p["metric"]: p for p in pairs if p["kind"] == "audit vs reference"}
+  drop = [p for p in pairs if p["kind"] == "audit vs reference"
+          and p["b"] == "family16_none:exact_drop"]
+  assert [(p["a"], p["metric"]) for p in drop] == [
+      ("family16_none:ga", "mia_auc_minkpp")]
+  assert drop[0]["diff_mean"] == pytest.approx(0.12) and drop[0]["resolved"]
+  audit = {p["metric"]: p for p in pairs if p["kind"] == "audit vs reference"
+           and p["a"].startswith("family1_")}
   assert set(audit) == {"relearn_128_recovered", "relearn_related_fa_steps",
                         "mia_auc_minkpp"}
-  assert all(p["a"] == "family1_none:ga" for p in audit.values())
+  assert all(p["b"] == "family1_none:exact_retrain" for p in audit.values())
   assert audit["relearn_128_recovered"]["diff_mean"] == pytest.approx(0.31)
   assert audit["relearn_128_recovered"]["resolved"]
   assert audit["relearn_related_fa_steps"]["diff_mean"] == pytest.approx(-14)
