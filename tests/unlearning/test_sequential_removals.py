@@ -169,3 +169,20 @@ def test_methods_identical_for_the_whole_sequence_run_once(scheme, expected):
   runs = seq.method_runs(c, ("ur", "de", "zh", "es"))
   assert [name for name, _ in runs] == expected
   assert all(name.split("=")[0] == method for name, method in runs)
+
+
+def test_mask_method_stops_when_a_layer_would_have_no_expert(sequence):
+  """Masking the union of every removed language's critical experts can
+  cover a whole layer of a partition (two languages of one partition):
+  the method then cannot serve the request, and its rows say so."""
+  c, by_key, _ = sequence
+  assert all(by_key[("mask", k)]["mask_exhausted"] == 0.0 for k in (1, 2, 3))
+  cfg = c.spec.model_config
+  layers = cfg.num_layers // cfg.moe_every
+  every = np.ones((layers, cfg.num_partitions, cfg.num_experts), bool)
+  state = seq._State(c.original, c.base, seq.Cost(), every)
+  assert seq._mask_step(c, state, active=1) is None
+  row = seq._exhausted_row(by_key[("exact", 2)])
+  assert (row["method"], row["removals"], row["forget_language"],
+          row["mask_exhausted"]) == ("mask", 2, "ur+de", 1.0)
+  assert math.isnan(row["forget_gap_closed"]) and math.isnan(row["loss_en"])

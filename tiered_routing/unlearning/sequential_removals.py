@@ -20,7 +20,10 @@ after k removals would be a full retrain per k). After removal k:
             method is compared with it.
   mask      the critical experts of every removed language so far
             (attributed on the original's routing, `mask_method`) are
-            masked together.
+            masked together. When together they are every expert of a
+            layer of a partition, masking cannot serve the request (the
+            partition would have no expert left): from then on the mask
+            rows are NaN with `mask_exhausted` = 1.
   gradient  each method (GA, GradDiff, NPO, NPO+retain, TRACE) steps from
             its own model after removal k - 1 and stops at the exact
             model's held-out loss on the new language (`held_out_stop`);
@@ -100,13 +103,26 @@ def _add(a: Cost, b: Cost) -> Cost:
   )
 
 
-def _mask_step(c: Trained, state: _State, active: int) -> methods.Row:
-  """The mask method with this language's critical experts added."""
+def _mask_step(
+    c: Trained, state: _State, active: int
+) -> Optional[methods.Row]:
+  """The mask method with this language's critical experts added; None
+  when that leaves a layer of a partition without any expert."""
   batches = methods.unlearning_batches(c)
   critical, tokens, extra = mask_method.attribution(c, batches)
   if state.critical_MxPxE is not None:
     critical = critical | state.critical_MxPxE
+  if np.asarray(critical, bool).all(axis=-1).any():
+    return None
   return mask_method.mask_method(c, critical, active, tokens, extra)
+
+
+def _exhausted_row(row: dict[str, Any]) -> dict[str, Any]:
+  """The mask method's row once masking cannot serve the requests: the
+  exact row's columns, every measurement NaN."""
+  keep = ("run", "forget_language", "removals", "removed_last")
+  return {**{k: (v if k in keep else math.nan) for k, v in row.items()},
+          "method": "mask", "mask_exhausted": 1.0}
 
 
 def _gradient_step(c: Trained, reference, active: int) -> methods.Row:
@@ -215,16 +231,22 @@ def run_sequence(
   others = method_runs(c, codes)
   states = {name: start for name in [EXACT] + [n for n, _ in others]}
   table, rows = exact.RoutingTable.from_scheme(c.scheme), []
+  exhausted = set()  # Methods that cannot serve the requests any more.
   for k, code in enumerate(codes, 1):
     ref, states[EXACT], step = _exact_step(
         c, table, code, states[EXACT], k, work_dir, active
     )
     steps = {EXACT: step}
     for name, m in others:
+      if name in exhausted:
+        continue
       stage = _stage(c, table, code, states[name], m)
       if m == "mask":
         stage = dataclasses.replace(stage, original=c.original)
         row = _mask_step(stage, states[name], active)
+        if row is None:
+          exhausted.add(name)
+          continue
         critical = ~row.model.expert_mask_MxPxE
       else:
         row, critical = _gradient_step(stage, ref, active), None
@@ -234,10 +256,14 @@ def run_sequence(
     table = exact.drop_partition(table, code)
     removed = tuple(codes[:k])
     for m, state in states.items():
-      rows.append({
+      row = {
           "run": c.run, "forget_language": "+".join(removed), "method": m,
           **sequence_row(c.base, states[EXACT].results, state.results,
-                         removed, steps[m], state.cost, uniform),
-      })
+                         removed, steps.get(m, step), state.cost, uniform),
+      }
+      if m == "mask":
+        row = _exhausted_row(row) if m in exhausted else {
+            **row, "mask_exhausted": 0.0}
+      rows.append(row)
   return rows
 
