@@ -46,6 +46,7 @@ def test_configurations_skip_redundant_combinations(clean_gin):
       [
           "tradeoff_script.sweep.num_partitions = [1, 2, 16]",
           "CONFIGURATIONS = None",
+          "SEQUENTIAL_CONFIGURATIONS = []",
       ],
   )
   names = [c.name for c in sweep_lib.configurations(sweep)]
@@ -80,6 +81,9 @@ def test_sample_preset(clean_gin):
       "family16_none",
   ]
   assert sweep.unlearning.forget_language == "ur"
+  assert sweep.sequential_configurations == ("family4_none",)
+  assert sweep.sequential_languages == ("ur", "de", "zh", "es")
+  assert sweep.audit_configurations is None  # Every unit is audited.
   assert sweep.batch_size % 16 == 0  # Every n of the preset divides it.
   assert sweep.train_config.save_every_steps == sweep.train_config.train_steps
 
@@ -268,7 +272,8 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   with open(out / "results.csv", newline="") as f:
     rows = list(csv.DictReader(f))
-  assert [r["method"] for r in rows] == METHODS
+  assert [(r["config"], r["method"]) for r in rows] == [
+      (c, m) for c in ("family2_none", "family2_attention") for m in METHODS]
   for column in (
       "config",
       "forget_language",
@@ -285,12 +290,11 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
       "comp_mi_bits_mean",
   ):
     assert column in rows[0], column
-  assert {r["config"] for r in rows} == {"family2_attention"}
   assert {r["seeds"] for r in rows} == {"2"}
   assert all(float(r["retain_loss_delta_ci95"]) >= 0 for r in rows)
   with open(out / "results_by_seed.csv", newline="") as f:
     by_seed = list(csv.DictReader(f))
-  assert len(by_seed) == 2 * len(METHODS)
+  assert len(by_seed) == 2 * 2 * len(METHODS)
   for r in by_seed:  # At most 3 steps; early stops at the reference allowed.
     if r["method"] in ("ga", "graddiff", "npo", "npo_retain", "trace"):
       assert 1 <= int(r["steps"]) <= 3, r
@@ -300,12 +304,18 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
   with open(out / "per_language.csv", newline="") as f:
     per_language = list(csv.DictReader(f))
   # Per seed: the original once, the reference and every method.
-  assert len(per_language) == 2 * (2 + len(METHODS)) * 16
+  assert len(per_language) == 2 * 2 * (2 + len(METHODS)) * 16
   assert all(float(r["unigram_loss"]) > 0 for r in per_language)
   for name in ("originals.csv", "comparisons.csv", "baselines.json"):
     assert (out / name).exists(), name
   manifest = json.loads((out / "sweep.json").read_text())
-  assert manifest["configurations"] == ["family2_attention"]
+  assert manifest["configurations"] == ["family2_none", "family2_attention"]
+  # family2_none removes ur, then de (the same partition) in sequence.
+  with open(out / "sequential.csv", newline="") as f:
+    sequence = list(csv.DictReader(f))
+  assert [(r["forget_language"], r["method"]) for r in sequence] == [
+      (k, m) for k in ("ur", "ur+de") for m in ["exact"] + METHODS[1:]]
+  assert (out / "sequential.png").read_bytes()[:4] == b"\x89PNG"
   # Each unit's cost in CPU seconds; the first also carries the original's
   # training, so that the payloads sum to the sweep's cost.
   unit = json.loads(
@@ -369,9 +379,12 @@ def _alive(pid):
     return f.read().split(")")[-1].split()[0] != "Z"
 
 
-# Workers, kills and resumes are what this test is about; the audits run in
-# the end-to-end test above, so here they are off (half the test's time).
-NO_AUDITS = "--gin.tradeoff_script.AuditConfig.enabled=False"
+# Workers, kills and resumes are what this test is about; the audits and
+# the sequential removals run in the end-to-end test above, so here they
+# are off, on the hybrid alone (a third of the test's time).
+NO_AUDITS = ("--gin.tradeoff_script.AuditConfig.enabled=False",
+             "--gin.CONFIGURATIONS=['family2_attention']",
+             "--gin.SEQUENTIAL_CONFIGURATIONS=[]")
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG")
@@ -379,7 +392,7 @@ def test_two_workers_die_with_a_killed_sweep_and_resume_identically(
     tmp_path,
 ):
   killed = tmp_path / "killed"
-  parent = _start(killed, "--workers=2", NO_AUDITS)
+  parent = _start(killed, "--workers=2", *NO_AUDITS)
   assert _wait(lambda: len(_claimed_pids(killed)) == 2, 240), (
       parent.stderr.read() if parent.poll() is not None else "no claims"
   )
@@ -388,19 +401,19 @@ def test_two_workers_die_with_a_killed_sweep_and_resume_identically(
   parent.wait()
   assert _wait(lambda: not any(_alive(p) for p in workers), 60), workers
 
-  resumed = _run(killed, "--workers=2", NO_AUDITS)
+  resumed = _run(killed, "--workers=2", *NO_AUDITS)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "2 workers started" in resumed.stderr
   assert (killed / "logs" / "worker1.log").exists()
   assert not list(killed.glob("runs/*/*/CLAIM"))
 
-  clean = _run(tmp_path / "clean", "--workers=2", NO_AUDITS)
+  clean = _run(tmp_path / "clean", "--workers=2", *NO_AUDITS)
   assert clean.returncode == 0, clean.stderr[-3000:]
   expected = (tmp_path / "clean" / "results.csv").read_text()
   assert (killed / "results.csv").read_text() == expected
 
   # One thread per process sums in another order than two threads: the
   # recorded XLA flags refuse a resume with --workers=1.
-  serial = _run(killed, NO_AUDITS)
+  serial = _run(killed, *NO_AUDITS)
   assert serial.returncode != 0
   assert "different xla_flags" in serial.stderr
