@@ -112,15 +112,9 @@ class Units:
     """Every unit of (configuration, seed) (`unit_names`); their payloads."""
     names = unit_names(self.sweep, c)
     train, forget = weights(self.sweep, c)
-    paths = {
-        u: sweep_jobs.result_path(self.output_dir, c.name, seed, u)
-        for u in names
-    }
-    audited = audited_units(self.sweep, c)
-    todo = [
-        u for u in names
-        if not sweep_jobs.is_current(paths[u], audited=u in audited)
-    ]
+    unit_job = job(self.sweep, self.output_dir, c, seed)
+    paths = dict(zip(names, unit_job.result_paths))
+    todo = [u for u in names if not unit_job.is_done(paths[u])]
     trained, prepare = None, {}
     if not todo:
       self.progress.skip()
@@ -197,24 +191,24 @@ def audited_units(sweep, c) -> set[str]:
           if u != SEQUENTIAL and sweep.audited(c.name, u)}
 
 
+def job(sweep, output_dir: str, c, seed: int) -> sweep_jobs.Job:
+  """The job of (configuration `c`, seed): its units' result paths, the
+  audited ones among them, and its estimated costs."""
+  train, forget = weights(sweep, c)
+  audited = audited_units(sweep, c)
+  path = functools.partial(sweep_jobs.result_path, output_dir, c.name, seed)
+  return sweep_jobs.Job(
+      c.name, seed,
+      os.path.join(output_dir, "runs", c.name, f"seed{seed}"),
+      tuple(path(u) for u in unit_names(sweep, c)),
+      train, forget, _sequence_weight(sweep, forget),
+      tuple(path(u) for u in unit_names(sweep, c) if u in audited),
+  )
+
+
 def jobs(
     sweep, output_dir: str, configs: list
 ) -> list[sweep_jobs.Job]:
   """One job per (configuration, seed), in the serial order."""
-  out = []
-  for c in configs:
-    train, forget = weights(sweep, c)
-    audited = audited_units(sweep, c)
-    for seed in sweep.seeds:
-      path = functools.partial(sweep_jobs.result_path, output_dir, c.name,
-                               seed)
-      out.append(sweep_jobs.Job(
-          c.name, seed,
-          os.path.join(output_dir, "runs", c.name, f"seed{seed}"),
-          tuple(path(u) for u in unit_names(sweep, c)),
-          train, forget, _sequence_weight(sweep, forget),
-          tuple(path(u) for u in unit_names(sweep, c) if u in audited),
-      ))
-  return out
-
-
+  return [job(sweep, output_dir, c, seed)
+          for c in configs for seed in sweep.seeds]
