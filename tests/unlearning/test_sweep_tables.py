@@ -147,3 +147,28 @@ def test_progress_extrapolates_from_the_weight_done():
       "sweep 2/4 units (family1_none seed 0 trained) | elapsed 0:00:30 "
       "| ETA 0:02:00"
   )
+
+
+def test_sequential_comparisons_pair_each_method_with_its_baseline():
+  """After each request, GradDiff - GA per seed (values by hand)."""
+  rows = []
+  for seed, (ga, graddiff) in enumerate([(0.5, 0.2), (0.6, 0.2), (0.7, 0.2)]):
+    for removed, scale in (("ur", 1.0), ("ur+de", 2.0)):
+      for method, value in (("ga", ga), ("graddiff", graddiff),
+                            ("exact", 0.0)):
+        rows.append({"run": "family4_none", "forget_language": removed,
+                     "method": method, "seed": seed,
+                     "retain_loss_delta_vs_exact": scale * value,
+                     "forget_gap_closed": 1.0})
+  pairs = sweep_tables.sequential_comparisons(rows)
+  got = {(p["forget_language"], p["metric"]): p for p in pairs}
+  assert set(got) == {(k, m) for k in ("ur", "ur+de")
+                      for m in sweep_tables.SEQUENTIAL_METRICS}
+  later = got[("ur+de", "retain_loss_delta_vs_exact")]
+  assert (later["a"], later["b"]) == ("family4_none:graddiff",
+                                      "family4_none:ga")
+  # Differences -0.6, -0.8, -1.0: mean -0.8, half-width 4.303 * 0.2 / 3**.5.
+  assert later["diff_mean"] == pytest.approx(-0.8)
+  assert later["diff_ci95"] == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)
+  assert later["resolved"]
+  assert got[("ur", "forget_gap_closed")]["diff_mean"] == 0.0

@@ -26,6 +26,8 @@
   sequential_by_seed.csv, utility and cost after each, over seeds and per
   sequential.png       seed (`sequential_plot`); only when a sweep has
                        `sequential_configurations`.
+  sequential_comparisons.csv  their paired differences, method vs its
+                       baseline after each request (`sweep_tables`).
   costs.csv            each unit's CPU seconds: the original's training,
                        the audits, the rest (`sweep_costs`).
 
@@ -242,6 +244,9 @@ def _write_sequential(
   path = lambda name: os.path.join(output_dir, name)
   write_csv_rows(path("sequential_by_seed.csv"), rows)
   write_csv_rows(path("sequential.csv"), sweep_statistics.aggregate(rows))
+  pairs = sweep_tables.sequential_comparisons(rows)
+  if pairs:
+    write_csv_rows(path("sequential_comparisons.csv"), pairs)
   sequential_plot.plot_sequential(rows, path("sequential.png"), title)
 
 

@@ -189,3 +189,27 @@ def comparisons(
         out.append(_pair(originals, a, {**a, "run": partner}, metric,
                          "original utility"))
   return [r for r in out if r is not None]
+
+
+SEQUENTIAL_METRICS = ("retain_loss_delta_vs_exact", "forget_gap_closed")
+
+
+def sequential_comparisons(
+    rows: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+  """Paired differences over seeds of the sequential removals (kind
+  'sequential: method vs its baseline'): after each request (the removed
+  languages, e.g. 'ur+de'), each method against its proper baseline
+  (METHOD_PAIRS), on the kept languages' loss against the exact model and
+  the gap closed."""
+  keys = {(r["run"], r["forget_language"], r["method"]) for r in rows}
+  out = []
+  for run, removed, method in sorted(keys, key=lambda k: (k[0], len(k[1]))):
+    a = {"run": run, "forget_language": removed, "method": method}
+    for first, second in METHOD_PAIRS:
+      if method == first and (run, removed, second) in keys:
+        for metric in SEQUENTIAL_METRICS:
+          out.append(_pair(rows, a, {**a, "method": second}, metric,
+                           "sequential: method vs its baseline"))
+  return [r for r in out if r is not None]
+
