@@ -161,6 +161,7 @@ def test_sequential_comparisons_pair_each_method_with_its_baseline():
                      "retain_loss_delta_vs_exact": scale * value,
                      "forget_gap_closed": 1.0})
   pairs = sweep_tables.sequential_comparisons(rows)
+  assert [p["forget_language"] for p in pairs] == ["ur"] * 2 + ["ur+de"] * 2
   got = {(p["forget_language"], p["metric"]): p for p in pairs}
   assert set(got) == {(k, m) for k in ("ur", "ur+de")
                       for m in sweep_tables.SEQUENTIAL_METRICS}

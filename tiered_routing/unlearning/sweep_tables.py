@@ -158,6 +158,18 @@ def _audit_metrics(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   ]
 
 
+def _baseline_pairs(rows, keys, a, metrics, kind) -> list:
+  """`a` (a method's key) against its proper baseline (METHOD_PAIRS) in
+  the same configuration and forget language(s), when both have rows."""
+  run, lang, method = a["run"], a["forget_language"], a["method"]
+  return [
+      _pair(rows, a, {**a, "method": second}, metric, kind)
+      for first, second in METHOD_PAIRS
+      if method == first and (run, lang, second) in keys
+      for metric in metrics
+  ]
+
+
 def comparisons(
     rows: Sequence[Mapping[str, Any]], originals: Sequence[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -167,11 +179,8 @@ def comparisons(
   out = []
   for run, lang, method in sorted(keys):
     a = {"run": run, "forget_language": lang, "method": method}
-    for first, second in METHOD_PAIRS:
-      if method == first and (run, lang, second) in keys:
-        for metric in PAIR_METRICS:
-          out.append(_pair(rows, a, {**a, "method": second}, metric,
-                           "method vs its baseline"))
+    out += _baseline_pairs(rows, keys, a, PAIR_METRICS,
+                           "method vs its baseline")
     for partner in _partners(run, runs):
       if (partner, lang, method) in keys:
         for metric in PAIR_METRICS:
@@ -204,12 +213,12 @@ def sequential_comparisons(
   the gap closed."""
   keys = {(r["run"], r["forget_language"], r["method"]) for r in rows}
   out = []
-  for run, removed, method in sorted(keys, key=lambda k: (k[0], len(k[1]))):
+  # In request order (the removed languages' count), then by name: the
+  # keys are a set, and the file must not depend on its iteration order.
+  for run, removed, method in sorted(
+      keys, key=lambda k: (k[0], k[1].count("+"), k)):
     a = {"run": run, "forget_language": removed, "method": method}
-    for first, second in METHOD_PAIRS:
-      if method == first and (run, removed, second) in keys:
-        for metric in SEQUENTIAL_METRICS:
-          out.append(_pair(rows, a, {**a, "method": second}, metric,
-                           "sequential: method vs its baseline"))
+    out += _baseline_pairs(rows, keys, a, SEQUENTIAL_METRICS,
+                           "sequential: method vs its baseline")
   return [r for r in out if r is not None]
 
