@@ -25,8 +25,8 @@ from absl import logging
 
 from tiered_routing.cli import gin_flags
 from tiered_routing.cli import user_errors
-from tiered_routing.unlearning import sweep_jobs
 from tiered_routing.unlearning import sweep_costs
+from tiered_routing.unlearning import sweep_jobs
 from tiered_routing.unlearning import sweep_report
 from tiered_routing.unlearning import sweep_units
 

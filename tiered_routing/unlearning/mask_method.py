@@ -120,6 +120,12 @@ def attribution(
   return ~allowed, tokens, extra
 
 
+def leaves_no_expert(critical_MxPxE: np.ndarray) -> bool:
+  """Whether masking `critical_MxPxE` leaves some layer of some partition
+  without any expert (the mask method cannot be applied then)."""
+  return bool(np.asarray(critical_MxPxE, bool).all(axis=-1).any())
+
+
 def capacity_for_remaining(cfg, critical_MxPxE: np.ndarray):
   """`cfg` with the expert capacity scaled by E / (E - masked), so that the
   experts left after masking can take every token the masked ones would
@@ -127,9 +133,9 @@ def capacity_for_remaining(cfg, critical_MxPxE: np.ndarray):
   masked / E of the routed slots would overflow and drop."""
   critical = np.asarray(critical_MxPxE, bool)
   total = critical.shape[-1]
-  remaining = total - int(critical.sum(-1).max(initial=0))
-  if remaining < 1:
+  if leaves_no_expert(critical):
     raise ValueError(f"Masking leaves no expert of {total}.")
+  remaining = total - int(critical.sum(-1).max(initial=0))
   return dataclasses.replace(
       cfg, capacity_factor=cfg.capacity_factor * total / remaining
   )

@@ -112,7 +112,7 @@ def _mask_step(
   critical, tokens, extra = mask_method.attribution(c, batches)
   if state.critical_MxPxE is not None:
     critical = critical | state.critical_MxPxE
-  if np.asarray(critical, bool).all(axis=-1).any():
+  if mask_method.leaves_no_expert(critical):
     return None
   return mask_method.mask_method(c, critical, active, tokens, extra)
 

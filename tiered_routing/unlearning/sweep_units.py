@@ -111,7 +111,6 @@ class Units:
   def run(self, c, seed: int) -> list[dict]:
     """Every unit of (configuration, seed) (`unit_names`); their payloads."""
     names = unit_names(self.sweep, c)
-    train, forget = weights(self.sweep, c)
     unit_job = job(self.sweep, self.output_dir, c, seed)
     paths = dict(zip(names, unit_job.result_paths))
     todo = [u for u in names if not unit_job.is_done(paths[u])]
@@ -129,7 +128,8 @@ class Units:
         # Training (or restoring) the original: recorded with the first
         # unit, so that the payloads sum to the sweep's cost.
         prepare = {f"prepare_{k}": v for k, v in clock.timing().items()}
-        self.progress.done(train, f"{c.name} seed {seed} trained")
+        self.progress.done(unit_job.train_weight,
+                           f"{c.name} seed {seed} trained")
         clock.start()
       path = paths[unit]
       if unit == SEQUENTIAL:
@@ -146,9 +146,8 @@ class Units:
         )
         sweep_jobs.save_result(path, result, seed, clock.timing(**prepare))
       prepare = {}
-      weight = (_sequence_weight(self.sweep, forget)
-                if unit == SEQUENTIAL else forget)
-      self.progress.done(weight, f"{c.name} seed {seed} {_verb(unit)}")
+      self.progress.done(unit_job.weight_of(path),
+                         f"{c.name} seed {seed} {_verb(unit)}")
     return [sweep_jobs.load_result(paths[u]) for u in names]
 
   def _prepare(self, c, seed: int, code: str):
