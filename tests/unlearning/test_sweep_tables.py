@@ -149,6 +149,22 @@ def test_progress_extrapolates_from_the_weight_done():
   )
 
 
+def test_a_workers_progress_counts_its_own_units_and_gives_no_eta():
+  """A worker sees only the jobs it claims: no ETA, no restored units."""
+  now = [0.0]
+  progress = sweep_progress.Progress(
+      108, 10.0, clock=lambda: now[0], worker=True
+  )
+  progress.skip()
+  progress.skip()
+  now[0] = 45.0
+  line = progress.done(2.0, "family4_all seed 1 trained")
+  assert line == (
+      "this worker: units done 1 (family4_all seed 1 trained) | elapsed "
+      "0:00:45 | the sweep's line and ETA are in the parent's log"
+  )
+
+
 def test_sequential_comparisons_pair_each_method_with_its_baseline():
   """After each request, GradDiff - GA per seed (values by hand)."""
   rows = []

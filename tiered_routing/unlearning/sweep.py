@@ -306,7 +306,9 @@ def run_sweep(
 def run_worker(sweep: Sweep, output_dir: str) -> None:
   """Claims and runs jobs until none is left (see `sweep_jobs`)."""
   configs = {c.name: c for c in configurations(sweep)}
-  units = sweep_units.Units(sweep, output_dir, list(configs.values()))
+  units = sweep_units.Units(
+      sweep, output_dir, list(configs.values()), worker=True
+  )
   for job in sweep_jobs.claim_order(
       sweep_units.jobs(sweep, output_dir, list(configs.values())),
       sweep.only or list(configs),

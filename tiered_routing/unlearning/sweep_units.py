@@ -75,7 +75,7 @@ def weights(sweep, c) -> tuple[float, float]:
 class Units:
   """Runs (or restores) every unit of a sweep, in order."""
 
-  def __init__(self, sweep, output_dir: str, configs):
+  def __init__(self, sweep, output_dir: str, configs, worker: bool = False):
     self.sweep, self.output_dir = sweep, output_dir
     self.mesh = sharding.make_mesh(sweep.mesh_config)
     self.caches = {}
@@ -83,7 +83,7 @@ class Units:
     for job in jobs(sweep, output_dir, configs):
       total += 1 + len(job.result_paths)
       todo += job.remaining_weight()
-    self.progress = sweep_progress.Progress(total, todo)
+    self.progress = sweep_progress.Progress(total, todo, worker=worker)
 
   def cache(self, seed: int) -> stream_cache.DataCache:
     if seed not in self.caches:
