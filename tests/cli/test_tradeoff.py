@@ -392,7 +392,11 @@ def test_two_workers_die_with_a_killed_sweep_and_resume_identically(
     tmp_path,
 ):
   killed = tmp_path / "killed"
-  parent = _start(killed, "--workers=2", *NO_AUDITS)
+  # One compilation cache for every run: the clean sweep loads what the
+  # killed one compiled (the same executables), as a resume does.
+  args = ("--workers=2", f"--jax_cache_dir={tmp_path / 'jax_cache'}",
+          *NO_AUDITS)
+  parent = _start(killed, *args)
   assert _wait(lambda: len(_claimed_pids(killed)) == 2, 240), (
       parent.stderr.read() if parent.poll() is not None else "no claims"
   )
@@ -401,19 +405,19 @@ def test_two_workers_die_with_a_killed_sweep_and_resume_identically(
   parent.wait()
   assert _wait(lambda: not any(_alive(p) for p in workers), 60), workers
 
-  resumed = _run(killed, "--workers=2", *NO_AUDITS)
+  resumed = _run(killed, *args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "2 workers started" in resumed.stderr
   assert (killed / "logs" / "worker1.log").exists()
   assert not list(killed.glob("runs/*/*/CLAIM"))
 
-  clean = _run(tmp_path / "clean", "--workers=2", *NO_AUDITS)
+  clean = _run(tmp_path / "clean", *args)
   assert clean.returncode == 0, clean.stderr[-3000:]
   expected = (tmp_path / "clean" / "results.csv").read_text()
   assert (killed / "results.csv").read_text() == expected
 
   # One thread per process sums in another order than two threads: the
   # recorded XLA flags refuse a resume with --workers=1.
-  serial = _run(killed, *NO_AUDITS)
+  serial = _run(killed, *args[1:])
   assert serial.returncode != 0
   assert "different xla_flags" in serial.stderr
