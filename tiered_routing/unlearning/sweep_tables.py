@@ -221,4 +221,3 @@ def sequential_comparisons(
     out += _baseline_pairs(rows, keys, a, SEQUENTIAL_METRICS,
                            "sequential: method vs its baseline")
   return [r for r in out if r is not None]
-
