@@ -46,3 +46,18 @@ def test_what_the_run_learns_may_not_change():
        "['tr.sample.hi_v1', 'tr.sample.de_v1']"),
       ("steps.TrainConfig.seed", "0", "1"),
   ]
+
+
+def test_only_cadence_may_differ_between_two_runs_of_one_sweep():
+  """A sweep's manifest is stricter than a train resume: the length of
+  training, the place and a setting bound in one config only all count."""
+  cadence = (SAVED.replace("log_every_steps = 25", "log_every_steps = 5")
+             + "steps.TrainConfig.save_every_steps = 200\n")
+  assert not resume_check.only_cadence_differs(SAVED, cadence)  # New binding.
+  saved = SAVED + "steps.TrainConfig.save_every_steps = %TRAIN_STEPS\n"
+  assert resume_check.only_cadence_differs(saved, cadence)
+  assert resume_check.only_cadence_differs(saved, saved)
+  for before, after in (("= 300", "= 900"), ("/old/place", "/new/place"),
+                        ("seed = 0", "seed = 1"), ("data = 8", "data = 4")):
+    assert not resume_check.only_cadence_differs(
+        saved, cadence.replace(before, after)), after

@@ -211,6 +211,34 @@ def test_manifest_resumes_or_refuses(tmp_path):
     sweep_report.check_or_write_manifest(
         str(tmp_path), {**manifest, "gin_config": "A = 2"}
     )
+  # A difference `same` accepts resumes and becomes the record.
+  same = lambda key, old, new: key == "gin_config" and new == "A = 3"
+  changed = {**manifest, "gin_config": "A = 3"}
+  assert sweep_report.check_or_write_manifest(str(tmp_path), changed, same)
+  assert json.loads((tmp_path / "sweep.json").read_text()) == changed
+  with pytest.raises(ValueError, match="different xla_flags"):
+    sweep_report.check_or_write_manifest(
+        str(tmp_path), {**changed, "xla_flags": "x"}, same)
+
+
+def test_a_cpu_sweep_resumes_with_another_checkpoint_period(clean_gin):
+  """The gin text the binary records: a rerun that checkpoints every 200
+  steps instead of once resumes; one that trains longer is refused."""
+  del clean_gin
+  path = os.path.join(REPO, "gin/experiments/tradeoff_cpu.gin")
+  def config(*bindings):
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([path], list(bindings))
+    return gin.config_str()
+  recorded = config()
+  assert tradeoff._same_results(  # pylint: disable=protected-access
+      "gin_config", recorded,
+      config("tiered_routing.TrainConfig.save_every_steps = 200",
+             "tiered_routing.TrainConfig.log_every_steps = 10"))
+  assert not tradeoff._same_results(  # pylint: disable=protected-access
+      "gin_config", recorded, config("TRAIN_STEPS = 1500"))
+  assert not tradeoff._same_results(  # pylint: disable=protected-access
+      "xla_flags", "", "--xla_cpu_multi_thread_eigen=false")
 
 
 def test_pareto_front_golden():

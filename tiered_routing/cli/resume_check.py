@@ -20,14 +20,17 @@ from typing import Optional
 
 from tiered_routing.train import checkpoints
 
-ALLOWED_MACROS = frozenset({
-    "MODEL_DIR", "TRAIN_STEPS", "SAVE_EVERY_STEPS", "LOG_EVERY_STEPS",
-    "CHECKPOINT_STEP",
-})
-ALLOWED_SUFFIXES = (
-    ".train_steps", ".save_every_steps", ".log_every_steps",
-    ".keep_checkpoints", ".async_checkpointing", ".restore_step",
-    ".model_dir",
+# How often a run checkpoints and logs: never what it computes (a resumed
+# run ends bitwise where an uninterrupted one does, tests/train).
+CADENCE_MACROS = frozenset({"SAVE_EVERY_STEPS", "LOG_EVERY_STEPS"})
+CADENCE_SUFFIXES = (
+    ".save_every_steps", ".log_every_steps", ".keep_checkpoints",
+    ".async_checkpointing",
+)
+ALLOWED_MACROS = CADENCE_MACROS | {"MODEL_DIR", "TRAIN_STEPS",
+                                   "CHECKPOINT_STEP"}
+ALLOWED_SUFFIXES = CADENCE_SUFFIXES + (
+    ".train_steps", ".restore_step", ".model_dir",
 )
 _BINDING = re.compile(r"^([A-Za-z_][\w.]*(?:/[\w.]+)*)\s*=\s*(.*)$")
 
@@ -62,6 +65,22 @@ def changed_settings(saved: str, current: str) -> list[tuple[str, str, str]]:
       for name in sorted(old.keys() & new.keys())
       if old[name] != new[name] and not _allowed(name)
   ]
+
+
+def only_cadence_differs(saved: str, current: str) -> bool:
+  """Whether two gin configs bind the same settings to the same values but
+  for how often they checkpoint and log: runs of the two compute the same.
+
+  Stricter than `changed_settings`: the length of training and the data
+  and model directories count, and so does a setting bound in one only.
+  """
+  old, new = bindings(saved), bindings(current)
+  return old.keys() == new.keys() and all(
+      old[name] == new[name]
+      or name in CADENCE_MACROS
+      or name.endswith(CADENCE_SUFFIXES)
+      for name in old
+  )
 
 
 def saved_config(checkpoint_dir: str) -> Optional[str]:

@@ -48,8 +48,10 @@ Rerunning with the same --output_dir resumes: finished units
 (configuration, seed, forget language) are kept, unfinished ones resume
 from their checkpoints. A rerun whose configuration (gin files, bindings,
 XLA flags, jax version) differs from the one recorded in
-output_dir/sweep.json is refused, so results never mix. Results files are
-replaced atomically after every unit.
+output_dir/sweep.json is refused, so results never mix; only how often
+models checkpoint and log may change (`TrainConfig.save_every_steps` and
+the like compute nothing). Results files are replaced atomically after
+every unit.
 
 On CPU, unless XLA_FLAGS is set, the short presets (smoke, sample) turn
 XLA's backend optimisation down (--cpu_fast_compile): compiling dominates
@@ -78,6 +80,7 @@ import jax
 
 from tiered_routing.cli import configurables  # pylint: disable=unused-import
 from tiered_routing.cli import gin_flags
+from tiered_routing.cli import resume_check
 from tiered_routing.cli import user_errors
 from tiered_routing.model import param_count
 from tiered_routing.train import model_dir_lock
@@ -163,6 +166,14 @@ def _manifest(sweep_names: list[str]) -> dict[str, Any]:
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "jax_version": jax.__version__,
   }
+
+
+def _same_results(key: str, recorded: Any, current: Any) -> bool:
+  """Manifest values that differ as written but not in what they compute:
+  gin configs that differ only in checkpoint and log cadence (a rerun may
+  checkpoint more often so that a kill loses less)."""
+  return key == "gin_config" and resume_check.only_cadence_differs(
+      recorded, current)
 
 
 def _setup_jax(output_dir: str) -> None:
@@ -291,7 +302,8 @@ def main(argv):
     configs = sweep_lib.configurations(sweep)
     names = [c.name for c in configs]
     _log_sizes(configs)
-    if sweep_report.check_or_write_manifest(output_dir, _manifest(names)):
+    if sweep_report.check_or_write_manifest(
+        output_dir, _manifest(names), same=_same_results):
       logging.info("Resuming the sweep in %s.", output_dir)
     start = time.time()
     try:

@@ -39,8 +39,8 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 from tiered_routing.train import atomic_file
 from tiered_routing.unlearning import relearning_plot
@@ -251,9 +251,19 @@ def _write_sequential(
 
 
 def check_or_write_manifest(
-    output_dir: str, manifest: Mapping[str, Any]
+    output_dir: str,
+    manifest: Mapping[str, Any],
+    same: Optional[Callable[[str, Any, Any], bool]] = None,
 ) -> bool:
   """Records a sweep's configuration in output_dir/sweep.json.
+
+  Args:
+    output_dir: the sweep's directory.
+    manifest: {key: value} that must match for a resume.
+    same: same(key, recorded, current) says whether two values that differ
+      as written still give the same results (default: never); the binary
+      uses it to let a rerun change how often it checkpoints. A resume
+      with such a change rewrites the record with the current values.
 
   Returns:
     True if the directory already held this same sweep (a resume).
@@ -263,16 +273,19 @@ def check_or_write_manifest(
       the two must not mix.
   """
   path = os.path.join(output_dir, "sweep.json")
+  text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
   if not os.path.exists(path):
-    atomic_file.write_text(
-        path, json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    )
+    atomic_file.write_text(path, text)
     return False
   with open(path, encoding="utf-8") as f:
     old = json.load(f)
-  diff = sorted(
+  changed = sorted(
       k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k)
   )
+  diff = [
+      k for k in changed
+      if same is None or not same(k, old.get(k), manifest.get(k))
+  ]
   if diff:
     raise ValueError(
         f"{output_dir} holds a sweep run with a different {', '.join(diff)} "
@@ -280,4 +293,6 @@ def check_or_write_manifest(
         "bindings and environment to resume, or choose a new output "
         "directory."
     )
+  if changed:
+    atomic_file.write_text(path, text)
   return True
