@@ -65,3 +65,25 @@ def test_packed_rows_start_every_segment_from_bos():
   starts = (rows["decoder_positions"] == 0) & (rows["decoder_segment_ids"] > 0)
   assert starts.sum() > len(rows["decoder_positions"])  # Packed.
   np.testing.assert_array_equal(rows["decoder_input_tokens"][starts], 0)
+
+
+def test_caches_of_two_seeds_share_one_held_out_store(monkeypatch):
+  """Held-out rows do not depend on the data seed: a second cache given
+  the first one's store reads its rows instead of building them again."""
+  task = {"ur": seqio_names.task_name("sample", "ur")}
+  store = {}
+  first = stream_cache.DataCache(
+      16, seed=0, max_validation_examples=4, held_out=store
+  ).validation_rows(task)["ur"]
+  assert list(store) == [("ur", "validation")]
+
+  def must_not_build(*args):
+    raise AssertionError(f"rebuilt held-out rows {args}")
+
+  second = stream_cache.DataCache(
+      16, seed=1000, max_validation_examples=4, held_out=store)
+  monkeypatch.setattr(second, "_spread_rows", must_not_build)
+  for k, v in second.validation_rows(task)["ur"].items():
+    np.testing.assert_array_equal(v, first[k], err_msg=k)
+  with pytest.raises(AssertionError, match="rebuilt"):  # A new split builds.
+    second.validation_rows(task, split="test")

@@ -21,7 +21,7 @@ A partition without data (its only language was forgotten) is given as None
 and gets all-zero rows: loss weight 0, so it contributes nothing.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Callable, Optional
 
 import numpy as np
@@ -55,6 +55,13 @@ class DataCache:
     max_validation_examples: evaluate at most this many held-out rows per
       language, packed and spread over the split (None = the whole split,
       one sequence per row); see `validation_rows`.
+    held_out: where `validation_rows` keeps its rows, {(language code,
+      split): rows} (default: a dict of its own). Held-out rows do not
+      depend on the data seed, so caches of several seeds may share one
+      store, and a store on disk lets several processes share it
+      (`unlearning.held_out_store`); every cache sharing a store must
+      have the same sequence_length, pack, max_validation_examples and
+      tasks.
   """
 
   def __init__(
@@ -64,6 +71,7 @@ class DataCache:
       pack: bool = True,
       materialize: bool = True,
       max_validation_examples: Optional[int] = None,
+      held_out: Optional[MutableMapping[tuple[str, str], Rows]] = None,
   ):
     if sequence_length < 2:
       raise ValueError(f"sequence_length={sequence_length!r} must be >= 2.")
@@ -73,7 +81,7 @@ class DataCache:
     self.materialize = materialize
     self.max_validation_examples = max_validation_examples
     self._streams: dict[tuple, Rows] = {}
-    self._validation: dict[tuple[str, str], Rows] = {}
+    self._validation = {} if held_out is None else held_out
 
   def _dataset(self, name: str, seed: int, rows: int) -> tf.data.Dataset:
     return pipeline.get_dataset(

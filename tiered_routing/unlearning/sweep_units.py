@@ -24,6 +24,7 @@ from tiered_routing.data import stream_cache
 from tiered_routing.model import param_count
 from tiered_routing.tier1 import schemes
 from tiered_routing.unlearning import configuration
+from tiered_routing.unlearning import held_out_store
 from tiered_routing.unlearning import runner
 from tiered_routing.unlearning import sequential_removals
 from tiered_routing.unlearning import specs
@@ -79,6 +80,11 @@ class Units:
     self.sweep, self.output_dir = sweep, output_dir
     self.mesh = sharding.make_mesh(sweep.mesh_config)
     self.caches = {}
+    # Every seed's cache and every process of the sweep scores the same
+    # held-out rows: built once, kept in output_dir (`held_out_store`).
+    self.held_out = held_out_store.HeldOutRows(os.path.join(
+        output_dir, "held_out_rows",
+        f"length{sweep.sequence_length}_rows{sweep.max_validation_examples}"))
     todo, total = 0.0, 0
     for job in jobs(sweep, output_dir, configs):
       total += 1 + len(job.result_paths)
@@ -92,6 +98,7 @@ class Units:
           self.sweep.data_seed + _DATA_SEED_STRIDE * seed,
           materialize=self.sweep.materialize_data,
           max_validation_examples=self.sweep.max_validation_examples,
+          held_out=self.held_out,
       )
     return self.caches[seed]
 
