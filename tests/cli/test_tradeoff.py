@@ -354,6 +354,12 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
   assert 0 < audit_cpu <= unit["cpu_s"]
   assert set(unit["audit_cpu_seconds"]) == set(unit["audit_seconds"])
   assert not [p for p in os.listdir(out) if ".tmp" in p]
+  # Held-out rows of every language, built once and read by every later
+  # seed and resumed run (the smoke preset scores and stops on validation).
+  held_out = sorted(os.listdir(out / "held_out_rows" / "length32_rowsall"))
+  assert len(held_out) == 16 and all(
+      p.startswith("validation.") and p.endswith(".npz") for p in held_out
+  ), held_out
 
   before = (out / "results.csv").read_text()
   second = _run(out)

@@ -82,9 +82,10 @@ class Units:
     self.caches = {}
     # Every seed's cache and every process of the sweep scores the same
     # held-out rows: built once, kept in output_dir (`held_out_store`).
+    rows = sweep.max_validation_examples
     self.held_out = held_out_store.HeldOutRows(os.path.join(
         output_dir, "held_out_rows",
-        f"length{sweep.sequence_length}_rows{sweep.max_validation_examples}"))
+        f"length{sweep.sequence_length}_rows{'all' if rows is None else rows}"))
     todo, total = 0.0, 0
     for job in jobs(sweep, output_dir, configs):
       total += 1 + len(job.result_paths)
