@@ -39,6 +39,9 @@ def test_rows_written_by_one_process_are_read_by_another(tmp_path):
 
   del reader["ur", "test"]
   assert ("ur", "test") not in held_out_store.HeldOutRows(directory)
+  with pytest.raises(KeyError):
+    del reader["ur", "test"]
+  assert ("ur",) not in reader and "ur" not in reader
 
 
 def test_a_write_that_fails_midway_leaves_no_file(tmp_path, monkeypatch):
