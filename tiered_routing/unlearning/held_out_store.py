@@ -4,9 +4,9 @@ Every model of a sweep is scored on the same per-language held-out rows
 (`stream_cache.DataCache.validation_rows`), and gradient methods stop on
 rows of another split. Building them runs one SeqIO pipeline per language
 and split (1.5 s each in a profile of the mC4-sources sweep test, mostly
-tracing tf.data maps). They do not depend on
-the training seed, the configuration or the process, yet each seed's data
-cache, each `--workers` process and each resumed run rebuilt all of them.
+tracing tf.data maps). They do not depend on the training seed, the
+configuration or the process, yet each seed's data cache, each `--workers`
+process and each resumed run rebuilt all of them.
 `HeldOutRows` keeps them as .npz files next to the sweep's other outputs:
 the first process to need a language's rows builds and writes them, every
 later one reads them. Like `baselines.json`, they belong to the sweep
