@@ -71,3 +71,36 @@ def test_a_directory_that_is_not_a_sweep_is_named(tmp_path, parsed_flags):
   parsed_flags.output_dir = str(tmp_path)
   with pytest.raises(ValueError, match=f"{tmp_path}/sweep.json does not"):
     rewrite_report.main([])
+
+
+def test_a_snapshot_carries_the_records_and_rebuilds_its_own_report(
+    sweep_dir, tmp_path, parsed_flags):
+  report = tmp_path / "report"
+  parsed_flags.output_dir = str(sweep_dir)
+  parsed_flags.report_dir = str(report)
+  rewrite_report.main([])
+  for name in ("sweep.json", "baselines.json", "runs/family2_none/seed0/ur/"
+               "result.json", "runs/family2_none/seed0/sequential/result.json"):
+    assert (report / name).read_bytes() == (sweep_dir / name).read_bytes()
+  # An older version's unit is not a record of this sweep.
+  assert not (report / "runs" / "family2_none" / "seed2").exists()
+  first = (report / "results.csv").read_text()
+  (report / "results.csv").unlink()
+  parsed_flags.output_dir, parsed_flags.report_dir = str(report), None
+  rewrite_report.main([])
+  assert (report / "results.csv").read_text() == first
+
+
+def test_a_snapshot_unit_missing_from_the_sweep_stops_before_writing(
+    sweep_dir, tmp_path, parsed_flags):
+  report = tmp_path / "report"
+  parsed_flags.output_dir = str(sweep_dir)
+  parsed_flags.report_dir = str(report)
+  rewrite_report.main([])
+  before = (report / "results.csv").read_text()
+  (sweep_dir / "runs" / "family2_none" / "seed1" / "ur" / "result.json").unlink()
+  with pytest.raises(ValueError, match=r"1 finished unit\(s\) that .* lacks "
+                     r"\(runs/family2_none/seed1/ur/result.json\)"):
+    rewrite_report.main([])
+  assert (report / "results.csv").read_text() == before
+  assert (report / "runs/family2_none/seed1/ur/result.json").exists()

@@ -362,10 +362,23 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
   ), held_out
 
   before = (out / "results.csv").read_text()
-  second = _run(out)
+  # A snapshot of the sweep's records (rewrite_report --report_dir) is a
+  # sweep directory without checkpoints: resumed from it, the sweep keeps
+  # every unit and writes the same results.
+  snapshot = tmp_path / "snapshot"
+  report = subprocess.run(
+      [sys.executable, "-m", "tiered_routing.cli.rewrite_report",
+       f"--output_dir={out}", f"--report_dir={snapshot}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert report.returncode == 0, report.stderr[-3000:]
+  assert (snapshot / "results.csv").read_text() == before
+  assert (out / "runs" / "family2_none" / "seed0" / "original").is_dir()
+  assert {p.name for p in (snapshot / "runs").rglob("*") if p.is_file()} == {
+      "result.json"}
+  second = _run(snapshot)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "done earlier, kept" in second.stderr
-  assert (out / "results.csv").read_text() == before
+  assert (snapshot / "results.csv").read_text() == before
 
   third = _run(out, "--gin.FORGET_LANGUAGE='si'")
   assert third.returncode != 0

@@ -12,12 +12,22 @@ in the order of the sweep's configurations (`sweep.json`), then seeds, then
 units (the sequential removals last), with the sweep's n-gram baselines
 (`baselines.json`). --report_dir (default: --output_dir) receives the files
 of `unlearning.sweep_report`; a snapshot for the docs goes there.
+
+A --report_dir other than --output_dir also receives the sweep's records:
+`sweep.json`, `baselines.json` and every current unit's `result.json` at
+its own path. The snapshot is then a sweep directory without checkpoints:
+`--output_dir=<snapshot>` rebuilds its report, and the same sweep command
+pointed at a copy of it resumes the grid on another machine, running only
+the missing units (a (configuration, seed) with some units done retrains
+its original first). A snapshot's unit missing from --output_dir stops the
+run before anything is written: it would drop out of the new report.
 """
 
 import glob
 import json
 import os
 import re
+import shutil
 from typing import Sequence
 
 from absl import flags
@@ -25,6 +35,7 @@ from absl import logging
 
 from tiered_routing.cli import gin_flags
 from tiered_routing.cli import user_errors
+from tiered_routing.train import atomic_file
 from tiered_routing.unlearning import sweep_costs
 from tiered_routing.unlearning import sweep_jobs
 from tiered_routing.unlearning import sweep_report
@@ -42,16 +53,48 @@ def _unit_order(path: str) -> tuple:
   return seed, unit == sweep_units.SEQUENTIAL, unit
 
 
-def finished_payloads(output_dir: str, configurations: Sequence[str]):
-  """Every current unit's payload, in the sweep's order."""
-  payloads = []
+def finished_paths(output_dir: str, configurations: Sequence[str]):
+  """Every current unit's result.json, in the sweep's order."""
+  finished = []
   for name in configurations:
     paths = glob.glob(os.path.join(
         output_dir, "runs", name, "seed*", "*", "result.json"))
-    for path in sorted(paths, key=_unit_order):
-      if sweep_jobs.is_current(path):
-        payloads.append(sweep_jobs.load_result(path))
-  return payloads
+    finished += [p for p in sorted(paths, key=_unit_order)
+                 if sweep_jobs.is_current(p)]
+  return finished
+
+
+def finished_payloads(output_dir: str, configurations: Sequence[str]):
+  """Every current unit's payload, in the sweep's order."""
+  return [sweep_jobs.load_result(p)
+          for p in finished_paths(output_dir, configurations)]
+
+
+def _relative(paths: Sequence[str], root: str) -> set[str]:
+  return {os.path.relpath(p, root) for p in paths}
+
+
+def copy_records(
+    output_dir: str, report_dir: str, configurations: Sequence[str]
+) -> int:
+  """Copies the sweep's records into `report_dir` (module docstring); the
+  number of units copied. Each file is replaced whole (`atomic_file`)."""
+  units = finished_paths(output_dir, configurations)
+  lost = sorted(_relative(finished_paths(report_dir, configurations),
+                          report_dir) - _relative(units, output_dir))
+  if lost:
+    raise ValueError(
+        f"{report_dir} holds {len(lost)} finished unit(s) that {output_dir} "
+        f"lacks ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}): "
+        "the new report would drop them. Copy them into --output_dir first "
+        f"(cp -rn {os.path.join(report_dir, 'runs')} {output_dir}/).")
+  for path in [os.path.join(output_dir, "sweep.json"),
+               os.path.join(output_dir, "baselines.json"), *units]:
+    target = os.path.join(report_dir, os.path.relpath(path, output_dir))
+    with open(path, "rb") as source, atomic_file.replacing(
+        target, "wb") as copy:
+      shutil.copyfileobj(source, copy)
+  return len(units)
 
 
 def _title(manifest: dict, payloads) -> str:
@@ -86,6 +129,9 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError(f"{output_dir} has no finished unit of this version.")
   report_dir = _REPORT_DIR.value or output_dir
   os.makedirs(report_dir, exist_ok=True)
+  if not os.path.samefile(report_dir, output_dir):
+    copied = copy_records(output_dir, report_dir, manifest["configurations"])
+    logging.info("%d units' records copied to %s.", copied, report_dir)
   sweep_report.write_outputs(
       report_dir, payloads, _title(manifest, payloads), baselines)
   logging.info("%d units' report written to %s. Cost: %s.", len(payloads),

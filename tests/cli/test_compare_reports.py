@@ -1,0 +1,77 @@
+"""Tests for compare_reports on report tables the tests write."""
+
+import csv
+
+import pytest
+
+from tiered_routing.cli import compare_reports
+
+HEADER = ["config", "forget_language", "method", "seed", "mean_loss",
+          "worst_language", "min_unigram_margin"]
+
+
+def _write(directory, rows):
+  directory.mkdir(parents=True, exist_ok=True)
+  with open(directory / "originals.csv", "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(HEADER)
+    writer.writerows(rows)
+  return str(directory)
+
+
+@pytest.fixture
+def reports(tmp_path):
+  a = _write(tmp_path / "a", [
+      ["family1_none", "", "original", s, 3.5 + d, "zh", m]
+      for s, d, m in ((0, 0.10, 0.6), (1, 0.12, "nan"), (2, 0.14, 0.5))
+  ] + [["family4_none", "", "original", 0, 3.0, "zh", 0.7]])
+  b = _write(tmp_path / "b", [
+      ["family1_none", "", "original", s, 3.5, "ur", 0.4]
+      for s in (0, 1, 2, 3)])
+  return a, b
+
+
+def test_paired_differences_over_the_common_seeds_golden(reports):
+  a, b = (compare_reports.read_table(r, "originals") for r in reports)
+  rows = compare_reports.compare(a, b)
+  # family4_none is in report a only; worst_language is not a number.
+  assert [(r["config"], r["metric"], r["seeds"]) for r in rows] == [
+      ("family1_none", "mean_loss", 3),
+      ("family1_none", "min_unigram_margin", 2)]  # Seed 1's NaN dropped.
+  loss = rows[0]
+  # Differences 0.10, 0.12, 0.14: mean 0.12, sd 0.02; the 95% t-interval's
+  # half-width is t(0.975, 2) = 4.3027 times 0.02 / sqrt(3).
+  assert loss["diff_mean"] == pytest.approx(0.12)
+  assert loss["diff_ci95"] == pytest.approx(4.302653 * 0.02 / 3 ** 0.5)
+  assert loss["a_mean"] == pytest.approx(3.62) and loss["b_mean"] == 3.5
+  assert loss["resolved"]
+  margin = rows[1]  # Differences 0.2 and 0.1: t(0.975, 1) = 12.706.
+  assert margin["diff_mean"] == pytest.approx(0.15)
+  assert margin["diff_ci95"] == pytest.approx(12.706205 * 0.05)
+  assert not margin["resolved"]
+
+
+def test_main_prints_and_writes_the_table(reports, tmp_path, parsed_flags,
+                                          capsys):
+  parsed_flags.report_a, parsed_flags.report_b = reports
+  parsed_flags.metrics = ["mean_loss"]
+  parsed_flags.output = str(tmp_path / "out" / "a_vs_b.csv")
+  compare_reports.main([])
+  assert "| family1_none |  | original | mean_loss | 3 | 3.620 | 3.500 | " \
+      "+0.120 ± 0.050 | True |" in capsys.readouterr().out
+  with open(tmp_path / "out" / "a_vs_b.csv", newline="") as f:
+    written = list(csv.DictReader(f))
+  assert [(r["metric"], r["seeds"], r["resolved"]) for r in written] == [
+      ("mean_loss", "3", "True")]
+
+
+def test_bad_input_is_named(reports, tmp_path, parsed_flags):
+  a, b = (compare_reports.read_table(r, "originals") for r in reports)
+  with pytest.raises(ValueError, match=r"Report a has no column \['bpb'\]"):
+    compare_reports.compare(a, b, ["bpb"])
+  with pytest.raises(ValueError, match=f"{tmp_path}/c/results_by_seed.csv "
+                     "does not exist"):
+    compare_reports.read_table(str(tmp_path / "c"), "results_by_seed")
+  parsed_flags.report_a, parsed_flags.report_b = reports[0], None
+  with pytest.raises(ValueError, match="--report_a and --report_b"):
+    compare_reports.main([])
