@@ -5,9 +5,29 @@ any test module imports jax. The tests compile many small programs and run
 each for a few steps, so XLA's expensive CPU optimisation passes cost far more
 than they save; turning them off changes no result a test checks (runs that
 are compared with each other are compiled the same way).
+
+Tests build the same small models again and again, and every new `jax.jit`
+of a closure compiles anew; one persistent compilation cache for the run
+(a fresh directory, made by the first process, inherited by the xdist
+workers and the binaries the tests start, removed at the end) loads a
+program compiled once instead. A cached executable is the one XLA compiled
+for the same program and flags (the flags are part of the key), so no
+result changes; an entry read while another process writes it is
+recompiled (JAX warns). Measured on tests/model, related, eval and
+analysis with `-n 2`: 152 s without, 137 s with.
 """
 
 import os
+import shutil
+import tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="tiered_routing_tests_xla_")
+  _OWN_CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+  _OWN_CACHE_DIR = None  # The caller's (or the xdist controller's) cache.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 os.environ.setdefault(
     "XLA_FLAGS",
@@ -36,3 +56,18 @@ def clean_gin():
     gin.add_config_file_search_path(path)
   yield
   gin.clear_config()
+
+
+def pytest_collection_modifyitems(config, items):
+  """The files that hold a `heavy` test first, each file's tests together
+  and in order (pytest.ini says why)."""
+  del config
+  heavy = {item.path for item in items if item.get_closest_marker("heavy")}
+  items.sort(key=lambda item: item.path not in heavy)
+
+
+def pytest_unconfigure(config):
+  """The process that made the run's compilation cache removes it."""
+  del config
+  if _OWN_CACHE_DIR:
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)

@@ -1,23 +1,22 @@
 """Tests for the trade-off sweep binary (cli.tradeoff), its sweep and report.
 
 The end-to-end test runs the smoke preset in a subprocess, as a user would,
-then reruns it to check that a finished sweep is resumed, not redone; with
---workers=2 it is killed mid-way and resumed.
+then resumes it from a snapshot to check that a finished sweep is kept, not
+redone; test_tradeoff_workers.py kills it mid-way with --workers=2 and
+resumes it.
 """
 
 import csv
 import dataclasses
 import json
 import os
-import subprocess
-import sys
-import time
 
 import gin
 import numpy as np
 import pytest
 
 from tiered_routing.cli import configurables
+from tiered_routing.cli import rewrite_report
 from tiered_routing.cli import tradeoff
 from tiered_routing.model import param_count
 from tiered_routing.unlearning import sweep as sweep_lib
@@ -275,28 +274,11 @@ def test_markdown_table_shows_means_with_intervals():
   assert cell["steps"] == ""  # Absent columns stay blank.
 
 
-def _run(output_dir, *args):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # The script's own CPU flags.
-  return subprocess.run(
-      [
-          sys.executable,
-          os.path.join(REPO, "scripts", "tradeoff.py"),
-          "--preset=smoke",
-          f"--output_dir={output_dir}",
-          *args,
-      ],
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
-
-
-def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
+@pytest.mark.heavy
+def test_smoke_sweep_end_to_end_resume_and_rerun(
+    tmp_path, run_smoke_sweep, parsed_flags):
   out = tmp_path / "sweep"
-  first = _run(out)
+  first = run_smoke_sweep(out)
   assert first.returncode == 0, first.stderr[-3000:]
   with open(out / "results.csv", newline="") as f:
     rows = list(csv.DictReader(f))
@@ -366,105 +348,20 @@ def test_smoke_sweep_end_to_end_resume_and_rerun(tmp_path):
   # sweep directory without checkpoints: resumed from it, the sweep keeps
   # every unit and writes the same results.
   snapshot = tmp_path / "snapshot"
-  report = subprocess.run(
-      [sys.executable, "-m", "tiered_routing.cli.rewrite_report",
-       f"--output_dir={out}", f"--report_dir={snapshot}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert report.returncode == 0, report.stderr[-3000:]
+  parsed_flags.output_dir, parsed_flags.report_dir = str(out), str(snapshot)
+  rewrite_report.main([])
   assert (snapshot / "results.csv").read_text() == before
   assert (out / "runs" / "family2_none" / "seed0" / "original").is_dir()
   assert {p.name for p in (snapshot / "runs").rglob("*") if p.is_file()} == {
       "result.json"}
-  second = _run(snapshot)
+  second = run_smoke_sweep(snapshot)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "done earlier, kept" in second.stderr
   assert (snapshot / "results.csv").read_text() == before
 
-  third = _run(out, "--gin.FORGET_LANGUAGE='si'")
+  third = run_smoke_sweep(out, "--gin.FORGET_LANGUAGE='si'")
   assert third.returncode != 0
   assert "different gin_config" in third.stderr
-  # A fresh run writing the same bytes is checked with two workers below
-  # (a killed and resumed sweep against an uninterrupted one).
-
-
-def _start(output_dir, *args):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  return subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "scripts", "tradeoff.py"),
-       "--preset=smoke", f"--output_dir={output_dir}", *args],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True,
-  )
-
-
-def _claimed_pids(output_dir):
-  pids = []
-  for seed in (0, 1):
-    path = output_dir / "runs" / "family2_attention" / f"seed{seed}" / "CLAIM"
-    if path.exists() and path.read_text().strip():
-      pids.append(int(path.read_text()))
-  return pids
-
-
-def _wait(predicate, timeout_s):
-  deadline = time.monotonic() + timeout_s
-  while time.monotonic() < deadline:
-    if predicate():
-      return True
-    time.sleep(0.2)
-  return False
-
-
-def _alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  # A zombie (not yet reaped by init) counts as dead.
-  with open(f"/proc/{pid}/stat") as f:
-    return f.read().split(")")[-1].split()[0] != "Z"
-
-
-# Workers, kills and resumes are what this test is about; the audits and
-# the sequential removals run in the end-to-end test above, so here they
-# are off, on the hybrid alone (a third of the test's time).
-NO_AUDITS = ("--gin.tradeoff_script.AuditConfig.enabled=False",
-             "--gin.CONFIGURATIONS=['family2_attention']",
-             "--gin.SEQUENTIAL_CONFIGURATIONS=[]")
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG")
-def test_two_workers_die_with_a_killed_sweep_and_resume_identically(
-    tmp_path,
-):
-  killed = tmp_path / "killed"
-  # One compilation cache for every run: the clean sweep loads what the
-  # killed one compiled (the same executables), as a resume does.
-  args = ("--workers=2", f"--jax_cache_dir={tmp_path / 'jax_cache'}",
-          *NO_AUDITS)
-  parent = _start(killed, *args)
-  assert _wait(lambda: len(_claimed_pids(killed)) == 2, 240), (
-      parent.stderr.read() if parent.poll() is not None else "no claims"
-  )
-  workers = _claimed_pids(killed)
-  parent.kill()  # SIGKILL: no clean-up code runs in the parent.
-  parent.wait()
-  assert _wait(lambda: not any(_alive(p) for p in workers), 60), workers
-
-  resumed = _run(killed, *args)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "2 workers started" in resumed.stderr
-  assert (killed / "logs" / "worker1.log").exists()
-  assert not list(killed.glob("runs/*/*/CLAIM"))
-
-  clean = _run(tmp_path / "clean", *args)
-  assert clean.returncode == 0, clean.stderr[-3000:]
-  expected = (tmp_path / "clean" / "results.csv").read_text()
-  assert (killed / "results.csv").read_text() == expected
-
-  # One thread per process sums in another order than two threads: the
-  # recorded XLA flags refuse a resume with --workers=1.
-  serial = _run(killed, *args[1:])
-  assert serial.returncode != 0
-  assert "different xla_flags" in serial.stderr
+  # A fresh run writing the same bytes is checked with two workers in
+  # test_tradeoff_workers.py (a killed and resumed sweep against an
+  # uninterrupted one).

@@ -15,6 +15,7 @@ import gzip
 import json
 from unittest import mock
 
+import pytest
 import seqio
 import tensorflow_datasets as tfds
 
@@ -80,6 +81,7 @@ def _check_report(output_dir):
   assert all(float(r["loss"]) > 0 for r in per_language)
 
 
+@pytest.mark.heavy
 def test_main_job_on_mc4_json_shards_and_mc4_tfds_under_mock_data(
     tmp_path, monkeypatch):
   """Both in one test: the second reuses the first's compiled programs."""

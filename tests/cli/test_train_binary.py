@@ -30,6 +30,9 @@ from tiered_routing.tier1 import languages
 from tiered_routing.train import checkpoints
 from tiered_routing.train import metrics_writer
 
+# Module fixtures run the train binary several times (pytest.ini).
+pytestmark = pytest.mark.heavy
+
 REPO_ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )

@@ -293,6 +293,7 @@ def test_mc4_json_tasks_read_gzip_shards(tmp_path, monkeypatch):
   assert [vocab.decode(ex["targets"].tolist()) for ex in examples] == docs
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("corpus", corpora.CORPORA, ids=lambda c: c.name)
 def test_train_vocab_rebuilds_the_shipped_vocabulary(corpus, tmp_path):
   out = tmp_path / "spm.model"

@@ -32,6 +32,9 @@ import pytest
 
 from tiered_routing.train import checkpoints
 
+# Seven training processes (pytest.ini: heavy files are scheduled first).
+pytestmark = pytest.mark.heavy
+
 REPO_ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )

@@ -11,7 +11,6 @@ import math
 
 import flax.linen as nn
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,6 +41,9 @@ from tiered_routing.unlearning import objectives
 from tiered_routing.unlearning import runner
 from tiered_routing.unlearning import specs
 from tiered_routing.unlearning import trace
+
+# A module fixture trains and forgets a whole configuration (pytest.ini).
+pytestmark = pytest.mark.heavy
 
 SCHEME = schemes.family(2)
 FORGET = "ur"
@@ -125,26 +127,7 @@ def cache():
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """A JAX compilation cache, so each retraining reuses the train step."""
-  old = (
-      jax.config.jax_compilation_cache_dir,
-      jax.config.jax_persistent_cache_min_compile_time_secs,
-  )
-  jax.config.update(
-      "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def outcome(tmp_path_factory, mesh, cache, compile_cache):
-  del compile_cache
+def outcome(tmp_path_factory, mesh, cache):
   work_dir = str(tmp_path_factory.mktemp("family2_none"))
   result = runner.run_configuration(
       run="family2_none",

@@ -29,6 +29,9 @@ from tiered_routing.unlearning import sequential_removals as seq
 from tiered_routing.unlearning import specs
 from tiered_routing.unlearning import sweep_report
 
+# A module fixture runs a whole removal sequence (pytest.ini).
+pytestmark = pytest.mark.heavy
+
 SCHEME = schemes.family(4)
 ORDER = ("ur", "de", "es")
 METHODS = ("exact", "mask", "ga")
