@@ -9,7 +9,8 @@ are compared with each other are compiled the same way).
 Tests build the same small models again and again, and every new `jax.jit`
 of a closure compiles anew; one persistent compilation cache for the run
 (a fresh directory, made by the first process, inherited by the xdist
-workers and the binaries the tests start, removed at the end) loads a
+workers and by the binaries the tests start unless a test names its own,
+removed at the end) loads a
 program compiled once instead. A cached executable is the one XLA compiled
 for the same program and flags (the flags are part of the key), so no
 result changes; an entry read while another process writes it is
