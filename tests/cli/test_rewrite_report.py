@@ -49,12 +49,17 @@ def sweep_dir(tmp_path):
   return out
 
 
-def test_rewrites_the_report_of_the_current_units(
-    sweep_dir, tmp_path, parsed_flags):
-  report = tmp_path / "report"
+def _write_report(sweep_dir, report, parsed_flags):
+  """rewrite_report --output_dir=sweep_dir --report_dir=report; report."""
   parsed_flags.output_dir = str(sweep_dir)
   parsed_flags.report_dir = str(report)
   rewrite_report.main([])
+  return report
+
+
+def test_rewrites_the_report_of_the_current_units(
+    sweep_dir, tmp_path, parsed_flags):
+  report = _write_report(sweep_dir, tmp_path / "report", parsed_flags)
   with open(report / "results.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert [(r["method"], r["seeds"]) for r in rows] == [
@@ -75,10 +80,7 @@ def test_a_directory_that_is_not_a_sweep_is_named(tmp_path, parsed_flags):
 
 def test_a_snapshot_carries_the_records_and_rebuilds_its_own_report(
     sweep_dir, tmp_path, parsed_flags):
-  report = tmp_path / "report"
-  parsed_flags.output_dir = str(sweep_dir)
-  parsed_flags.report_dir = str(report)
-  rewrite_report.main([])
+  report = _write_report(sweep_dir, tmp_path / "report", parsed_flags)
   for name in ("sweep.json", "baselines.json", "runs/family2_none/seed0/ur/"
                "result.json", "runs/family2_none/seed0/sequential/result.json"):
     assert (report / name).read_bytes() == (sweep_dir / name).read_bytes()
@@ -93,10 +95,7 @@ def test_a_snapshot_carries_the_records_and_rebuilds_its_own_report(
 
 def test_a_snapshot_unit_missing_from_the_sweep_stops_before_writing(
     sweep_dir, tmp_path, parsed_flags):
-  report = tmp_path / "report"
-  parsed_flags.output_dir = str(sweep_dir)
-  parsed_flags.report_dir = str(report)
-  rewrite_report.main([])
+  report = _write_report(sweep_dir, tmp_path / "report", parsed_flags)
   before = (report / "results.csv").read_text()
   (sweep_dir / "runs" / "family2_none" / "seed1" / "ur" / "result.json").unlink()
   with pytest.raises(ValueError, match=r"1 finished unit\(s\) that .* lacks "

@@ -64,22 +64,17 @@ def finished_paths(output_dir: str, configurations: Sequence[str]):
   return finished
 
 
-def finished_payloads(output_dir: str, configurations: Sequence[str]):
-  """Every current unit's payload, in the sweep's order."""
-  return [sweep_jobs.load_result(p)
-          for p in finished_paths(output_dir, configurations)]
-
-
 def _relative(paths: Sequence[str], root: str) -> set[str]:
   return {os.path.relpath(p, root) for p in paths}
 
 
 def copy_records(
-    output_dir: str, report_dir: str, configurations: Sequence[str]
-) -> int:
-  """Copies the sweep's records into `report_dir` (module docstring); the
-  number of units copied. Each file is replaced whole (`atomic_file`)."""
-  units = finished_paths(output_dir, configurations)
+    output_dir: str, report_dir: str, units: Sequence[str],
+    configurations: Sequence[str],
+) -> None:
+  """Copies the sweep's records, `units` (`finished_paths`) among them,
+  into `report_dir` (module docstring). Each file is replaced whole
+  (`atomic_file`)."""
   lost = sorted(_relative(finished_paths(report_dir, configurations),
                           report_dir) - _relative(units, output_dir))
   if lost:
@@ -94,7 +89,6 @@ def copy_records(
     with open(path, "rb") as source, atomic_file.replacing(
         target, "wb") as copy:
       shutil.copyfileobj(source, copy)
-  return len(units)
 
 
 def _title(manifest: dict, payloads) -> str:
@@ -124,14 +118,16 @@ def main(argv: Sequence[str]) -> None:
     raise ValueError("--output_dir is required: a sweep's output directory.")
   manifest = _read_json(os.path.join(output_dir, "sweep.json"))
   baselines = _read_json(os.path.join(output_dir, "baselines.json"))
-  payloads = finished_payloads(output_dir, manifest["configurations"])
-  if not payloads:
+  configurations = manifest["configurations"]
+  units = finished_paths(output_dir, configurations)
+  if not units:
     raise ValueError(f"{output_dir} has no finished unit of this version.")
+  payloads = [sweep_jobs.load_result(p) for p in units]
   report_dir = _REPORT_DIR.value or output_dir
   os.makedirs(report_dir, exist_ok=True)
   if not os.path.samefile(report_dir, output_dir):
-    copied = copy_records(output_dir, report_dir, manifest["configurations"])
-    logging.info("%d units' records copied to %s.", copied, report_dir)
+    copy_records(output_dir, report_dir, units, configurations)
+    logging.info("%d units' records copied to %s.", len(units), report_dir)
   sweep_report.write_outputs(
       report_dir, payloads, _title(manifest, payloads), baselines)
   logging.info("%d units' report written to %s. Cost: %s.", len(payloads),
