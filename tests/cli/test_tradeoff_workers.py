@@ -40,8 +40,8 @@ def _alive(pid):
 
 
 # Workers, kills and resumes are what this test is about; the audits and
-# the sequential removals run in the end-to-end test above, so here they
-# are off, on the hybrid alone (a third of the test's time).
+# the sequential removals run in test_tradeoff.py's end-to-end test, so they
+# are off here, on the hybrid alone (a third of the test's time).
 NO_AUDITS = ("--gin.tradeoff_script.AuditConfig.enabled=False",
              "--gin.CONFIGURATIONS=['family2_attention']",
              "--gin.SEQUENTIAL_CONFIGURATIONS=[]")
