@@ -105,15 +105,15 @@ def _metric_row(key, metric, seeds_a, seeds_b) -> dict | None:
       "a_mean": sum(a for a, _ in pairs) / len(pairs),
       "b_mean": sum(b for _, b in pairs) / len(pairs),
       "diff_mean": diff, "diff_ci95": half,
-      "resolved": bool(math.isfinite(half) and abs(diff) > half),
+      "resolved": sweep_statistics.excludes_zero(diff, half),
   }
 
 
 def compare(rows_a, rows_b, metrics: Sequence[str] | None = None):
   """Paired rows a - b (module docstring), in report a's row order."""
   if metrics is None:
-    metrics = [c for c in numeric_columns(rows_a)
-               if c in set(numeric_columns(rows_b))]
+    in_b = set(numeric_columns(rows_b))
+    metrics = [c for c in numeric_columns(rows_a) if c in in_b]
   for name, rows in (("a", rows_a), ("b", rows_b)):
     missing = [m for m in metrics if rows and m not in rows[0]]
     if missing:

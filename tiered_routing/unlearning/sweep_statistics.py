@@ -42,6 +42,12 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
   return mean, float(stats.t.ppf(0.975, x.size - 1)) * sem
 
 
+def excludes_zero(mean: float, half: float) -> bool:
+  """Whether the interval mean +- half excludes zero (a NaN half-width,
+  one seed, never does): the rule for calling a difference resolved."""
+  return bool(math.isfinite(half) and abs(mean) > half)
+
+
 def _is_number(value: Any) -> bool:
   return isinstance(value, (bool, int, float, np.number))
 
@@ -116,7 +122,7 @@ def paired_difference(
   common = sorted(set(by_seed[0]) & set(by_seed[1]))
   diffs = [by_seed[0][s] - by_seed[1][s] for s in common]
   mean, half = mean_ci95(diffs)
-  resolved = bool(math.isfinite(half) and abs(mean) > half)
+  resolved = excludes_zero(mean, half)
   return {
       "seeds": len(common),
       "diff_mean": mean,
