@@ -63,6 +63,13 @@ def test_main_prints_and_writes_the_table(reports, tmp_path, parsed_flags,
     written = list(csv.DictReader(f))
   assert [(r["metric"], r["seeds"], r["resolved"]) for r in written] == [
       ("mean_loss", "3", "True")]
+  # t = 0.12 / (0.02 / sqrt(3)) on 2 degrees of freedom: p = 1 - t /
+  # sqrt(t^2 + 2); one difference is its own family, so q = p.
+  t = 0.12 / (0.02 / 3 ** 0.5)
+  p = 1 - t / (t * t + 2) ** 0.5
+  assert float(written[0]["p_value"]) == pytest.approx(p)
+  assert float(written[0]["q_value"]) == pytest.approx(p)
+  assert written[0]["resolved_fdr"] == "True"
 
 
 def test_bad_input_is_named(reports, tmp_path, parsed_flags):

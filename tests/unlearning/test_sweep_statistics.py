@@ -61,7 +61,8 @@ def test_paired_difference_pairs_by_seed():
       "retain_loss_delta",
   )
   assert diff == {
-      "seeds": 3, "diff_mean": -1.0, "diff_ci95": 0.0, "resolved": True
+      "seeds": 3, "diff_mean": -1.0, "diff_ci95": 0.0, "resolved": True,
+      "p_value": 0.0,  # The same difference on every seed: t is infinite.
   }
 
 
@@ -74,6 +75,7 @@ def test_unresolved_when_the_interval_covers_zero():
   )
   assert diff["seeds"] == 3 and not diff["resolved"]
   assert diff["diff_mean"] == pytest.approx(-0.05 / 3)
+  assert diff["p_value"] > 0.05
 
 
 def test_rows_must_name_their_seed_once():
@@ -93,3 +95,71 @@ def test_rows_must_name_their_seed_once():
 def test_numpy_scalars_count_as_numbers():
   rows = [_row(s, "m", np.float32(s)) for s in range(3)]
   assert st.aggregate(rows)[0]["retain_loss_delta_mean"] == 1.0
+
+
+def test_paired_t_p_value_golden():
+  # Differences 1, 2, 3: t = 2 / (1 / sqrt(3)) = sqrt(12) on 2 degrees of
+  # freedom, where the two-sided p is 1 - t / sqrt(t^2 + 2) in closed form.
+  t = math.sqrt(12.0)
+  assert st.paired_t_p_value([1.0, 2.0, 3.0]) == pytest.approx(
+      1 - t / math.sqrt(t * t + 2), rel=1e-9)
+  assert st.paired_t_p_value([0.5, 0.5, 0.5]) == 0.0
+  assert st.paired_t_p_value([0.0, 0.0, 0.0]) == 1.0
+  assert math.isnan(st.paired_t_p_value([1.0]))
+  assert math.isnan(st.paired_t_p_value([1.0, float("nan"), 2.0]))
+
+
+@pytest.mark.parametrize("seeds", [2, 3, 5])
+def test_p_value_is_dual_to_the_interval_and_recoverable_from_it(seeds):
+  rng = np.random.default_rng(seeds)
+  for _ in range(200):
+    diffs = rng.normal(rng.normal(0, 1), rng.uniform(0.1, 2), size=seeds)
+    mean, half = st.mean_ci95(diffs)
+    p = st.paired_t_p_value(diffs)
+    assert (p < 0.05) == st.excludes_zero(mean, half)
+    assert st.p_value_of_interval(mean, half, seeds) == pytest.approx(
+        p, rel=1e-9, abs=1e-15)
+  assert st.p_value_of_interval(-1.0, 0.0, 3) == 0.0
+  assert math.isnan(st.p_value_of_interval(1.0, float("nan"), 1))
+
+
+def test_benjamini_hochberg_golden():
+  # m = 4 finite p-values; sorted 0.01, 0.03, 0.04, 0.5 scale by m / rank
+  # to 0.04, 0.06, 0.0533, 0.5; the running minimum from the largest down
+  # gives 0.04, 0.0533, 0.0533, 0.5. Three p-values are under 0.05, one q.
+  q = st.benjamini_hochberg([0.01, 0.04, 0.03, 0.5, float("nan")])
+  assert q[:4] == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.5])
+  assert math.isnan(q[4])
+  assert st.benjamini_hochberg([0.9, 0.8]) == [0.9, 0.9]
+  assert st.benjamini_hochberg([]) == []
+
+
+def test_each_family_is_corrected_on_its_own():
+  pairs = [{"kind": k, "p_value": p} for k, p in
+           (("a", 0.01), ("a", 0.04), ("b", 0.03), ("b", 0.5))]
+  whole = st.with_false_discovery_rate(pairs)
+  assert [r["q_value"] for r in whole] == pytest.approx(
+      [0.04, 0.16 / 3, 0.16 / 3, 0.5])
+  assert [r["resolved_fdr"] for r in whole] == [True, False, False, False]
+  kinds = st.with_false_discovery_rate(whole, family="kind", suffix="_k")
+  # Family a: 0.01 * 2 / 1 = 0.02, 0.04 * 2 / 2 = 0.04; family b: 0.06, 0.5.
+  assert [r["q_value_k"] for r in kinds] == pytest.approx(
+      [0.02, 0.04, 0.06, 0.5])
+  assert [r["resolved_fdr_k"] for r in kinds] == [True, True, False, False]
+  assert kinds[0]["q_value"] == whole[0]["q_value"]  # Earlier columns kept.
+
+
+def test_planted_differences_hold_and_chance_ones_do_not():
+  """Among 195 differences with no effect, about 10 intervals exclude zero
+  by chance; at 5% FDR the 5 planted effects hold and at most one of the
+  chance ones does (this generator's draw gives one)."""
+  rng = np.random.default_rng(0)
+  planted = [rng.normal(1.0, 0.1, size=5) for _ in range(5)]
+  null = [rng.normal(0.0, 1.0, size=5) for _ in range(195)]
+  pairs = [{"p_value": st.paired_t_p_value(d), "planted": i < 5}
+           for i, d in enumerate(planted + null)]
+  chance = sum(r["p_value"] < 0.05 for r in pairs if not r["planted"])
+  assert 4 <= chance <= 20
+  held = [r["planted"] for r in st.with_false_discovery_rate(pairs)
+          if r["resolved_fdr"]]
+  assert held[:5] == [True] * 5 and len(held) <= 6

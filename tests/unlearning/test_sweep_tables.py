@@ -1,8 +1,10 @@
 """The sweep's derived tables: golden values built by hand."""
 
+import numpy as np
 import pytest
 
 from tiered_routing.unlearning import sweep_progress
+from tiered_routing.unlearning import sweep_statistics
 from tiered_routing.unlearning import sweep_tables
 
 BASELINES = {
@@ -133,6 +135,18 @@ def test_audits_are_compared_with_the_never_saw_it_model():
   assert audit["relearn_128_recovered"]["resolved"]
   assert audit["relearn_related_fa_steps"]["diff_mean"] == pytest.approx(-14)
   assert audit["mia_auc_minkpp"]["diff_mean"] == pytest.approx(-0.1)
+  # q-values: the whole table is one family, and each kind of question
+  # its own (here 'audit vs reference' and 'configuration').
+  kinds = {p["kind"] for p in pairs}
+  assert len(kinds) == 2
+  bh = sweep_statistics.benjamini_hochberg
+  np.testing.assert_array_equal(
+      [p["q_value"] for p in pairs], bh([p["p_value"] for p in pairs]))
+  for kind in kinds:
+    members = [p for p in pairs if p["kind"] == kind]
+    np.testing.assert_array_equal(
+        [p["q_value_in_kind"] for p in members],
+        bh([p["p_value"] for p in members]))
   assert not audit["mia_auc_minkpp"]["resolved"]  # -0.0, -0.1, -0.2.
 
 

@@ -4,7 +4,8 @@
   python -m tiered_routing.cli.eval      (= python -m tiered_routing.eval)
   python -m tiered_routing.cli.tradeoff  (= python scripts/tradeoff.py)
   python -m tiered_routing.cli.analyze_routing, generate, moefy,
-      finetune_experts, add_expert, count_params
+      finetune_experts, add_expert, count_params, rewrite_report,
+      compare_reports, false_discoveries
 
 Modules besides the binaries: `gin_flags` (the flags every binary shares),
 `configurables` (gin registrations of the library's configs) and

@@ -13,8 +13,11 @@ forget_language, method) in both reports' `--table` (`originals.csv` or
 `results_by_seed.csv`) and each metric, the difference a - b is taken on
 every seed both have and summarized as its mean with the half-width of the
 95% t-interval over those seeds (`sweep_statistics.mean_ci95`); `resolved`
-says the interval excludes zero. Prints the table in markdown and, with
---output, writes it as CSV (whole or not at all).
+says the interval excludes zero, `p_value` is the paired t-test's and
+`q_value` / `resolved_fdr` the Benjamini-Hochberg false discovery rate over
+the printed table (`sweep_statistics.with_false_discovery_rate`). Prints
+the table in markdown and, with --output, writes it as CSV (whole or not
+at all).
 """
 
 import csv
@@ -53,6 +56,8 @@ MARKDOWN_COLUMNS = (
     ("b", "b_mean", "{:.3f}"),
     ("a - b (95% CI)", "diff", "{:+.3f}"),
     ("resolved", "resolved", "{}"),
+    ("q (BH)", "q_value", "{:.2g}"),
+    ("at 5% FDR", "resolved_fdr", "{}"),
 )
 
 
@@ -99,13 +104,15 @@ def _metric_row(key, metric, seeds_a, seeds_b) -> dict | None:
   pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
   if not pairs:
     return None
-  diff, half = sweep_statistics.mean_ci95([a - b for a, b in pairs])
+  diffs = [a - b for a, b in pairs]
+  diff, half = sweep_statistics.mean_ci95(diffs)
   return {
       **dict(zip(KEY_COLUMNS, key)), "metric": metric, "seeds": len(pairs),
       "a_mean": sum(a for a, _ in pairs) / len(pairs),
       "b_mean": sum(b for _, b in pairs) / len(pairs),
       "diff_mean": diff, "diff_ci95": half,
       "resolved": sweep_statistics.excludes_zero(diff, half),
+      "p_value": sweep_statistics.paired_t_p_value(diffs),
   }
 
 
@@ -125,7 +132,7 @@ def compare(rows_a, rows_b, metrics: Sequence[str] | None = None):
     if key in b:
       out += [r for m in metrics
               if (r := _metric_row(key, m, a[key], b[key])) is not None]
-  return out
+  return sweep_statistics.with_false_discovery_rate(out)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -141,6 +148,7 @@ def main(argv: Sequence[str]) -> None:
         f"forget_language, method, seed) in {_TABLE.value}.csv.")
   if _OUTPUT.value:
     sweep_report.write_csv_rows(_OUTPUT.value, rows)
+  print(sweep_report.comparisons_summary(rows))
   print(sweep_report.markdown_table(rows, MARKDOWN_COLUMNS))
 
 

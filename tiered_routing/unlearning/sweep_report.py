@@ -9,7 +9,9 @@
   originals.csv / .md  each configuration's original models against the
                        unigram and bigram baselines (`sweep_tables`).
   comparisons.csv/.md  paired differences over seeds, with whether the
-                       interval excludes zero (`resolved`).
+                       interval excludes zero (`resolved`), the paired
+                       t-test's p-value and the Benjamini-Hochberg q-value
+                       over the table (`resolved_fdr`: q <= 0.05).
   per_language.csv     every model's loss per language and seed, with the
                        language's baselines.
   pareto.png           `sweep_plot.plot_pareto` of results.csv.
@@ -87,7 +89,37 @@ COMPARISON_COLUMNS = (
     ("a - b", "diff_mean", "{:+.3f}"),
     ("95% CI", "diff_ci95", "±{:.3f}"),
     ("resolved", "resolved", "{}"),
+    ("p", "p_value", "{:.2g}"),
+    ("q, table", "q_value", "{:.2g}"),
+    ("q, kind", f"q_value{sweep_tables.IN_KIND}", "{:.2g}"),
 )
+
+
+def comparisons_summary(pairs: Sequence[Mapping[str, Any]]) -> str:
+  """One paragraph on a table of differences: how many are tests (2 or
+  more seeds), how many intervals exclude zero against how many would by
+  chance alone, and how many hold at a 5% false discovery rate, over the
+  whole table and (rows with a `kind`) within each kind of question."""
+  tested = [r for r in pairs if math.isfinite(r["p_value"])]
+  level = sweep_statistics.FDR_LEVEL
+  text = (
+      f"{len(tested)} paired differences over 2 or more seeds: "
+      f"{sum(bool(r['resolved']) for r in tested)} resolved (the 95% "
+      f"interval excludes zero), where about {level * len(tested):.0f} "
+      "would be by chance alone if nothing differed. At a "
+      f"{level:.0%} false discovery rate (Benjamini-Hochberg q <= {level}) "
+      f"{sum(bool(r['resolved_fdr']) for r in tested)} hold over the "
+      "whole table"
+  )
+  in_kind = f"resolved_fdr{sweep_tables.IN_KIND}"
+  if tested and in_kind in tested[0]:
+    kinds = list(dict.fromkeys(r["kind"] for r in tested))
+    counts = [
+        (k, sum(bool(r[in_kind]) for r in tested if r["kind"] == k),
+         sum(r["kind"] == k for r in tested)) for k in kinds]
+    text += "; with each kind of question its own family: " + ", ".join(
+        f"{k} {held} of {n}" for k, held, n in counts)
+  return text + ".\n"
 
 
 def _cell(fmt: str, row: Mapping[str, Any], key: str) -> str:
@@ -220,6 +252,7 @@ def write_outputs(
     atomic_file.write_text(
         path("comparisons.md"),
         f"# {title}: paired differences\n\n"
+        + comparisons_summary(pairs) + "\n"
         + markdown_table(pairs, COMPARISON_COLUMNS),
     )
   sweep_plot.plot_pareto(aggregated, path("pareto.png"), title=title)

@@ -17,6 +17,9 @@
                       int4 round trip, routing replay) against the
                       never-saw-it model, `exact_retrain` or the dropped
                       partition `exact_drop` (kind 'audit vs reference').
+                      q-values (`sweep_statistics`) treat the table as
+                      one family (`q_value`) and each kind of question
+                      as its own (`q_value_in_kind`).
 """
 
 import re
@@ -42,6 +45,7 @@ PAIR_METRICS = (
     "forget_gap_closed",
 )
 ONE_PARTITION = "family1_none"
+IN_KIND = "_in_kind"  # Suffix of the q-value columns computed per kind.
 # The never-saw-it model each method's audits are compared with: the
 # retrained model, or (a partition that held only the forget language) the
 # dropped partition, whose text then scores as uniform.
@@ -197,7 +201,10 @@ def comparisons(
       for metric in ("mean_loss", "mean_bpb"):
         out.append(_pair(originals, a, {**a, "run": partner}, metric,
                          "original utility"))
-  return [r for r in out if r is not None]
+  whole = sweep_statistics.with_false_discovery_rate(
+      [r for r in out if r is not None])
+  return sweep_statistics.with_false_discovery_rate(
+      whole, family="kind", suffix=IN_KIND)
 
 
 SEQUENTIAL_METRICS = ("retain_loss_delta_vs_exact", "forget_gap_closed")
@@ -220,4 +227,5 @@ def sequential_comparisons(
     a = {"run": run, "forget_language": removed, "method": method}
     out += _baseline_pairs(rows, keys, a, SEQUENTIAL_METRICS,
                            "sequential: method vs its baseline")
-  return [r for r in out if r is not None]
+  return sweep_statistics.with_false_discovery_rate(
+      [r for r in out if r is not None])
