@@ -58,12 +58,12 @@ def test_p_values_are_recovered_and_corrected_golden(legacy_table):
 def test_main_prints_the_summary_and_writes_the_table(
     legacy_table, tmp_path, parsed_flags, capsys):
   parsed_flags.comparisons = str(legacy_table)
-  parsed_flags.output = str(tmp_path / "out" / "fdr.csv")
+  parsed_flags.output_csv = str(tmp_path / "out" / "fdr.csv")
   false_discoveries.main([])
   out = capsys.readouterr().out
   assert out.startswith(
       "4 paired differences over 2 or more seeds: 3 resolved (the 95% "
-      "interval excludes zero), where about 0 would be by chance alone")
+      "interval excludes zero), where about 0.2 would be by chance alone")
   assert ("2 hold over the whole table; with each kind of question its "
           "own family: method vs its baseline 2 of 2, configuration 0 of 2."
           in out)
@@ -81,11 +81,11 @@ def test_bad_input_is_named_and_nothing_is_overwritten(
     legacy_table, tmp_path, parsed_flags):
   before = legacy_table.read_text()
   parsed_flags.comparisons = str(legacy_table)
-  parsed_flags.output = str(legacy_table)
+  parsed_flags.output_csv = str(legacy_table)
   with pytest.raises(ValueError, match="is the table being read"):
     false_discoveries.main([])
   assert legacy_table.read_text() == before
-  parsed_flags.output = None
+  parsed_flags.output_csv = None
   parsed_flags.comparisons = str(tmp_path / "missing.csv")
   with pytest.raises(ValueError, match="missing.csv' is not a file"):
     false_discoveries.main([])

@@ -1,6 +1,7 @@
 """User errors end a binary with one line and status 1; bugs keep tracebacks."""
 
 import errno
+import importlib
 import os
 import subprocess
 import sys
@@ -101,3 +102,16 @@ def test_help_lists_the_binary_flags():
                "--[no]allow_changed_config"):
     assert flag in proc.stdout, proc.stdout
   assert "Trains a TieredDecoder from gin files" in proc.stdout
+
+
+def test_every_binary_imports_beside_every_other():
+  """absl flags live in one process-wide registry: two binaries that
+  define one flag name cannot both be imported (a test file of each on
+  one pytest worker, or a tool that drives both, fails with
+  DuplicateFlagError)."""
+  package = os.path.join(REPO_ROOT, "tiered_routing", "cli")
+  names = sorted(n[:-3] for n in os.listdir(package)
+                 if n.endswith(".py") and n != "__init__.py")
+  assert {"compare_reports", "false_discoveries", "tradeoff"} <= set(names)
+  for name in names:
+    importlib.import_module(f"tiered_routing.cli.{name}")

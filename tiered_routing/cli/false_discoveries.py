@@ -2,7 +2,7 @@ r"""Which of a report's paired differences hold at a false discovery rate.
 
   python -m tiered_routing.cli.false_discoveries \
       --comparisons=docs/results/cpu/comparisons.csv [--all] \
-      [--output=/tmp/comparisons_fdr.csv]
+      [--output_csv=/tmp/comparisons_fdr.csv]
 
 A sweep's `comparisons.csv` asks many questions at once; with 190 of them
 about 10 intervals exclude zero by chance alone where nothing differs.
@@ -11,11 +11,12 @@ This reads one such table (or `sequential_comparisons.csv`, or a
 resolved and how many hold at a 5% false discovery rate (Benjamini-Hochberg
 q-values, `sweep_statistics`), with the whole table as one family and, for
 tables with a `kind` column, with each kind of question as its own; then
-the rows that hold either way (every row with --all). Reports written since p-values were recorded
-carry `p_value`; for older ones it is recovered from the 95% t-interval
-(`sweep_statistics.p_value_of_interval`), which determines it. --output
-writes the table with `p_value`, the q-values and `resolved_fdr` columns
-as CSV (whole or not at all; never over the table it read).
+the rows that hold either way (every row with --all). Reports written
+since p-values were recorded carry `p_value`; for older ones it is
+recovered from the 95% t-interval (`sweep_statistics.p_value_of_interval`),
+which determines it. --output_csv writes the table with `p_value`, the
+q-values and the `resolved_fdr` columns as CSV (whole or not at all; never
+over the table it read).
 """
 
 import csv
@@ -35,8 +36,8 @@ _COMPARISONS = flags.DEFINE_string(
 _ALL = flags.DEFINE_bool(
     "all", False, "Print every row, not only those that hold at the FDR.")
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "A CSV file for the table with q-values (default: print "
-    "only).")
+    "output_csv", None,
+    "A CSV file for the table with q-values (default: print only).")
 
 NEEDED = ("seeds", "diff_mean", "diff_ci95", "resolved")
 
@@ -86,7 +87,7 @@ def main(argv: Sequence[str]) -> None:
   pairs = read_pairs(_COMPARISONS.value)
   if _OUTPUT.value:
     if os.path.abspath(_OUTPUT.value) == os.path.abspath(_COMPARISONS.value):
-      raise ValueError(f"--output={_OUTPUT.value!r} is the table being "
+      raise ValueError(f"--output_csv={_OUTPUT.value!r} is the table being "
                        "read: give another path.")
     sweep_report.write_csv_rows(_OUTPUT.value, pairs)
   print(sweep_report.comparisons_summary(pairs))

@@ -95,6 +95,10 @@ COMPARISON_COLUMNS = (
 )
 
 
+def _about(count: float) -> str:
+  return f"{count:.1f}" if count < 10 else f"{count:.0f}"
+
+
 def comparisons_summary(pairs: Sequence[Mapping[str, Any]]) -> str:
   """One paragraph on a table of differences: how many are tests (2 or
   more seeds), how many intervals exclude zero against how many would by
@@ -105,7 +109,7 @@ def comparisons_summary(pairs: Sequence[Mapping[str, Any]]) -> str:
   text = (
       f"{len(tested)} paired differences over 2 or more seeds: "
       f"{sum(bool(r['resolved']) for r in tested)} resolved (the 95% "
-      f"interval excludes zero), where about {level * len(tested):.0f} "
+      f"interval excludes zero), where about {_about(level * len(tested))} "
       "would be by chance alone if nothing differed. At a "
       f"{level:.0%} false discovery rate (Benjamini-Hochberg q <= {level}) "
       f"{sum(bool(r['resolved_fdr']) for r in tested)} hold over the "
