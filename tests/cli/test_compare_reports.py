@@ -82,3 +82,43 @@ def test_bad_input_is_named(reports, tmp_path, parsed_flags):
   parsed_flags.report_a, parsed_flags.report_b = reports[0], None
   with pytest.raises(ValueError, match="--report_a and --report_b"):
     compare_reports.main([])
+
+
+def _write_tables(directory, loss_of_ur):
+  tables = {
+      "per_language": (["config", "seed", "forget_language", "model",
+                        "language", "loss"],
+                       [["family1_none", s, "", "original", lang, 3.0]
+                        for s in (0, 1) for lang in ("ur", "en")]),
+      "results_by_seed": (["config", "method", "forget_language", "seed",
+                           "forget_loss"],
+                          [["family1_none", "ga", "ur", 0, loss_of_ur]]),
+      "originals": (["config", "forget_language", "method", "seed",
+                     "mean_loss"],
+                    [["family1_none", "", "original", 0, 3.0]]),
+  }
+  directory.mkdir(parents=True)
+  for table, (header, rows) in tables.items():
+    with open(directory / f"{table}.csv", "w", newline="") as f:
+      csv.writer(f).writerows([header] + rows)
+  return str(directory)
+
+
+def test_same_rows_counts_identical_rows_and_names_the_others(
+    tmp_path, parsed_flags, capsys):
+  a = _write_tables(tmp_path / "a", "5.25")
+  b = _write_tables(tmp_path / "b", "5.250000000000001")
+  # One more row in b only: not in both, so not counted.
+  with open(tmp_path / "b" / "originals.csv", "a", newline="") as f:
+    csv.writer(f).writerow(["family4_none", "", "original", 0, 2.9])
+  counts = compare_reports.same_rows(a, b)
+  assert [(r["table"], r["common"], r["identical"], r["differ"])
+          for r in counts] == [
+              ("per_language", 4, 4, ""),
+              ("results_by_seed", 1, 0, "family1_none:ur:ga:0"),
+              ("originals", 1, 1, "")]
+  parsed_flags.report_a, parsed_flags.report_b = a, b
+  parsed_flags.same_rows = True
+  compare_reports.main([])
+  assert "| results_by_seed | 1 | 0 | family1_none:ur:ga:0 |" in (
+      capsys.readouterr().out)

@@ -18,6 +18,13 @@ says the interval excludes zero, `p_value` is the paired t-test's and
 the printed table (`sweep_statistics.with_false_discovery_rate`). Prints
 the table in markdown and, with --output, writes it as CSV (whole or not
 at all).
+
+With --same_rows it asks instead whether two runs of the same units agree
+to the last character (determinism across machines, `docs/determinism.md`):
+for each per-seed table (`per_language`, `results_by_seed`, `originals`) it
+counts the rows both reports have (same configuration, seed, forget
+language, method or model, language) and how many of them are identical,
+and names the first few that are not.
 """
 
 import csv
@@ -43,9 +50,20 @@ _METRICS = flags.DEFINE_list(
     "Columns to compare (default: every numeric column both tables have).")
 _OUTPUT = flags.DEFINE_string(
     "output", None, "A CSV file for the table (default: print only).")
+_SAME_ROWS = flags.DEFINE_bool(
+    "same_rows", False,
+    "Count the rows both reports have and those identical to the last "
+    "character, per table, instead of differences.")
 
 KEY_COLUMNS = ("config", "forget_language", "method")
 SEED_COLUMN = "seed"
+# The per-seed tables and the columns that name one of their rows.
+ROW_KEYS = {
+    "per_language": ("config", "seed", "forget_language", "model",
+                     "language"),
+    "results_by_seed": KEY_COLUMNS + (SEED_COLUMN,),
+    "originals": KEY_COLUMNS + (SEED_COLUMN,),
+}
 MARKDOWN_COLUMNS = (
     ("config", "config", "{}"),
     ("forget", "forget_language", "{}"),
@@ -135,11 +153,34 @@ def compare(rows_a, rows_b, metrics: Sequence[str] | None = None):
   return sweep_statistics.with_false_discovery_rate(out)
 
 
+def same_rows(report_a: str, report_b: str) -> list[dict]:
+  """Per table of ROW_KEYS: rows in both reports, and how many of them are
+  identical (every column, as written); `differ` names up to 3 others."""
+  out = []
+  for table, keys in ROW_KEYS.items():
+    a, b = ({tuple(r.get(k, "") for k in keys): r
+             for r in read_table(d, table)} for d in (report_a, report_b))
+    common = [k for k in a if k in b]
+    differ = [k for k in common if a[k] != b[k]]
+    out.append({"table": table, "common": len(common),
+                "identical": len(common) - len(differ),
+                "differ": "; ".join(":".join(map(str, k))
+                                    for k in differ[:3])})
+  return out
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   if not _REPORT_A.value or not _REPORT_B.value:
     raise ValueError("--report_a and --report_b are required: two report "
                      "directories (each holds originals.csv).")
+  if _SAME_ROWS.value:
+    print(sweep_report.markdown_table(
+        same_rows(_REPORT_A.value, _REPORT_B.value),
+        (("table", "table", "{}"), ("rows in both", "common", "{:d}"),
+         ("identical", "identical", "{:d}"), ("first differing", "differ",
+                                              "{}"))))
+    return
   rows = compare(read_table(_REPORT_A.value, _TABLE.value),
                  read_table(_REPORT_B.value, _TABLE.value), _METRICS.value)
   if not rows:
