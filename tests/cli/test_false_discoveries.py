@@ -95,3 +95,6 @@ def test_bad_input_is_named_and_nothing_is_overwritten(
   with pytest.raises(ValueError, match=r"lacks the columns \['seeds', "
                      r"'diff_mean', 'diff_ci95', 'resolved'\]"):
     false_discoveries.main([])
+  other.write_text("seeds,diff_mean,diff_ci95,resolved\nthree,1.0,0.5,True\n")
+  with pytest.raises(ValueError, match="seeds='three' in .* is not a count"):
+    false_discoveries.main([])

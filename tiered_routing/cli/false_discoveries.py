@@ -63,6 +63,9 @@ def read_pairs(path: str) -> list[dict[str, Any]]:
                      f"lacks the columns {missing or list(NEEDED)}.")
   out = []
   for row in rows:
+    if not row["seeds"].isdigit():
+      raise ValueError(f"{path}: seeds={row['seeds']!r} in {row} is not a "
+                       "count of seeds.")
     parsed = {**row, "seeds": int(row["seeds"]),
               "diff_mean": _float(row["diff_mean"]),
               "diff_ci95": _float(row["diff_ci95"]),

@@ -10,8 +10,10 @@
                        unigram and bigram baselines (`sweep_tables`).
   comparisons.csv/.md  paired differences over seeds, with whether the
                        interval excludes zero (`resolved`), the paired
-                       t-test's p-value and the Benjamini-Hochberg q-value
-                       over the table (`resolved_fdr`: q <= 0.05).
+                       t-test's p-value and Benjamini-Hochberg q-values
+                       over the table (`q_value`, `resolved_fdr`: q <=
+                       0.05) and within each kind of question
+                       (`q_value_in_kind`, `resolved_fdr_in_kind`).
   per_language.csv     every model's loss per language and seed, with the
                        language's baselines.
   pareto.png           `sweep_plot.plot_pareto` of results.csv.
