@@ -75,11 +75,7 @@ def read_pairs(path: str) -> list[dict[str, Any]]:
         sweep_statistics.p_value_of_interval(
             parsed["diff_mean"], parsed["diff_ci95"], parsed["seeds"]))
     out.append(parsed)
-  whole = sweep_statistics.with_false_discovery_rate(out)
-  if "kind" not in rows[0]:
-    return whole
-  return sweep_statistics.with_false_discovery_rate(
-      whole, family="kind", suffix=sweep_tables.IN_KIND)
+  return sweep_tables.with_q_values(out, by_kind="kind" in rows[0])
 
 
 def main(argv: Sequence[str]) -> None:

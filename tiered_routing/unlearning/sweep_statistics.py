@@ -60,6 +60,14 @@ def excludes_zero(mean: float, half: float) -> bool:
   return bool(math.isfinite(half) and abs(mean) > half)
 
 
+def _two_sided_p(mean: float, sem: float, n: int) -> float:
+  """P(|T| >= |mean / sem|) for Student's t on n - 1 degrees of freedom;
+  a standard error of 0 gives the limits 0 (mean not 0) or 1 (mean 0)."""
+  if sem == 0.0:
+    return 0.0 if mean != 0.0 else 1.0
+  return float(2.0 * stats.t.sf(abs(mean) / sem, n - 1))
+
+
 def paired_t_p_value(diffs: Sequence[float]) -> float:
   """Two-sided p-value of the paired t-test that the mean difference is 0.
 
@@ -71,11 +79,8 @@ def paired_t_p_value(diffs: Sequence[float]) -> float:
   x = np.asarray([float(v) for v in diffs], np.float64)
   if x.size < 2 or not np.all(np.isfinite(x)):
     return NAN
-  mean, sd = float(np.mean(x)), float(np.std(x, ddof=1))
-  if sd == 0.0:
-    return 0.0 if mean != 0.0 else 1.0
-  t = mean / (sd / math.sqrt(x.size))
-  return float(2.0 * stats.t.sf(abs(t), x.size - 1))
+  sem = float(np.std(x, ddof=1)) / math.sqrt(x.size)
+  return _two_sided_p(float(np.mean(x)), sem, x.size)
 
 
 def p_value_of_interval(mean: float, half: float, seeds: int) -> float:
@@ -84,10 +89,8 @@ def p_value_of_interval(mean: float, half: float, seeds: int) -> float:
   tables written before p-values were recorded."""
   if seeds < 2 or not (math.isfinite(mean) and math.isfinite(half)):
     return NAN
-  if half == 0.0:
-    return 0.0 if mean != 0.0 else 1.0
-  sem = half / float(stats.t.ppf(0.975, seeds - 1))
-  return float(2.0 * stats.t.sf(abs(mean) / sem, seeds - 1))
+  return _two_sided_p(
+      mean, half / float(stats.t.ppf(0.975, seeds - 1)), seeds)
 
 
 def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:

@@ -201,8 +201,18 @@ def comparisons(
       for metric in ("mean_loss", "mean_bpb"):
         out.append(_pair(originals, a, {**a, "run": partner}, metric,
                          "original utility"))
-  whole = sweep_statistics.with_false_discovery_rate(
-      [r for r in out if r is not None])
+  return with_q_values([r for r in out if r is not None])
+
+
+def with_q_values(
+    pairs: Sequence[Mapping[str, Any]], by_kind: bool = True
+) -> list[dict[str, Any]]:
+  """The differences with their q-values: the whole table one family
+  (`q_value`, `resolved_fdr`) and, with by_kind, each `kind` of question
+  its own (the same columns with the IN_KIND suffix)."""
+  whole = sweep_statistics.with_false_discovery_rate(pairs)
+  if not by_kind:
+    return whole
   return sweep_statistics.with_false_discovery_rate(
       whole, family="kind", suffix=IN_KIND)
 
@@ -227,5 +237,4 @@ def sequential_comparisons(
     a = {"run": run, "forget_language": removed, "method": method}
     out += _baseline_pairs(rows, keys, a, SEQUENTIAL_METRICS,
                            "sequential: method vs its baseline")
-  return sweep_statistics.with_false_discovery_rate(
-      [r for r in out if r is not None])
+  return with_q_values([r for r in out if r is not None], by_kind=False)
