@@ -9,8 +9,14 @@ are compared with each other are compiled the same way).
 Tests build the same small models again and again, and every new `jax.jit`
 of a closure compiles anew; one persistent compilation cache for the run
 (a fresh directory, made by the first process, inherited by the xdist
-workers and by the binaries the tests start unless a test names its own,
-removed at the end) loads a program compiled once instead. A cached
+workers and by the train and eval binaries the tests start unless a test
+names its own, removed at the end; the trade-off binary keeps its own in
+its output directory, as a user's sweep does) loads a program compiled
+once instead. Programs that compile in under 0.1 s are not kept: keeping
+every one made tests/cli/test_tradeoff_sources.py and
+tests/unlearning/test_runner.py slower (375 s together, against 344 s
+keeping those over 0.1 s; most of their repeats are within one process,
+where jax's in-memory cache serves them). A cached
 executable is the one XLA compiled for the same program and flags (the
 flags are part of the key), so no result changes; an entry read while
 another process writes it is recompiled (JAX warns). Measured with `-n 2`:
